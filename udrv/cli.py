@@ -1,0 +1,233 @@
+"""udrv command line.
+
+  udrv run [DEVICE]          run the supervised daemon (default: the embedded pegasus model
+                             wired to a peer network namespace)
+  udrv demo                  the embedded device under iperf3 with a fault injected mid-run
+  udrv status                link, MAC, counters, recoveries, last fault of a running daemon
+  udrv inject ENTRY KIND     inject a fault into a running daemon's driver entry point
+  udrv list                  USB and PCI NICs udrv could drive
+  udrv bench guard           guard overhead on the model datapath (guards on / off)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from .errors import UdrvError
+from .faults import KINDS
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s udrv %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def _open_device(spec: str | None) -> tuple[Any, Any, Any]:
+    """DEVICE -> (driver class, transport, model or None)."""
+    from .drivers.pegasus import Pegasus
+    if spec is None or spec.startswith("model:"):
+        kind = (spec or "model:pegasus").removeprefix("model:")
+        if kind != "pegasus":
+            raise UdrvError(f"no embedded model called {kind!r}: use model:pegasus")
+        from .modelusb import ModelUsbTransport
+        from .models.pegasus import PegasusModel
+        model = PegasusModel()
+        return Pegasus, ModelUsbTransport(model), model
+    if spec.startswith("usb:"):
+        from .libusb import LibusbTransport, UsbSelector
+        transport = LibusbTransport(UsbSelector.parse(spec))
+        info = transport.info
+        for cls in _usb_drivers():
+            if cls.match(info.vid, info.pid, info.device_class):
+                return cls, transport, None
+        transport.close()
+        raise UdrvError(f"no udrv driver knows USB device {info.ident}: `udrv list` shows supported ones")
+    if spec.startswith("pci:"):
+        raise UdrvError("PCI devices are not supported by this build yet: the VFIO transport and e1000 "
+                        "driver land with the PCI milestone")
+    raise UdrvError(f"{spec!r} names no device: use usb:VID:PID, usb:BUS-PORT, pci:BDF or model:pegasus")
+
+
+def _usb_drivers() -> list[Any]:
+    import importlib
+    from . import drivers
+    return [importlib.import_module(f"udrv.drivers.{n}").DRIVER for n in drivers.USB_DRIVERS]
+
+
+def cmd_run(args: argparse.Namespace, scenario: Any = None) -> int:
+    from .daemon import Daemon, install_signal_handlers
+    from .guard import Watchdog
+    from .nic import Nic, NicOptions
+    from .peer import PeerConfig, PeerWire, ip
+    from .tap import Tap
+
+    if os.geteuid() != 0:
+        print("udrv run needs root (it creates a TAP interface and, for the embedded device, a network "
+              "namespace): run it with sudo", file=sys.stderr)
+        return 2
+    driver_cls, transport, model = _open_device(args.device)
+    tap = Tap(args.ifname)
+    peer = None
+    extra: dict[int, Any] = {}
+    if model is not None:
+        peer = PeerWire(PeerConfig())
+        peer.connect(model)
+        extra[peer.fd] = peer.pump
+    nic = Nic(driver_cls, transport, tap.write, NicOptions(guards=not args.no_guards),
+              watchdog=Watchdog(), on_recovery=lambda r: logging.getLogger("udrv").warning("%s", r.line()))
+    daemon = Daemon(nic, tap, extra_fds=extra)
+    install_signal_handlers(daemon)
+    try:
+        daemon.start()
+        if peer is not None:
+            ip("addr", "add", peer.cfg.host_ip, "dev", tap.name, check=False)
+            logging.getLogger("udrv").info(
+                "event=embedded-device model=pegasus host=%s peer=%s netns=%s (try: ip netns exec %s iperf3 -s)",
+                peer.cfg.host_addr, peer.cfg.peer_addr, peer.cfg.netns, peer.cfg.netns)
+        if scenario is not None:
+            scenario.start(daemon, peer)
+        daemon.run(args.duration)
+    except UdrvError as e:
+        print(f"udrv: {e}", file=sys.stderr)
+        return 1
+    finally:
+        daemon.close()
+        transport.close()
+        tap.close()
+        if peer is not None:
+            peer.close()
+    return 0 if scenario is None else scenario.exit_code
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoScenario
+    args.device = None
+    args.no_guards = False
+    scenario = DemoScenario(duration=args.seconds, faults=args.fault, ifname=args.ifname)
+    args.duration = args.seconds + 30     # the scenario stops the daemon when it is done
+    return cmd_run(args, scenario)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .daemon import request
+    r = request(args.ifname, {"cmd": "status"})
+    if not r.get("ok"):
+        print(f"udrv: {r.get('error')}", file=sys.stderr)
+        return 1
+    st = r["status"]
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    link = st["link"]
+    print(f"{st['ifname']} (ifindex {st['ifindex']}): {st['driver']} on {st['device']}, state {st['state']}")
+    print(f"  link {'up' if link['up'] else 'down'}"
+          + (f" {link['speed']} Mbit/s {'full' if link['full_duplex'] else 'half'} duplex" if link["up"] else ""))
+    print(f"  mac {st['mac']}  mtu {st['mtu']}")
+    print(f"  rx {st['rx_packets']} packets {st['rx_bytes']} bytes, errors {st['rx_errors']}, "
+          f"missed {st['rx_missed']}, dropped {st['rx_dropped'] or 0}")
+    print(f"  tx {st['tx_packets']} packets {st['tx_bytes']} bytes, errors {st['tx_errors']}, "
+          f"dropped {st['tx_dropped'] or 0}, journal {st['tx_journal']}")
+    print(f"  recoveries {st['recoveries']}, escalations {st['escalations']}, restarts {st['restarts']}")
+    print(f"  last fault: {st['last_fault'] or 'none'}")
+    for rec in st["recent_recoveries"][-5:]:
+        silent = "n/a" if rec["silent_ms"] is None else f"{rec['silent_ms']:.2f} ms"
+        print(f"    {rec['entry']}: {rec['fault']} -> {rec['outcome']}, reissued {rec['reissued']}, "
+              f"recovery {rec['recovery_ms']:.2f} ms, silent {silent}")
+    return 0
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    from .daemon import request
+    r = request(args.ifname, {"cmd": "inject", "entry": args.entry, "kind": args.kind, "count": args.count})
+    if not r.get("ok"):
+        print(f"udrv: {r.get('error')}", file=sys.stderr)
+        return 1
+    print(f"armed: {args.kind} in the next {args.count} call(s) of {args.entry} on {args.ifname}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .libusb import list_usb_nics
+    drivers = [(c.name, c) for c in _usb_drivers()]
+    try:
+        rows = list_usb_nics(drivers)
+    except Exception as e:   # no libusb backend: say so, still list what we can
+        print(f"USB: cannot enumerate ({e}); install libusb-1.0-0", file=sys.stderr)
+        rows = []
+    print("USB devices (udrv driver in the last column):")
+    for r in rows:
+        print(f"  usb:{r['id']}  bus {r['bus']} port {r['ports'] or '-'}  {r['udrv_driver'] or '-'}")
+    if not rows:
+        print("  none")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import guard_overhead
+    print(guard_overhead(frames=args.frames, rounds=args.rounds, size=args.size).report())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="udrv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run the supervised daemon for one NIC")
+    r.add_argument("device", nargs="?", help="usb:VID:PID, usb:BUS-PORT, pci:BDF or model:pegasus "
+                                              "(default: the embedded pegasus model)")
+    r.add_argument("--ifname", default="udrv0", help="TAP interface name (default udrv0)")
+    r.add_argument("--no-guards", action="store_true", help="run entry points unguarded (for comparison)")
+    r.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    r.set_defaults(fn=cmd_run)
+
+    d = sub.add_parser("demo", help="embedded device + iperf3 + a fault injected mid-run")
+    d.add_argument("--seconds", type=float, default=10.0, help="iperf3 duration (default 10)")
+    d.add_argument("--fault", action="append", default=None, metavar="ENTRY:KIND",
+                   help=f"fault to inject mid-run (repeatable; default xmit:raise and set_rx_mode:raise); "
+                        f"kinds: {', '.join(KINDS)}")
+    d.add_argument("--ifname", default="udrv0")
+    d.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("status", help="show a running daemon's state and counters")
+    s.add_argument("--ifname", default="udrv0")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
+
+    i = sub.add_parser("inject", help="inject a fault into a running daemon")
+    i.add_argument("entry", help="entry point: open, stop, set_mac, set_rx_mode, set_mtu, link_check, xmit, poll")
+    i.add_argument("kind", choices=KINDS)
+    i.add_argument("--count", type=int, default=1, help="calls that fault (1 = transient, 2 = the retry fails too)")
+    i.add_argument("--ifname", default="udrv0")
+    i.set_defaults(fn=cmd_inject)
+
+    ls = sub.add_parser("list", help="list NICs udrv can drive")
+    ls.set_defaults(fn=cmd_list)
+
+    b = sub.add_parser("bench", help="benchmarks (ratios measured in one run)")
+    b.add_argument("what", choices=["guard"])
+    b.add_argument("--frames", type=int, default=20000)
+    b.add_argument("--rounds", type=int, default=7)
+    b.add_argument("--size", type=int, default=64)
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.fn(args)
+    except UdrvError as e:
+        print(f"udrv: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

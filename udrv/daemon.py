@@ -1,0 +1,282 @@
+"""The supervised daemon: one TAP, one NIC, one event loop, one control socket.
+
+The daemon owns the TAP fd for its whole life (the host interface never disappears), feeds
+TAP frames into the NIC's journal, moves completions, mirrors the host's configuration into
+the driver, runs the link watchdog and the TX-hang detector, and answers `udrv status` /
+`udrv inject` on a unix socket. Recoveries are logged as they happen.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .driver import RxMode
+from .errors import UdrvError
+from .nic import Nic
+from .tap import HostConfig, Tap
+
+log = logging.getLogger("udrv.daemon")
+
+RUN_DIR = os.environ.get("UDRV_RUN_DIR", "/run/udrv")
+
+
+def control_path(ifname: str) -> str:
+    return os.path.join(RUN_DIR, f"{ifname}.sock")
+
+
+@dataclass
+class DaemonTimers:
+    link_check: float = 1.0
+    host_sync: float = 0.25
+    tx_progress: float = 0.05
+    tap_batch: int = 64
+
+
+class Daemon:
+    def __init__(self, nic: Nic, tap: Tap, *, timers: DaemonTimers | None = None,
+                 extra_fds: dict[int, Callable[[], None]] | None = None,
+                 on_tick: Callable[[], None] | None = None):
+        self.nic = nic
+        self.tap = tap
+        self.timers = timers or DaemonTimers()
+        self.extra_fds = extra_fds or {}
+        self.on_tick = on_tick
+        self.running = False
+        self._applied: HostConfig | None = None
+        self._ctrl: socket.socket | None = None
+        self._poller = select.poll()
+        self._tap_registered = False
+
+    # --- setup -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bring the device up and make the TAP look like it (MAC, MTU, carrier)."""
+        self.nic.bring_up()
+        self.tap.set_mac(self.nic.mac)
+        self.tap.set_mtu(self.nic.driver.soft.mtu)
+        self.tap.set_up(True)
+        self.nic.open()
+        self._applied = self.tap.host_config()
+        self._sync_host_config(force_mode=True)
+        link = self.nic.link_check()
+        self.tap.set_carrier(link.up)
+        self._open_control()
+        log.info("event=up ifname=%s ifindex=%d driver=%s device=%s mac=%s link=%s",
+                 self.tap.name, self.tap.ifindex, self.nic.driver.name,
+                 self.nic.transport.info.ident, self.nic.status()["mac"], "up" if link.up else "down")
+
+    def _open_control(self) -> None:
+        os.makedirs(RUN_DIR, exist_ok=True)
+        path = control_path(self.tap.name)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        s.bind(path)
+        os.chmod(path, 0o660)
+        s.listen(8)
+        self._ctrl = s
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def run(self, duration: float | None = None) -> None:
+        self.running = True
+        end = None if duration is None else time.monotonic() + duration
+        p = self._poller
+        self._register_tap(True)
+        for fd, ev in self.nic.transport.poll_fds():
+            p.register(fd, ev)
+        if self._ctrl is not None:
+            p.register(self._ctrl.fileno(), select.POLLIN)
+        for fd in self.extra_fds:
+            p.register(fd, select.POLLIN)
+        t = time.monotonic()
+        next_link, next_sync, next_tx = t + self.timers.link_check, t + self.timers.host_sync, t
+        nic, tap = self.nic, self.tap
+        while self.running:
+            now = time.monotonic()
+            if end is not None and now >= end:
+                break
+            wait = min(next_link, next_sync, next_tx) - now
+            events = p.poll(max(0, int(wait * 1000) + 1))
+            for fd, _ev in events:
+                if fd == tap.fd:
+                    if nic.journal.space() > 0:
+                        nic.enqueue(tap.read_batch(min(self.timers.tap_batch, nic.journal.space())))
+                elif self._ctrl is not None and fd == self._ctrl.fileno():
+                    self._serve_control()
+                elif fd in self.extra_fds:
+                    self.extra_fds[fd]()
+            if nic.state == "up":
+                nic.xmit()
+                nic.poll(0.0)
+                nic.xmit()
+            # stop reading the TAP while the journal is full: the kernel queues (backpressure)
+            self._register_tap(nic.journal.space() > 0)
+            now = time.monotonic()
+            if now >= next_tx:
+                next_tx = now + self.timers.tx_progress
+                if nic.state == "up":
+                    nic.check_tx_progress(now)
+            if now >= next_sync:
+                next_sync = now + self.timers.host_sync
+                self._sync_host_config()
+            if now >= next_link:
+                next_link = now + self.timers.link_check
+                self._link_watchdog()
+            if self.on_tick:
+                self.on_tick()
+
+    def _register_tap(self, want: bool) -> None:
+        if want and not self._tap_registered:
+            self._poller.register(self.tap.fd, select.POLLIN)
+            self._tap_registered = True
+        elif not want and self._tap_registered:
+            self._poller.unregister(self.tap.fd)
+            self._tap_registered = False
+
+    def stop(self, *_: Any) -> None:
+        self.running = False
+
+    # --- periodic work -----------------------------------------------------------------------------
+    def _link_watchdog(self) -> None:
+        if self.nic.state == "down":
+            try:
+                self.nic.restart()
+                log.info("event=device-back state=up")
+            except UdrvError as e:
+                self.nic.last_error = str(e)
+                self.tap.set_carrier(False)
+                return
+        before = self.nic.link.up
+        try:
+            link = self.nic.link_check()
+        except UdrvError as e:
+            log.warning("event=link-check-failed error=%s", e)
+            return
+        if link.up != before:
+            log.info("event=link %s speed=%d duplex=%s", "up" if link.up else "down", link.speed,
+                     "full" if link.full_duplex else "half")
+        self.tap.set_carrier(link.up)
+
+    def _sync_host_config(self, force_mode: bool = False) -> None:
+        """Mirror what the host configured on the TAP into the driver (and log it for replay)."""
+        try:
+            cur = self.tap.host_config()
+        except OSError:
+            return
+        old = self._applied
+        assert old is not None
+        try:
+            if cur.mac != old.mac:
+                try:
+                    self.nic.set_mac(cur.mac)
+                except UdrvError as e:
+                    log.error("event=config-refused what=mac error=%s", e)
+                    self.tap.set_mac(self.nic.mac)
+                    cur = self.tap.host_config()
+            if cur.mtu != old.mtu:
+                try:
+                    self.nic.set_mtu(cur.mtu)
+                except UdrvError as e:
+                    log.error("event=config-refused what=mtu error=%s", e)
+                    self.tap.set_mtu(self.nic.driver.soft.mtu)
+                    cur = self.tap.host_config()
+            if force_mode or (cur.promisc, cur.allmulti, cur.multicast) != (old.promisc, old.allmulti, old.multicast):
+                try:
+                    self.nic.set_rx_mode(RxMode(cur.promisc, cur.allmulti, cur.multicast))
+                except UdrvError as e:
+                    log.error("event=config-refused what=rx_mode error=%s", e)
+        except ValueError as e:          # a driver refusing a value (e.g. MTU range)
+            log.error("event=config-refused error=%s", e)
+            self.tap.set_mtu(self.nic.driver.soft.mtu)
+            cur = self.tap.host_config()
+        self._applied = cur
+
+    # --- control socket ---------------------------------------------------------------------------
+    def _serve_control(self) -> None:
+        assert self._ctrl is not None
+        while True:
+            try:
+                conn, _ = self._ctrl.accept()
+            except BlockingIOError:
+                return
+            with conn:
+                conn.settimeout(1.0)
+                try:
+                    data = b""
+                    while not data.endswith(b"\n"):
+                        chunk = conn.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                    reply = self.handle_request(json.loads(data or b"{}"))
+                except (OSError, ValueError) as e:
+                    reply = {"ok": False, "error": f"bad request: {e}"}
+                try:
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                except OSError:
+                    pass
+
+    def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        try:
+            if cmd == "status":
+                st = self.nic.status()
+                st["ifname"], st["ifindex"] = self.tap.name, self.tap.ifindex
+                st["recent_recoveries"] = [r.as_dict() for r in self.nic.recoveries[-10:]]
+                return {"ok": True, "status": st}
+            if cmd == "inject":
+                self.nic.inject(str(req["entry"]), str(req["kind"]), int(req.get("count", 1)))
+                return {"ok": True}
+            if cmd == "restart":
+                ms = self.nic.restart()
+                return {"ok": True, "restart_ms": ms}
+            return {"ok": False, "error": f"unknown command {cmd!r}: use status, inject or restart"}
+        except (UdrvError, KeyError, ValueError) as e:
+            return {"ok": False, "error": str(e)}
+
+    def close(self) -> None:
+        if self._ctrl is not None:
+            path = control_path(self.tap.name)
+            self._ctrl.close()
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.nic.close()
+        log.info("event=stopped ifname=%s", self.tap.name)
+
+
+def request(ifname: str, req: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    """Client side of the control socket (used by `udrv status` / `udrv inject`)."""
+    path = control_path(ifname)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise UdrvError(f"no udrv daemon is running for {ifname} (no socket at {path}): "
+                        "start one with `udrv run`") from None
+    except PermissionError:
+        raise UdrvError(f"cannot talk to {path}: run as root or as a member of the socket's group") from None
+    with s:
+        s.sendall(json.dumps(req).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
+
+
+def install_signal_handlers(daemon: Daemon) -> None:
+    signal.signal(signal.SIGINT, daemon.stop)
+    signal.signal(signal.SIGTERM, daemon.stop)

@@ -1,0 +1,287 @@
+"""Entry points as transactions (FGFT), in process.
+
+Configuration entry points: before the call, snapshot the driver's soft state and keep the
+last device checkpoint; mark the action list. On a fault (an exception, the watchdog's
+deadline, a broken invariant): put the soft state back, undo the actions taken since the
+mark, restore the device from the checkpoint — so the failed call leaves no partial effect
+(at-most-once) — and retry once. A second failure escalates to the supervisor.
+
+Datapath entry points run millions of times: the guard is a try/except plus one tuple store
+for the watchdog. On a fault it restores the last checkpoint, recycles the datapath's
+buffers and re-issues the unconfirmed TX journal.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import DeviceGone, DriverFault, EntryTimeout, Escalation, InjectedFault, Stall, TransferTimeout
+from .faults import FaultInjector
+
+log = logging.getLogger("udrv.guard")
+
+
+@dataclass
+class Recovery:
+    """One recovery, as reported to the user (invariant 6)."""
+    entry: str
+    fault: str                  # exception | timeout | invariant | stall | device_timeout | disconnect
+    detail: str
+    outcome: str = "recovered"  # recovered | retried | escalated
+    rolled_back: list[str] = field(default_factory=list)
+    soft_state_restored: bool = False
+    device_restored: bool = False
+    reissued: int = 0
+    at: float = field(default_factory=time.time)
+    recovery_ms: float = 0.0
+    silent_ms: float | None = None   # fault -> first frame moving again (None: no traffic yet)
+    _t0: float = field(default=0.0, repr=False)
+
+    def line(self) -> str:
+        silent = "n/a (no traffic)" if self.silent_ms is None else f"{self.silent_ms:.2f} ms"
+        return (f"recovery: entry={self.entry} fault={self.fault} ({self.detail}) outcome={self.outcome} "
+                f"rolled_back={self.rolled_back or '-'} soft_state_restored={self.soft_state_restored} "
+                f"device_restored={self.device_restored} reissued={self.reissued} "
+                f"recovery={self.recovery_ms:.2f} ms silent={silent}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+def classify(exc: BaseException) -> str:
+    if isinstance(exc, EntryTimeout):
+        return "timeout"
+    if isinstance(exc, Stall):
+        return "stall"
+    if isinstance(exc, TransferTimeout):
+        return "device_timeout"
+    if isinstance(exc, DeviceGone):
+        return "disconnect"
+    if isinstance(exc, DriverFault):
+        return exc.kind
+    if isinstance(exc, InjectedFault):
+        return "exception"
+    return "exception"
+
+
+class Watchdog:
+    """Interrupts an entry point that overran its deadline.
+
+    A helper thread watches the current entry; when its deadline passes it signals the main
+    thread, whose handler raises EntryTimeout inside the stuck Python code. (A hang inside a
+    C call that never returns is the process-level supervisor's job.)
+    """
+
+    SIG = signal.SIGUSR2
+
+    def __init__(self, tick: float = 0.005):
+        self.tick = tick
+        self.current: tuple[str, float] | None = None   # (entry, deadline)
+        self._fired_for: tuple[str, float] | None = None
+        self.usable = threading.current_thread() is threading.main_thread()
+        self._main = threading.main_thread().ident
+        self._stop = threading.Event()
+        if self.usable:
+            signal.signal(self.SIG, self._on_signal)
+            self._thread = threading.Thread(target=self._run, name="udrv-watchdog", daemon=True)
+            self._thread.start()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        cur = self.current
+        if cur is not None and cur is self._fired_for:
+            raise EntryTimeout(f"{cur[0]} overran its deadline")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.tick):
+            cur = self.current
+            if cur is not None and cur is not self._fired_for and time.monotonic() > cur[1]:
+                self._fired_for = cur
+                try:
+                    signal.pthread_kill(self._main, self.SIG)
+                except (ProcessLookupError, OSError):
+                    return
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class Guard:
+    def __init__(self, driver: Any, injector: FaultInjector | None = None, *,
+                 on_recovery: Callable[[Recovery], None] | None = None,
+                 reset_datapath: Callable[[], int] | None = None,
+                 sync_datapath: Callable[[], None] | None = None,
+                 config_deadline: float = 2.0, datapath_deadline: float = 0.5,
+                 enabled: bool = True, watchdog: Watchdog | None = None,
+                 escalate_after: int = 3, escalate_window: float = 1.0):
+        self.driver = driver
+        self.injector = injector or FaultInjector()
+        self.on_recovery = on_recovery or (lambda r: None)
+        self.reset_datapath = reset_datapath or (lambda: 0)
+        self.sync_datapath = sync_datapath or (lambda: None)
+        self.config_deadline = config_deadline
+        self.datapath_deadline = datapath_deadline
+        self.enabled = enabled
+        self.watchdog = watchdog
+        self.escalate_after = escalate_after
+        self.escalate_window = escalate_window
+        # bring-up may legitimately take long (PHY scans, chip settle times); nothing else should
+        self.deadlines: dict[str, float] = {"bind": 5.0, "probe": 10.0}
+        self.checkpoint: Any = None
+        self.recoveries: list[Recovery] = []
+        self._recent_dp_faults: list[float] = []
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def take_checkpoint(self) -> None:
+        self.checkpoint = self.driver.checkpoint()
+
+    # --- configuration entry points -------------------------------------------------------
+    def config(self, entry: str, *args: Any) -> Any:
+        fn = getattr(self.driver, entry)
+        if not self.enabled:
+            return fn(*args)
+        first: Recovery | None = None
+        for attempt in (0, 1):
+            soft = copy.deepcopy(self.driver.soft)
+            mark = self.driver.actions.mark()
+            t0 = time.monotonic()
+            active = self.injector.begin(entry, self.driver) if self.injector.armed else None
+            try:
+                with self._deadline(entry, self.deadlines.get(entry, self.config_deadline)):
+                    try:
+                        result = fn(*args)
+                    finally:
+                        if active is not None:
+                            self.injector.end(active, self.driver, ok=not active.fired)
+                    broken = self.driver.invariants()
+                if broken:
+                    raise DriverFault(entry, "invariant", "; ".join(broken))
+            except Exception as exc:
+                rec = Recovery(entry, classify(exc), str(exc), _t0=t0)
+                self.driver.soft = soft
+                rec.soft_state_restored = True
+                rec.rolled_back = self.driver.actions.rollback(mark)
+                try:
+                    self._restore()
+                    rec.device_restored = True
+                except Exception as rexc:
+                    rec.outcome = "escalated"
+                    rec.detail += f"; restore failed: {rexc}"
+                    self._report(rec)
+                    raise Escalation(DriverFault(entry, rec.fault, rec.detail)) from exc
+                if attempt == 0:
+                    rec.outcome = "retried"
+                    first = rec
+                    self._report(rec)
+                    continue
+                rec.outcome = "escalated"
+                self._report(rec)
+                raise Escalation(DriverFault(entry, rec.fault, rec.detail)) from exc
+            self.checkpoint = self.driver.checkpoint()
+            if first is not None:
+                first.outcome = "recovered"
+            return result
+        raise AssertionError("unreachable")
+
+    def _restore(self) -> None:
+        with self._deadline("restore", self.config_deadline):
+            if self.checkpoint is not None:
+                self.driver.restore(self.checkpoint)
+            self.sync_datapath()
+
+    class _Deadline:
+        __slots__ = ("wd", "cur", "prev")
+
+        def __init__(self, wd: Watchdog, cur: tuple[str, float]):
+            self.wd, self.cur = wd, cur
+
+        def __enter__(self) -> None:
+            self.prev = self.wd.current
+            self.wd.current = self.cur
+
+        def __exit__(self, *exc: Any) -> None:
+            self.wd.current = self.prev
+
+    class _NoDeadline:
+        def __enter__(self) -> None:
+            return None
+
+        def __exit__(self, *exc: Any) -> None:
+            return None
+
+    def _deadline(self, entry: str, seconds: float) -> Any:
+        if self.watchdog is None or not self.watchdog.usable:
+            return self._NoDeadline()
+        return self._Deadline(self.watchdog, (entry, time.monotonic() + seconds))
+
+    # --- datapath entry points -----------------------------------------------------------------
+    def datapath(self, entry: str, fn: Callable[..., int], *args: Any) -> int:
+        if not self.enabled:
+            return fn(*args)
+        if self.injector.armed:
+            return self._datapath_injected(entry, fn, *args)
+        wd = self.watchdog
+        if wd is None:
+            try:
+                return fn(*args)
+            except Exception as exc:
+                self._recover_datapath(entry, exc)
+                return 0
+        wd.current = (entry, time.monotonic() + self.datapath_deadline)
+        try:
+            return fn(*args)
+        except Exception as exc:
+            wd.current = None
+            self._recover_datapath(entry, exc)
+            return 0
+        finally:
+            wd.current = None
+
+    def _datapath_injected(self, entry: str, fn: Callable[..., int], *args: Any) -> int:
+        active = self.injector.begin(entry, self.driver)
+        try:
+            with self._deadline(entry, self.datapath_deadline):
+                try:
+                    r = fn(*args)
+                finally:
+                    if active is not None:
+                        self.injector.end(active, self.driver, ok=not active.fired)
+            return r
+        except Exception as exc:
+            self._recover_datapath(entry, exc)
+            return 0
+
+    def _recover_datapath(self, entry: str, exc: Exception) -> None:
+        t0 = time.monotonic()
+        rec = Recovery(entry, classify(exc), str(exc), _t0=t0)
+        now = time.monotonic()
+        self._recent_dp_faults = [t for t in self._recent_dp_faults if now - t < self.escalate_window]
+        self._recent_dp_faults.append(now)
+        if len(self._recent_dp_faults) >= self.escalate_after:
+            rec.outcome = "escalated"
+            rec.detail += f"; {len(self._recent_dp_faults)} datapath faults within {self.escalate_window}s"
+            self._report(rec)
+            self._recent_dp_faults.clear()
+            raise Escalation(DriverFault(entry, rec.fault, rec.detail)) from exc
+        try:
+            with self._deadline("restore", self.config_deadline):
+                if self.checkpoint is not None:
+                    self.driver.restore(self.checkpoint)
+                rec.device_restored = True
+                rec.reissued = self.reset_datapath()
+                rec.rolled_back = ["in-flight transfers recycled"]
+        except Exception as rexc:
+            rec.outcome = "escalated"
+            rec.detail += f"; restore failed: {rexc}"
+            self._report(rec)
+            raise Escalation(DriverFault(entry, rec.fault, rec.detail)) from exc
+        self._report(rec)
+
+    def _report(self, rec: Recovery) -> None:
+        rec.recovery_ms = (time.monotonic() - rec._t0) * 1000
+        self.recoveries.append(rec)
+        self.on_recovery(rec)

@@ -1,0 +1,141 @@
+"""The TX journal (nDriver's unfinished-request list) in shareable memory.
+
+Every frame read from the TAP is appended here before any driver sees it, and leaves only
+when the device confirms it. A recovery rewinds `sent` to `tail` and the datapath re-issues
+what was never confirmed: zero TX loss. Frames between tail and the old `sent` may reach the
+wire twice (their completion was lost); the journal counts them as possible duplicates.
+
+The journal is a fixed-slot ring in a memfd, so a worker process (and the C fast path) can
+map the very same memory; the layout is plain little-endian integers:
+
+    header (64 bytes): magic u32 | nslots u32 | slot_size u32 | _ u32 |
+                       head u64 @16 | sent u64 @24 | tail u64 @32 | reissued u64 @40 |
+                       duplicates u64 @48
+    slot i at 64 + i * slot_size: length u32 | flags u32 | seq u64 | frame bytes
+Sequence numbers grow without wrapping; slot = seq % nslots.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+from .errors import UdrvError
+
+MAGIC = 0x314A4455  # "UDJ1"
+HEADER = 64
+SLOT_HEADER = 16
+_U64 = struct.Struct("<Q")
+_SLOT = struct.Struct("<IIQ")
+_OFF_HEAD, _OFF_SENT, _OFF_TAIL, _OFF_REISSUED, _OFF_DUPS = 16, 24, 32, 40, 48
+
+
+class JournalFull(UdrvError):
+    pass
+
+
+class TxJournal:
+    def __init__(self, nslots: int = 1024, slot_size: int = 2048, fd: int | None = None):
+        if nslots & (nslots - 1):
+            raise ValueError("nslots must be a power of two")
+        self.nslots = nslots
+        self.slot_size = slot_size
+        self.size = HEADER + nslots * slot_size
+        created = fd is None
+        self.fd = os.memfd_create("udrv-txjournal", os.MFD_CLOEXEC) if created else fd
+        if created:
+            os.ftruncate(self.fd, self.size)
+        self.mem = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        if created:
+            struct.pack_into("<III", self.mem, 0, MAGIC, nslots, slot_size)
+        elif struct.unpack_from("<III", self.mem, 0) != (MAGIC, nslots, slot_size):
+            raise UdrvError("the TX journal memory does not match the expected layout")
+        self.max_frame = slot_size - SLOT_HEADER
+        # Python-side mirrors of the indices; the header is the source of truth for other
+        # processes and is written on every change.
+        self.head = self._get(_OFF_HEAD)
+        self.sent = self._get(_OFF_SENT)
+        self.tail = self._get(_OFF_TAIL)
+
+    @classmethod
+    def attach(cls, fd: int, nslots: int, slot_size: int) -> "TxJournal":
+        """Map a journal another process created (the fd arrives over SCM_RIGHTS)."""
+        return cls(nslots, slot_size, fd=fd)
+
+    def _get(self, off: int) -> int:
+        return _U64.unpack_from(self.mem, off)[0]
+
+    def _set(self, off: int, value: int) -> None:
+        _U64.pack_into(self.mem, off, value)
+
+    # --- producer side (frames from the TAP) -------------------------------------------
+    def space(self) -> int:
+        return self.nslots - (self.head - self.tail)
+
+    def append(self, frame: bytes) -> int:
+        if self.head - self.tail >= self.nslots:
+            raise JournalFull("TX journal full")
+        if len(frame) > self.max_frame:
+            raise ValueError(f"frame of {len(frame)} bytes exceeds the journal slot ({self.max_frame})")
+        seq = self.head
+        off = HEADER + (seq & (self.nslots - 1)) * self.slot_size
+        _SLOT.pack_into(self.mem, off, len(frame), 0, seq)
+        self.mem[off + SLOT_HEADER: off + SLOT_HEADER + len(frame)] = frame
+        self.head = seq + 1
+        self._set(_OFF_HEAD, self.head)
+        return seq
+
+    # --- datapath side ----------------------------------------------------------------
+    def unsent(self) -> int:
+        return self.head - self.sent
+
+    def unconfirmed(self) -> int:
+        return self.head - self.tail
+
+    def in_device(self) -> int:
+        return self.sent - self.tail
+
+    def frame(self, seq: int) -> bytes:
+        off = HEADER + (seq & (self.nslots - 1)) * self.slot_size
+        length, _flags, stored = _SLOT.unpack_from(self.mem, off)
+        if stored != seq:
+            raise UdrvError(f"TX journal slot for seq {seq} holds seq {stored}: journal corrupted")
+        return bytes(self.mem[off + SLOT_HEADER: off + SLOT_HEADER + length])
+
+    def take_unsent(self) -> tuple[int, bytes] | None:
+        """Next frame to hand to the device, marking it sent."""
+        if self.sent >= self.head:
+            return None
+        seq = self.sent
+        self.sent = seq + 1
+        self._set(_OFF_SENT, self.sent)
+        return seq, self.frame(seq)
+
+    def confirm_through(self, seq: int) -> int:
+        """The device confirmed every frame up to and including seq (completions are in order)."""
+        if seq < self.tail:
+            return 0
+        if seq >= self.sent:
+            raise UdrvError(f"confirmation for seq {seq} that was never sent (sent up to {self.sent - 1})")
+        n = seq + 1 - self.tail
+        self.tail = seq + 1
+        self._set(_OFF_TAIL, self.tail)
+        return n
+
+    def rewind(self) -> int:
+        """After a recovery: everything not confirmed is sent again. Returns the number re-issued
+        (frames the device may already have put on the wire: possible duplicates)."""
+        again = self.sent - self.tail
+        self.sent = self.tail
+        self._set(_OFF_SENT, self.sent)
+        self._set(_OFF_REISSUED, self._get(_OFF_REISSUED) + again)
+        self._set(_OFF_DUPS, self._get(_OFF_DUPS) + again)
+        return again
+
+    @property
+    def reissued(self) -> int:
+        return self._get(_OFF_REISSUED)
+
+    def close(self) -> None:
+        self.mem.close()
+        os.close(self.fd)

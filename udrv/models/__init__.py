@@ -1,0 +1,1 @@
+"""In-process device models (the device side of the wire) for tests and the demo."""

@@ -1,0 +1,293 @@
+"""One NIC at run time: a driver, its transport, its datapath, its guard, journal and logs.
+
+`Nic` is what the supervisor drives. Every driver call goes through the guard; every
+configuration the host makes goes into the config log; every TX frame goes through the
+journal. When in-process recovery escalates, `restart()` does what the process-level
+supervisor will later do in a fresh worker: a new driver instance on the same device,
+probe, replay of the config log, re-issue of the journal.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .actions import ActionList
+from .configlog import ConfigLog
+from .driver import LinkState, RxMode
+from .errors import DeviceGone, DriverFault, Escalation, UdrvError
+from .faults import FaultInjector, FaultSpec
+from .guard import Guard, Recovery, Watchdog
+from .journal import JournalFull, TxJournal
+from .usbnet import UsbNetDriver, UsbNetEngine
+
+log = logging.getLogger("udrv.nic")
+
+
+@dataclass
+class NicOptions:
+    n_rx: int = 4
+    n_tx: int = 8
+    guards: bool = True
+    config_deadline: float = 0.5
+    datapath_deadline: float = 0.5
+    tx_timeout: float = 0.5          # unconfirmed TX older than this = TX hang (Xen's detector)
+    journal_slots: int = 1024
+
+
+@dataclass
+class NicCounters:
+    tap_frames_in: int = 0
+    tx_dropped: dict[str, int] = field(default_factory=dict)
+    recoveries: int = 0
+    escalations: int = 0
+    restarts: int = 0
+    restart_failures: int = 0
+
+    def tx_drop(self, reason: str) -> None:
+        self.tx_dropped[reason] = self.tx_dropped.get(reason, 0) + 1
+
+
+class Nic:
+    def __init__(self, driver_cls: type[UsbNetDriver], transport: Any, sink: Callable[[bytes], None],
+                 options: NicOptions | None = None, *, watchdog: Watchdog | None = None,
+                 injector: FaultInjector | None = None,
+                 on_recovery: Callable[[Recovery], None] | None = None,
+                 reopen: Callable[[], Any] | None = None):
+        self.driver_cls = driver_cls
+        self.transport = transport
+        self.sink = sink
+        self.opts = options or NicOptions()
+        self.watchdog = watchdog
+        self.injector = injector or FaultInjector()
+        self.on_recovery_cb = on_recovery or (lambda r: None)
+        self.reopen = reopen
+        self.journal = TxJournal(self.opts.journal_slots)
+        self.config_log = ConfigLog()
+        self.counters = NicCounters()
+        self.recoveries: list[Recovery] = []
+        self.link = LinkState(False)
+        self.state = "new"            # new | up | down | failed
+        self.last_error = ""
+        self._awaiting_traffic: list[tuple[Recovery, float]] = []
+        self._last_tx_progress = time.monotonic()
+        self._make_driver()
+
+    # --- construction ------------------------------------------------------------------------
+    def _make_driver(self) -> None:
+        self.actions = ActionList()
+        self.driver = self.driver_cls(self.transport, self.actions)
+        self.engine = UsbNetEngine(self.driver, self.journal, self.sink, self.opts.n_rx, self.opts.n_tx,
+                                   on_progress=self._progress)
+        self.driver.engine = self.engine
+        self.guard = Guard(self.driver, self.injector, on_recovery=self._on_recovery,
+                           reset_datapath=self.engine.reset, sync_datapath=self._sync_datapath,
+                           config_deadline=self.opts.config_deadline,
+                           datapath_deadline=self.opts.datapath_deadline,
+                           enabled=self.opts.guards, watchdog=self.watchdog)
+
+    def _sync_datapath(self) -> None:
+        """After a restore: transfers in flight iff the restored driver is open."""
+        if self.driver.soft.opened:
+            self.engine.stop()
+            self.engine.start()
+        else:
+            self.engine.stop()
+
+    # --- bring-up ------------------------------------------------------------------------------
+    def bring_up(self) -> None:
+        """Claim, probe (both as transactions) and take the first checkpoint."""
+        self.guard.config("bind")
+        self.guard.config("probe")
+        self.guard.take_checkpoint()
+        self.state = "up"
+
+    @property
+    def mac(self) -> bytes:
+        return self.driver.mac
+
+    # --- configuration (logged, guarded) ---------------------------------------------------
+    def configure(self, entry: str, *args: Any) -> Any:
+        """Run a configuration entry point; escalations trigger a restart. Returns its result."""
+        try:
+            result = self.guard.config(entry, *args)
+        except Escalation as e:
+            self.counters.escalations += 1
+            self._restart_after(e)
+            # the host's wish is not applied: it is not logged, the old config stays
+            raise UdrvError(f"{entry}{args!r} failed twice and was rolled back: {e.fault}") from None
+        if entry not in ("link_check", "bind", "probe"):
+            if entry == "stop":
+                self.config_log.forget("open")
+            else:
+                self.config_log.record(entry, *args)
+        return result
+
+    def open(self) -> None:
+        self.configure("open")
+
+    def set_mac(self, mac: bytes) -> None:
+        self.configure("set_mac", mac)
+
+    def set_mtu(self, mtu: int) -> None:
+        self.configure("set_mtu", mtu)
+
+    def set_rx_mode(self, mode: RxMode) -> None:
+        self.configure("set_rx_mode", mode)
+
+    def link_check(self) -> LinkState:
+        self.link = self.configure("link_check")
+        return self.link
+
+    # --- datapath ------------------------------------------------------------------------------
+    def enqueue(self, frames: list[bytes]) -> int:
+        """Frames from the TAP into the journal (the driver sees them only from there)."""
+        accepted = 0
+        mtu_max = self.driver.soft.mtu + 14 + 4     # + Ethernet header + a VLAN tag
+        for f in frames:
+            self.counters.tap_frames_in += 1
+            if len(f) > mtu_max:
+                self.counters.tx_drop("oversize")
+                continue
+            try:
+                self.journal.append(f)
+                accepted += 1
+            except JournalFull:
+                self.counters.tx_drop("journal_full")
+        return accepted
+
+    def xmit(self) -> int:
+        try:
+            return self.guard.datapath("xmit", self.engine.xmit)
+        except Escalation as e:
+            self._restart_after(e)
+            return 0
+
+    def poll(self, timeout: float = 0.0) -> int:
+        try:
+            return self.guard.datapath("poll", self.engine.poll, timeout)
+        except Escalation as e:
+            self._restart_after(e)
+            return 0
+
+    def check_tx_progress(self, now: float | None = None) -> bool:
+        """Xen's hang detector: frames in the device but no TX completion for tx_timeout."""
+        now = time.monotonic() if now is None else now
+        if self.journal.in_device() == 0:
+            self._last_tx_progress = now
+            return True
+        if now - self._last_tx_progress <= self.opts.tx_timeout:
+            return True
+        self._last_tx_progress = now
+        fault = DriverFault("xmit", "tx_timeout",
+                            f"{self.journal.in_device()} frames unconfirmed for > {self.opts.tx_timeout}s")
+        try:
+            self.guard._recover_datapath("xmit", fault)
+        except Escalation as e:
+            self._restart_after(e)
+        return False
+
+    def _progress(self) -> None:
+        self._last_tx_progress = time.monotonic()
+        if self._awaiting_traffic:
+            now = time.monotonic()
+            for rec, t0 in self._awaiting_traffic:
+                rec.silent_ms = (now - t0) * 1000
+                log.info("%s", rec.line())
+            self._awaiting_traffic.clear()
+
+    def _on_recovery(self, rec: Recovery) -> None:
+        self.counters.recoveries += 1
+        self.recoveries.append(rec)
+        del self.recoveries[:-100]
+        self.last_error = f"{rec.entry}: {rec.fault}: {rec.detail}"
+        if rec.entry in ("xmit", "poll") or rec.outcome == "escalated":
+            self._awaiting_traffic.append((rec, rec._t0))
+        self.on_recovery_cb(rec)
+
+    # --- process-level style recovery -------------------------------------------------------------
+    def _restart_after(self, e: Escalation) -> None:
+        log.warning("escalation: %s; restarting the driver", e.fault)
+        try:
+            self.restart()
+        except UdrvError as err:
+            self.counters.restart_failures += 1
+            self.state = "down"
+            self.last_error = str(err)
+            log.error("restart failed: %s (will retry)", err)
+
+    def restart(self) -> float:
+        """Full restart: fresh driver on the device, probe, replay config, re-issue journal."""
+        t0 = time.monotonic()
+        self.counters.restarts += 1
+        try:
+            self.engine.stop()
+        except Exception:
+            pass
+        self.actions.release_all()
+        if self.reopen is not None and getattr(self.transport, "closed", False):
+            self.transport = self.reopen()
+        self._make_driver()
+        try:
+            self.guard.config("bind")
+            self.guard.config("probe")
+            self.guard.take_checkpoint()
+            for call in self.config_log.calls():
+                self.guard.config(call.entry, *call.args)
+        except (Escalation, DeviceGone) as e:
+            raise UdrvError(f"the device did not come back after a restart: {e}") from None
+        self.journal.rewind()
+        self.engine.xmit()
+        self.state = "up"
+        return (time.monotonic() - t0) * 1000
+
+    # --- fault injection and status ------------------------------------------------------------
+    def inject(self, entry: str, kind: str, count: int = 1) -> None:
+        known = set(self.driver.CONFIG_ENTRIES) | set(self.driver.DATAPATH_ENTRIES)
+        if entry not in known:
+            raise UdrvError(f"{entry!r} is not an entry point of {self.driver.name}: "
+                            f"use one of {', '.join(sorted(known))}")
+        if kind == "corrupt" and entry in self.driver.DATAPATH_ENTRIES:
+            raise UdrvError("'corrupt' needs a configuration entry point (datapath calls check no invariants)")
+        self.injector.arm(FaultSpec(entry, kind, count))
+
+    def status(self) -> dict[str, Any]:
+        c = self.engine.counters
+        st = self.driver.stats()
+        rx_drop = dict(c.rx_dropped)
+        return {
+            "driver": self.driver.name,
+            "device": getattr(self.transport.info, "ident", ""),
+            "state": self.state,
+            "mac": ":".join(f"{b:02x}" for b in self.driver.mac),
+            "mtu": self.driver.soft.mtu,
+            "link": {"up": self.link.up, "speed": self.link.speed, "full_duplex": self.link.full_duplex},
+            "rx_packets": c.rx_packets, "rx_bytes": c.rx_bytes,
+            "tx_packets": c.tx_packets, "tx_bytes": c.tx_bytes,
+            "rx_errors": sum(rx_drop.values()) + st.rx_errors,
+            "tx_errors": sum(c.tx_errors.values()) + st.tx_errors,
+            "rx_dropped": rx_drop, "rx_missed": st.rx_missed,
+            "tx_dropped": dict(self.counters.tx_dropped),
+            "tx_device_errors": dict(c.tx_errors),
+            "tx_journal": {"unconfirmed": self.journal.unconfirmed(), "reissued": self.journal.reissued},
+            "recoveries": self.counters.recoveries, "escalations": self.counters.escalations,
+            "restarts": self.counters.restarts,
+            "last_fault": self.last_error,
+            "last_recovery": self.recoveries[-1].as_dict() if self.recoveries else None,
+            "driver_stats": st.extra,
+        }
+
+    def close(self) -> None:
+        try:
+            if self.driver.soft.opened:
+                self.guard.enabled = False
+                self.driver.stop()
+        except Exception:
+            pass
+        try:
+            self.engine.stop()
+        except Exception:
+            pass
+        self.actions.release_all()
+        self.journal.close()

@@ -1,0 +1,268 @@
+"""USB network drivers the usbnet way: the driver declares, the framework moves frames.
+
+A `UsbNetDriver` names its endpoints and its `Framing`, and implements bring-up and
+configuration. `UsbNetEngine` owns the transfers: several bulk-IN and bulk-OUT transfers in
+flight, the interrupt endpoint, TX from the journal, RX into the frame sink, bad frames
+counted by reason. The engine's `xmit` and `poll` are the driver's datapath entry points.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+from .actions import ActionList
+from .driver import FrameSink, NetDriver
+from .errors import DeviceGone, TransportError
+from .framing import Framing
+from .journal import TxJournal
+from .usbtransport import Completion, UsbTransport, XferStatus
+
+log = logging.getLogger("udrv.usbnet")
+
+CONTROL_TIMEOUT = 1.0      # seconds a control transfer may take before it counts as a fault
+
+
+@dataclass(frozen=True)
+class UsbId:
+    vid: int
+    pid: int
+    name: str = ""
+    flags: int = 0
+    device_class: int | None = None   # match only this bDeviceClass (ids shared with other gadgets)
+
+    def matches(self, vid: int, pid: int, device_class: int | None = None) -> bool:
+        if (vid, pid) != (self.vid, self.pid):
+            return False
+        return self.device_class is None or device_class is None or device_class == self.device_class
+
+
+class UsbNetDriver(NetDriver):
+    ids: ClassVar[tuple[UsbId, ...]] = ()
+    framing: ClassVar[Framing]
+    interface: ClassVar[int] = 0
+    EP_IN: ClassVar[int] = 0x81
+    EP_OUT: ClassVar[int] = 0x02
+    EP_STATUS: ClassVar[int | None] = None
+    status_size: ClassVar[int] = 8
+
+    def __init__(self, usb: UsbTransport, actions: ActionList):
+        self.usb = usb
+        self.actions = actions
+        self.ident: UsbId | None = self.match(usb.info.vid, usb.info.pid, usb.info.device_class)
+
+    @classmethod
+    def match(cls, vid: int, pid: int, device_class: int | None = None) -> UsbId | None:
+        for i in cls.ids:
+            if i.matches(vid, pid, device_class):
+                return i
+        return None
+
+    def bind(self) -> None:
+        """Claim the interface(s); the framework records the release."""
+        claim_interface(self.usb, self.interface, self.actions)
+
+    engine: "UsbNetEngine | None" = None
+
+    def on_status(self, data: bytes) -> None:
+        """An interrupt-endpoint packet arrived (link changes, error counts)."""
+
+    def start_datapath(self) -> None:
+        """Called by open(): the framework submits the RX and interrupt transfers."""
+        if self.engine is not None:
+            self.engine.start()
+
+    def stop_datapath(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+    def framing_now(self) -> Framing:
+        """The framing in effect (a driver may pick a variant at probe, e.g. ADM8513)."""
+        return self.framing
+
+
+def claim_interface(usb: UsbTransport, number: int, actions: ActionList) -> None:
+    usb.claim_interface(number)
+    actions.record(f"claim interface {number}", lambda: usb.release_interface(number))
+
+
+@dataclass
+class DatapathCounters:
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    rx_dropped: dict[str, int] = field(default_factory=dict)
+    tx_errors: dict[str, int] = field(default_factory=dict)
+    status_packets: int = 0
+
+    def drop(self, reason: str) -> None:
+        self.rx_dropped[reason] = self.rx_dropped.get(reason, 0) + 1
+
+    def tx_error(self, reason: str) -> None:
+        self.tx_errors[reason] = self.tx_errors.get(reason, 0) + 1
+
+
+class DatapathError(TransportError):
+    """The datapath saw a device error it cannot absorb (the guard restores and re-issues)."""
+
+
+_RX_TAG = -1
+_STATUS_TAG = -2
+
+
+class UsbNetEngine:
+    def __init__(self, driver: UsbNetDriver, journal: TxJournal, sink: FrameSink,
+                 n_rx: int = 4, n_tx: int = 8, on_progress: Callable[[], None] | None = None):
+        self.driver = driver
+        self.journal = journal
+        self.sink = sink
+        self.n_rx = n_rx
+        self.n_tx = n_tx
+        self.counters = DatapathCounters()
+        self.on_progress = on_progress
+        self.tx_inflight = 0
+        self.rx_inflight = 0
+        self.running = False
+        self._framing = driver.framing_now()
+        self._action = None
+
+    @property
+    def usb(self) -> UsbTransport:
+        # looked up every time: the fault injector may wrap the driver's transport
+        return self.driver.usb
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.running:
+            return
+        self._framing = self.driver.framing_now()
+        usb = self.usb
+        for _ in range(self.n_rx):
+            usb.submit_in(self.driver.EP_IN, self._framing.rx_transfer_size, _RX_TAG)
+            self.rx_inflight += 1
+        if self.driver.EP_STATUS is not None:
+            usb.submit_in(self.driver.EP_STATUS, self.driver.status_size, _STATUS_TAG)
+        self.running = True
+        self._action = self.driver.actions.record("usbnet transfers", self.stop)
+
+    def stop(self) -> None:
+        """Cancel every transfer and wait for the cancellations (no leaked transfers)."""
+        if self._action is not None:
+            self.driver.actions.released(self._action)
+            self._action = None
+        self.running = False
+        try:
+            self.usb.cancel_all()
+            for _ in range(50):
+                self.usb.reap(0.0)
+                if self.usb.in_flight() == 0:
+                    break
+                self.usb.reap(0.01)
+        except DeviceGone:
+            pass
+        self.tx_inflight = 0
+        self.rx_inflight = 0
+
+    def reset(self) -> int:
+        """Recycle after a fault: drop in-flight transfers, clear halts, re-issue unconfirmed TX."""
+        self.stop()
+        for ep in (self.driver.EP_IN, self.driver.EP_OUT):
+            try:
+                self.usb.clear_halt(ep)
+            except TransportError:
+                pass
+        again = self.journal.rewind()
+        self.start()
+        return again
+
+    # --- datapath entry points ----------------------------------------------------------------
+    def xmit(self) -> int:
+        """Hand journal frames to the device, keeping up to n_tx OUT transfers in flight."""
+        sent = 0
+        journal, usb, encode, ep = self.journal, self.usb, self._framing.encode_tx, self.driver.EP_OUT
+        while self.tx_inflight < self.n_tx:
+            item = journal.take_unsent()
+            if item is None:
+                break
+            seq, frame = item
+            usb.submit_out(ep, encode(frame), seq)
+            self.tx_inflight += 1
+            sent += 1
+        return sent
+
+    def poll(self, timeout: float = 0.0) -> int:
+        """Reap completions: RX frames to the sink, TX confirmations to the journal."""
+        done = self.usb.reap(timeout)
+        if not done:
+            return 0
+        error: str | None = None
+        for c in done:
+            if c.tag >= 0:
+                err = self._tx_done(c)
+                error = error or err
+            elif c.tag == _RX_TAG:
+                err = self._rx_done(c)
+                error = error or err
+            else:
+                self._status_done(c)
+        if error:
+            raise DatapathError(error)
+        return len(done)
+
+    def _tx_done(self, c: Completion) -> str | None:
+        self.tx_inflight -= 1
+        if c.status is XferStatus.OK:
+            n = self.journal.confirm_through(c.tag)
+            if n:
+                self.counters.tx_packets += n
+                self.counters.tx_bytes += max(0, c.length - 2)
+                if self.on_progress:
+                    self.on_progress()
+            return None
+        if c.status is XferStatus.CANCELLED:
+            return None
+        if c.status is XferStatus.NO_DEVICE:
+            raise DeviceGone("the USB device disappeared during TX")
+        self.counters.tx_error(c.status.value)
+        return f"tx {c.status.value}"
+
+    def _rx_done(self, c: Completion) -> str | None:
+        self.rx_inflight -= 1
+        if c.status is XferStatus.NO_DEVICE:
+            raise DeviceGone("the USB device disappeared during RX")
+        if c.status is XferStatus.CANCELLED or not self.running:
+            return None
+        error = None
+        if c.status is XferStatus.OK:
+            frame, reason = self._framing.decode_rx(c.data)
+            if frame is None:
+                self.counters.drop(reason)
+            else:
+                self.counters.rx_packets += 1
+                self.counters.rx_bytes += len(frame)
+                self.sink(frame)
+                if self.on_progress:
+                    self.on_progress()
+        else:
+            self.counters.drop(f"rx_{c.status.value}")
+            if c.status is XferStatus.STALL:
+                self.usb.clear_halt(self.driver.EP_IN)
+            elif c.status is not XferStatus.OVERFLOW:
+                error = f"rx {c.status.value}"
+        self.usb.submit_in(self.driver.EP_IN, self._framing.rx_transfer_size, _RX_TAG)
+        self.rx_inflight += 1
+        return error
+
+    def _status_done(self, c: Completion) -> None:
+        if c.status is XferStatus.NO_DEVICE:
+            raise DeviceGone("the USB device disappeared (interrupt endpoint)")
+        if not self.running or c.status is XferStatus.CANCELLED:
+            return
+        if c.status is XferStatus.OK:
+            self.counters.status_packets += 1
+            self.driver.on_status(c.data)
+        elif c.status is XferStatus.STALL and self.driver.EP_STATUS is not None:
+            self.usb.clear_halt(self.driver.EP_STATUS)
+        assert self.driver.EP_STATUS is not None
+        self.usb.submit_in(self.driver.EP_STATUS, self.driver.status_size, _STATUS_TAG)
