@@ -56,6 +56,10 @@ class NetDriver(abc.ABC):
 
     soft: Any          # the driver's soft state: a dataclass, snapshotted by the framework
     actions: ActionList
+    datapath: Any = None
+
+    def bind(self) -> None:
+        """Take ownership of the device (claim interfaces, enable the PCI function)."""
 
     @abc.abstractmethod
     def probe(self) -> None:
@@ -92,6 +96,12 @@ class NetDriver(abc.ABC):
     @abc.abstractmethod
     def restore(self, cp: Any) -> None:
         """Bring the device back to `cp` without a full probe (resume, refactored)."""
+
+    @abc.abstractmethod
+    def make_datapath(self, journal: Any, sink: FrameSink, n_rx: int, n_tx: int,
+                      on_progress: Any) -> Any:
+        """Build this driver's `udrv.datapath.Datapath` and keep it as self.datapath
+        (open() starts it, stop() stops it)."""
 
     def invariants(self) -> list[str]:
         """Broken invariants of the soft state (empty = fine); checked after config calls."""

@@ -141,7 +141,9 @@ class ModelUsbTransport:
             except ModelStall:
                 self._done.append(Completion(p.tag, p.endpoint, XferStatus.STALL))
             except ModelNoAnswer:
-                self._done.append(Completion(p.tag, p.endpoint, XferStatus.TIMEOUT))
+                # the device NAKs: like a real bulk OUT without timeout, the transfer stays pending
+                self._out.appendleft(p)
+                break
             except ModelGone:
                 self._fail_all(XferStatus.NO_DEVICE, extra=[p])
                 return

@@ -20,7 +20,7 @@ from .errors import DeviceGone, DriverFault, Escalation, UdrvError
 from .faults import FaultInjector, FaultSpec
 from .guard import Guard, Recovery, Watchdog
 from .journal import JournalFull, TxJournal
-from .usbnet import UsbNetDriver, UsbNetEngine
+from .driver import NetDriver
 
 log = logging.getLogger("udrv.nic")
 
@@ -50,7 +50,7 @@ class NicCounters:
 
 
 class Nic:
-    def __init__(self, driver_cls: type[UsbNetDriver], transport: Any, sink: Callable[[bytes], None],
+    def __init__(self, driver_cls: type[NetDriver], transport: Any, sink: Callable[[bytes], None],
                  options: NicOptions | None = None, *, watchdog: Watchdog | None = None,
                  injector: FaultInjector | None = None,
                  on_recovery: Callable[[Recovery], None] | None = None,
@@ -78,9 +78,8 @@ class Nic:
     def _make_driver(self) -> None:
         self.actions = ActionList()
         self.driver = self.driver_cls(self.transport, self.actions)
-        self.engine = UsbNetEngine(self.driver, self.journal, self.sink, self.opts.n_rx, self.opts.n_tx,
-                                   on_progress=self._progress)
-        self.driver.engine = self.engine
+        self.engine = self.driver.make_datapath(self.journal, self.sink, self.opts.n_rx, self.opts.n_tx,
+                                                self._progress)
         self.guard = Guard(self.driver, self.injector, on_recovery=self._on_recovery,
                            reset_datapath=self.engine.reset, sync_datapath=self._sync_datapath,
                            config_deadline=self.opts.config_deadline,
@@ -158,8 +157,12 @@ class Nic:
         return accepted
 
     def xmit(self) -> int:
+        idle = self.journal.in_device() == 0
         try:
-            return self.guard.datapath("xmit", self.engine.xmit)
+            n = self.guard.datapath("xmit", self.engine.xmit)
+            if idle and n:
+                self._last_tx_progress = time.monotonic()   # the hang clock starts now
+            return n
         except Escalation as e:
             self._restart_after(e)
             return 0
@@ -258,10 +261,12 @@ class Nic:
         rx_drop = dict(c.rx_dropped)
         return {
             "driver": self.driver.name,
-            "device": getattr(self.transport.info, "ident", ""),
+            "device": getattr(self.transport.info, "ident", "") or getattr(self.transport.info, "bdf", ""),
             "state": self.state,
             "mac": ":".join(f"{b:02x}" for b in self.driver.mac),
             "mtu": self.driver.soft.mtu,
+            "rx_mode": {"promisc": self.driver.soft.mode.promisc, "allmulti": self.driver.soft.mode.allmulti,
+                        "multicast": [m.hex() for m in self.driver.soft.mode.multicast]},
             "link": {"up": self.link.up, "speed": self.link.speed, "full_duplex": self.link.full_duplex},
             "rx_packets": c.rx_packets, "rx_bytes": c.rx_bytes,
             "tx_packets": c.tx_packets, "tx_bytes": c.tx_bytes,

@@ -8,10 +8,11 @@ counted by reason. The engine's `xmit` and `poll` are the driver's datapath entr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 from .actions import ActionList
+from .datapath import DatapathCounters
 from .driver import FrameSink, NetDriver
 from .errors import DeviceGone, TransportError
 from .framing import Framing
@@ -62,45 +63,33 @@ class UsbNetDriver(NetDriver):
         """Claim the interface(s); the framework records the release."""
         claim_interface(self.usb, self.interface, self.actions)
 
-    engine: "UsbNetEngine | None" = None
+    datapath: "UsbNetEngine | None" = None
 
     def on_status(self, data: bytes) -> None:
         """An interrupt-endpoint packet arrived (link changes, error counts)."""
 
     def start_datapath(self) -> None:
         """Called by open(): the framework submits the RX and interrupt transfers."""
-        if self.engine is not None:
-            self.engine.start()
+        if self.datapath is not None:
+            self.datapath.start()
 
     def stop_datapath(self) -> None:
-        if self.engine is not None:
-            self.engine.stop()
+        if self.datapath is not None:
+            self.datapath.stop()
 
     def framing_now(self) -> Framing:
         """The framing in effect (a driver may pick a variant at probe, e.g. ADM8513)."""
         return self.framing
 
+    def make_datapath(self, journal: TxJournal, sink: FrameSink, n_rx: int, n_tx: int,
+                      on_progress: Callable[[], None]) -> "UsbNetEngine":
+        self.datapath = UsbNetEngine(self, journal, sink, n_rx, n_tx, on_progress)
+        return self.datapath
+
 
 def claim_interface(usb: UsbTransport, number: int, actions: ActionList) -> None:
     usb.claim_interface(number)
     actions.record(f"claim interface {number}", lambda: usb.release_interface(number))
-
-
-@dataclass
-class DatapathCounters:
-    rx_packets: int = 0
-    rx_bytes: int = 0
-    tx_packets: int = 0
-    tx_bytes: int = 0
-    rx_dropped: dict[str, int] = field(default_factory=dict)
-    tx_errors: dict[str, int] = field(default_factory=dict)
-    status_packets: int = 0
-
-    def drop(self, reason: str) -> None:
-        self.rx_dropped[reason] = self.rx_dropped.get(reason, 0) + 1
-
-    def tx_error(self, reason: str) -> None:
-        self.tx_errors[reason] = self.tx_errors.get(reason, 0) + 1
 
 
 class DatapathError(TransportError):

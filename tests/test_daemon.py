@@ -1,0 +1,132 @@
+"""The supervised daemon as a user runs it: a real TAP, the embedded device, a peer namespace,
+`udrv status` / `udrv inject` over the control socket, clean shutdown. Needs root."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.root
+
+IFNAME = "udrvt0"
+PEER = "10.77.0.2"
+
+
+def udrv(*args, check=True):
+    return subprocess.run([sys.executable, "-m", "udrv.cli", *args], capture_output=True, text=True, check=check,
+                          timeout=30)
+
+
+def status():
+    return json.loads(udrv("status", "--ifname", IFNAME, "--json").stdout)
+
+
+def ifindex():
+    with open(f"/sys/class/net/{IFNAME}/ifindex") as f:
+        return int(f.read())
+
+
+def echo_ok(n=20, timeout=2.0) -> int:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(0.2)
+    got = 0
+    end = time.monotonic() + timeout
+    for i in range(n):
+        s.sendto(b"ping%d" % i, (PEER, 7777))
+        try:
+            if s.recv(64).startswith(b"ping"):
+                got += 1
+        except socket.timeout:
+            pass
+        if time.monotonic() > end:
+            break
+    s.close()
+    return got
+
+
+def wait_for(pred, timeout=10.0, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if pred():
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def daemon():
+    env = dict(os.environ, UDRV_RUN_DIR="/tmp/udrv-test-run")
+    os.environ["UDRV_RUN_DIR"] = env["UDRV_RUN_DIR"]
+    p = subprocess.Popen([sys.executable, "-m", "udrv.cli", "run", "--ifname", IFNAME, "--duration", "120"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    echo = None
+    try:
+        wait_for(lambda: os.path.exists(f"/tmp/udrv-test-run/{IFNAME}.sock"), 20, "the control socket")
+        wait_for(lambda: subprocess.run(["ip", "netns", "exec", "udrv-peer", "true"]).returncode == 0, 5, "netns")
+        echo = subprocess.Popen(["ip", "netns", "exec", "udrv-peer", sys.executable, "-m", "udrv.echo"])
+        wait_for(lambda: echo_ok(3, 1.0) > 0, 10, "UDP echoes across the NIC")
+        yield p
+    finally:
+        if echo:
+            echo.kill()
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        print(p.stdout.read())
+
+
+def test_traffic_status_inject_and_config_mirroring(daemon):
+    st = status()
+    assert st["state"] == "up" and st["link"]["up"] and st["driver"] == "pegasus"
+    idx = ifindex()
+    assert echo_ok(20) >= 18
+    st = status()
+    assert st["rx_packets"] >= 18 and st["tx_packets"] >= 18
+
+    # a fault injected into each kind of entry point: the interface stays, traffic continues
+    for entry, kind in (("xmit", "raise"), ("poll", "stall"), ("link_check", "hang")):
+        udrv("inject", "--ifname", IFNAME, entry, kind)
+        wait_for(lambda: any(r["entry"] == entry for r in status()["recent_recoveries"]), 10,
+                 f"a recovery of {entry}")
+        assert echo_ok(10) >= 8
+    st = status()
+    assert st["recoveries"] >= 3 and st["escalations"] == 0
+    assert ifindex() == idx                               # invariant 1: same interface
+    assert st["last_fault"]
+
+    # what the host configures is mirrored into the driver
+    subprocess.run(["ip", "link", "set", IFNAME, "promisc", "on"], check=True)
+    wait_for(lambda: status()["rx_mode"]["promisc"], 5, "promiscuous mode in the driver")
+    subprocess.run(["ip", "link", "set", IFNAME, "mtu", "1400"], check=True)
+    wait_for(lambda: status()["mtu"] == 1400, 5, "MTU 1400 in the driver")
+    subprocess.run(["ip", "link", "set", IFNAME, "mtu", "9000"], check=True)   # beyond the chip
+    wait_for(lambda: open(f"/sys/class/net/{IFNAME}/mtu").read().strip() == "1400", 5,
+             "the refused MTU to be reverted on the interface")
+    subprocess.run(["ip", "link", "set", IFNAME, "address", "02:12:34:56:78:9a"], check=True)
+    wait_for(lambda: status()["mac"] == "02:12:34:56:78:9a", 5, "the new MAC in the driver")
+    subprocess.run(["ip", "neigh", "flush", "dev", IFNAME], check=False)
+    assert echo_ok(10, 4.0) >= 8                          # the peer learns the new MAC and answers
+
+
+def test_clean_shutdown(daemon):
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(10) == 0
+    assert not os.path.exists(f"/sys/class/net/{IFNAME}")
+    assert not os.path.exists(f"/tmp/udrv-test-run/{IFNAME}.sock")
+    assert subprocess.run(["ip", "netns", "exec", "udrv-peer", "true"], capture_output=True).returncode != 0
+
+
+def test_status_without_daemon_says_what_to_do():
+    r = udrv("status", "--ifname", "nosuch0", check=False)
+    assert r.returncode == 1
+    assert "no udrv daemon is running for nosuch0" in r.stderr and "udrv run" in r.stderr

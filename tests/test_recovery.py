@@ -1,0 +1,212 @@
+"""Every entry point as a transaction: inject each fault kind at each entry point and check
+the device registers, the driver's state, the counters and the recovery report afterwards."""
+import os
+import time
+
+import pytest
+
+from conftest import PEER_MAC, Rig, frame_to
+from udrv.driver import RxMode
+from udrv.errors import UdrvError
+from udrv.faults import KINDS
+
+NEW_MAC = bytes.fromhex("02c0ffee0001")
+
+# entry point -> (argument, register check after a successful call)
+CONFIG_CALLS = {
+    "set_mac": (NEW_MAC, lambda m: m.regs[0x10:0x16] == NEW_MAC),
+    "set_rx_mode": (RxMode(promisc=True), lambda m: m.reg(0x02) & 0x04 != 0),
+    "set_mtu": (1400, lambda m: True),
+    "link_check": (None, lambda m: True),
+}
+
+
+def device_config(model) -> tuple:
+    """What a configuration call may change on the device."""
+    return bytes(model.regs[0:3]), bytes(model.regs[0x10:0x16]), model.reg(0x7E), model.reg(0x7F)
+
+
+@pytest.fixture
+def wrig(watchdog):
+    r = Rig(watchdog=watchdog, config_deadline=0.15, datapath_deadline=0.15).up()
+    yield r
+    r.nic.close()
+
+
+def call(r, entry, arg):
+    return r.nic.configure(entry) if arg is None else r.nic.configure(entry, arg)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("entry", list(CONFIG_CALLS))
+def test_config_transient_fault_is_rolled_back_and_retried(wrig, entry, kind):
+    arg, applied = CONFIG_CALLS[entry]
+    wrig.nic.inject(entry, kind, count=1)
+    call(wrig, entry, arg)
+    assert applied(wrig.model), "the retry must apply the configuration"
+    assert wrig.nic.driver.invariants() == []
+    recs = wrig.nic.recoveries
+    assert len(recs) == 1
+    rec = recs[0]
+    assert rec.entry == entry and rec.outcome == "recovered"
+    assert rec.soft_state_restored and rec.device_restored
+    expected_fault = {"raise": "exception", "hang": "timeout", "corrupt": "invariant", "stall": "stall",
+                      "timeout": "device_timeout", "disconnect": "disconnect"}[kind]
+    assert rec.fault == expected_fault
+    assert wrig.nic.counters.escalations == 0
+
+
+@pytest.mark.parametrize("kind", ["raise", "hang", "corrupt", "stall"])
+@pytest.mark.parametrize("entry", ["set_mac", "set_rx_mode"])
+def test_config_persistent_fault_leaves_no_partial_effect(wrig, entry, kind):
+    arg, applied = CONFIG_CALLS[entry]
+    before = device_config(wrig.model)
+    soft_mac = wrig.nic.driver.soft.mac
+    wrig.nic.inject(entry, kind, count=2)
+    with pytest.raises(UdrvError, match="failed twice and was rolled back"):
+        call(wrig, entry, arg)
+    # at-most-once: the device carries the configuration from before the failed call
+    assert device_config(wrig.model) == before
+    assert wrig.nic.driver.soft.mac == soft_mac
+    assert [r.outcome for r in wrig.nic.recoveries] == ["retried", "escalated"]
+    assert wrig.nic.counters.escalations == 1 and wrig.nic.counters.restarts == 1
+    assert wrig.nic.state == "up"
+    # and the NIC still works after the restart
+    wrig.send([frame_to(PEER_MAC, 1)])
+    assert len(wrig.wire_tx) == 1
+
+
+def test_partial_effect_of_a_faulting_call_is_undone(wrig):
+    """set_mac raises after writing the new address: the restore puts the old one back."""
+    wrig.nic.inject("set_mac", "raise", count=2)
+    old = bytes(wrig.model.regs[0x10:0x16])
+    with pytest.raises(UdrvError):
+        wrig.nic.set_mac(NEW_MAC)
+    assert wrig.model.last_write(0x10) == NEW_MAC[0]     # the faulty call did write...
+    assert bytes(wrig.model.regs[0x10:0x16]) == old      # ...and the rollback undid it
+
+
+@pytest.mark.parametrize("kind", ["raise", "hang", "stall", "timeout", "disconnect"])
+@pytest.mark.parametrize("entry", ["xmit", "poll"])
+def test_datapath_fault_loses_no_tx_frame(wrig, entry, kind):
+    frames = [frame_to(PEER_MAC, i) for i in range(300)]
+    for k in range(0, 300, 30):
+        if k == 120:
+            wrig.nic.inject(entry, kind)
+        wrig.nic.enqueue(frames[k:k + 30])
+        wrig.pump(3)
+    wrig.pump(50)
+    assert wrig.nic.journal.unconfirmed() == 0
+    seen = set(wrig.wire_tx)
+    assert all(f in seen for f in frames), "a frame was lost"
+    dups = len(wrig.wire_tx) - len(frames)
+    assert 0 <= dups <= wrig.nic.journal.reissued          # duplicates only where re-issued
+    rec = wrig.nic.recoveries[-1]
+    assert rec.entry == entry and rec.device_restored and rec.outcome == "recovered"
+    assert rec.silent_ms is not None                       # traffic resumed, silence measured
+    # the RX side survived too
+    wrig.model.wire_receive(frame_to(wrig.nic.mac, 7))
+    wrig.pump()
+    assert wrig.host_rx[-1] == frame_to(wrig.nic.mac, 7)
+
+
+def test_tx_hang_is_detected_by_progress_timeout():
+    r = Rig(tx_timeout=0.05).up()
+    r.model.hold_tx(True)
+    frames = [frame_to(PEER_MAC, i) for i in range(20)]
+    r.nic.enqueue(frames)
+    r.pump()
+    assert r.wire_tx == [] and r.nic.journal.in_device() > 0
+    assert r.nic.check_tx_progress()                      # not yet overdue
+    time.sleep(0.08)
+    assert not r.nic.check_tx_progress()                  # overdue: recovery ran
+    rec = r.nic.recoveries[-1]
+    assert rec.entry == "xmit" and rec.fault == "tx_timeout" and rec.reissued > 0
+    r.model.hold_tx(False)
+    r.pump(50)
+    assert set(frames) <= set(r.wire_tx) and r.nic.journal.unconfirmed() == 0
+
+
+def test_config_replay_after_restart(wrig):
+    wrig.nic.set_mac(NEW_MAC)
+    wrig.nic.set_rx_mode(RxMode(promisc=True))
+    wrig.nic.set_mtu(1400)
+    wrig.nic.inject("link_check", "raise", count=2)   # escalates -> full restart
+    with pytest.raises(UdrvError):
+        wrig.nic.link_check()
+    assert wrig.nic.counters.restarts == 1
+    assert wrig.model.counters.mac_resets == 2         # a real re-probe happened
+    assert bytes(wrig.model.regs[0x10:0x16]) == NEW_MAC
+    assert wrig.model.reg(0x02) & 0x04
+    assert wrig.model.reg(0x00) & 0xC0 == 0xC0         # open replayed: RX and TX enabled
+    assert wrig.nic.driver.soft.mtu == 1400
+
+
+@pytest.mark.parametrize("kind", ["length_beyond_transfer", "zero_length", "crc_error", "runt",
+                                  "truncated", "oversize", "too_long", "dribble"])
+def test_malformed_rx_is_counted_by_reason(rig, kind):
+    good = frame_to(rig.nic.mac, 1)
+    rig.model.inject_rx_garbage(kind)
+    rig.model.wire_receive(good)
+    rig.pump()
+    assert rig.host_rx == [good]
+    assert rig.nic.engine.counters.rx_dropped == {kind: 1}
+    assert rig.nic.recoveries == []                    # bad input is counted, not a fault
+
+
+def test_stalled_rx_endpoint_is_cleared(rig):
+    rig.model.stall_endpoint(0x81)
+    rig.pump()
+    good = frame_to(rig.nic.mac, 2)
+    rig.model.wire_receive(good)
+    rig.pump()
+    assert rig.host_rx == [good]
+    assert rig.model.counters.clear_halts >= 1
+
+
+def test_unplug_goes_down_and_replug_comes_back():
+    r = Rig(config_deadline=0.5).up()
+    r.nic.set_mac(NEW_MAC)
+    r.model.unplug()
+    r.pump()
+    assert r.nic.state == "down"
+    assert "gone" in r.nic.last_error
+    with pytest.raises(UdrvError):
+        r.nic.restart()
+    r.model.replug()
+    r.nic.restart()
+    assert r.nic.state == "up"
+    assert bytes(r.model.regs[0x10:0x16]) == NEW_MAC     # config log replayed into the new device
+    r.send([frame_to(PEER_MAC, 3)])
+    assert r.wire_tx == [frame_to(PEER_MAC, 3)]
+
+
+def test_no_leaks_after_100_recoveries(wrig):
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+    wrig.pump()
+    base = (len(wrig.nic.actions), wrig.transport.in_flight(), fds())
+    for i in range(100):
+        entry = "xmit" if i % 2 else "set_rx_mode"
+        wrig.nic.inject(entry, "raise")
+        if entry == "xmit":
+            wrig.nic.enqueue([frame_to(PEER_MAC, i)])
+            wrig.pump(2)
+        else:
+            wrig.nic.set_rx_mode(RxMode(allmulti=bool(i % 4)))
+        wrig.nic.guard._recent_dp_faults.clear()
+    wrig.pump()
+    assert wrig.nic.counters.recoveries == 100
+    assert wrig.nic.counters.escalations == 0
+    assert (len(wrig.nic.actions), wrig.transport.in_flight(), fds()) == base
+
+
+def test_every_recovery_is_reported(wrig):
+    seen = []
+    wrig.nic.on_recovery_cb = seen.append
+    wrig.nic.inject("xmit", "stall")
+    wrig.send([frame_to(PEER_MAC, 1)])
+    assert len(seen) == 1
+    line = seen[0].line()
+    for word in ("entry=xmit", "fault=stall", "reissued=", "recovery=", "silent="):
+        assert word in line

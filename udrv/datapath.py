@@ -1,0 +1,47 @@
+"""The datapath contract: what moves frames between the TX journal, the device and the host.
+
+USB drivers get theirs from the framework (`udrv.usbnet.UsbNetEngine`, driven by the framing
+they declare); PCI drivers implement one over their descriptor rings. Either way the runtime
+only calls these methods, and the guard wraps `xmit` and `poll` as datapath entry points.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class DatapathCounters:
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    rx_dropped: dict[str, int] = field(default_factory=dict)
+    tx_errors: dict[str, int] = field(default_factory=dict)
+    status_packets: int = 0
+
+    def drop(self, reason: str) -> None:
+        self.rx_dropped[reason] = self.rx_dropped.get(reason, 0) + 1
+
+    def tx_error(self, reason: str) -> None:
+        self.tx_errors[reason] = self.tx_errors.get(reason, 0) + 1
+
+
+class Datapath(Protocol):
+    counters: DatapathCounters
+    running: bool
+
+    def start(self) -> None:
+        """Begin moving frames (USB: submit RX transfers; PCI: rings armed, RX enabled)."""
+
+    def stop(self) -> None:
+        """Stop and give back every in-flight buffer/transfer (no leaks)."""
+
+    def reset(self) -> int:
+        """After a fault: recycle buffers, rewind the journal, start again. Returns frames re-issued."""
+
+    def xmit(self) -> int:
+        """Hand unsent journal frames to the device; returns how many."""
+
+    def poll(self, timeout: float = 0.0) -> int:
+        """Harvest RX into the sink and TX completions into the journal; returns work done."""
