@@ -130,3 +130,20 @@ def test_status_without_daemon_says_what_to_do():
     r = udrv("status", "--ifname", "nosuch0", check=False)
     assert r.returncode == 1
     assert "no udrv daemon is running for nosuch0" in r.stderr and "udrv run" in r.stderr
+
+
+def test_demo_keeps_iperf3_flowing_through_faults():
+    """The README's main command: iperf3 through the embedded device with faults mid-run."""
+    import shutil
+    if shutil.which("iperf3") is None:
+        pytest.fail("iperf3 is not installed: apt-get install iperf3 (CI installs it)")
+    env = dict(os.environ, UDRV_RUN_DIR="/tmp/udrv-test-demo")
+    r = subprocess.run([sys.executable, "-m", "udrv.cli", "demo", "--seconds", "4", "--ifname", "udrvd0"],
+                       capture_output=True, text=True, timeout=90, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "PASS" in out
+    assert "recovered xmit from exception" in out
+    assert "recovered poll from stall" in out
+    assert "recovered set_rx_mode from exception" in out
+    assert "iperf3:" in out and "Mbit/s" in out

@@ -202,6 +202,8 @@ class ModelPciTransport:
     def close(self) -> None:
         if self._closed:
             return
+        # Like closing a VFIO device: no more DMA, then the mappings go, newest first.
+        self.set_bus_master(False)
         for m in reversed(list(self._maps)):
             self.dma_free(m.buf)
         self._pool.close()

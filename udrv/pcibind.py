@@ -172,10 +172,10 @@ def bind(bdf: str, *, sysfs: Sysfs | None = None, state_dir: Path = STATE_DIR) -
     """Give the device to vfio-pci. Idempotent. Returns the device's state afterwards; check
     `group_viable` (VfioTransport.open refuses a non-viable group with the fix to apply)."""
     sysfs = sysfs or Sysfs()
+    _require_root(sysfs)
     info = pci_info(bdf, sysfs)
     bdf = info.bdf
     dev = f"bus/pci/devices/{bdf}"
-    _require_root(sysfs)
     _require_iommu(info, sysfs)
     _require_vfio(sysfs)
     if info.driver == VFIO_DRIVER:
@@ -200,10 +200,10 @@ def unbind(bdf: str, *, sysfs: Sysfs | None = None, state_dir: Path = STATE_DIR)
     """Give the device back to the driver it had before `bind` (the kernel's choice if udrv
     did not bind it), and clear driver_override."""
     sysfs = sysfs or Sysfs()
+    _require_root(sysfs)
     info = pci_info(bdf, sysfs)
     bdf = info.bdf
     dev = f"bus/pci/devices/{bdf}"
-    _require_root(sysfs)
     state = _state_file(bdf, state_dir)
     known = state.exists()
     original = json.loads(state.read_text()).get("original_driver") if known else None

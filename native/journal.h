@@ -1,0 +1,70 @@
+/* The TX journal seen from C: the same fixed-slot ring in a memfd that udrv/journal.py
+ * documents, operated with the same semantics as `TxJournal`.
+ *
+ *   header (64 bytes): magic u32 | nslots u32 | slot_size u32 | _ u32 |
+ *                      head u64 @16 | sent u64 @24 | tail u64 @32 | reissued u64 @40 |
+ *                      duplicates u64 @48
+ *   slot i at 64 + i * slot_size: length u32 | flags u32 | seq u64 | frame bytes
+ *
+ * The header is the only copy of the indices on the C side (no caching), so Python and C can
+ * take turns on the same memory; Python re-reads its cached mirrors with TxJournal.sync().
+ */
+#ifndef UDRV_JOURNAL_H
+#define UDRV_JOURNAL_H
+
+#include <stdint.h>
+
+#define UDRV_JOURNAL_MAGIC 0x314A4455u /* "UDJ1" */
+#define UDRV_JOURNAL_HEADER 64
+#define UDRV_JOURNAL_SLOT_HEADER 16
+
+/* Negative results of the journal operations. */
+#define UDRV_JOURNAL_FULL (-1)       /* append: no free slot (TxJournal raises JournalFull) */
+#define UDRV_JOURNAL_TOO_BIG (-2)    /* append: frame larger than a slot (ValueError) */
+#define UDRV_JOURNAL_CORRUPT (-3)    /* take_unsent: the slot holds another seq (UdrvError) */
+#define UDRV_JOURNAL_NEVER_SENT (-4) /* confirm_through: seq was never sent (UdrvError) */
+#define UDRV_JOURNAL_BAD_LAYOUT (-5) /* attach/map: magic, nslots or slot_size do not match */
+#define UDRV_JOURNAL_MAP_FAILED (-6) /* map_fd: mmap failed (errno tells why) */
+
+struct udrv_journal {
+    uint8_t *mem;
+    uint64_t size;
+    uint32_t nslots;
+    uint32_t slot_size;
+    uint32_t max_frame;
+    uint32_t mapped; /* 1 if udrv_journal_map_fd mapped mem (unmap releases it) */
+};
+
+/* Use memory someone else mapped (Python's mmap, through ffi.from_buffer). */
+int udrv_journal_attach(struct udrv_journal *j, void *mem, uint64_t size, uint32_t nslots,
+                        uint32_t slot_size);
+/* Map the journal's memfd a second time (what the USB ring does: no Python buffer is held,
+ * so Python may close its own mapping whenever it likes). */
+int udrv_journal_map_fd(struct udrv_journal *j, int fd, uint32_t nslots, uint32_t slot_size);
+void udrv_journal_unmap(struct udrv_journal *j);
+
+uint64_t udrv_journal_head(const struct udrv_journal *j);
+uint64_t udrv_journal_sent(const struct udrv_journal *j);
+uint64_t udrv_journal_tail(const struct udrv_journal *j);
+uint64_t udrv_journal_reissued(const struct udrv_journal *j);
+uint64_t udrv_journal_duplicates(const struct udrv_journal *j);
+uint64_t udrv_journal_space(const struct udrv_journal *j);
+
+/* TxJournal.append: returns the frame's seq, or UDRV_JOURNAL_FULL / UDRV_JOURNAL_TOO_BIG. */
+int64_t udrv_journal_append(struct udrv_journal *j, const uint8_t *frame, uint32_t len);
+/* Zero-copy append in two steps (the ring reads the TAP straight into the slot):
+ * reserve returns the payload area of the slot at head (capacity in *cap), or NULL when full;
+ * commit writes the slot header and publishes head. Returns the seq. */
+uint8_t *udrv_journal_reserve(struct udrv_journal *j, uint32_t *cap);
+int64_t udrv_journal_commit(struct udrv_journal *j, uint32_t len);
+
+/* TxJournal.take_unsent: 1 = *seq/*frame/*len set and `sent` advanced, 0 = nothing unsent,
+ * UDRV_JOURNAL_CORRUPT = `sent` advanced but the slot holds another seq (as in Python). */
+int udrv_journal_take_unsent(struct udrv_journal *j, uint64_t *seq, const uint8_t **frame,
+                             uint32_t *len);
+/* TxJournal.confirm_through: frames newly confirmed, or UDRV_JOURNAL_NEVER_SENT. */
+int64_t udrv_journal_confirm_through(struct udrv_journal *j, uint64_t seq);
+/* TxJournal.rewind: frames to be re-issued (also added to reissued and duplicates). */
+uint64_t udrv_journal_rewind(struct udrv_journal *j);
+
+#endif
