@@ -39,7 +39,11 @@ def _open_device(spec: str | None) -> tuple[Any, Any, Any]:
         return Pegasus, ModelUsbTransport(model), model
     if spec.startswith("usb:"):
         from .libusb import LibusbTransport, UsbSelector
-        transport = LibusbTransport(UsbSelector.parse(spec))
+        try:
+            selector = UsbSelector.parse(spec)
+        except ValueError as e:
+            raise UdrvError(str(e)) from None
+        transport = LibusbTransport(selector)
         info = transport.info
         for cls in _usb_drivers():
             if cls.match(info.vid, info.pid, info.device_class):
@@ -77,8 +81,14 @@ def cmd_run(args: argparse.Namespace, scenario: Any = None) -> int:
         peer = PeerWire(PeerConfig())
         peer.connect(model)
         extra[peer.fd] = peer.pump
+    reopen = None
+    if model is None and hasattr(transport, "selector"):
+        from .libusb import LibusbTransport
+        # after an unplug the device comes back as a new USB device: find it the same way
+        reopen = lambda: LibusbTransport(transport.selector, context=transport.ctx)  # noqa: E731
     nic = Nic(driver_cls, transport, tap.write, NicOptions(guards=not args.no_guards),
-              watchdog=Watchdog(), on_recovery=lambda r: logging.getLogger("udrv").warning("%s", r.line()))
+              watchdog=Watchdog(), on_recovery=lambda r: logging.getLogger("udrv").warning("%s", r.line()),
+              reopen=reopen)
     daemon = Daemon(nic, tap, extra_fds=extra)
     install_signal_handlers(daemon)
     try:

@@ -90,8 +90,8 @@ class Daemon:
         end = None if duration is None else time.monotonic() + duration
         p = self._poller
         self._register_tap(True)
-        for fd, ev in self.nic.transport.poll_fds():
-            p.register(fd, ev)
+        self._transport_fds = self._register_transport(set(), -1)
+        generation = self.nic.transport_generation
         if self._ctrl is not None:
             p.register(self._ctrl.fileno(), select.POLLIN)
         for fd in self.extra_fds:
@@ -117,6 +117,9 @@ class Daemon:
                 nic.xmit()
                 nic.poll(0.0)
                 nic.xmit()
+            if nic.transport_generation != generation:
+                generation = nic.transport_generation
+                self._transport_fds = self._register_transport(self._transport_fds, generation)
             # stop reading the TAP while the journal is full: the kernel queues (backpressure)
             self._register_tap(nic.journal.space() > 0)
             now = time.monotonic()
@@ -132,6 +135,19 @@ class Daemon:
                 self._link_watchdog()
             if self.on_tick:
                 self.on_tick()
+
+    def _register_transport(self, old: set[int], generation: int) -> set[int]:
+        """(Re-)register the transport's poll fds: a reopened device brings new ones."""
+        for fd in old:
+            try:
+                self._poller.unregister(fd)
+            except KeyError:
+                pass
+        fds = set()
+        for fd, ev in self.nic.transport.poll_fds():
+            self._poller.register(fd, ev)
+            fds.add(fd)
+        return fds
 
     def _register_tap(self, want: bool) -> None:
         if want and not self._tap_registered:

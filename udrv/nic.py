@@ -72,6 +72,8 @@ class Nic:
         self.last_error = ""
         self._awaiting_traffic: list[tuple[Recovery, float]] = []
         self._last_tx_progress = time.monotonic()
+        self._transport_dead = False
+        self.transport_generation = 0     # bumps when the transport is replaced (poll fds change)
         self._make_driver()
 
     # --- construction ------------------------------------------------------------------------
@@ -212,6 +214,8 @@ class Nic:
     # --- process-level style recovery -------------------------------------------------------------
     def _restart_after(self, e: Escalation) -> None:
         log.warning("escalation: %s; restarting the driver", e.fault)
+        if e.fault.kind == "disconnect" and "injected" not in e.fault.detail:
+            self._transport_dead = True
         try:
             self.restart()
         except UdrvError as err:
@@ -229,8 +233,15 @@ class Nic:
         except Exception:
             pass
         self.actions.release_all()
-        if self.reopen is not None and getattr(self.transport, "closed", False):
-            self.transport = self.reopen()
+        if self.reopen is not None and self._transport_dead:
+            # a replugged USB device is a new device (new address, new handle): open it again
+            try:
+                self.transport.close()
+            except Exception:
+                pass
+            self.transport = self.reopen()      # raises DeviceNotFound while still unplugged
+            self._transport_dead = False
+            self.transport_generation += 1
         self._make_driver()
         try:
             self.guard.config("bind")
@@ -239,6 +250,8 @@ class Nic:
             for call in self.config_log.calls():
                 self.guard.config(call.entry, *call.args)
         except (Escalation, DeviceGone) as e:
+            gone = isinstance(e, DeviceGone) or (isinstance(e, Escalation) and e.fault.kind == "disconnect")
+            self._transport_dead = self._transport_dead or gone
             raise UdrvError(f"the device did not come back after a restart: {e}") from None
         self.journal.rewind()
         self.engine.xmit()
