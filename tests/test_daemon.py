@@ -10,10 +10,13 @@ import time
 
 import pytest
 
+from udrv.peer import PeerConfig
+
 pytestmark = pytest.mark.root
 
 IFNAME = "udrvt0"
-PEER = "10.77.0.2"
+PEER_CFG = PeerConfig.for_interface(IFNAME)
+PEER = PEER_CFG.peer_addr
 
 
 def udrv(*args, check=True):
@@ -69,8 +72,8 @@ def daemon():
     echo = None
     try:
         wait_for(lambda: os.path.exists(f"/tmp/udrv-test-run/{IFNAME}.sock"), 20, "the control socket")
-        wait_for(lambda: subprocess.run(["ip", "netns", "exec", "udrv-peer", "true"]).returncode == 0, 5, "netns")
-        echo = subprocess.Popen(["ip", "netns", "exec", "udrv-peer", sys.executable, "-m", "udrv.echo"])
+        wait_for(lambda: subprocess.run(["ip", "netns", "exec", PEER_CFG.netns, "true"]).returncode == 0, 5, "netns")
+        echo = subprocess.Popen(["ip", "netns", "exec", PEER_CFG.netns, sys.executable, "-m", "udrv.echo"])
         wait_for(lambda: echo_ok(3, 1.0) > 0, 10, "UDP echoes across the NIC")
         yield p
     finally:
@@ -123,7 +126,7 @@ def test_clean_shutdown(daemon):
     assert daemon.wait(10) == 0
     assert not os.path.exists(f"/sys/class/net/{IFNAME}")
     assert not os.path.exists(f"/tmp/udrv-test-run/{IFNAME}.sock")
-    assert subprocess.run(["ip", "netns", "exec", "udrv-peer", "true"], capture_output=True).returncode != 0
+    assert subprocess.run(["ip", "netns", "exec", PEER_CFG.netns, "true"], capture_output=True).returncode != 0
 
 
 def test_status_without_daemon_says_what_to_do():

@@ -115,3 +115,100 @@ def guard_overhead(frames: int = 20000, rounds: int = 7, size: int = 64) -> Guar
         for g in order:
             (res.on_fps if g else res.off_fps).append(_round(g, frames, size))
     return res
+
+
+# --- recovery latency, the Xen paper's way ------------------------------------------------------
+
+def percentile(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))
+    return xs[k]
+
+
+@dataclass
+class RecoveryLatency:
+    mode: str
+    gaps: dict[str, list[float]] = field(default_factory=dict)       # fault -> max gap per injection (ms)
+    recovery_ms: dict[str, list[float]] = field(default_factory=dict)
+    baseline_gap_ms: float = 0.0
+    lost: int = 0
+    sent: int = 0
+
+
+class RecoveryLatencyScenario:
+    """Inject each fault `repeats` times while a 1 ms UDP probe runs; the interruption per
+    fault is the largest gap between probe replies around it."""
+
+    def __init__(self, mode: str, faults: list[str], repeats: int, ifname: str, spacing: float = 0.55):
+        self.result = RecoveryLatency(mode)
+        self.faults, self.repeats, self.ifname, self.spacing = faults, repeats, ifname, spacing
+        self.exit_code = 1
+
+    def start(self, daemon, peer) -> None:
+        import threading
+        self.daemon, self.peer = daemon, peer
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        import subprocess
+        import sys
+        from .daemon import request
+        from .probe import GapProbe
+        echo = subprocess.Popen(self.peer.netns_exec(sys.executable, "-m", "udrv.echo"))
+        try:
+            time.sleep(0.5)
+            probe = GapProbe(self.peer.cfg.peer_addr, interval=0.001).start()
+            time.sleep(1.0)
+            base = (time.monotonic(), time.monotonic() + 1.0)
+            time.sleep(1.0)
+            promisc = False
+            marks: list[tuple[str, float]] = []
+            for f in self.faults:
+                entry, kind = f.split(":")
+                for _ in range(self.repeats):
+                    r = request(self.ifname, {"cmd": "inject", "entry": entry, "kind": kind})
+                    if not r.get("ok"):
+                        raise RuntimeError(r.get("error"))
+                    t = time.monotonic()
+                    if entry == "set_rx_mode":
+                        promisc = not promisc
+                        subprocess.run(["ip", "link", "set", self.ifname, "promisc", "on" if promisc else "off"],
+                                       check=False)
+                    marks.append((f, t))
+                    time.sleep(self.spacing if entry != "link_check" else 1.2)
+            time.sleep(0.3)
+            res = probe.stop()
+            self.result.sent, self.result.lost = res.sent, res.lost
+            self.result.baseline_gap_ms = probe.max_gap_ms(*base)
+            for f, t in marks:
+                self.result.gaps.setdefault(f, []).append(probe.max_gap_ms(t, t + self.spacing * 0.9))
+            st = request(self.ifname, {"cmd": "status"})["status"]
+            self.result.recovery_ms["all"] = [r["recovery_ms"] for r in st["recent_recoveries"]]
+            self.exit_code = 0
+        except Exception as e:
+            print(f"bench: failed: {e}", file=sys.stderr)
+        finally:
+            echo.terminate()
+            self.daemon.stop()
+
+
+def recovery_report(results: list[RecoveryLatency]) -> str:
+    ck = next(r for r in results if r.mode == "checkpoint")
+    rs = next((r for r in results if r.mode == "restart"), None)
+    lines = ["recovery latency: embedded pegasus model, 1 ms UDP probe across udrv0; interruption = largest gap "
+             "between replies around each injected fault",
+             f"baseline (no fault) largest gap: checkpoint run {ck.baseline_gap_ms:.1f} ms"
+             + (f", restart run {rs.baseline_gap_ms:.1f} ms" if rs else ""),
+             "",
+             "| fault | n | checkpoint p50 | checkpoint p99 | full restart p50 | full restart p99 | checkpoint shorter by |",
+             "|---|---|---|---|---|---|---|"]
+    for f, gaps in ck.gaps.items():
+        rgaps = rs.gaps.get(f, []) if rs else []
+        shorter = (1 - percentile(gaps, 50) / percentile(rgaps, 50)) * 100 if rgaps else float("nan")
+        lines.append(f"| {f} | {len(gaps)} | {percentile(gaps, 50):.1f} ms | {percentile(gaps, 99):.1f} ms | "
+                     f"{percentile(rgaps, 50):.1f} ms | {percentile(rgaps, 99):.1f} ms | {shorter:.0f}% |")
+    lines.append("")
+    lines.append(f"probe packets lost: checkpoint {ck.lost}/{ck.sent}" + (f", restart {rs.lost}/{rs.sent}" if rs else ""))
+    return "\n".join(lines)

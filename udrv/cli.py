@@ -48,6 +48,9 @@ def _open_device(spec: str | None) -> tuple[Any, Any, Any]:
         for cls in _usb_drivers():
             if cls.match(info.vid, info.pid, info.device_class):
                 return cls, transport, None
+        for cls in _usb_drivers():   # class drivers (CDC-ECM) bind by interface class, after id matches
+            if hasattr(cls, "match_device") and cls.match_device(info):
+                return cls, transport, None
         transport.close()
         raise UdrvError(f"no udrv driver knows USB device {info.ident}: `udrv list` shows supported ones")
     if spec.startswith("pci:"):
@@ -78,7 +81,7 @@ def cmd_run(args: argparse.Namespace, scenario: Any = None) -> int:
     peer = None
     extra: dict[int, Any] = {}
     if model is not None:
-        peer = PeerWire(PeerConfig())
+        peer = PeerWire(PeerConfig.for_interface(args.ifname))
         peer.connect(model)
         extra[peer.fd] = peer.pump
     reopen = None
@@ -86,7 +89,8 @@ def cmd_run(args: argparse.Namespace, scenario: Any = None) -> int:
         from .libusb import LibusbTransport
         # after an unplug the device comes back as a new USB device: find it the same way
         reopen = lambda: LibusbTransport(transport.selector, context=transport.ctx)  # noqa: E731
-    nic = Nic(driver_cls, transport, tap.write, NicOptions(guards=not args.no_guards),
+    nic = Nic(driver_cls, transport, tap.write,
+              NicOptions(guards=not args.no_guards, recovery=getattr(args, "recovery", "checkpoint")),
               watchdog=Watchdog(), on_recovery=lambda r: logging.getLogger("udrv").warning("%s", r.line()),
               reopen=reopen)
     daemon = Daemon(nic, tap, extra_fds=extra)
@@ -177,8 +181,22 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import guard_overhead
-    print(guard_overhead(frames=args.frames, rounds=args.rounds, size=args.size).report())
+    if args.what == "guard":
+        from .bench import guard_overhead
+        print(guard_overhead(frames=args.frames, rounds=args.rounds, size=args.size).report())
+        return 0
+    from .bench import RecoveryLatencyScenario, recovery_report
+    faults = args.fault or ["xmit:raise", "poll:stall", "set_rx_mode:raise"]
+    results = []
+    for mode in ("checkpoint", "restart"):
+        run_args = argparse.Namespace(device=None, ifname=args.ifname, no_guards=False, duration=600,
+                                      recovery=mode)
+        sc = RecoveryLatencyScenario(mode, faults, args.repeats, args.ifname)
+        if cmd_run(run_args, sc) != 0:
+            print(f"udrv: the {mode} run failed", file=sys.stderr)
+            return 1
+        results.append(sc.result)
+    print(recovery_report(results))
     return 0
 
 
@@ -219,7 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(fn=cmd_list)
 
     b = sub.add_parser("bench", help="benchmarks (ratios measured in one run)")
-    b.add_argument("what", choices=["guard"])
+    b.add_argument("what", choices=["guard", "recovery"],
+                   help="guard: guard overhead on the model datapath; recovery: interruption per fault, "
+                        "checkpoint recovery vs full restart (root)")
+    b.add_argument("--repeats", type=int, default=10, help="injections per fault (recovery)")
+    b.add_argument("--fault", action="append", default=None, metavar="ENTRY:KIND")
+    b.add_argument("--ifname", default="udrv0")
     b.add_argument("--frames", type=int, default=20000)
     b.add_argument("--rounds", type=int, default=7)
     b.add_argument("--size", type=int, default=64)

@@ -117,7 +117,7 @@ class Guard:
                  sync_datapath: Callable[[], None] | None = None,
                  config_deadline: float = 2.0, datapath_deadline: float = 0.5,
                  enabled: bool = True, watchdog: Watchdog | None = None,
-                 escalate_after: int = 3, escalate_window: float = 1.0):
+                 escalate_after: int = 3, escalate_window: float = 1.0, retry: bool = True):
         self.driver = driver
         self.injector = injector or FaultInjector()
         self.on_recovery = on_recovery or (lambda r: None)
@@ -129,6 +129,8 @@ class Guard:
         self.watchdog = watchdog
         self.escalate_after = escalate_after
         self.escalate_window = escalate_window
+        # retry=False: no in-process recovery, every fault escalates (the "full restart" baseline)
+        self.retry = retry
         # bring-up may legitimately take long (PHY scans, chip settle times); nothing else should
         self.deadlines: dict[str, float] = {"bind": 5.0, "probe": 10.0}
         self.checkpoint: Any = None
@@ -165,6 +167,10 @@ class Guard:
                 self.driver.soft = soft
                 rec.soft_state_restored = True
                 rec.rolled_back = self.driver.actions.rollback(mark)
+                if not self.retry:
+                    rec.outcome = "escalated"
+                    self._report(rec)
+                    raise Escalation(DriverFault(entry, rec.fault, rec.detail)) from exc
                 try:
                     self._restore()
                     rec.device_restored = True
@@ -173,7 +179,7 @@ class Guard:
                     rec.detail += f"; restore failed: {rexc}"
                     self._report(rec)
                     raise Escalation(DriverFault(entry, rec.fault, rec.detail)) from exc
-                if attempt == 0:
+                if attempt == 0 and self.retry:
                     rec.outcome = "retried"
                     first = rec
                     self._report(rec)
@@ -261,7 +267,7 @@ class Guard:
         now = time.monotonic()
         self._recent_dp_faults = [t for t in self._recent_dp_faults if now - t < self.escalate_window]
         self._recent_dp_faults.append(now)
-        if len(self._recent_dp_faults) >= self.escalate_after:
+        if len(self._recent_dp_faults) >= self.escalate_after or not self.retry:
             rec.outcome = "escalated"
             rec.detail += f"; {len(self._recent_dp_faults)} datapath faults within {self.escalate_window}s"
             self._report(rec)

@@ -34,6 +34,7 @@ class NicOptions:
     datapath_deadline: float = 0.5
     tx_timeout: float = 0.5          # unconfirmed TX older than this = TX hang (Xen's detector)
     journal_slots: int = 1024
+    recovery: str = "checkpoint"     # "checkpoint" (FGFT) or "restart" (close, re-probe, re-open)
 
 
 @dataclass
@@ -86,7 +87,8 @@ class Nic:
                            reset_datapath=self.engine.reset, sync_datapath=self._sync_datapath,
                            config_deadline=self.opts.config_deadline,
                            datapath_deadline=self.opts.datapath_deadline,
-                           enabled=self.opts.guards, watchdog=self.watchdog)
+                           enabled=self.opts.guards, watchdog=self.watchdog,
+                           retry=self.opts.recovery == "checkpoint")
 
     def _sync_datapath(self) -> None:
         """After a restore: transfers in flight iff the restored driver is open."""

@@ -10,6 +10,7 @@ import fcntl
 import os
 import struct
 import subprocess
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,15 @@ class PeerConfig:
     ifname: str = "udrvpeer0"
     host_ip: str = "10.77.0.1/24"
     peer_ip: str = "10.77.0.2/24"
+
+    @classmethod
+    def for_interface(cls, ifname: str) -> "PeerConfig":
+        """udrv0 gets the documented defaults; other interfaces their own namespace and subnet,
+        so several daemons (or a test run beside a demo) never share a peer."""
+        if ifname == "udrv0":
+            return cls()
+        n = 1 + zlib.crc32(ifname.encode()) % 250
+        return cls(f"{ifname}-peer", f"{ifname[:11]}p", f"10.77.{n}.1/24", f"10.77.{n}.2/24")
 
     @property
     def peer_addr(self) -> str:
@@ -58,6 +68,7 @@ class PeerWire:
         ip("-n", self.cfg.netns, "link", "set", self.cfg.ifname, "up")
         self.model: Any = None
         self.to_model = 0
+        self.read_errors = 0
         self.from_model = 0
 
     def connect(self, model: Any) -> None:
@@ -77,6 +88,10 @@ class PeerWire:
             try:
                 frame = os.read(self.fd, 65536)
             except BlockingIOError:
+                return
+            except OSError:
+                # the peer namespace was removed under us: the wire is cut, the daemon lives on
+                self.read_errors += 1
                 return
             self.to_model += 1
             self.model.wire_receive(frame)

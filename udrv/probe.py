@@ -1,9 +1,18 @@
 """The Xen paper's interruption probe: a UDP packet every `interval` across the NIC to an
-echo server; the interruption is the largest gap between consecutive replies."""
+echo server; the interruption is the largest gap between consecutive replies.
+
+The probe runs in its own process so that it never waits for the daemon's interpreter lock:
+a gap it reports is a gap on the wire, not a scheduling artefact of the measuring side.
+(CLOCK_MONOTONIC is system-wide, so its reply times compare with the caller's.)
+"""
 from __future__ import annotations
 
+import json
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,57 +32,82 @@ class ProbeResult:
 
 class GapProbe:
     def __init__(self, host: str, port: int = 7777, interval: float = 0.001):
-        self.addr = (host, port)
-        self.interval = interval
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.settimeout(0.2)
+        self.args = [sys.executable, "-m", "udrv.probe", host, str(port), str(interval)]
         self.result = ProbeResult()
-        self._stop = threading.Event()
-        self._times: list[float] = []
-        self._threads = [threading.Thread(target=self._send, daemon=True),
-                         threading.Thread(target=self._recv, daemon=True)]
+        self.times: list[float] = []      # monotonic reply times (filled by stop())
+        self._proc: subprocess.Popen | None = None
 
     def start(self) -> "GapProbe":
         self.t0 = time.monotonic()
-        for t in self._threads:
-            t.start()
+        self._proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, text=True)
         return self
 
-    def _send(self) -> None:
+    def received_so_far(self) -> int:
+        """Replies so far (asks the probe process; cheap enough for a readiness check)."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGUSR1)
+        line = self._proc.stdout.readline()
+        return int(line) if line.strip() else 0
+
+    def max_gap_ms(self, start: float, end: float) -> float:
+        """Largest gap between consecutive replies that overlaps [start, end] (monotonic)."""
+        best = 0.0
+        for a, b in zip(self.times, self.times[1:]):
+            if b >= start and a <= end:
+                best = max(best, (b - a) * 1000)
+        return best
+
+    def stop(self) -> ProbeResult:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGTERM)
+        out, _ = self._proc.communicate(timeout=10)
+        data = json.loads(out.strip().splitlines()[-1])
+        self.times = data["times"]
+        self.result.sent = data["sent"]
+        self.result.received = len(self.times)
+        for a, b in zip(self.times, self.times[1:]):
+            gap = (b - a) * 1000
+            self.result.max_gap_ms = max(self.result.max_gap_ms, gap)
+            if gap > 5:
+                self.result.gaps_over_5ms.append((a - self.t0, gap))
+        return self.result
+
+
+def _probe_main(host: str, port: int, interval: float) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(0.1)
+    stop = threading.Event()
+    times: list[float] = []
+    sent = [0]
+
+    def sender() -> None:
         seq = 0
         nxt = time.monotonic()
-        while not self._stop.is_set():
+        while not stop.is_set():
             try:
-                self.sock.sendto(struct.pack("!Qd", seq, time.monotonic()), self.addr)
-                self.result.sent += 1
+                sock.sendto(struct.pack("!Q", seq), (host, port))
+                sent[0] += 1
             except OSError:
                 pass
             seq += 1
-            nxt += self.interval
+            nxt += interval
             delay = nxt - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             else:
                 nxt = time.monotonic()
 
-    def _recv(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sock.recv(64)
-            except (socket.timeout, OSError):
-                continue
-            self._times.append(time.monotonic())
-            self.result.received += 1
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGUSR1, lambda *_: print(len(times), flush=True))
+    threading.Thread(target=sender, daemon=True).start()
+    while not stop.is_set():
+        try:
+            sock.recv(64)
+        except (socket.timeout, OSError):
+            continue
+        times.append(time.monotonic())
+    print(json.dumps({"sent": sent[0], "times": times}), flush=True)
 
-    def stop(self) -> ProbeResult:
-        self._stop.set()
-        for t in self._threads:
-            t.join(1.0)
-        ts = self._times
-        for a, b in zip(ts, ts[1:]):
-            gap = (b - a) * 1000
-            self.result.max_gap_ms = max(self.result.max_gap_ms, gap)
-            if gap > 5:
-                self.result.gaps_over_5ms.append((a - self.t0, gap))
-        self.sock.close()
-        return self.result
+
+if __name__ == "__main__":
+    _probe_main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))
