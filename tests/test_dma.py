@@ -250,6 +250,7 @@ def test_alloc_free_cycles_leak_nothing(t):
         for b in reversed(bufs):
             t.dma_free(b)
     assert (len(t.dma_mappings()), t.iova_allocator.bytes_free, len(t._pool)) == before
+    assert t._pool.lingering == 0                  # every mapping really went away
 
 
 def test_close_unmaps_everything():

@@ -374,10 +374,13 @@ class E1000Model:
 
     def function_reset(self) -> None:
         """What VFIO_DEVICE_RESET does to the function: device registers and PHY back to
-        power-on state; configuration space is saved and restored by the kernel around it."""
+        power-on state; configuration space is saved and restored by the kernel around it.
+        With `qemu_reset_quirk` the registers stay as they were: QEMU 7.2's e1000e reported a
+        successful VFIO reset and still read back the old RCTL and TDLEN."""
         with self._lock:
-            self._reset_mac()
-            self._reset_phy()
+            if not self.qemu_reset_quirk:
+                self._reset_mac()
+                self._reset_phy()
             self._cfg_set(self.variant.pm_cap + 4, 2, 0, wmask=0x0003)
             self.resets += 1
 
