@@ -6,6 +6,7 @@
   udrv status                link, MAC, counters, recoveries, last fault of a running daemon
   udrv inject ENTRY KIND     inject a fault into a running daemon's driver entry point
   udrv list                  USB and PCI NICs udrv could drive
+  udrv bind BDF / unbind BDF put a PCI NIC on vfio-pci / give it back to its kernel driver
   udrv bench guard           guard overhead on the model datapath (guards on / off)
 """
 from __future__ import annotations
@@ -54,9 +55,22 @@ def _open_device(spec: str | None) -> tuple[Any, Any, Any]:
         transport.close()
         raise UdrvError(f"no udrv driver knows USB device {info.ident}: `udrv list` shows supported ones")
     if spec.startswith("pci:"):
-        raise UdrvError("PCI devices are not supported by this build yet: the VFIO transport and e1000 "
-                        "driver land with the PCI milestone")
+        from .pcibind import normalize_bdf, pci_info
+        from .vfio import VfioTransport
+        bdf = normalize_bdf(spec.removeprefix("pci:"))
+        info = pci_info(bdf)
+        cls = next((c for c in _pci_drivers() if c.match(info.vendor, info.device)), None)
+        if cls is None:
+            raise UdrvError(f"no udrv driver knows PCI device {info.ident} at {bdf}: `udrv list` shows "
+                            "supported ones")
+        return cls, VfioTransport.open(bdf), None
     raise UdrvError(f"{spec!r} names no device: use usb:VID:PID, usb:BUS-PORT, pci:BDF or model:pegasus")
+
+
+def _pci_drivers() -> list[Any]:
+    import importlib
+    from . import drivers
+    return [importlib.import_module(f"udrv.drivers.{n}").DRIVER for n in drivers.PCI_DRIVERS]
 
 
 def _usb_drivers() -> list[Any]:
@@ -177,6 +191,33 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  usb:{r['id']}  bus {r['bus']} port {r['ports'] or '-'}  {r['udrv_driver'] or '-'}")
     if not rows:
         print("  none")
+    from .pcibind import list_nics
+    pci = _pci_drivers()
+    print("PCI network controllers (kernel driver, IOMMU group, udrv driver):")
+    nics = list_nics()
+    for n in nics:
+        i = n.info
+        grp = "no IOMMU group" if i.iommu_group is None else (
+            f"group {i.iommu_group}" + ("" if n.group_viable else " (not viable: other devices in it are bound)"))
+        udrv_drv = next((c.name for c in pci if c.match(i.vendor, i.device)), "-")
+        print(f"  pci:{i.bdf}  {i.ident}  driver {i.driver or '-'}  {grp}  {udrv_drv}")
+    if not nics:
+        print("  none")
+    return 0
+
+
+def cmd_bind(args: argparse.Namespace) -> int:
+    from .pcibind import bind
+    n = bind(args.bdf)
+    print(f"{n.bdf} ({n.info.ident}) is bound to vfio-pci (IOMMU group {n.info.iommu_group}); "
+          f"run it with: udrv run pci:{n.bdf}")
+    return 0
+
+
+def cmd_unbind(args: argparse.Namespace) -> int:
+    from .pcibind import unbind
+    n = unbind(args.bdf)
+    print(f"{n.bdf} ({n.info.ident}) is back on {n.info.driver or 'no driver'}")
     return 0
 
 
@@ -235,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list NICs udrv can drive")
     ls.set_defaults(fn=cmd_list)
+
+    bd = sub.add_parser("bind", help="put a PCI NIC on vfio-pci (remembers its kernel driver)")
+    bd.add_argument("bdf", help="PCI address, e.g. 0000:03:00.0")
+    bd.set_defaults(fn=cmd_bind)
+    ub = sub.add_parser("unbind", help="give a PCI NIC back to its kernel driver")
+    ub.add_argument("bdf")
+    ub.set_defaults(fn=cmd_unbind)
 
     b = sub.add_parser("bench", help="benchmarks (ratios measured in one run)")
     b.add_argument("what", choices=["guard", "recovery"],
