@@ -8,6 +8,7 @@ the driver, runs the link watchdog and the TX-hang detector, and answers `udrv s
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import select
@@ -37,6 +38,7 @@ class DaemonTimers:
     host_sync: float = 0.25
     tx_progress: float = 0.05
     tap_batch: int = 64
+    device_poll: float = 0.001    # ring polling period for devices that offer no event fd
 
 
 class Daemon:
@@ -104,7 +106,10 @@ class Daemon:
             if end is not None and now >= end:
                 break
             wait = min(next_link, next_sync, next_tx) - now
-            events = p.poll(max(0, int(wait * 1000) + 1))
+            if not self._transport_fds:
+                # a polled device (PCI without interrupts): look at its rings every millisecond
+                wait = min(wait, self.timers.device_poll)
+            events = p.poll(max(0, math.ceil(wait * 1000)))
             for fd, _ev in events:
                 if fd == tap.fd:
                     if nic.journal.space() > 0:
@@ -144,7 +149,8 @@ class Daemon:
             except KeyError:
                 pass
         fds = set()
-        for fd, ev in self.nic.transport.poll_fds():
+        poll_fds = getattr(self.nic.transport, "poll_fds", lambda: ())
+        for fd, ev in poll_fds():
             self._poller.register(fd, ev)
             fds.add(fd)
         return fds
