@@ -212,3 +212,18 @@ def test_every_recovery_is_reported(wrig):
     line = seen[0].line()
     for word in ("entry=xmit", "fault=stall", "reissued=", "recovery=", "silent="):
         assert word in line
+
+
+@pytest.mark.parametrize("entry,kind", [("xmit", "raise"), ("poll", "stall"), ("poll", "timeout")])
+def test_host_config_reads_back_after_datapath_recovery(wrig, entry, kind):
+    """Invariant 3: what the host configured is what the device holds after a recovery."""
+    wrig.nic.set_mac(NEW_MAC)
+    wrig.nic.set_rx_mode(RxMode(allmulti=True))
+    before = device_config(wrig.model)
+    wrig.model.counters.mac_resets = 0
+    wrig.nic.inject(entry, kind)
+    wrig.send([frame_to(PEER_MAC, 1)])
+    assert wrig.nic.recoveries and wrig.nic.recoveries[-1].entry == entry
+    assert device_config(wrig.model) == before
+    assert bytes(wrig.model.regs[0x10:0x16]) == NEW_MAC and wrig.model.reg(0x00) & 0x02
+    assert wrig.model.counters.mac_resets == 0          # restored from the checkpoint, no re-probe

@@ -235,14 +235,14 @@ class Guard:
             try:
                 return fn(*args)
             except Exception as exc:
-                self._recover_datapath(entry, exc)
+                self.recover_datapath(entry, exc)
                 return 0
         wd.current = (entry, time.monotonic() + self.datapath_deadline)
         try:
             return fn(*args)
         except Exception as exc:
             wd.current = None
-            self._recover_datapath(entry, exc)
+            self.recover_datapath(entry, exc)
             return 0
         finally:
             wd.current = None
@@ -258,10 +258,10 @@ class Guard:
                         self.injector.end(active, self.driver, ok=not active.fired)
             return r
         except Exception as exc:
-            self._recover_datapath(entry, exc)
+            self.recover_datapath(entry, exc)
             return 0
 
-    def _recover_datapath(self, entry: str, exc: Exception) -> None:
+    def recover_datapath(self, entry: str, exc: Exception) -> None:
         t0 = time.monotonic()
         rec = Recovery(entry, classify(exc), str(exc), _t0=t0)
         now = time.monotonic()

@@ -190,7 +190,7 @@ class Nic:
         fault = DriverFault("xmit", "tx_timeout",
                             f"{self.journal.in_device()} frames unconfirmed for > {self.opts.tx_timeout}s")
         try:
-            self.guard._recover_datapath("xmit", fault)
+            self.guard.recover_datapath("xmit", fault)
         except Escalation as e:
             self._restart_after(e)
         return False
