@@ -14,7 +14,7 @@ from udrv.peer import PeerConfig
 
 pytestmark = pytest.mark.root
 
-IFNAME = "udrvt0"
+IFNAME = f"udrvt{os.getpid() % 100000}"   # unique: test runs may overlap on one machine
 PEER_CFG = PeerConfig.for_interface(IFNAME)
 PEER = PEER_CFG.peer_addr
 
@@ -141,7 +141,7 @@ def test_demo_keeps_iperf3_flowing_through_faults():
     if shutil.which("iperf3") is None:
         pytest.fail("iperf3 is not installed: apt-get install iperf3 (CI installs it)")
     env = dict(os.environ, UDRV_RUN_DIR="/tmp/udrv-test-demo")
-    r = subprocess.run([sys.executable, "-m", "udrv.cli", "demo", "--seconds", "4", "--ifname", "udrvd0"],
+    r = subprocess.run([sys.executable, "-m", "udrv.cli", "demo", "--seconds", "4", "--ifname", f"udrvd{os.getpid() % 100000}"],
                        capture_output=True, text=True, timeout=90, env=env)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
@@ -150,3 +150,26 @@ def test_demo_keeps_iperf3_flowing_through_faults():
     assert "recovered poll from stall" in out
     assert "recovered set_rx_mode from exception" in out
     assert "iperf3:" in out and "Mbit/s" in out
+
+
+def test_unplug_keeps_the_interface_and_replug_resumes(daemon):
+    idx = ifindex()
+    udrv("inject", "--ifname", IFNAME, "device", "unplug")
+    wait_for(lambda: status()["state"] == "down", 5, "state down after the unplug")
+    assert ifindex() == idx                                   # the interface stays
+    assert open(f"/sys/class/net/{IFNAME}/carrier").read().strip() == "0"
+    assert "gone" in status()["last_fault"]
+    udrv("inject", "--ifname", IFNAME, "device", "replug")
+    wait_for(lambda: status()["state"] == "up", 5, "state up after the replug")
+    wait_for(lambda: open(f"/sys/class/net/{IFNAME}/carrier").read().strip() == "1", 5, "carrier back")
+    assert ifindex() == idx
+    assert echo_ok(10, 4.0) >= 8
+
+
+def test_malformed_frames_over_the_control_socket_are_counted(daemon):
+    for kind in ("crc_error", "length_beyond_transfer", "truncated"):
+        udrv("inject", "--ifname", IFNAME, "device", f"garbage:{kind}")
+    wait_for(lambda: sum(status()["rx_dropped"].values()) == 3, 5, "three drops counted")
+    st = status()
+    assert st["rx_dropped"] == {"crc_error": 1, "length_beyond_transfer": 1, "truncated": 1}
+    assert st["state"] == "up" and echo_ok(5) >= 4

@@ -107,7 +107,7 @@ def cmd_run(args: argparse.Namespace, scenario: Any = None) -> int:
               NicOptions(guards=not args.no_guards, recovery=getattr(args, "recovery", "checkpoint")),
               watchdog=Watchdog(), on_recovery=lambda r: logging.getLogger("udrv").warning("%s", r.line()),
               reopen=reopen)
-    daemon = Daemon(nic, tap, extra_fds=extra)
+    daemon = Daemon(nic, tap, extra_fds=extra, model=model)
     install_signal_handlers(daemon)
     try:
         daemon.start()
@@ -170,6 +170,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_inject(args: argparse.Namespace) -> int:
     from .daemon import request
+    if args.entry == "device":
+        r = request(args.ifname, {"cmd": "device", "action": args.kind})
+        if not r.get("ok"):
+            print(f"udrv: {r.get('error')}", file=sys.stderr)
+            return 1
+        print(f"device event {args.kind} on {args.ifname}")
+        return 0
+    if args.kind not in KINDS:
+        print(f"udrv: unknown fault kind {args.kind!r}: use one of {', '.join(KINDS)}", file=sys.stderr)
+        return 2
     r = request(args.ifname, {"cmd": "inject", "entry": args.entry, "kind": args.kind, "count": args.count})
     if not r.get("ok"):
         print(f"udrv: {r.get('error')}", file=sys.stderr)
@@ -268,8 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_status)
 
     i = sub.add_parser("inject", help="inject a fault into a running daemon")
-    i.add_argument("entry", help="entry point: open, stop, set_mac, set_rx_mode, set_mtu, link_check, xmit, poll")
-    i.add_argument("kind", choices=KINDS)
+    i.add_argument("entry", help="entry point: open, stop, set_mac, set_rx_mode, set_mtu, link_check, xmit, poll; "
+                                  "or 'device' for a physical event on the embedded model")
+    i.add_argument("kind", help=f"fault kind: {', '.join(KINDS)}; with 'device': unplug, replug, link-down, "
+                                "link-up, garbage:<kind>")
     i.add_argument("--count", type=int, default=1, help="calls that fault (1 = transient, 2 = the retry fails too)")
     i.add_argument("--ifname", default="udrv0")
     i.set_defaults(fn=cmd_inject)

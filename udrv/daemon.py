@@ -44,8 +44,9 @@ class DaemonTimers:
 class Daemon:
     def __init__(self, nic: Nic, tap: Tap, *, timers: DaemonTimers | None = None,
                  extra_fds: dict[int, Callable[[], None]] | None = None,
-                 on_tick: Callable[[], None] | None = None):
+                 on_tick: Callable[[], None] | None = None, model: Any = None):
         self.nic = nic
+        self.model = model
         self.tap = tap
         self.timers = timers or DaemonTimers()
         self.extra_fds = extra_fds or {}
@@ -169,12 +170,12 @@ class Daemon:
     # --- periodic work -----------------------------------------------------------------------------
     def _link_watchdog(self) -> None:
         if self.nic.state == "down":
+            self.tap.set_carrier(False)
             try:
                 self.nic.restart()
                 log.info("event=device-back state=up")
             except UdrvError as e:
                 self.nic.last_error = str(e)
-                self.tap.set_carrier(False)
                 return
         before = self.nic.link.up
         try:
@@ -189,6 +190,8 @@ class Daemon:
 
     def _sync_host_config(self, force_mode: bool = False) -> None:
         """Mirror what the host configured on the TAP into the driver (and log it for replay)."""
+        if self.nic.state != "up":
+            return          # picked up once the device is back (the comparison is against _applied)
         try:
             cur = self.tap.host_config()
         except OSError:
@@ -257,12 +260,33 @@ class Daemon:
             if cmd == "inject":
                 self.nic.inject(str(req["entry"]), str(req["kind"]), int(req.get("count", 1)))
                 return {"ok": True}
+            if cmd == "device":
+                return self._device_knob(str(req.get("action", "")))
             if cmd == "restart":
                 ms = self.nic.restart()
                 return {"ok": True, "restart_ms": ms}
             return {"ok": False, "error": f"unknown command {cmd!r}: use status, inject or restart"}
         except (UdrvError, KeyError, ValueError) as e:
             return {"ok": False, "error": str(e)}
+
+    def _device_knob(self, action: str) -> dict[str, Any]:
+        """Physical events on the embedded model (a real device needs a real hand)."""
+        m = self.model
+        if m is None:
+            return {"ok": False, "error": "device events exist only for the embedded model: unplug the real "
+                                          "device by hand"}
+        if action == "unplug":
+            m.unplug()
+        elif action == "replug":
+            m.replug()
+        elif action in ("link-down", "link-up"):
+            m.set_link(action == "link-up")
+        elif action.startswith("garbage:"):
+            m.inject_rx_garbage(action.split(":", 1)[1])
+        else:
+            return {"ok": False, "error": f"unknown device event {action!r}: use unplug, replug, link-down, "
+                                          "link-up or garbage:<kind>"}
+        return {"ok": True}
 
     def close(self) -> None:
         if self._ctrl is not None:
