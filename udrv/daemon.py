@@ -95,6 +95,7 @@ class Daemon:
         self._register_tap(True)
         self._transport_fds = self._register_transport(set(), -1)
         generation = self.nic.transport_generation
+        state = self.nic.state
         if self._ctrl is not None:
             p.register(self._ctrl.fileno(), select.POLLIN)
         for fd in self.extra_fds:
@@ -123,6 +124,11 @@ class Daemon:
                 nic.xmit()
                 nic.poll(0.0)
                 nic.xmit()
+            if nic.state != state:
+                state = nic.state
+                if state != "up":             # the host learns at once, not at the next link check
+                    tap.set_carrier(False)
+                    log.warning("event=down error=%s", nic.last_error)
             if nic.transport_generation != generation:
                 generation = nic.transport_generation
                 self._transport_fds = self._register_transport(self._transport_fds, generation)
