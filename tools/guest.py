@@ -1,34 +1,45 @@
 #!/usr/bin/env python3
 """Kernel-tier harness: run a command inside a Debian kernel booted in QEMU (TCG).
 
-The guest sees the host's whole filesystem read-only over 9p with a tmpfs overlay on top
-(so it can write anywhere; nothing reaches the host), the same Python interpreter and
-site-packages as the host, and the Debian kernel's modules at /usr/lib/modules/<kver> so
-`modprobe` works. There is no udev: modprobe every driver you need (vfio-pci, xhci_pci,
-dummy_hcd, ...). The command's exit status and its stdout+stderr come back through a second,
-writable 9p share, not the serial console.
+The guest sees the host's whole filesystem read-only over 9p with a tmpfs overlay on top (it can
+write anywhere; nothing reaches the host), hence the same Python interpreter and site-packages as
+the host, and the Debian kernel's modules at /usr/lib/modules/<kver> so `modprobe` works. There is
+no udev: modprobe every driver you need (vfio-pci, xhci_pci, dummy_hcd, e1000, tun, ...). The
+command's exit status and its stdout+stderr (interleaved) come back through a second, writable 9p
+share, not the serial console. One boot + `true` + power-off takes ~2.5-3 s on an idle 2-core host.
 
-CLI:
+CLI (exits with the command's status; 2 when the guest itself failed):
     python3 tools/guest.py prepare [--refresh]
     python3 tools/guest.py run [--e1000] [--e1000e] [--usb-net] [--tap IFNAME]
                                [--memory 1024M] [--timeout 120] [--console] -- CMD...
 
-Library:
+Library (the repository root must be on sys.path; tests/kernel/conftest.py wraps this as `guest`):
     from tools.guest import prepare, run, GuestDevices
-    image = prepare()                                   # cached; ~0 s once prepared
+    image = prepare()                                   # cached: ~0.2 s once prepared
     res = run(["uname", "-r"], GuestDevices(e1000=True), timeout=60, env={}, image=image)
     res.returncode, res.output, res.console, res.seconds
+    # a str command is a shell script; a list is run as is. Raises GuestTimeout (console attached)
+    # when the guest does not power off in time, GuestError when it never reported a status.
+    vfio_bind_snippet(E1000_ID)  # shell: binds the device to vfio-pci, sets $BDF and $VFIO_GROUP
+    find_pci_bdf(), bind_vfio(bdf)  # the same from Python already running in the guest
 
-    vfio_bind_snippet(E1000_ID)   # shell: sets $BDF and $VFIO_GROUP, device bound to vfio-pci
+Devices: e1000 / e1000e sit behind an emulated Intel IOMMU (q35, intel-iommu before the NIC,
+intel_iommu=on); usb_net is qemu-xhci + usb-net (0525:a4a2; modprobe xhci_pci). tap_ifname is the
+peer of the first NIC (e1000, then e1000e, then usb-net); the harness creates that TAP with
+`ip tuntap` (and sets it up) when absent and deletes it afterwards; other NICs get a
+restricted user-mode backend.
 
-Inside the guest: UDRV_IN_GUEST=1, UDRV_GUEST_XFER=<dir> (writable, same path on the host,
-kept when `out_dir` is given), PATH starts with the directory of the host's real interpreter,
-the working directory is the caller's. The host's /tmp is visible (read-only underneath).
+Inside the guest: cwd and environment are the caller's (os.environ overlaid with env), PATH starts
+with the directory of the host's real interpreter (a pyenv shim costs seconds under TCG),
+UDRV_IN_GUEST=1, UDRV_GUEST_XFER=<dir>: writable, the same path as on the host (kept when run()
+gets out_dir). Mounted: proc, sysfs, devtmpfs, devpts, /dev/shm, tmpfs /run, debugfs, configfs at
+/sys/kernel/config (mount functionfs yourself once a gadget function exists); lo is up; the host's
+/tmp is visible (writes stay in the guest).
 
-Cache: $UDRV_GUEST_CACHE or ~/.cache/udrv-guest, one directory per kernel version holding the
-unpacked package (root/), vmlinux and the initramfs. prepare() reuses the newest prepared kernel;
-refresh=True (CLI --refresh) asks apt for the current linux-image-amd64 dependency first.
-UDRV_GUEST_KVER pins a kernel version.
+Cache: $UDRV_GUEST_CACHE or ~/.cache/udrv-guest, one directory per kernel version with the
+unpacked package (root/, ~400 MB), vmlinux (~65 MB) and the initramfs (~3 MB). prepare() reuses the
+newest kernel already prepared (offline, one kernel per machine); refresh=True (--refresh) asks
+apt for linux-image-amd64's current dependency; UDRV_GUEST_KVER pins a kernel version.
 """
 from __future__ import annotations
 
@@ -46,7 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # --- constants -----------------------------------------------------------------------------
@@ -98,6 +109,9 @@ class GuestDevices:
     usb_net: bool = False            # qemu-xhci + usb-net
     tap_ifname: str | None = None    # peer of the first NIC (e1000, then e1000e, then usb-net)
     memory: str = "1024M"
+    # qboot reaches the kernel ~0.4 s sooner than SeaBIOS (falls back to SeaBIOS if absent);
+    # it leaves PCI memory decoding to the OS, which pci_enable_device/vfio-pci do anyway.
+    firmware: str = "qboot"          # "qboot" | "seabios"
     smp: int = 1                     # -smp 2 did not make boots faster here
     extra_qemu: tuple[str, ...] = ()
 
@@ -270,6 +284,7 @@ mount --bind /xfer "$R$XFER_PATH" || die "bind xfer share"
 mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
 mount -t configfs configfs $R/sys/kernel/config || die "mount configfs"
 hostname udrv-guest
+ip link set lo up
 chroot $R /bin/sh "$XFER_PATH/cmd.sh" </dev/null
 echo $? >/xfer/status
 sync
@@ -318,8 +333,18 @@ def _initramfs_entries(mods: list[Path]) -> list[tuple[str, int, bytes, tuple[in
     return ents
 
 
+def _drop_stale(paths, age: float = 86400.0) -> None:
+    """Remove old builds, but not fresh ones: a concurrent session may be about to boot them."""
+    for p in paths:
+        if time.time() - p.stat().st_mtime > age:
+            p.unlink(missing_ok=True)
+
+
 def _ensure_initramfs(kdir: Path, kver: str) -> Path:
-    """Keyed by the init script, module list and busybox, so edits rebuild it (~0.1 s)."""
+    """Keyed by the init script, module list and busybox, so edits rebuild it (~0.1 s).
+
+    Left uncompressed: ~3 MB costs nothing to load, while decompressing under TCG does.
+    """
     if not Path(BUSYBOX).is_file():
         raise GuestError(f"{BUSYBOX} is missing: apt-get install busybox-static")
     mods = initramfs_modules(kdir / "root", kver)
@@ -327,8 +352,7 @@ def _ensure_initramfs(kdir: Path, kver: str) -> Path:
     key = hashlib.sha256(json.dumps([INIT_SCRIPT, [str(m) for m in mods], bb.st_size, bb.st_mtime]).encode())
     out = kdir / f"initramfs-{key.hexdigest()[:12]}.cpio"
     if not out.is_file():
-        for old in kdir.glob("initramfs-*.cpio"):
-            old.unlink()
+        _drop_stale(kdir.glob("initramfs-*.cpio"))
         _atomic_write(out, build_cpio(_initramfs_entries(mods)))
     return out
 
@@ -384,6 +408,8 @@ def command_script(cmd: list[str] | str, cwd: Path, env: dict[str, str], output:
 
 def _nic_args(devs: GuestDevices) -> list[str]:
     nics = [m for m, on in (("e1000", devs.e1000), ("e1000e", devs.e1000e), ("usb-net", devs.usb_net)) if on]
+    if devs.tap_ifname and not nics:
+        raise GuestError(f"tap_ifname={devs.tap_ifname!r} needs a NIC: set e1000, e1000e or usb_net")
     args: list[str] = []
     if devs.pci_nics:
         # The IOMMU must exist before the NICs are realized, or they are not behind it.
@@ -400,6 +426,15 @@ def _nic_args(devs: GuestDevices) -> list[str]:
     return args
 
 
+QBOOT = "/usr/share/qemu/qboot.rom"
+
+
+def _firmware_args(firmware: str) -> list[str]:
+    if firmware not in ("qboot", "seabios"):
+        raise GuestError(f"unknown firmware {firmware!r}: use 'qboot' or 'seabios'")
+    return ["-bios", QBOOT] if firmware == "qboot" and Path(QBOOT).is_file() else []
+
+
 def qemu_command(image: GuestImage, devs: GuestDevices, xfer: Path, console: Path, kernel_args: str = "") -> list[str]:
     # cryptomgr.notests: the boot-time crypto self-tests cost ~0.3 s under TCG; rodata=off skips
     # write-protecting the kernel and its W+X scan (~0.2 s). Neither matters in a throwaway VM.
@@ -413,6 +448,7 @@ def qemu_command(image: GuestImage, devs: GuestDevices, xfer: Path, console: Pat
         "-m", devs.memory, "-smp", str(devs.smp), "-display", "none", "-monitor", "none",
         "-serial", f"file:{console}", "-no-reboot",
         "-kernel", str(image.vmlinux), "-initrd", str(image.initramfs), "-append", append,
+        *_firmware_args(devs.firmware),
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={xfer},mount_tag=xfer,security_model=none,multidevs=remap",
         *_nic_args(devs), *devs.extra_qemu,
@@ -443,7 +479,7 @@ def _read_text(path: Path) -> str:
 
 
 def _tail(text: str, lines: int = 25) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])
+    return "\n".join(text.rstrip().splitlines()[-lines:]) or "(empty: the kernel boots with 'quiet')"
 
 
 def _boot(argv: list[str], timeout: float, console: Path) -> float:
@@ -489,8 +525,9 @@ def run(cmd: list[str] | str, devices: GuestDevices | None = None, timeout: floa
             f"KVER={shlex.quote(image.kver)}\nMODULES_SRC={shlex.quote(str(image.modules_dir))}\n"
             f"XFER_PATH={shlex.quote(str(xfer))}\n")
         console = xfer / "console.log"
+        argv = qemu_command(image, devs, xfer, console, kernel_args)
         with _HostTap(devs.tap_ifname):
-            seconds = _boot(qemu_command(image, devs, xfer, console, kernel_args), timeout, console)
+            seconds = _boot(argv, timeout, console)
         return _collect(xfer, seconds)
     finally:
         if not keep:
@@ -552,7 +589,7 @@ def bind_vfio(bdf: str) -> int:
 
 # --- CLI -------------------------------------------------------------------------------------
 
-def _cli(argv: list[str]) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="guest.py", description="udrv kernel-tier QEMU guest")
     sub = ap.add_subparsers(dest="action", required=True)
     p = sub.add_parser("prepare", help="fetch and convert the guest kernel (cached)")
@@ -566,6 +603,11 @@ def _cli(argv: list[str]) -> int:
     r.add_argument("--timeout", type=float, default=120.0)
     r.add_argument("--console", action="store_true", help="print the serial console to stderr")
     r.add_argument("cmd", nargs=argparse.REMAINDER)
+    return ap
+
+
+def _cli(argv: list[str]) -> int:
+    ap = _parser()
     a = ap.parse_args(argv)
     try:
         if a.action == "prepare":
