@@ -227,3 +227,40 @@ def test_host_config_reads_back_after_datapath_recovery(wrig, entry, kind):
     assert device_config(wrig.model) == before
     assert bytes(wrig.model.regs[0x10:0x16]) == NEW_MAC and wrig.model.reg(0x00) & 0x02
     assert wrig.model.counters.mac_resets == 0          # restored from the checkpoint, no re-probe
+
+
+def test_swap_to_the_alternative_implementation_after_repeated_escalations(watchdog):
+    """nDriver design diversity: an implementation that keeps failing is replaced."""
+    from udrv.drivers.pegasus import Pegasus
+    from udrv.modelusb import ModelUsbTransport
+    from udrv.models.pegasus import PegasusModel
+    from udrv.nic import Nic, NicOptions
+
+    class PegasusPrimary(Pegasus):
+        pass
+
+    class PegasusAlternative(Pegasus):
+        pass
+
+    model = PegasusModel()
+    wire = []
+    model.on_transmit = wire.append
+    nic = Nic([PegasusPrimary, PegasusAlternative], ModelUsbTransport(model), lambda f: None,
+              NicOptions(swap_after=2, config_deadline=0.2), watchdog=watchdog)
+    nic.bring_up()
+    nic.open()
+    nic.set_mac(NEW_MAC)
+    for i in range(2):
+        assert type(nic.driver) is PegasusPrimary
+        nic.inject("link_check", "raise", count=2)
+        with pytest.raises(UdrvError):
+            nic.link_check()
+    assert type(nic.driver) is PegasusAlternative
+    assert nic.counters.swaps == 1 and nic.status()["implementation"] == "PegasusAlternative"
+    assert bytes(model.regs[0x10:0x16]) == NEW_MAC              # config replayed into the new one
+    nic.enqueue([frame_to(PEER_MAC, 1)])
+    for _ in range(5):
+        nic.xmit()
+        nic.poll(0.0)
+    assert wire == [frame_to(PEER_MAC, 1)]
+    nic.close()

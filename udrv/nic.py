@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .actions import ActionList
 from .configlog import ConfigLog
@@ -27,14 +27,15 @@ log = logging.getLogger("udrv.nic")
 
 @dataclass
 class NicOptions:
-    n_rx: int = 4
-    n_tx: int = 8
+    n_rx: int | None = None          # transfers / descriptors in flight; None = the driver's default
+    n_tx: int | None = None
     guards: bool = True
     config_deadline: float = 0.5
     datapath_deadline: float = 0.5
     tx_timeout: float = 0.5          # unconfirmed TX older than this = TX hang (Xen's detector)
     journal_slots: int = 1024
     recovery: str = "checkpoint"     # "checkpoint" (FGFT) or "restart" (close, re-probe, re-open)
+    swap_after: int = 3              # escalations of one implementation before swapping to the next
 
 
 @dataclass
@@ -45,18 +46,24 @@ class NicCounters:
     escalations: int = 0
     restarts: int = 0
     restart_failures: int = 0
+    swaps: int = 0
 
     def tx_drop(self, reason: str) -> None:
         self.tx_dropped[reason] = self.tx_dropped.get(reason, 0) + 1
 
 
 class Nic:
-    def __init__(self, driver_cls: type[NetDriver], transport: Any, sink: Callable[[bytes], None],
+    def __init__(self, driver_cls: type[NetDriver] | Sequence[type[NetDriver]], transport: Any,
+                 sink: Callable[[bytes], None],
                  options: NicOptions | None = None, *, watchdog: Watchdog | None = None,
                  injector: FaultInjector | None = None,
                  on_recovery: Callable[[Recovery], None] | None = None,
                  reopen: Callable[[], Any] | None = None):
-        self.driver_cls = driver_cls
+        # design diversity (nDriver): several implementations of one driver, best first; after
+        # `swap_after` escalations of one, the next takes over at the next restart
+        self.implementations = list(driver_cls) if isinstance(driver_cls, (list, tuple)) else [driver_cls]
+        self.driver_cls = self.implementations[0]
+        self._impl_escalations = 0
         self.transport = transport
         self.sink = sink
         self.opts = options or NicOptions()
@@ -64,7 +71,9 @@ class Nic:
         self.injector = injector or FaultInjector()
         self.on_recovery_cb = on_recovery or (lambda r: None)
         self.reopen = reopen
-        self.journal = TxJournal(self.opts.journal_slots)
+        # a slot holds the largest frame the driver can send: MTU + header + VLAN tag, 64-byte aligned
+        slot = (max(c.max_mtu for c in self.implementations) + 18 + 16 + 63) & ~63
+        self.journal = TxJournal(self.opts.journal_slots, max(slot, 2048))
         self.config_log = ConfigLog()
         self.counters = NicCounters()
         self.recoveries: list[Recovery] = []
@@ -81,8 +90,9 @@ class Nic:
     def _make_driver(self) -> None:
         self.actions = ActionList()
         self.driver = self.driver_cls(self.transport, self.actions)
-        self.engine = self.driver.make_datapath(self.journal, self.sink, self.opts.n_rx, self.opts.n_tx,
-                                                self._progress)
+        n_rx, n_tx = getattr(self.driver_cls, "default_rings", (4, 8))
+        self.engine = self.driver.make_datapath(self.journal, self.sink, self.opts.n_rx or n_rx,
+                                                self.opts.n_tx or n_tx, self._progress)
         self.guard = Guard(self.driver, self.injector, on_recovery=self._on_recovery,
                            reset_datapath=self.engine.reset, sync_datapath=self._sync_datapath,
                            config_deadline=self.opts.config_deadline,
@@ -158,6 +168,8 @@ class Nic:
                 accepted += 1
             except JournalFull:
                 self.counters.tx_drop("journal_full")
+            except ValueError:          # larger than a journal slot
+                self.counters.tx_drop("oversize")
         return accepted
 
     def xmit(self) -> int:
@@ -216,6 +228,15 @@ class Nic:
     # --- process-level style recovery -------------------------------------------------------------
     def _restart_after(self, e: Escalation) -> None:
         log.warning("escalation: %s; restarting the driver", e.fault)
+        self._impl_escalations += 1
+        i = self.implementations.index(self.driver_cls)
+        if self._impl_escalations >= self.opts.swap_after and i + 1 < len(self.implementations):
+            new = self.implementations[i + 1]
+            log.warning("event=swap from=%s to=%s after=%d escalations", self.driver_cls.__name__,
+                        new.__name__, self._impl_escalations)
+            self.driver_cls = new
+            self._impl_escalations = 0
+            self.counters.swaps += 1
         if e.fault.kind == "disconnect" and "injected" not in e.fault.detail:
             self._transport_dead = True
         try:
@@ -234,6 +255,9 @@ class Nic:
             self.engine.stop()
         except Exception:
             pass
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
         self.actions.release_all()
         if self.reopen is not None and self._transport_dead:
             # a replugged USB device is a new device (new address, new handle): open it again
@@ -292,7 +316,8 @@ class Nic:
             "tx_device_errors": dict(c.tx_errors),
             "tx_journal": {"unconfirmed": self.journal.unconfirmed(), "reissued": self.journal.reissued},
             "recoveries": self.counters.recoveries, "escalations": self.counters.escalations,
-            "restarts": self.counters.restarts,
+            "restarts": self.counters.restarts, "swaps": self.counters.swaps,
+            "implementation": self.driver_cls.__name__,
             "last_fault": self.last_error,
             "last_recovery": self.recoveries[-1].as_dict() if self.recoveries else None,
             "driver_stats": st.extra,
@@ -310,4 +335,7 @@ class Nic:
         except Exception:
             pass
         self.actions.release_all()
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
         self.journal.close()
