@@ -91,10 +91,27 @@ class Watchdog:
             self._thread = threading.Thread(target=self._run, name="udrv-watchdog", daemon=True)
             self._thread.start()
 
+    # Code that must never see EntryTimeout: callbacks invoked from C (a libusb completion
+    # callback, say). An exception raised there is swallowed by ctypes and a completion is
+    # lost; so when the signal lands inside one, the watchdog fires again at its next tick.
+    shielded: set[Any] = set()
+
+    @classmethod
+    def shield(cls, fn: Any) -> Any:
+        cls.shielded.add(fn.__code__)
+        return fn
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         cur = self.current
-        if cur is not None and cur is self._fired_for:
-            raise EntryTimeout(f"{cur[0]} overran its deadline")
+        if cur is None or cur is not self._fired_for:
+            return
+        f = frame
+        while f is not None:
+            if f.f_code in self.shielded:
+                self._fired_for = None          # try again once the callback has returned
+                return
+            f = f.f_back
+        raise EntryTimeout(f"{cur[0]} overran its deadline")
 
     def _run(self) -> None:
         while not self._stop.wait(self.tick):
@@ -115,7 +132,7 @@ class Guard:
                  on_recovery: Callable[[Recovery], None] | None = None,
                  reset_datapath: Callable[[], int] | None = None,
                  sync_datapath: Callable[[], None] | None = None,
-                 config_deadline: float = 2.0, datapath_deadline: float = 0.5,
+                 config_deadline: float = 1.0, datapath_deadline: float = 1.0,
                  enabled: bool = True, watchdog: Watchdog | None = None,
                  escalate_after: int = 3, escalate_window: float = 1.0, retry: bool = True):
         self.driver = driver

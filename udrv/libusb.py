@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import usb1
 
 from .actions import ActionList
+from .guard import Watchdog
 from .errors import DeviceBusy, DeviceGone, DeviceNotFound, PermissionDeniedError, Stall, TransferTimeout, TransportError
 from .usbtransport import (Completion, DeviceInfo, EndpointInfo, EpType, InterfaceInfo, XferStatus)
 
@@ -71,8 +72,9 @@ def _device_info(dev: Any) -> DeviceInfo:
         eps = tuple(EndpointInfo(ep.getAddress(), EpType(ep.getAttributes() & 3), ep.getMaxPacketSize() & 0x7FF,
                                  ep.getInterval()) for ep in setting)
         itfs.append(InterfaceInfo(setting.getNumber(), setting.getAlternateSetting(), setting.getClass(),
-                                  setting.getSubClass(), setting.getProtocol(), eps, bytes(setting.getExtra()[0])
-                                  if setting.getExtra() else b""))
+                                  setting.getSubClass(), setting.getProtocol(), eps,
+                                  # python-libusb1 splits the class-specific descriptors into a list
+                                  b"".join(bytes(d) for d in setting.getExtra())))
     return DeviceInfo(dev.getVendorID(), dev.getProductID(), dev.getbcdDevice(), dev.getDeviceClass(),
                       dev.getBusNumber(), dev.getDeviceAddress(), tuple(dev.getPortNumberList()),
                       _SPEED.get(dev.getDeviceSpeed(), "unknown"), tuple(itfs))
@@ -181,6 +183,7 @@ class LibusbTransport:
     def _transfer(self) -> Any:
         return self._free.pop() if self._free else self.handle.getTransfer()
 
+    @Watchdog.shield
     def _callback(self, t: Any) -> None:
         self._inflight.pop(id(t), None)
         tag, ep = t.getUserData()
@@ -256,6 +259,9 @@ def list_usb_nics(known: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
         match = ""
         for name, cls in known:
             if cls.match(d.idVendor, d.idProduct, d.bDeviceClass):
+                match = name
+            elif hasattr(cls, "match_interfaces") and cls.match_interfaces(
+                    [(i.bInterfaceClass, i.bInterfaceSubClass) for c in d for i in c]):
                 match = name
         out.append({"id": f"{d.idVendor:04x}:{d.idProduct:04x}", "bus": d.bus, "address": d.address,
                     "ports": ".".join(map(str, d.port_numbers or ())), "udrv_driver": match})

@@ -30,8 +30,10 @@ class NicOptions:
     n_rx: int | None = None          # transfers / descriptors in flight; None = the driver's default
     n_tx: int | None = None
     guards: bool = True
-    config_deadline: float = 0.5
-    datapath_deadline: float = 0.5
+    # wall-clock budgets: generous, because a starved machine (a loaded CI box, a TCG guest)
+    # must not turn slowness into spurious recoveries; real hangs are far longer
+    config_deadline: float = 1.0
+    datapath_deadline: float = 1.0
     tx_timeout: float = 0.5          # unconfirmed TX older than this = TX hang (Xen's detector)
     journal_slots: int = 1024
     recovery: str = "checkpoint"     # "checkpoint" (FGFT) or "restart" (close, re-probe, re-open)

@@ -8,6 +8,7 @@ counted by reason. The engine's `xmit` and `poll` are the driver's datapath entr
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -112,6 +113,7 @@ class UsbNetEngine:
         self.on_progress = on_progress
         self.tx_inflight = 0
         self.rx_inflight = 0
+        self._tx_lens: deque[int] = deque()      # frame length per OUT transfer in flight
         self.running = False
         self._framing = driver.framing_now()
         self._action = None
@@ -152,6 +154,7 @@ class UsbNetEngine:
             pass
         self.tx_inflight = 0
         self.rx_inflight = 0
+        self._tx_lens.clear()
 
     def reset(self) -> int:
         """Recycle after a fault: drop in-flight transfers, clear halts, re-issue unconfirmed TX."""
@@ -176,6 +179,7 @@ class UsbNetEngine:
                 break
             seq, frame = item
             usb.submit_out(ep, encode(frame), seq)
+            self._tx_lens.append(len(frame))
             self.tx_inflight += 1
             sent += 1
         return sent
@@ -201,11 +205,12 @@ class UsbNetEngine:
 
     def _tx_done(self, c: Completion) -> str | None:
         self.tx_inflight -= 1
+        length = self._tx_lens.popleft() if self._tx_lens else 0   # completions come in order
         if c.status is XferStatus.OK:
             n = self.journal.confirm_through(c.tag)
             if n:
                 self.counters.tx_packets += n
-                self.counters.tx_bytes += max(0, c.length - 2)
+                self.counters.tx_bytes += length
                 if self.on_progress:
                     self.on_progress()
             return None

@@ -1,0 +1,386 @@
+"""The CDC-ECM class driver against the ECM model (written from the spec, not from the driver):
+class matching, bring-up requests, packet-filter bits, notifications -> link, framing, set_mac
+emulation, checkpoint/restore and fault recovery at every entry point through udrv.nic.Nic."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from udrv.driver import RxMode
+from udrv.drivers.cdc_ecm import CdcEcm, NotCdcEcm, parse_ecm_function
+from udrv.errors import UdrvError
+from udrv.faults import KINDS
+from udrv.modelusb import ModelUsbTransport
+from udrv.models.cdc_ecm import EcmModel
+from udrv.models.pegasus import PegasusModel
+from udrv.nic import Nic, NicOptions
+from udrv.usbtransport import EndpointInfo, EpType, InterfaceInfo
+
+PEER = bytes.fromhex("02aabbccdd01")
+NEW_MAC = bytes.fromhex("02c0ffee0001")
+MCAST = (bytes.fromhex("01005e000001"), bytes.fromhex("333300000001"))
+
+# the spec's numbers, for assertions (written out, not imported from the driver)
+SET_ETHERNET_MULTICAST_FILTERS, SET_ETHERNET_PACKET_FILTER, SET_INTERFACE = 0x40, 0x43, 0x0B
+PROMISC, ALL_MULTI, DIRECTED, BROADCAST, MULTICAST = 0x01, 0x02, 0x04, 0x08, 0x10
+
+
+def frame(dst: bytes, n: int, size: int = 60, src: bytes = PEER) -> bytes:
+    body = n.to_bytes(4, "big") + bytes((n + i) & 0xFF for i in range(size - 18))
+    return dst + src + b"\x88\xb5" + body
+
+
+class EcmRig:
+    def __init__(self, model: EcmModel | None = None, watchdog=None, **opts):
+        self.model = model or EcmModel()
+        self.transport = ModelUsbTransport(self.model)
+        self.host_rx: list[bytes] = []
+        self.wire_tx: list[bytes] = []
+        self.model.on_transmit = self.wire_tx.append
+        self.nic = Nic(CdcEcm, self.transport, self.host_rx.append, NicOptions(**opts), watchdog=watchdog)
+
+    def up(self) -> "EcmRig":
+        self.nic.bring_up()
+        self.nic.open()
+        self.pump()
+        return self
+
+    def pump(self, rounds: int = 20) -> None:
+        for _ in range(rounds):
+            self.nic.xmit()
+            self.nic.poll(0.0)
+        self.nic.xmit()
+
+    def send(self, frames: list[bytes]) -> None:
+        self.nic.enqueue(frames)
+        self.pump()
+
+    @property
+    def driver(self) -> CdcEcm:
+        return self.nic.driver
+
+
+@pytest.fixture
+def rig():
+    r = EcmRig().up()
+    yield r
+    r.nic.close()
+
+
+@pytest.fixture
+def wrig(watchdog):
+    r = EcmRig(watchdog=watchdog, config_deadline=0.15, datapath_deadline=0.15).up()
+    yield r
+    r.nic.close()
+
+
+# --- matching and descriptors -------------------------------------------------------------------
+
+def test_matches_by_class_not_by_id():
+    assert CdcEcm.match_device(EcmModel(vid=0x1234, pid=0x5678).info)
+    assert not CdcEcm.match_device(PegasusModel().info)
+    assert CdcEcm.match(0x1D6B, 0x0103) is None          # no id table: a class driver
+
+
+def test_descriptors_give_endpoints_mac_index_mtu_and_filters():
+    fn = parse_ecm_function(EcmModel(max_segment=1514, mc_filters=0x8010).info)
+    assert (fn.control, fn.data, fn.data_alt) == (0, 1, 1)
+    assert (fn.ep_in, fn.ep_out, fn.ep_status) == (0x81, 0x02, 0x83)
+    assert (fn.mac_string, fn.max_segment, fn.mc_filters, fn.mc_imperfect) == (3, 1514, 16, True)
+
+
+def test_qemu_like_device_with_an_rndis_configuration_first():
+    """QEMU usb-net lists an RNDIS configuration (data alt 0 has endpoints) before the ECM one."""
+    ecm = EcmModel().info
+    rndis_ctl = InterfaceInfo(0, 0, 0x02, 0x02, 0xFF, (EndpointInfo(0x81, EpType.INTERRUPT, 16),),
+                              bytes((5, 0x24, 0x06, 0, 1)))
+    rndis_data = InterfaceInfo(1, 0, 0x0A, 0, 0, (EndpointInfo(0x82, EpType.BULK, 64),
+                                                  EndpointInfo(0x02, EpType.BULK, 64)))
+    info = dataclasses.replace(ecm, interfaces=(rndis_ctl, rndis_data) + ecm.interfaces)
+    fn = parse_ecm_function(info)
+    assert fn.data_alt == 1 and fn.ep_in == 0x81
+
+
+@pytest.mark.parametrize("extra,why", [
+    (bytes((5, 0x24, 0x00, 0x10, 0x01)), "no Union"),
+    (bytes((5, 0x24, 0x06, 0, 1)), "no Ethernet Networking"),
+    (bytes((0, 0x24, 0x06)), "no Union"),                   # malformed length: parsing stops
+])
+def test_missing_functional_descriptors_are_named(extra, why):
+    info = EcmModel().info
+    ctl = dataclasses.replace(info.interfaces[0], extra=extra)
+    info = dataclasses.replace(info, interfaces=(ctl,) + info.interfaces[1:])
+    with pytest.raises(NotCdcEcm, match=why):
+        parse_ecm_function(info)
+    assert not CdcEcm.match_device(info)
+
+
+def test_cli_picks_the_class_driver_for_an_unknown_id():
+    from udrv.cli import _usb_drivers
+    info = EcmModel(vid=0x1234, pid=0x5678).info
+    picked = [c for c in _usb_drivers() if c.match(info.vid, info.pid, info.device_class)
+              or (hasattr(c, "match_device") and c.match_device(info))]
+    assert [c.name for c in picked] == ["cdc_ecm"]
+
+
+# --- bring-up --------------------------------------------------------------------------------------
+
+def test_bring_up_requests(rig):
+    m = rig.model
+    assert rig.transport.claimed == {0, 1}
+    assert rig.nic.mac == m.mac
+    alts = [(s.index, s.value) for s, _ in m.requests(SET_INTERFACE)]
+    assert alts == [(1, 0), (1, 0), (1, 1)]               # probe quiesces; open resets then starts
+    pf = m.requests(SET_ETHERNET_PACKET_FILTER)
+    assert pf and all(s.request_type == 0x21 and s.index == 0 and s.length == 0 for s, _ in pf)
+    assert m.packet_filter == DIRECTED | BROADCAST
+    assert m.data_alt == 1
+    assert rig.driver.max_mtu == 1500 and rig.nic.driver.soft.mtu == 1500
+
+
+def test_mtu_follows_wmaxsegmentsize():
+    r = EcmRig(EcmModel(max_segment=1014)).up()
+    assert r.driver.max_mtu == 1000 and r.driver.soft.mtu == 1000
+    with pytest.raises(UdrvError):
+        r.nic.set_mtu(1500)
+    r.nic.set_mtu(900)
+    assert r.driver.soft.mtu == 900
+
+
+def test_stop_selects_alt_0_and_open_starts_again(rig):
+    rig.nic.configure("stop")
+    assert rig.model.data_alt == 0
+    rig.nic.open()
+    assert rig.model.data_alt == 1
+    rig.send([frame(PEER, 1)])
+    assert rig.wire_tx == [frame(PEER, 1)]
+
+
+def test_bad_mac_string_is_refused_with_a_reason():
+    m = EcmModel()
+    m.strings[3] = "not-a-mac"
+    r = EcmRig(m)
+    with pytest.raises(UdrvError, match="iMACAddress"):
+        r.nic.bring_up()
+
+
+def test_device_without_packet_filter_still_works():
+    r = EcmRig(EcmModel(support_packet_filter=False)).up()
+    assert r.driver.soft.filter_supported is False
+    r.nic.set_rx_mode(RxMode(promisc=True))               # host-side only, no request, no fault
+    assert r.nic.recoveries == []
+    r.send([frame(PEER, 1)])
+    assert r.wire_tx == [frame(PEER, 1)]
+
+
+# --- packet filter bits ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,bits", [
+    (RxMode(), DIRECTED | BROADCAST),
+    (RxMode(promisc=True), DIRECTED | BROADCAST | PROMISC),
+    (RxMode(allmulti=True), DIRECTED | BROADCAST | ALL_MULTI),
+    (RxMode(multicast=MCAST), DIRECTED | BROADCAST | ALL_MULTI),   # no device filters: all-multicast
+])
+def test_packet_filter_bits(rig, mode, bits):
+    rig.nic.set_rx_mode(mode)
+    assert rig.model.packet_filter == bits
+    assert rig.model.requests(SET_ETHERNET_MULTICAST_FILTERS) == []
+
+
+def test_multicast_filters_when_the_device_has_them():
+    r = EcmRig(EcmModel(mc_filters=4)).up()
+    r.nic.set_rx_mode(RxMode(multicast=MCAST))
+    assert r.model.packet_filter == DIRECTED | BROADCAST | MULTICAST
+    assert set(r.model.multicast) == set(MCAST)
+    (s, data), = r.model.requests(SET_ETHERNET_MULTICAST_FILTERS)
+    assert s.request_type == 0x21 and s.value == 2 and len(data) == 12
+    # more groups than filters: all-multicast instead
+    many = tuple(bytes.fromhex(f"01005e0000{i:02x}") for i in range(5))
+    r.nic.set_rx_mode(RxMode(multicast=many))
+    assert r.model.packet_filter == DIRECTED | BROADCAST | ALL_MULTI
+    # and the filters really filter, in the model
+    r.nic.set_rx_mode(RxMode(multicast=MCAST))
+    r.model.wire_receive(frame(MCAST[0], 1))
+    r.model.wire_receive(frame(bytes.fromhex("01005e0000ff"), 2))
+    r.pump()
+    assert r.host_rx == [frame(MCAST[0], 1)]
+
+
+def test_set_mac_is_emulated_with_promiscuous(rig):
+    rig.nic.set_mac(NEW_MAC)
+    assert rig.nic.mac == NEW_MAC
+    assert rig.model.packet_filter & PROMISC
+    rig.model.wire_receive(frame(NEW_MAC, 1))
+    rig.pump()
+    assert rig.host_rx == [frame(NEW_MAC, 1)]
+    rig.nic.set_mac(rig.model.mac)                      # back to the device's own: directed again
+    assert rig.model.packet_filter == DIRECTED | BROADCAST
+    assert rig.driver.stats().extra["mac_emulated"] == 0
+
+
+# --- notifications ----------------------------------------------------------------------------------
+
+def test_notifications_drive_the_link(rig):
+    assert rig.nic.link_check().up and rig.nic.link.speed == 425
+    rig.model.set_link(False)
+    rig.pump()
+    assert rig.nic.link_check().up is False
+    rig.model.set_link(True, bitrate=100_000_000)
+    rig.pump()
+    link = rig.nic.link_check()
+    assert link.up and link.speed == 100
+    assert rig.driver.stats().extra["link_changes"] == 2
+
+
+def test_speed_change_split_over_two_8_byte_packets():
+    r = EcmRig(EcmModel(notify_packet=8, bitrate=12_000_000)).up()
+    assert r.driver.status_size == 8
+    assert r.nic.link_check().speed == 12
+    r.model.set_link(True, bitrate=480_000_000)
+    r.pump()
+    assert r.nic.link_check().speed == 480
+    assert r.driver.stats().extra["bad_notifications"] == 0
+
+
+def test_malformed_notifications_are_counted(rig):
+    rig.model.notify_raw(b"\x01\x02")
+    rig.model.notify_raw(bytes((0x21, 0, 1, 0, 0, 0, 0, 0)))
+    rig.pump()
+    assert rig.driver.stats().extra["bad_notifications"] == 2
+    assert rig.nic.recoveries == []
+
+
+# --- framing ------------------------------------------------------------------------------------------
+
+def test_raw_frames_both_ways(rig):
+    out = [frame(PEER, i, size=60 + i * 7) for i in range(30)]
+    rig.send(out)
+    assert rig.wire_tx == out
+    for i in range(10):
+        rig.model.wire_receive(frame(rig.nic.mac, i, 100))
+    rig.model.wire_receive(frame(b"\xff" * 6, 99))
+    rig.model.wire_receive(frame(bytes.fromhex("02deadbeef00"), 98))   # someone else's: filtered
+    rig.pump()
+    assert rig.host_rx == [frame(rig.nic.mac, i, 100) for i in range(10)] + [frame(b"\xff" * 6, 99)]
+
+
+@pytest.mark.parametrize("speed,mps", [("high", 512), ("full", 64)])
+def test_pad_byte_at_the_packet_boundary(speed, mps):
+    r = EcmRig(EcmModel(speed=speed)).up()
+    exact = frame(PEER, 1, size=mps * 2)
+    r.send([exact, frame(PEER, 2)])
+    assert r.wire_tx[0][:len(exact)] == exact and len(r.wire_tx[0]) == len(exact) + 1
+    assert r.wire_tx[1] == frame(PEER, 2)               # not merged with the one before
+    assert r.model.counters.tx_pad_bytes == 1
+
+
+@pytest.mark.parametrize("data,reason", [(b"", "zero_length"), (b"\x00" * 10, "runt"),
+                                         (b"\x00" * 1519, "oversize")])
+def test_bad_rx_transfers_are_counted_by_reason(rig, data, reason):
+    rig.model.inject_rx_raw(data)
+    rig.model.wire_receive(frame(rig.nic.mac, 1))
+    rig.pump()
+    assert rig.host_rx == [frame(rig.nic.mac, 1)]
+    assert rig.nic.engine.counters.rx_dropped == {reason: 1}
+    assert rig.nic.recoveries == []
+
+
+# --- checkpoint / restore and recovery ------------------------------------------------------------------
+
+def device_config(m: EcmModel) -> tuple:
+    return m.packet_filter, m.multicast, m.data_alt
+
+
+def test_restore_rebuilds_the_device_after_a_function_reset():
+    r = EcmRig(EcmModel(mc_filters=4)).up()
+    r.nic.set_rx_mode(RxMode(multicast=MCAST))
+    before = device_config(r.model)
+    cp = r.driver.checkpoint()
+    r.model.function_reset()
+    assert device_config(r.model) != before
+    r.driver.restore(cp)
+    assert device_config(r.model) == before
+
+
+CONFIG_CALLS = {
+    "set_rx_mode": (RxMode(promisc=True), lambda m: m.packet_filter & PROMISC),
+    "set_mac": (NEW_MAC, lambda m: m.packet_filter & PROMISC),
+    "set_mtu": (1400, lambda m: True),
+    "link_check": (None, lambda m: True),
+}
+
+
+def call(r, entry, arg):
+    return r.nic.configure(entry) if arg is None else r.nic.configure(entry, arg)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("entry", list(CONFIG_CALLS))
+def test_config_transient_fault_is_rolled_back_and_retried(wrig, entry, kind):
+    arg, applied = CONFIG_CALLS[entry]
+    wrig.nic.inject(entry, kind, count=1)
+    call(wrig, entry, arg)
+    assert applied(wrig.model)
+    assert wrig.driver.invariants() == []
+    rec, = wrig.nic.recoveries
+    assert rec.entry == entry and rec.outcome == "recovered" and rec.device_restored
+    assert wrig.model.data_alt == 1                     # the restore re-selected alt 1
+    wrig.send([frame(PEER, 5)])
+    assert wrig.wire_tx[-1] == frame(PEER, 5)
+
+
+@pytest.mark.parametrize("kind", ["raise", "hang", "corrupt", "stall"])
+def test_persistent_fault_leaves_no_partial_effect(wrig, kind):
+    before = device_config(wrig.model)
+    wrig.nic.inject("set_rx_mode", kind, count=2)
+    with pytest.raises(UdrvError, match="failed twice and was rolled back"):
+        wrig.nic.set_rx_mode(RxMode(promisc=True, allmulti=True))
+    assert device_config(wrig.model) == before
+    assert wrig.nic.counters.restarts == 1 and wrig.nic.state == "up"
+    wrig.send([frame(PEER, 1)])
+    assert wrig.wire_tx[-1] == frame(PEER, 1)
+
+
+@pytest.mark.parametrize("kind", ["raise", "hang", "stall", "timeout", "disconnect"])
+@pytest.mark.parametrize("entry", ["xmit", "poll"])
+def test_datapath_fault_loses_no_tx_frame(wrig, entry, kind):
+    wrig.nic.set_rx_mode(RxMode(allmulti=True))
+    frames = [frame(PEER, i) for i in range(300)]
+    for k in range(0, 300, 30):
+        if k == 120:
+            wrig.nic.inject(entry, kind)
+        wrig.nic.enqueue(frames[k:k + 30])
+        wrig.pump(3)
+    wrig.pump(50)
+    assert wrig.nic.journal.unconfirmed() == 0
+    assert set(frames) <= set(wrig.wire_tx), "a frame was lost"
+    assert 0 <= len(wrig.wire_tx) - len(frames) <= wrig.nic.journal.reissued
+    rec = wrig.nic.recoveries[-1]
+    assert rec.entry == entry and rec.device_restored and rec.outcome == "recovered"
+    assert wrig.model.packet_filter == DIRECTED | BROADCAST | ALL_MULTI    # the filter survived
+    wrig.model.wire_receive(frame(wrig.nic.mac, 7))
+    wrig.pump()
+    assert wrig.host_rx[-1] == frame(wrig.nic.mac, 7)
+
+
+def test_config_replay_after_restart(wrig):
+    wrig.nic.set_rx_mode(RxMode(promisc=True))
+    wrig.nic.set_mtu(1400)
+    wrig.nic.inject("link_check", "raise", count=2)
+    with pytest.raises(UdrvError):
+        wrig.nic.link_check()
+    assert wrig.nic.counters.restarts == 1
+    assert wrig.model.packet_filter & PROMISC and wrig.model.data_alt == 1
+    assert wrig.driver.soft.mtu == 1400
+
+
+def test_unplug_and_replug(wrig):
+    wrig.model.unplug()
+    wrig.pump()
+    assert wrig.nic.state == "down"
+    wrig.model.replug()
+    wrig.nic.restart()
+    assert wrig.nic.state == "up" and wrig.model.data_alt == 1
+    wrig.send([frame(PEER, 3)])
+    assert wrig.wire_tx == [frame(PEER, 3)]

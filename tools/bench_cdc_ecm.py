@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Bench (a command, not a test): iperf3 through udrv's cdc_ecm vs the kernel's cdc_ether on the
+same configfs f_ecm gadget (dummy_hcd), in one guest boot, so the ratio compares like with like.
+
+    sudo python3 tools/bench_cdc_ecm.py [--seconds 5] [--smp 2]
+
+Inside the guest, for each datapath: the gadget's usb0 sits in a peer namespace (10.78.0.2) and
+runs the iperf3 server; the host side (10.78.0.1) is first the kernel's cdc_ether netdev, then
+udrv0 with the pure-Python UsbNetEngine, then (when `udrv.native` is built) udrv0 with the C
+NativeUsbRing (RX frames go device -> TAP in C; TX is still read from the TAP by the Python
+daemon into the journal, which the ring drains). TX = host -> gadget, RX = gadget -> host (-R).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+VID, PID = 0x0525, 0xA4A1
+NS, HOST_IP, PEER_IP = "benchpeer", "10.78.0.1", "10.78.0.2"
+
+
+def sh(*cmd: str, timeout: float = 60.0, check: bool = True) -> str:
+    cp = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
+    if check and cp.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {cp.stderr.strip() or cp.stdout.strip()}")
+    return cp.stdout
+
+
+def iperf(seconds: int, reverse: bool) -> float:
+    srv = subprocess.Popen(["ip", "netns", "exec", NS, "iperf3", "-s", "-1", "-B", PEER_IP],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.7)
+    try:
+        out = sh("iperf3", "-c", PEER_IP, "-t", str(seconds), "-J", *(["-R"] if reverse else []),
+                 timeout=seconds + 40, check=False)
+        r = json.loads(out)
+        if "error" in r:
+            raise RuntimeError(f"iperf3 {'-R ' if reverse else ''}failed: {r['error']}")
+        return r["end"]["sum_received"]["bits_per_second"] / 1e6
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+def wait(pred, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if pred():
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def run_native_daemon(ifname: str, duration: float) -> int:
+    """`udrv run usb:VID:PID` with the C ring as the cdc_ecm datapath (guest side)."""
+    import logging
+
+    from udrv.daemon import Daemon, install_signal_handlers
+    from udrv.drivers.cdc_ecm import CdcEcm
+    from udrv.guard import Watchdog
+    from udrv.libusb import LibusbTransport, UsbSelector
+    from udrv.native import NativeUsbRing
+    from udrv.nic import Nic, NicOptions
+    from udrv.tap import Tap
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s udrv %(levelname)s %(message)s")
+    tap = Tap(ifname)
+
+    class NativeCdcEcm(CdcEcm):
+        def make_datapath(self, journal, sink, n_rx, n_tx, on_progress):
+            self.datapath = NativeUsbRing(self, journal, tap.fd, n_rx, n_tx, on_progress, read_tap=False)
+            return self.datapath
+
+    transport = LibusbTransport(UsbSelector(vid=VID, pid=PID))
+    nic = Nic(NativeCdcEcm, transport, tap.write, NicOptions(), watchdog=Watchdog())
+    daemon = Daemon(nic, tap)
+    install_signal_handlers(daemon)
+    try:
+        daemon.start()
+        daemon.run(duration)
+    finally:
+        daemon.close()
+        transport.close()
+        tap.close()
+    return 0
+
+
+def guest_bench(seconds: int, out: Path) -> None:
+    from udrv.gadget.configfs import ecm_gadget, interface_netdevs, modprobe, wait_host_device
+    res: dict = {"seconds": seconds}
+    try:
+        modprobe("dummy_hcd", "cdc_ether", "tun")
+        g = ecm_gadget(vid=VID, pid=PID)
+        g.bind()
+        dev = wait_host_device(VID, PID)
+        wait(lambda: interface_netdevs(dev, 0), 10, "cdc_ether's netdev")
+        kif = interface_netdevs(dev, 0)[0]
+        gif = g.function_attr("ecm.usb0", "ifname")
+        sh("ip", "netns", "add", NS)
+        sh("ip", "link", "set", gif, "netns", NS)
+        sh("ip", "-n", NS, "addr", "add", f"{PEER_IP}/24", "dev", gif)
+        sh("ip", "-n", NS, "link", "set", gif, "up")
+        sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", kif)
+        sh("ip", "link", "set", kif, "up")
+        time.sleep(1)
+        res["kernel"] = {"tx": iperf(seconds, False), "rx": iperf(seconds, True)}
+        sh("ip", "addr", "flush", "dev", kif)
+
+        variants = [("python", [sys.executable, "-m", "udrv.cli", "run", f"usb:{VID:04x}:{PID:04x}",
+                                "--ifname", "udrv0", "--duration", "600"])]
+        try:
+            from udrv import native
+            if native.available():
+                variants.append(("native", [sys.executable, str(Path(__file__).resolve()), "guest-native"]))
+            else:
+                res["native_unavailable"] = native.why_unavailable()
+        except ImportError as e:
+            res["native_unavailable"] = str(e)
+        for name, cmd in variants:
+            log = out.parent / f"bench-{name}.log"
+            p = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+            try:
+                wait(lambda: os.path.exists("/run/udrv/udrv0.sock") and p.poll() is None, 90, f"udrv ({name})")
+                sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", "udrv0")
+                time.sleep(1)
+                res[name] = {"tx": iperf(seconds, False), "rx": iperf(seconds, True)}
+            except Exception as e:
+                res[name] = {"error": f"{type(e).__name__}: {e}", "log": log.read_text()[-2000:]}
+            finally:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                wait(lambda: not os.path.exists("/sys/class/net/udrv0"), 20, "udrv0 to go away")
+    except Exception as e:
+        res["error"] = f"{type(e).__name__}: {e}"
+    out.write_text(json.dumps(res, indent=1))
+
+
+def report(res: dict) -> str:
+    k = res["kernel"]
+    lines = [f"iperf3 over the kernel's f_ecm gadget on dummy_hcd, {res['seconds']} s per direction, one guest boot",
+             f"  kernel cdc_ether : TX {k['tx']:8.1f} Mbit/s   RX {k['rx']:8.1f} Mbit/s"]
+    for name in ("python", "native"):
+        r = res.get(name)
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"  udrv cdc_ecm ({name}): failed: {r['error']}")
+            continue
+        lines.append(f"  udrv cdc_ecm ({name:6}): TX {r['tx']:8.1f} Mbit/s   RX {r['rx']:8.1f} Mbit/s   "
+                     f"ratio vs kernel TX {r['tx'] / k['tx']:.3f}  RX {r['rx'] / k['rx']:.3f}")
+    if "native_unavailable" in res:
+        lines.append(f"  native ring not measured: {res['native_unavailable']}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "guest":
+        guest_bench(int(sys.argv[2]), Path(sys.argv[3]))
+        return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "guest-native":
+        return run_native_daemon("udrv0", 600)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--smp", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--keep", metavar="DIR", help="keep the guest's files (udrv logs) in DIR")
+    a = ap.parse_args()
+    from tools import guest
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="udrv-bench.") as tmp:
+        tmp = a.keep or tmp
+        out = Path(tmp) / "bench.json"
+        r = guest.run([sys.executable, str(Path(__file__).resolve()), "guest", str(a.seconds), str(out)],
+                      guest.GuestDevices(smp=a.smp), timeout=600, cwd=ROOT, out_dir=tmp)
+        if not out.exists():
+            print(f"bench: the guest wrote no result (exit {r.returncode}):\n{r.output[-3000:]}", file=sys.stderr)
+            return 1
+        res = json.loads(out.read_text())
+    if "error" in res:
+        print(f"bench failed: {res['error']}\n{json.dumps(res, indent=1)}", file=sys.stderr)
+        return 1
+    print(json.dumps(res, indent=1) if a.json else report(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
