@@ -58,7 +58,7 @@ int64_t udrv_journal_append(struct udrv_journal *j, const uint8_t *frame, uint32
 uint8_t *udrv_journal_reserve(struct udrv_journal *j, uint32_t *cap);
 int64_t udrv_journal_commit(struct udrv_journal *j, uint32_t len);
 
-/* TxJournal.take_unsent: 1 = *seq/*frame/*len set and `sent` advanced, 0 = nothing unsent,
+/* TxJournal.take_unsent: 1 = seq, frame and len set and `sent` advanced, 0 = nothing unsent,
  * UDRV_JOURNAL_CORRUPT = `sent` advanced but the slot holds another seq (as in Python). */
 int udrv_journal_take_unsent(struct udrv_journal *j, uint64_t *seq, const uint8_t **frame,
                              uint32_t *len);

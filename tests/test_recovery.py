@@ -264,3 +264,23 @@ def test_swap_to_the_alternative_implementation_after_repeated_escalations(watch
         nic.poll(0.0)
     assert wire == [frame_to(PEER_MAC, 1)]
     nic.close()
+
+
+def test_tx_error_then_success_in_one_batch_loses_nothing(rig):
+    """A STALLed frame followed by completed ones must not be confirmed by their completions."""
+    from udrv.usbtransport import Completion, XferStatus
+    frames = [frame_to(PEER_MAC, i) for i in range(3)]
+    rig.nic.enqueue(frames)
+    rig.nic.xmit()
+    eng = rig.nic.engine
+    # what a device would report: frame 0 STALLed, frames 1 and 2 completed
+    real_reap = rig.transport.reap
+    rig.transport.reap = lambda timeout: [Completion(0, 0x02, XferStatus.STALL),
+                                          Completion(1, 0x02, XferStatus.OK, b"", 60),
+                                          Completion(2, 0x02, XferStatus.OK, b"", 60)]
+    rig.nic.poll(0.0)
+    rig.transport.reap = real_reap
+    assert rig.nic.recoveries[-1].entry == "poll"
+    rig.pump(20)
+    assert frames[0] in rig.wire_tx, "the STALLed frame was confirmed by later completions and lost"
+    assert rig.nic.journal.unconfirmed() == 0

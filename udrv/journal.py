@@ -132,6 +132,13 @@ class TxJournal:
         self._set(_OFF_DUPS, self._get(_OFF_DUPS) + again)
         return again
 
+    def sync(self) -> None:
+        """Re-read head/sent/tail from the header after someone else changed them (the C
+        fast path in this process, or a worker mapping the same memfd)."""
+        self.head = self._get(_OFF_HEAD)
+        self.sent = self._get(_OFF_SENT)
+        self.tail = self._get(_OFF_TAIL)
+
     @property
     def reissued(self) -> int:
         return self._get(_OFF_REISSUED)

@@ -114,6 +114,7 @@ class UsbNetEngine:
         self.tx_inflight = 0
         self.rx_inflight = 0
         self._tx_lens: deque[int] = deque()      # frame length per OUT transfer in flight
+        self._tx_failed = False
         self.running = False
         self._framing = driver.framing_now()
         self._action = None
@@ -155,6 +156,7 @@ class UsbNetEngine:
         self.tx_inflight = 0
         self.rx_inflight = 0
         self._tx_lens.clear()
+        self._tx_failed = False
 
     def reset(self) -> int:
         """Recycle after a fault: drop in-flight transfers, clear halts, re-issue unconfirmed TX."""
@@ -206,6 +208,8 @@ class UsbNetEngine:
     def _tx_done(self, c: Completion) -> str | None:
         self.tx_inflight -= 1
         length = self._tx_lens.popleft() if self._tx_lens else 0   # completions come in order
+        if c.status is XferStatus.OK and self._tx_failed:
+            return None     # after a failed frame nothing is confirmed: rewind re-issues it and the rest
         if c.status is XferStatus.OK:
             n = self.journal.confirm_through(c.tag)
             if n:
@@ -219,6 +223,7 @@ class UsbNetEngine:
         if c.status is XferStatus.NO_DEVICE:
             raise DeviceGone("the USB device disappeared during TX")
         self.counters.tx_error(c.status.value)
+        self._tx_failed = True
         return f"tx {c.status.value}"
 
     def _rx_done(self, c: Completion) -> str | None:

@@ -1,0 +1,104 @@
+/* The e1000 legacy-descriptor rings in C: memory-only operations.
+ *
+ * Nothing here touches a device register. Each function works on the rings and buffers in
+ * DMA memory (and on the TX journal's memfd) and returns how far it got; Python does the one
+ * MMIO write per batch (RDT after a harvest, TDT after a fill). So the same code runs on the
+ * in-process model and on a real NIC behind VFIO.
+ *
+ * Descriptor layout (16 bytes, little-endian), from the 8254x manual:
+ *   RX: u64 buffer address | u16 length @8 | u16 checksum @10 | u8 status @12 | u8 errors @13 |
+ *       u16 special @14            status: DD 0x01, EOP 0x02
+ *   TX: u64 buffer address | u16 length @8 | u8 CSO @10 | u8 CMD @11 | u8 status @12 | u8 CSS @13 |
+ *       u16 special @14            CMD: EOP 0x01, IFCS 0x02, RS 0x08; status: DD 0x01, EC 0x02, LC 0x04
+ *
+ * Descriptor i always points at buffer i: addresses are computed from the buffer areas' IOVAs,
+ * never read back from the ring.
+ */
+#ifndef UDRV_E1000_RING_H
+#define UDRV_E1000_RING_H
+
+#include <stdint.h>
+
+#include "journal.h"
+
+/* RX drop reasons (index into rx_dropped) */
+#define E1000R_RX_NO_EOP 0
+#define E1000R_RX_ZERO_LENGTH 1
+#define E1000R_RX_OVERSIZE 2
+#define E1000R_RX_ERROR 3
+#define E1000R_RX_RUNT 4
+#define E1000R_RX_DD_NOT_ARMED 5
+#define E1000R_RX_COMPLETION_LOST 6
+#define E1000R_RX_NREASONS 7
+
+/* TX error reasons (index into tx_errors) */
+#define E1000R_TX_RUNT 0
+#define E1000R_TX_OVERSIZE 1
+#define E1000R_TX_EXCESS_COLLISIONS 2
+#define E1000R_TX_LATE_COLLISION 3
+#define E1000R_TX_COMPLETION_LOST 4
+#define E1000R_TX_DD_NOT_ARMED 5
+#define E1000R_TX_NREASONS 6
+
+/* negative results */
+#define E1000R_EINVAL (-1)          /* bad geometry at init */
+#define E1000R_EJOURNAL (-2)        /* the journal refused an operation (corrupt / never sent) */
+#define E1000R_ENOMEM (-3)
+
+struct e1000_ring_stats {
+    uint64_t rx_packets, rx_bytes, tx_packets, tx_bytes;
+    uint64_t rx_dropped[E1000R_RX_NREASONS];
+    uint64_t tx_errors[E1000R_TX_NREASONS];
+    uint64_t tap_write_errors;
+};
+
+struct e1000_ring {
+    /* geometry and memory (set by Python, then e1000_ring_init) */
+    uint8_t *rx_ring, *rx_buf, *tx_ring, *tx_buf;
+    uint64_t rx_buf_iova, tx_buf_iova;
+    uint32_t n_rx, n_tx, rx_bufsize, tx_bufsize;
+    int tap_fd;                     /* RX frames are written here; < 0: into the caller's out buffer */
+    /* indices (Python reads and sets them between calls) */
+    uint32_t rx_next, rx_tail, tx_next, tx_clean;
+    uint32_t rx_discard;            /* inside a frame longer than one buffer: drop through EOP */
+    int64_t *tx_seq;                /* journal seq to confirm when descriptor i completes */
+    uint32_t *tx_len;
+    struct udrv_journal journal;    /* the TX journal's memfd, mapped by e1000_ring_init */
+    int64_t journal_error;          /* the last journal error code (E1000R_EJOURNAL cause) */
+    struct e1000_ring_stats st;
+};
+
+/* Map the journal memfd, allocate the per-descriptor tables. 0 or a negative code. */
+int e1000_ring_init(struct e1000_ring *r, int journal_fd, uint32_t nslots, uint32_t slot_size);
+/* Free the tables and unmap the journal (the ring memory belongs to Python). */
+void e1000_ring_fini(struct e1000_ring *r);
+/* Point the ring at (new) memory: geometry must already be set in r. 0 or E1000R_EINVAL/ENOMEM. */
+int e1000_ring_bind(struct e1000_ring *r);
+/* Every RX descriptor at its own buffer with status 0; TX descriptors and tables zeroed. */
+void e1000_ring_clean(struct e1000_ring *r);
+
+/* RX: harvest up to `budget` DD descriptors (0 = up to n_rx - 1) from rx_next, deliver good
+ * frames (to tap_fd, or packed as u32 length + bytes into out[0..out_cap) when tap_fd < 0;
+ * *out_used = bytes used), re-arm each, and check the never-armed descriptor at rx_tail.
+ * Returns descriptors harvested; rx_next/rx_tail are updated: Python writes RDT = rx_tail
+ * when the result is > 0. */
+int e1000_rx_harvest(struct e1000_ring *r, uint32_t budget, uint8_t *out, uint32_t out_cap,
+                     uint32_t *out_used);
+/* RX: the device's head is past rx_next but rx_next has no DD: if a later descriptor in
+ * [rx_next, rdh) has DD the ones before it lost their write-back; re-arm them and move on.
+ * Returns descriptors skipped (Python writes RDT = rx_tail when > 0). */
+int e1000_rx_skip_lost(struct e1000_ring *r, uint32_t rdh);
+
+/* TX: fill descriptors from the journal's unsent frames (EOP|IFCS|RS) while fewer than
+ * n_tx - 1 are in flight. Returns descriptors filled (Python writes TDT = tx_next when > 0),
+ * or E1000R_EJOURNAL. */
+int e1000_tx_fill(struct e1000_ring *r);
+/* TX: reclaim DD descriptors in order from tx_clean, confirm the journal through the last
+ * one's seq. Returns descriptors reclaimed or E1000R_EJOURNAL. */
+int e1000_tx_reclaim(struct e1000_ring *r);
+/* TX: a DD further on proves the descriptors before it done (in-order completion). */
+int e1000_tx_skip_lost(struct e1000_ring *r);
+/* TX: DD on the descriptor at tx_next (never handed out)? Counted and cleared; returns 1/0. */
+int e1000_tx_check_unarmed(struct e1000_ring *r);
+
+#endif

@@ -1,0 +1,810 @@
+/* The USB transfer ring (see usb_ring.h for the contract). */
+#include "usb_ring.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <libusb.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_POLLFDS 64
+#define TAP_SCRATCH 65536 /* a TAP frame never exceeds 64 KiB */
+
+enum xfer_kind { KIND_RX, KIND_TX, KIND_STATUS };
+
+struct xfer {
+    struct udrv_ring *ring;
+    struct libusb_transfer *t;
+    uint8_t *buf;
+    uint32_t cap;
+    uint8_t kind;
+    uint8_t in_flight;
+    uint32_t frame_len; /* TX: bytes of the frame (for tx_bytes) */
+    uint64_t seq;       /* TX: journal sequence number */
+};
+
+struct udrv_ring {
+    libusb_context *ctx;
+    libusb_device_handle *h;
+    struct udrv_ring_config cfg;
+    struct udrv_framing fr;
+    struct udrv_journal j;
+    struct xfer *rx;
+    struct xfer *tx;
+    struct xfer status;
+    struct xfer **tx_idle; /* stack of OUT transfers not in flight */
+    uint32_t n_tx_idle;
+
+    int running;
+    int tx_blocked;     /* after a TX error nothing more is confirmed or sent until restart:
+                           a later completion must not confirm the frame that failed */
+    int rx_stalled;     /* pump clears the halt and resubmits (outside the callback, where a
+                           synchronous libusb call would be unsafe) */
+    int status_stalled;
+    int no_device;
+
+    /* OUT completions are only noted in the callback and applied to the journal in pump:
+     * callbacks may also run inside Python's own control transfers, and the journal must only
+     * change while Python is inside a ring call. */
+    int confirm_pending;
+    uint64_t confirm_seq;
+    uint64_t confirm_bytes;
+
+    uint32_t flags;       /* UDRV_PUMP_RX / TX_DONE since the last pump */
+    uint32_t completions; /* since the last pump */
+
+    struct udrv_ring_stats st;
+    struct udrv_ring_error errq[UDRV_ERRQ];
+    uint32_t err_first, err_count;
+    uint8_t statq[UDRV_STATQ][UDRV_STATUS_MAX];
+    uint32_t statq_len[UDRV_STATQ];
+    uint32_t stat_first, stat_count;
+    uint8_t scratch[TAP_SCRATCH]; /* the part of an oversize TAP frame that missed the slot */
+};
+
+/* --- small helpers --------------------------------------------------------------------- */
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (!err || !errlen)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+static uint32_t xs_of(enum libusb_transfer_status s)
+{
+    switch (s) {
+    case LIBUSB_TRANSFER_COMPLETED: return UDRV_XS_OK;
+    case LIBUSB_TRANSFER_STALL: return UDRV_XS_STALL;
+    case LIBUSB_TRANSFER_TIMED_OUT: return UDRV_XS_TIMEOUT;
+    case LIBUSB_TRANSFER_NO_DEVICE: return UDRV_XS_NO_DEVICE;
+    case LIBUSB_TRANSFER_CANCELLED: return UDRV_XS_CANCELLED;
+    case LIBUSB_TRANSFER_OVERFLOW: return UDRV_XS_OVERFLOW;
+    default: return UDRV_XS_ERROR;
+    }
+}
+
+static void push_error(struct udrv_ring *r, uint32_t dir, uint32_t status, uint32_t ep, int code,
+                       uint64_t seq)
+{
+    if (r->err_count == UDRV_ERRQ) {
+        r->st.errors_lost++; /* Python sees the first ones; recovery handles them all alike */
+        return;
+    }
+    struct udrv_ring_error *e = &r->errq[(r->err_first + r->err_count++) % UDRV_ERRQ];
+    e->dir = dir;
+    e->status = status;
+    e->endpoint = ep;
+    e->code = code;
+    e->seq = seq;
+}
+
+static uint32_t in_flight(const struct udrv_ring *r)
+{
+    return r->st.rx_inflight + r->st.tx_inflight + r->st.status_inflight;
+}
+
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static void submit_failed(struct udrv_ring *r, uint32_t dir, uint32_t ep, int rc, uint64_t seq)
+{
+    if (rc == LIBUSB_ERROR_NO_DEVICE) {
+        r->no_device = 1;
+        push_error(r, dir, UDRV_XS_NO_DEVICE, ep, rc, seq);
+    } else {
+        push_error(r, dir, UDRV_XS_SUBMIT_FAILED, ep, rc, seq);
+    }
+}
+
+/* --- RX ----------------------------------------------------------------------------------- */
+
+static void LIBUSB_CALL rx_done(struct libusb_transfer *t);
+
+static int submit_rx(struct udrv_ring *r, struct xfer *x)
+{
+    libusb_fill_bulk_transfer(x->t, r->h, (unsigned char)r->cfg.ep_in, x->buf, (int)r->fr.rx_size,
+                              rx_done, x, 0);
+    int rc = libusb_submit_transfer(x->t);
+    if (rc < 0) {
+        submit_failed(r, UDRV_DIR_RX, r->cfg.ep_in, rc, 0);
+        return rc;
+    }
+    x->in_flight = 1;
+    r->st.rx_inflight++;
+    return 0;
+}
+
+static void deliver(struct udrv_ring *r, const uint8_t *buf, uint32_t n)
+{
+    uint32_t start = 0, len = 0;
+    int verdict = udrv_decode_rx(&r->fr, buf, n, &start, &len);
+    if (verdict != UDRV_RX_OK) {
+        r->st.rx_dropped[verdict]++;
+        return;
+    }
+    r->st.rx_packets++;
+    r->st.rx_bytes += len;
+    r->flags |= UDRV_PUMP_RX;
+    ssize_t w;
+    do
+        w = write(r->cfg.tap_fd, buf + start, len);
+    while (w < 0 && errno == EINTR);
+    if (w < 0)
+        r->st.tap_write_errors++; /* interface down or queue full: the kernel drops, we count */
+}
+
+static void LIBUSB_CALL rx_done(struct libusb_transfer *t)
+{
+    struct xfer *x = t->user_data;
+    struct udrv_ring *r = x->ring;
+    x->in_flight = 0;
+    r->st.rx_inflight--;
+    r->completions++;
+    switch (t->status) {
+    case LIBUSB_TRANSFER_COMPLETED:
+        deliver(r, x->buf, (uint32_t)t->actual_length);
+        break;
+    case LIBUSB_TRANSFER_CANCELLED:
+        return;
+    case LIBUSB_TRANSFER_NO_DEVICE:
+        r->no_device = 1;
+        push_error(r, UDRV_DIR_RX, UDRV_XS_NO_DEVICE, r->cfg.ep_in, 0, 0);
+        return;
+    case LIBUSB_TRANSFER_STALL:
+        r->st.rx_dropped[UDRV_DROP_RX_STALL]++;
+        r->rx_stalled = 1;
+        return;
+    case LIBUSB_TRANSFER_OVERFLOW:
+        r->st.rx_dropped[UDRV_DROP_RX_OVERFLOW]++; /* the device sent more than rx_size: drop */
+        break;
+    case LIBUSB_TRANSFER_TIMED_OUT:
+        r->st.rx_dropped[UDRV_DROP_RX_TIMEOUT]++;
+        push_error(r, UDRV_DIR_RX, UDRV_XS_TIMEOUT, r->cfg.ep_in, 0, 0);
+        break;
+    default:
+        r->st.rx_dropped[UDRV_DROP_RX_ERROR]++;
+        push_error(r, UDRV_DIR_RX, UDRV_XS_ERROR, r->cfg.ep_in, 0, 0);
+        break;
+    }
+    if (r->running && !r->rx_stalled && !r->no_device)
+        submit_rx(r, x);
+}
+
+/* --- interrupt endpoint --------------------------------------------------------------------- */
+
+static void LIBUSB_CALL status_done(struct libusb_transfer *t);
+
+static int submit_status(struct udrv_ring *r)
+{
+    struct xfer *x = &r->status;
+    libusb_fill_interrupt_transfer(x->t, r->h, (unsigned char)r->cfg.ep_status, x->buf,
+                                   (int)r->cfg.status_size, status_done, x, 0);
+    int rc = libusb_submit_transfer(x->t);
+    if (rc < 0) {
+        submit_failed(r, UDRV_DIR_STATUS, r->cfg.ep_status, rc, 0);
+        return rc;
+    }
+    x->in_flight = 1;
+    r->st.status_inflight++;
+    return 0;
+}
+
+static void queue_status(struct udrv_ring *r, const uint8_t *data, uint32_t n)
+{
+    r->st.status_packets++;
+    if (r->stat_count == UDRV_STATQ) {
+        r->st.status_overflow++;
+        return;
+    }
+    uint32_t i = (r->stat_first + r->stat_count++) % UDRV_STATQ;
+    if (n > UDRV_STATUS_MAX)
+        n = UDRV_STATUS_MAX;
+    memcpy(r->statq[i], data, n);
+    r->statq_len[i] = n;
+}
+
+static void LIBUSB_CALL status_done(struct libusb_transfer *t)
+{
+    struct xfer *x = t->user_data;
+    struct udrv_ring *r = x->ring;
+    x->in_flight = 0;
+    r->st.status_inflight--;
+    r->completions++;
+    switch (t->status) {
+    case LIBUSB_TRANSFER_COMPLETED:
+        queue_status(r, x->buf, (uint32_t)t->actual_length);
+        break;
+    case LIBUSB_TRANSFER_CANCELLED:
+        return;
+    case LIBUSB_TRANSFER_NO_DEVICE:
+        r->no_device = 1;
+        push_error(r, UDRV_DIR_STATUS, UDRV_XS_NO_DEVICE, r->cfg.ep_status, 0, 0);
+        return;
+    case LIBUSB_TRANSFER_STALL:
+        r->status_stalled = 1;
+        return;
+    default:
+        break; /* a lost interrupt packet is not worth a recovery (as in UsbNetEngine) */
+    }
+    if (r->running && !r->no_device)
+        submit_status(r);
+}
+
+/* --- TX ------------------------------------------------------------------------------------- */
+
+static void LIBUSB_CALL tx_done(struct libusb_transfer *t)
+{
+    struct xfer *x = t->user_data;
+    struct udrv_ring *r = x->ring;
+    x->in_flight = 0;
+    r->st.tx_inflight--;
+    r->tx_idle[r->n_tx_idle++] = x;
+    r->completions++;
+    switch (t->status) {
+    case LIBUSB_TRANSFER_COMPLETED:
+        /* OUT transfers on one endpoint complete in submission order, so the newest OK
+         * completion confirms everything before it. */
+        if (!r->tx_blocked && (!r->confirm_pending || x->seq > r->confirm_seq)) {
+            r->confirm_pending = 1;
+            r->confirm_seq = x->seq;
+        }
+        if (!r->tx_blocked)
+            r->confirm_bytes += x->frame_len;
+        return;
+    case LIBUSB_TRANSFER_CANCELLED:
+        return; /* still in the journal as sent: the recovery's rewind re-issues it */
+    case LIBUSB_TRANSFER_NO_DEVICE:
+        r->no_device = 1;
+        r->tx_blocked = 1;
+        push_error(r, UDRV_DIR_TX, UDRV_XS_NO_DEVICE, r->cfg.ep_out, 0, x->seq);
+        return;
+    default: {
+        uint32_t xs = xs_of(t->status);
+        r->st.tx_errors[xs]++;
+        r->tx_blocked = 1;
+        push_error(r, UDRV_DIR_TX, xs, r->cfg.ep_out, 0, x->seq);
+        return;
+    }
+    }
+}
+
+static void apply_confirm(struct udrv_ring *r)
+{
+    if (!r->confirm_pending)
+        return;
+    r->confirm_pending = 0;
+    int64_t n = udrv_journal_confirm_through(&r->j, r->confirm_seq);
+    if (n < 0) {
+        /* Someone rewound the journal under us: stop and let Python recover. */
+        r->tx_blocked = 1;
+        push_error(r, UDRV_DIR_TX, UDRV_XS_JOURNAL_CORRUPT, r->cfg.ep_out, 0, r->confirm_seq);
+    } else if (n > 0) {
+        r->st.tx_packets += (uint64_t)n;
+        r->st.tx_bytes += r->confirm_bytes;
+        r->flags |= UDRV_PUMP_TX_DONE;
+    }
+    r->confirm_bytes = 0;
+}
+
+static uint32_t tx_fill(struct udrv_ring *r)
+{
+    uint32_t sent = 0;
+    while (r->running && !r->tx_blocked && !r->no_device && r->n_tx_idle > 0) {
+        uint64_t seq;
+        const uint8_t *frame;
+        uint32_t len;
+        int rc = udrv_journal_take_unsent(&r->j, &seq, &frame, &len);
+        if (rc == 0)
+            break;
+        if (rc < 0) {
+            r->tx_blocked = 1;
+            push_error(r, UDRV_DIR_TX, UDRV_XS_JOURNAL_CORRUPT, r->cfg.ep_out, 0,
+                       udrv_journal_sent(&r->j) - 1);
+            break;
+        }
+        struct xfer *x = r->tx_idle[--r->n_tx_idle];
+        /* Copy into the transfer's own buffer: the framing adds a header and maybe a pad
+         * byte, and the journal slot may be rewritten once confirmed. ~1 us per 1500 B. */
+        int64_t n = udrv_encode_tx(&r->fr, frame, len, x->buf, x->cap);
+        if (n < 0) {
+            r->tx_idle[r->n_tx_idle++] = x;
+            r->tx_blocked = 1;
+            push_error(r, UDRV_DIR_TX, UDRV_XS_JOURNAL_CORRUPT, r->cfg.ep_out, 0, seq);
+            break;
+        }
+        libusb_fill_bulk_transfer(x->t, r->h, (unsigned char)r->cfg.ep_out, x->buf, (int)n, tx_done,
+                                  x, 0);
+        x->t->flags = r->cfg.zero_packet ? LIBUSB_TRANSFER_ADD_ZERO_PACKET : 0;
+        x->seq = seq;
+        x->frame_len = len;
+        rc = libusb_submit_transfer(x->t);
+        if (rc < 0) {
+            /* The frame stays in the journal as sent; the recovery's rewind re-issues it. */
+            r->tx_idle[r->n_tx_idle++] = x;
+            r->tx_blocked = 1;
+            submit_failed(r, UDRV_DIR_TX, r->cfg.ep_out, rc, seq);
+            break;
+        }
+        x->in_flight = 1;
+        r->st.tx_inflight++;
+        sent++;
+    }
+    return sent;
+}
+
+/* --- TAP -> journal --------------------------------------------------------------------------- */
+
+static uint32_t tap_to_journal(struct udrv_ring *r, int budget, uint32_t *flags)
+{
+    uint32_t moved = 0;
+    while ((int)moved < budget) {
+        uint32_t cap;
+        uint8_t *slot = udrv_journal_reserve(&r->j, &cap);
+        if (!slot) {
+            *flags |= UDRV_PUMP_JOURNAL_FULL; /* leave frames in the kernel's queue */
+            break;
+        }
+        /* Read straight into the slot; the scratch iovec catches the tail of a frame longer
+         * than a slot, so such a frame is seen whole (and dropped) rather than truncated. */
+        struct iovec iov[2] = {{slot, cap}, {r->scratch, sizeof r->scratch}};
+        ssize_t got = readv(r->cfg.tap_fd, iov, 2);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                r->st.tap_read_errors++;
+            break;
+        }
+        if (got == 0)
+            break;
+        r->st.tap_frames_in++;
+        uint32_t limit = r->cfg.tx_max_frame && r->cfg.tx_max_frame < cap ? r->cfg.tx_max_frame : cap;
+        if ((uint64_t)got > limit) {
+            r->st.tap_oversize++;
+            continue;
+        }
+        udrv_journal_commit(&r->j, (uint32_t)got);
+        moved++;
+    }
+    if (moved)
+        *flags |= UDRV_PUMP_TAP_IN;
+    return moved;
+}
+
+/* --- event handling ------------------------------------------------------------------------------ */
+
+/* Sleep until a libusb fd, the TAP (if we read it and the journal has room) or wake_fd is
+ * readable, or timeout. Returns 1 if wake_fd became readable. */
+static int wait_events(struct udrv_ring *r, int timeout_ms, int tap_budget, int wake_fd)
+{
+    struct pollfd fds[MAX_POLLFDS];
+    nfds_t n = 0;
+    const struct libusb_pollfd **lfds = libusb_get_pollfds(r->ctx);
+    if (lfds) {
+        for (int i = 0; lfds[i] && n < MAX_POLLFDS - 2; i++) {
+            fds[n].fd = lfds[i]->fd;
+            fds[n].events = lfds[i]->events;
+            fds[n].revents = 0;
+            n++;
+        }
+        libusb_free_pollfds(lfds);
+    }
+    if (tap_budget > 0 && udrv_journal_space(&r->j) > 0) {
+        fds[n].fd = r->cfg.tap_fd;
+        fds[n].events = POLLIN;
+        fds[n].revents = 0;
+        n++;
+    }
+    nfds_t wake = n;
+    if (wake_fd >= 0) {
+        fds[n].fd = wake_fd;
+        fds[n].events = POLLIN;
+        fds[n].revents = 0;
+        n++;
+    }
+    if (!libusb_pollfds_handle_timeouts(r->ctx)) {
+        struct timeval tv;
+        if (libusb_get_next_timeout(r->ctx, &tv) == 1) {
+            long ms = tv.tv_sec * 1000L + (tv.tv_usec + 999) / 1000;
+            if (ms < timeout_ms)
+                timeout_ms = (int)ms;
+        }
+    }
+    r->st.waits++;
+    int ready = poll(fds, n, timeout_ms);
+    if (ready == 0)
+        r->st.wait_timeouts++;
+    return ready > 0 && wake_fd >= 0 && fds[wake].revents ? 1 : 0;
+}
+
+static int handle_events_now(struct udrv_ring *r)
+{
+    struct timeval zero = {0, 0};
+    int rc = libusb_handle_events_timeout_completed(r->ctx, &zero, NULL);
+    return rc == LIBUSB_ERROR_INTERRUPTED ? 0 : rc;
+}
+
+/* What a completion asked for that must not run inside a callback. */
+static void after_events(struct udrv_ring *r)
+{
+    apply_confirm(r);
+    if (r->rx_stalled && r->running && !r->no_device) {
+        r->rx_stalled = 0;
+        int rc = libusb_clear_halt(r->h, (unsigned char)r->cfg.ep_in);
+        if (rc < 0) {
+            if (rc == LIBUSB_ERROR_NO_DEVICE)
+                r->no_device = 1;
+            push_error(r, UDRV_DIR_RX, rc == LIBUSB_ERROR_NO_DEVICE ? UDRV_XS_NO_DEVICE
+                                                                    : UDRV_XS_CLEAR_HALT_FAILED,
+                       r->cfg.ep_in, rc, 0);
+        } else {
+            for (uint32_t i = 0; i < r->cfg.n_rx; i++)
+                if (!r->rx[i].in_flight && submit_rx(r, &r->rx[i]) < 0)
+                    break;
+        }
+    }
+    if (r->status_stalled && r->running && !r->no_device) {
+        r->status_stalled = 0;
+        if (libusb_clear_halt(r->h, (unsigned char)r->cfg.ep_status) == 0 && !r->status.in_flight)
+            submit_status(r);
+    }
+}
+
+static uint32_t level_flags(struct udrv_ring *r)
+{
+    uint32_t f = 0;
+    if (r->err_count)
+        f |= UDRV_PUMP_ERROR;
+    if (r->stat_count)
+        f |= UDRV_PUMP_STATUS;
+    if (r->no_device)
+        f |= UDRV_PUMP_NO_DEVICE;
+    return f;
+}
+
+/* --- public API ------------------------------------------------------------------------------------ */
+
+uintptr_t udrv_libusb_marker(void)
+{
+    return (uintptr_t)&libusb_handle_events_timeout_completed;
+}
+
+const char *udrv_usb_error_name(int code)
+{
+    return libusb_error_name(code);
+}
+
+static int alloc_xfer(struct udrv_ring *r, struct xfer *x, enum xfer_kind kind, uint32_t cap)
+{
+    x->ring = r;
+    x->kind = (uint8_t)kind;
+    x->cap = cap;
+    x->t = libusb_alloc_transfer(0);
+    x->buf = malloc(cap ? cap : 1);
+    return x->t && x->buf ? 0 : -1;
+}
+
+static void free_xfer(struct xfer *x)
+{
+    if (x->t)
+        libusb_free_transfer(x->t);
+    free(x->buf);
+    x->t = NULL;
+    x->buf = NULL;
+}
+
+static void free_all(struct udrv_ring *r)
+{
+    if (r->rx)
+        for (uint32_t i = 0; i < r->cfg.n_rx; i++)
+            free_xfer(&r->rx[i]);
+    if (r->tx)
+        for (uint32_t i = 0; i < r->cfg.n_tx; i++)
+            free_xfer(&r->tx[i]);
+    free_xfer(&r->status);
+    free(r->rx);
+    free(r->tx);
+    free(r->tx_idle);
+    udrv_journal_unmap(&r->j);
+    free(r);
+}
+
+struct udrv_ring *udrv_ring_new(void *ctx, void *handle, const struct udrv_ring_config *cfg,
+                                const struct udrv_framing *f, char *err, size_t errlen)
+{
+    if (!ctx || !handle) {
+        set_err(err, errlen, "no libusb context/device handle: open the device with python-libusb1 first");
+        return NULL;
+    }
+    if (!(cfg->ep_in & 0x80) || (cfg->ep_out & 0x80) || (cfg->ep_status && !(cfg->ep_status & 0x80))) {
+        set_err(err, errlen, "endpoints 0x%02x/0x%02x/0x%02x: ep_in and ep_status must be IN (0x8N), "
+                "ep_out OUT", cfg->ep_in, cfg->ep_out, cfg->ep_status);
+        return NULL;
+    }
+    if (cfg->n_rx < 1 || cfg->n_rx > UDRV_RING_MAX_XFERS || cfg->n_tx < 1 ||
+        cfg->n_tx > UDRV_RING_MAX_XFERS) {
+        set_err(err, errlen, "n_rx=%u n_tx=%u: each must be 1..%d", cfg->n_rx, cfg->n_tx,
+                UDRV_RING_MAX_XFERS);
+        return NULL;
+    }
+    if (cfg->ep_status && (cfg->status_size < 1 || cfg->status_size > UDRV_STATUS_MAX)) {
+        set_err(err, errlen, "status_size=%u: must be 1..%d", cfg->status_size, UDRV_STATUS_MAX);
+        return NULL;
+    }
+    if (udrv_framing_check(f) < 0 || f->rx_size < 1 || f->rx_size > (1u << 20)) {
+        set_err(err, errlen, "bad framing (shape %u, %u error bits, rx_size %u): shape must be "
+                "TRAILER4/HEADER2/RAW, at most %d error bits, rx_size 1..1 MiB",
+                f->shape, f->n_error_bits, f->rx_size, UDRV_MAX_ERROR_BITS);
+        return NULL;
+    }
+    int fl = fcntl(cfg->tap_fd, F_GETFL);
+    if (fl < 0) {
+        set_err(err, errlen, "tap_fd %d is not an open file descriptor", cfg->tap_fd);
+        return NULL;
+    }
+    /* A blocking read of an empty TAP would stall the whole datapath. */
+    if (!(fl & O_NONBLOCK) && fcntl(cfg->tap_fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+        set_err(err, errlen, "cannot make tap_fd %d non-blocking: %s", cfg->tap_fd, strerror(errno));
+        return NULL;
+    }
+
+    struct udrv_ring *r = calloc(1, sizeof *r);
+    if (!r) {
+        set_err(err, errlen, "out of memory for the USB ring");
+        return NULL;
+    }
+    r->ctx = ctx;
+    r->h = handle;
+    r->cfg = *cfg;
+    r->fr = *f;
+    int jrc = udrv_journal_map_fd(&r->j, cfg->journal_fd, cfg->journal_nslots, cfg->journal_slot_size);
+    if (jrc == UDRV_JOURNAL_MAP_FAILED) {
+        set_err(err, errlen, "cannot map the TX journal (fd %d): %s", cfg->journal_fd, strerror(errno));
+        free(r);
+        return NULL;
+    }
+    if (jrc < 0) {
+        set_err(err, errlen, "the TX journal (fd %d) does not match nslots=%u slot_size=%u: pass "
+                "TxJournal.fd, .nslots and .slot_size", cfg->journal_fd, cfg->journal_nslots,
+                cfg->journal_slot_size);
+        free(r);
+        return NULL;
+    }
+    r->rx = calloc(cfg->n_rx, sizeof *r->rx);
+    r->tx = calloc(cfg->n_tx, sizeof *r->tx);
+    r->tx_idle = calloc(cfg->n_tx, sizeof *r->tx_idle);
+    int bad = !r->rx || !r->tx || !r->tx_idle;
+    for (uint32_t i = 0; !bad && i < cfg->n_rx; i++)
+        bad = alloc_xfer(r, &r->rx[i], KIND_RX, f->rx_size);
+    uint32_t tx_cap = udrv_tx_encoded_max(f, r->j.max_frame);
+    for (uint32_t i = 0; !bad && i < cfg->n_tx; i++) {
+        bad = alloc_xfer(r, &r->tx[i], KIND_TX, tx_cap);
+        r->tx_idle[r->n_tx_idle++] = &r->tx[i];
+    }
+    if (!bad && cfg->ep_status)
+        bad = alloc_xfer(r, &r->status, KIND_STATUS, UDRV_STATUS_MAX);
+    if (bad) {
+        set_err(err, errlen, "out of memory for %u+%u USB transfers", cfg->n_rx, cfg->n_tx);
+        free_all(r);
+        return NULL;
+    }
+    return r;
+}
+
+int udrv_ring_set_framing(struct udrv_ring *r, const struct udrv_framing *f)
+{
+    if (in_flight(r) || udrv_framing_check(f) < 0 || f->rx_size < 1 || f->rx_size > (1u << 20))
+        return -1;
+    uint32_t tx_cap = udrv_tx_encoded_max(f, r->j.max_frame);
+    for (uint32_t i = 0; i < r->cfg.n_rx; i++)
+        if (r->rx[i].cap < f->rx_size) {
+            uint8_t *b = realloc(r->rx[i].buf, f->rx_size);
+            if (!b)
+                return -1;
+            r->rx[i].buf = b;
+            r->rx[i].cap = f->rx_size;
+        }
+    for (uint32_t i = 0; i < r->cfg.n_tx; i++)
+        if (r->tx[i].cap < tx_cap) {
+            uint8_t *b = realloc(r->tx[i].buf, tx_cap);
+            if (!b)
+                return -1;
+            r->tx[i].buf = b;
+            r->tx[i].cap = tx_cap;
+        }
+    r->fr = *f;
+    return 0;
+}
+
+void udrv_ring_set_tx_max_frame(struct udrv_ring *r, uint32_t n)
+{
+    r->cfg.tx_max_frame = n;
+}
+
+int udrv_ring_start(struct udrv_ring *r)
+{
+    if (r->running)
+        return 0;
+    if (in_flight(r))
+        return LIBUSB_ERROR_BUSY; /* the last stop left transfers behind: cancel again first */
+    /* A new epoch: the recovery that restarts us has dealt with the old errors. */
+    r->tx_blocked = r->rx_stalled = r->status_stalled = r->no_device = 0;
+    r->confirm_pending = 0;
+    r->confirm_bytes = 0;
+    r->err_first = r->err_count = 0;
+    r->running = 1;
+    for (uint32_t i = 0; i < r->cfg.n_rx; i++) {
+        int rc = submit_rx(r, &r->rx[i]);
+        if (rc < 0)
+            return rc;
+    }
+    if (r->cfg.ep_status)
+        return submit_status(r);
+    return 0;
+}
+
+int udrv_ring_xmit(struct udrv_ring *r, int tap_budget, struct udrv_pump_result *out)
+{
+    memset(out, 0, sizeof *out);
+    out->tap_in = tap_to_journal(r, tap_budget, &out->flags);
+    out->tx_submitted = tx_fill(r);
+    out->flags |= level_flags(r);
+    return (int)out->flags;
+}
+
+/* One turn of the datapath; *woken is set if wake_fd became readable while waiting. */
+static int pump_once(struct udrv_ring *r, int timeout_ms, int tap_budget, int wake_fd,
+                     struct udrv_pump_result *out, int *woken)
+{
+    memset(out, 0, sizeof *out);
+    *woken = 0;
+    r->st.pumps++;
+    /* Move what is already waiting first, so fresh frames go out before we sleep. */
+    out->tap_in = tap_to_journal(r, tap_budget, &out->flags);
+    out->tx_submitted = tx_fill(r);
+    if (timeout_ms > 0 && out->tap_in == 0 && r->completions == 0 && !r->confirm_pending &&
+        !level_flags(r))
+        *woken = wait_events(r, timeout_ms, tap_budget, wake_fd);
+    int rc = handle_events_now(r);
+    after_events(r);
+    /* Completions freed OUT transfers and journal slots: refill. */
+    out->tap_in += tap_to_journal(r, tap_budget - (int)out->tap_in, &out->flags);
+    out->tx_submitted += tx_fill(r);
+    out->completions = r->completions;
+    r->completions = 0;
+    out->flags |= r->flags | level_flags(r);
+    r->flags = 0;
+    return rc < 0 ? rc : (int)out->flags;
+}
+
+int udrv_ring_pump(struct udrv_ring *r, int timeout_ms, int tap_budget, struct udrv_pump_result *out)
+{
+    int woken;
+    return pump_once(r, timeout_ms, tap_budget, -1, out, &woken);
+}
+
+int udrv_ring_run(struct udrv_ring *r, int timeout_ms, int tap_budget, int wake_fd,
+                  struct udrv_pump_result *out)
+{
+    /* Pump in C until the time is up or Python has something to do: a Python round trip
+     * per turn costs more than the turn itself (milliseconds in a TCG guest). */
+    const uint32_t python_needed = UDRV_PUMP_STATUS | UDRV_PUMP_ERROR | UDRV_PUMP_NO_DEVICE;
+    uint64_t deadline = now_ms() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0);
+    struct udrv_pump_result step;
+    memset(out, 0, sizeof *out);
+    for (;;) {
+        uint64_t now = now_ms();
+        int left = now < deadline ? (int)(deadline - now) : 0;
+        int woken;
+        int rc = pump_once(r, left, tap_budget, wake_fd, &step, &woken);
+        out->flags |= step.flags;
+        out->completions += step.completions;
+        out->tap_in += step.tap_in;
+        out->tx_submitted += step.tx_submitted;
+        if (rc < 0)
+            return rc;
+        if (woken)
+            out->flags |= UDRV_PUMP_WOKEN;
+        if ((out->flags & python_needed) || woken || left == 0)
+            break;
+    }
+    return (int)out->flags;
+}
+
+int udrv_ring_cancel_all_and_wait(struct udrv_ring *r, int timeout_ms)
+{
+    r->running = 0;
+    for (uint32_t i = 0; i < r->cfg.n_rx; i++)
+        if (r->rx[i].in_flight)
+            libusb_cancel_transfer(r->rx[i].t); /* NOT_FOUND = already completing: fine */
+    for (uint32_t i = 0; i < r->cfg.n_tx; i++)
+        if (r->tx[i].in_flight)
+            libusb_cancel_transfer(r->tx[i].t);
+    if (r->status.in_flight)
+        libusb_cancel_transfer(r->status.t);
+    uint64_t deadline = now_ms() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0);
+    while (in_flight(r) && now_ms() < deadline) {
+        struct timeval tv = {0, 10000};
+        int rc = libusb_handle_events_timeout_completed(r->ctx, &tv, NULL);
+        if (rc < 0 && rc != LIBUSB_ERROR_INTERRUPTED) {
+            struct timespec ms = {0, 1000000};
+            nanosleep(&ms, NULL); /* don't spin on a broken context */
+        }
+    }
+    apply_confirm(r); /* frames that made it before the cancel are confirmed, not re-sent */
+    r->rx_stalled = r->status_stalled = 0;
+    r->completions = 0;
+    return (int)in_flight(r);
+}
+
+void udrv_ring_stats(const struct udrv_ring *r, struct udrv_ring_stats *out)
+{
+    *out = r->st;
+    out->running = (uint32_t)r->running;
+}
+
+int udrv_ring_next_error(struct udrv_ring *r, struct udrv_ring_error *out)
+{
+    if (!r->err_count)
+        return 0;
+    *out = r->errq[r->err_first];
+    r->err_first = (r->err_first + 1) % UDRV_ERRQ;
+    r->err_count--;
+    return 1;
+}
+
+int udrv_ring_next_status(struct udrv_ring *r, uint8_t *buf, uint32_t cap)
+{
+    if (!r->stat_count)
+        return -1;
+    uint32_t i = r->stat_first;
+    uint32_t n = r->statq_len[i] < cap ? r->statq_len[i] : cap;
+    memcpy(buf, r->statq[i], n);
+    r->stat_first = (r->stat_first + 1) % UDRV_STATQ;
+    r->stat_count--;
+    return (int)n;
+}
+
+int udrv_ring_free(struct udrv_ring *r)
+{
+    if (!r)
+        return 0;
+    if (in_flight(r))
+        return -1;
+    free_all(r);
+    return 0;
+}
