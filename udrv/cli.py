@@ -8,6 +8,7 @@
   udrv list                  USB and PCI NICs udrv could drive
   udrv bind BDF / unbind BDF put a PCI NIC on vfio-pci / give it back to its kernel driver
   udrv bench guard           guard overhead on the model datapath (guards on / off)
+  udrv bench e1000           udrv vs the kernel's e1000 in a QEMU guest: throughput, recovery latency
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _open_device(spec: str | None) -> tuple[Any, Any, Any]:
-    """DEVICE -> (driver class, transport, model or None)."""
+    """DEVICE -> (driver class or implementations best first, transport, model or None)."""
     from .drivers.pegasus import Pegasus
     if spec is None or spec.startswith("model:"):
         kind = (spec or "model:pegasus").removeprefix("model:")
@@ -48,10 +49,10 @@ def _open_device(spec: str | None) -> tuple[Any, Any, Any]:
         info = transport.info
         for cls in _usb_drivers():
             if cls.match(info.vid, info.pid, info.device_class):
-                return cls, transport, None
+                return _with_native_usb(cls), transport, None
         for cls in _usb_drivers():   # class drivers (CDC-ECM) bind by interface class, after id matches
             if hasattr(cls, "match_device") and cls.match_device(info):
-                return cls, transport, None
+                return _with_native_usb(cls), transport, None
         transport.close()
         raise UdrvError(f"no udrv driver knows USB device {info.ident}: `udrv list` shows supported ones")
     if spec.startswith("pci:"):
@@ -63,8 +64,36 @@ def _open_device(spec: str | None) -> tuple[Any, Any, Any]:
         if cls is None:
             raise UdrvError(f"no udrv driver knows PCI device {info.ident} at {bdf}: `udrv list` shows "
                             "supported ones")
-        return cls, VfioTransport.open(bdf), None
+        return _pci_implementations(cls), VfioTransport.open(bdf), None
     raise UdrvError(f"{spec!r} names no device: use usb:VID:PID, usb:BUS-PORT, pci:BDF or model:pegasus")
+
+
+def _pci_implementations(cls: Any) -> list[Any]:
+    """Implementations of a PCI driver, best first (Nic swaps to the next after repeated
+    escalations): for e1000 the C ring, then the Python ring as the design-diverse spare."""
+    from .drivers.e1000 import E1000, E1000Native
+    if cls is not E1000:
+        return [cls]
+    from . import native
+    if native.available():
+        return [E1000Native, E1000]
+    logging.getLogger("udrv").warning("event=no-native-ring the C fast path (udrv._native) is not built, e1000 "
+                                      "runs its Python ring (a few %% of kernel speed): %s",
+                                      native.why_unavailable())
+    return [E1000]
+
+
+def _with_native_usb(cls: Any) -> Any:
+    """[C ring variant, plain driver] when the C fast path is built; else the plain driver."""
+    from . import native
+    from .usbnet import native_variant
+    if os.environ.get("UDRV_DATAPATH") == "python":
+        return cls
+    if not native.available():
+        logging.getLogger("udrv").warning("event=no-fast-path the C fast path is not built (%s): frames move "
+                                          "through the Python engine, far slower", native.why_unavailable())
+        return cls
+    return [native_variant(cls), cls]
 
 
 def _pci_drivers() -> list[Any]:
@@ -232,6 +261,13 @@ def cmd_unbind(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "e1000":
+        from pathlib import Path
+        from .sidebyside import FAULTS, BenchOptions, run_bench
+        return run_bench(BenchOptions(out=Path(args.out), model=args.model, seconds=args.seconds,
+                                      rounds=args.bench_rounds, python_ring=not args.no_python_ring,
+                                      profile=not args.no_profile, repeats=args.repeats,
+                                      faults=tuple(args.fault or FAULTS), smp=args.smp))
     if args.what == "guard":
         from .bench import guard_overhead
         print(guard_overhead(frames=args.frames, rounds=args.rounds, size=args.size).report())
@@ -297,15 +333,23 @@ def build_parser() -> argparse.ArgumentParser:
     ub.set_defaults(fn=cmd_unbind)
 
     b = sub.add_parser("bench", help="benchmarks (ratios measured in one run)")
-    b.add_argument("what", choices=["guard", "recovery"],
+    b.add_argument("what", choices=["guard", "recovery", "e1000"],
                    help="guard: guard overhead on the model datapath; recovery: interruption per fault, "
-                        "checkpoint recovery vs full restart (root)")
+                        "checkpoint recovery vs full restart (root); e1000: udrv vs the kernel's driver on "
+                        "QEMU's e1000 in one kernel-tier guest boot, throughput + recovery latency (root, QEMU)")
     b.add_argument("--repeats", type=int, default=10, help="injections per fault (recovery)")
     b.add_argument("--fault", action="append", default=None, metavar="ENTRY:KIND")
     b.add_argument("--ifname", default="udrv0")
     b.add_argument("--frames", type=int, default=20000)
     b.add_argument("--rounds", type=int, default=7)
     b.add_argument("--size", type=int, default=64)
+    b.add_argument("--out", default="bench-out", help="e1000: report directory (default ./bench-out)")
+    b.add_argument("--model", choices=["e1000", "e1000e"], default="e1000", help="e1000: QEMU device model")
+    b.add_argument("--seconds", type=float, default=5.0, help="e1000: seconds per iperf3 run")
+    b.add_argument("--bench-rounds", type=int, default=1, help="e1000: iperf3 runs per measurement (median)")
+    b.add_argument("--smp", type=int, default=1, help="e1000: guest vCPUs (the reference baselines use 1)")
+    b.add_argument("--no-python-ring", action="store_true", help="e1000: skip the Python ring")
+    b.add_argument("--no-profile", action="store_true", help="e1000: skip the py-spy pass")
     b.set_defaults(fn=cmd_bench)
     return p
 

@@ -114,7 +114,9 @@ class Daemon:
             events = p.poll(max(0, math.ceil(wait * 1000)))
             for fd, _ev in events:
                 if fd == tap.fd:
-                    if nic.journal.space() > 0:
+                    if getattr(nic.engine, "owns_tap", False):
+                        pass            # the C ring reads the TAP itself, inside xmit()
+                    elif nic.journal.space() > 0:
                         nic.enqueue(tap.read_batch(min(self.timers.tap_batch, nic.journal.space())))
                 elif self._ctrl is not None and fd == self._ctrl.fileno():
                     self._serve_control()

@@ -265,3 +265,23 @@ class UsbNetEngine:
             self.usb.clear_halt(self.driver.EP_STATUS)
         assert self.driver.EP_STATUS is not None
         self.usb.submit_in(self.driver.EP_STATUS, self.driver.status_size, _STATUS_TAG)
+
+
+def native_variant(cls: type[UsbNetDriver]) -> type[UsbNetDriver]:
+    """The same driver with the C transfer ring (udrv.native) as its datapath.
+
+    Design diversity in the nDriver sense: the runtime runs this one first and swaps to the
+    plain driver (the Python engine) if it keeps failing. The ring reads the TAP and writes
+    received frames to it from C, so it needs the TAP itself as the sink.
+    """
+    def make_datapath(self: UsbNetDriver, journal: TxJournal, sink: FrameSink, n_rx: int, n_tx: int,
+                      on_progress: Callable[[], None]) -> object:
+        from .native import make_usb_datapath
+        tap = getattr(sink, "__self__", None)
+        if tap is None or not hasattr(tap, "fileno"):
+            raise TypeError("the C transfer ring needs the TAP's write method as its sink")
+        return make_usb_datapath(self, journal, tap.fileno(), n_rx, n_tx, on_progress, read_tap=True)
+
+    # dummy_hcd and real host controllers move what is queued per (micro)frame: keep many in flight
+    return type(f"{cls.__name__}Native", (cls,), {"make_datapath": make_datapath, "default_rings": (64, 64),
+                                                   "__doc__": f"{cls.__name__} with the C transfer ring."})
