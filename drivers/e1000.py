@@ -359,6 +359,7 @@ class E1000(NetDriver):
     name = "e1000"
     ids = E1000_IDS
     max_mtu = 9000
+    default_rings = (256, 256)     # descriptors (RX, TX) that Nic asks for unless told otherwise
 
     def __init__(self, pci: PciTransport, actions: ActionList):
         self.pci = pci
