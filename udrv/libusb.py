@@ -69,10 +69,14 @@ class UsbSelector:
 def _device_info(dev: Any) -> DeviceInfo:
     itfs = []
     for setting in dev.iterSettings():
-        eps = tuple(EndpointInfo(ep.getAddress(), EpType(ep.getAttributes() & 3), ep.getMaxPacketSize() & 0x7FF,
-                                 ep.getInterval()) for ep in setting)
+        eps: list[EndpointInfo] = []
+        for ep in setting:
+            if any(e.address == ep.getAddress() for e in eps):
+                continue          # usbcore keeps the first descriptor of a duplicated address
+            eps.append(EndpointInfo(ep.getAddress(), EpType(ep.getAttributes() & 3),
+                                    ep.getMaxPacketSize() & 0x7FF, ep.getInterval()))
         itfs.append(InterfaceInfo(setting.getNumber(), setting.getAlternateSetting(), setting.getClass(),
-                                  setting.getSubClass(), setting.getProtocol(), eps,
+                                  setting.getSubClass(), setting.getProtocol(), tuple(eps),
                                   # python-libusb1 splits the class-specific descriptors into a list
                                   b"".join(bytes(d) for d in setting.getExtra())))
     return DeviceInfo(dev.getVendorID(), dev.getProductID(), dev.getbcdDevice(), dev.getDeviceClass(),
@@ -106,7 +110,10 @@ class LibusbTransport:
         except usb1.USBErrorNoDevice:
             raise DeviceGone(f"USB device {self.info.ident} vanished while opening it: replug it") from None
         self.actions.record("open USB device", self.handle.close)
-        self._eps = {ep.address: ep for itf in self.info.interfaces for ep in itf.endpoints}
+        self._eps: dict[int, EndpointInfo] = {}
+        for itf in self.info.interfaces:
+            for ep in itf.endpoints:
+                self._eps.setdefault(ep.address, ep)     # the first descriptor wins, as in usbcore
         self._free: list[Any] = []
         self._inflight: dict[int, Any] = {}     # id(transfer) -> transfer
         self._done: list[Completion] = []

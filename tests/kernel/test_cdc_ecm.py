@@ -1,0 +1,476 @@
+"""Kernel tier: the cdc_ecm class driver on devices nobody here wrote.
+
+1. The kernel's own configfs f_ecm gadget on dummy_hcd. The kernel's cdc_ether binds it first;
+   `udrv run` detaches it, drives the function through libusb and a TAP (udrv0); the gadget's
+   netdev sits in a second namespace (the peer). UDP echo both ways and iperf3 both ways,
+   counted at the peer; faults injected with `udrv inject` mid-traffic are recovered; SIGTERM
+   removes udrv0 and gives the interface back to cdc_ether.
+2. QEMU's usb-net (0525:a4a2): an RNDIS configuration and a CDC-ECM one. The guest kernel
+   selects the ECM configuration; udrv drives it with traffic to a host TAP peer.
+
+One guest boot per device (~45 s and ~35 s under TCG). The guest side of each scenario is this
+same file run as a script inside the guest (`python3 tests/kernel/test_cdc_ecm.py fecm OUT`);
+it writes a JSON report that the tests below check.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+IFNAME = "udrv0"
+PEER_NS = "ecmpeer"
+HOST_IP, PEER_IP = "10.78.0.1", "10.78.0.2"
+QTAP, QHOST_IP, QGUEST_IP = "udrvq0", "10.203.79.1", "10.203.79.2"
+ECHO_PORT = 7777
+GADGET_VID, GADGET_PID = 0x0525, 0xA4A1
+USB_NET_ID = "0525:a4a2"
+
+
+# =============================================================================================
+# guest side (runs inside the QEMU guest as root)
+# =============================================================================================
+
+def sh(*cmd: str, check: bool = True, timeout: float = 30.0) -> str:
+    cp = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
+    if check and cp.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {cp.stderr.strip() or cp.stdout.strip()}")
+    return cp.stdout
+
+
+def udrv(*args: str, check: bool = True) -> str:
+    return sh(sys.executable, "-m", "udrv.cli", *args, check=check, timeout=60)
+
+
+def udrv_status() -> dict:
+    """What `udrv status --json` prints, asked over the same control socket without starting a
+    second interpreter (each costs seconds of the guest's CPU under TCG)."""
+    from udrv.daemon import request
+    r = request(IFNAME, {"cmd": "status"})
+    if not r.get("ok"):
+        raise RuntimeError(f"udrv status: {r.get('error')}")
+    return r["status"]
+
+
+def wait(pred, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if pred():
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out ({timeout:.0f} s) waiting for {what}")
+
+
+def netdev_stat(ifname: str, stat: str, netns: str | None = None) -> int:
+    path = f"/sys/class/net/{ifname}/statistics/{stat}"
+    if netns:
+        return int(sh("ip", "netns", "exec", netns, "cat", path))
+    return int(Path(path).read_text())
+
+
+def echo(dst: str, sizes: list[int], port: int = ECHO_PORT, timeout: float = 0.5, src: str = "") -> int:
+    """UDP datagrams of these payload sizes; returns how many came back intact."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if src:
+        s.bind((src, 0))
+    s.settimeout(timeout)
+    got = 0
+    for i, size in enumerate(sizes):
+        msg = (b"%06d" % i) + bytes((i + k) & 0xFF for k in range(max(0, size - 6)))
+        s.sendto(msg, (dst, port))
+        try:
+            while True:
+                data = s.recv(4096)
+                if data[:6] == msg[:6]:
+                    got += data == msg
+                    break
+        except socket.timeout:
+            pass
+    s.close()
+    return got
+
+
+class Flood(threading.Thread):
+    """Steady UDP echo traffic while faults are injected; counts what came back."""
+
+    def __init__(self, dst: str, port: int = ECHO_PORT, interval: float = 0.02):
+        super().__init__(daemon=True)
+        self.dst, self.port, self.interval = dst, port, interval
+        self.sent = self.got = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(self.interval)
+        while not self.halt.is_set():
+            s.sendto(b"flood%08d" % self.sent + bytes(400), (self.dst, self.port))
+            self.sent += 1
+            try:
+                while True:
+                    s.recv(4096)
+                    self.got += 1
+            except socket.timeout:
+                pass
+        s.settimeout(0.5)
+        try:
+            while True:
+                s.recv(4096)
+                self.got += 1
+        except socket.timeout:
+            pass
+        s.close()
+
+
+def iperf(server: str, seconds: int, reverse: bool, netns: str | None) -> float:
+    """Mbit/s received, iperf3 client here, server (one-shot) in netns or here."""
+    pre = ["ip", "netns", "exec", netns] if netns else []
+    srv = subprocess.Popen(pre + ["iperf3", "-s", "-1", "-B", server], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    time.sleep(0.7)
+    try:
+        out = sh("iperf3", "-c", server, "-t", str(seconds), "-J", *(["-R"] if reverse else []),
+                 timeout=seconds + 30)
+        return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+def start_udrv(device: str, log: Path) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-m", "udrv.cli", "run", device, "--ifname", IFNAME,
+                          "--duration", "150"], stdout=log.open("w"), stderr=subprocess.STDOUT)
+    wait(lambda: p.poll() is None and os.path.exists(f"/run/udrv/{IFNAME}.sock")
+         and udrv_status()["state"] == "up", 60, "udrv run to bring the device up")
+    return p
+
+
+def stop_udrv(p: subprocess.Popen) -> int:
+    p.send_signal(signal.SIGTERM)
+    try:
+        return p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        return -9
+
+
+def interface0_driver(dev: Path) -> str | None:
+    cfg = (dev / "bConfigurationValue").read_text().strip() or "1"
+    link = dev.parent / f"{dev.name}:{cfg}.0" / "driver"
+    return os.path.basename(os.readlink(link)) if link.exists() else None
+
+
+def inject_faults(report: dict, flood_dst: str) -> None:
+    """udrv inject mid-traffic: datapath and configuration faults, each recovered in process."""
+    ifindex = Path(f"/sys/class/net/{IFNAME}/ifindex").read_text().strip()
+    flood = Flood(flood_dst)
+    flood.start()
+    time.sleep(0.8)
+    from udrv.daemon import request
+    for i, (entry, kind) in enumerate((("xmit", "raise"), ("poll", "stall"), ("set_rx_mode", "raise"))):
+        if i == 0:
+            udrv("inject", entry, kind, "--ifname", IFNAME)        # the command a user types
+        else:                                                      # the same request, no new interpreter
+            r = request(IFNAME, {"cmd": "inject", "entry": entry, "kind": kind, "count": 1})
+            assert r.get("ok"), r
+        if entry == "set_rx_mode":                      # the daemon mirrors the host's flags in 0.25 s
+            sh("ip", "link", "set", IFNAME, "promisc", "on")
+        time.sleep(1.0)
+    flood.halt.set()
+    flood.join(10)
+    st = udrv_status()
+    report["faults"] = {
+        "flood_sent": flood.sent, "flood_back": flood.got,
+        "recoveries": st["recoveries"], "escalations": st["escalations"], "restarts": st["restarts"],
+        "entries": [(r["entry"], r["fault"], r["outcome"]) for r in st["recent_recoveries"]],
+        "silent_ms": [r["silent_ms"] for r in st["recent_recoveries"]],
+        "ifindex_same": Path(f"/sys/class/net/{IFNAME}/ifindex").read_text().strip() == ifindex,
+        "promisc": st["rx_mode"]["promisc"], "unconfirmed": st["tx_journal"]["unconfirmed"],
+        "packet_filter": st["driver_stats"].get("packet_filter"),
+    }
+
+
+def guest_fecm(out: Path) -> None:
+    from udrv.gadget.configfs import ecm_gadget, modprobe, wait_host_device
+    report: dict = {"stage": "setup"}
+    try:
+        modprobe("dummy_hcd", "cdc_ether", "tun")
+        g = ecm_gadget(vid=GADGET_VID, pid=GADGET_PID, dev_addr="02:00:00:00:ec:02",
+                       host_addr="02:00:00:00:ec:01")
+        g.bind()
+        dev = wait_host_device(GADGET_VID, GADGET_PID)
+        wait(lambda: interface0_driver(dev) is not None, 10, "a kernel driver binding the gadget")
+        report["kernel_driver_before"] = interface0_driver(dev)
+        gif = g.function_attr("ecm.usb0", "ifname")
+        sh("ip", "netns", "add", PEER_NS)
+        sh("ip", "link", "set", gif, "netns", PEER_NS)
+        sh("ip", "-n", PEER_NS, "addr", "add", f"{PEER_IP}/24", "dev", gif)
+        sh("ip", "-n", PEER_NS, "link", "set", gif, "up")
+        sh("ip", "-n", PEER_NS, "link", "set", "lo", "up")
+        echo_srv = subprocess.Popen(["ip", "netns", "exec", PEER_NS, sys.executable, "-m", "udrv.echo",
+                                     "--port", str(ECHO_PORT)])
+        report["stage"] = "udrv start"
+        t0 = time.monotonic()
+        p = start_udrv(f"usb:{GADGET_VID:04x}:{GADGET_PID:04x}", out.parent / "udrv-fecm.log")
+        report["startup_s"] = round(time.monotonic() - t0, 1)
+        report["kernel_driver_during"] = interface0_driver(dev)
+        sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", IFNAME)
+        st = udrv_status()
+        report["mac"], report["mtu"], report["link"] = st["mac"], st["mtu"], st["link"]
+
+        report["stage"] = "echo"
+        rx0, tx0 = netdev_stat(gif, "rx_packets", PEER_NS), netdev_stat(gif, "tx_packets", PEER_NS)
+        # 512-42 payload -> a 512-byte frame (the pad rule), 1472 -> 1514 (a full frame)
+        sizes = [18, 100, 470, 512 - 42, 1024 - 42, 1472] * 5
+        report["echo_sent"], report["echo_back"] = len(sizes), echo(PEER_IP, sizes)
+        report["peer_rx"] = netdev_stat(gif, "rx_packets", PEER_NS) - rx0
+        report["peer_tx"] = netdev_stat(gif, "tx_packets", PEER_NS) - tx0
+        # the other way: the peer asks, udrv0's side answers
+        host_echo = subprocess.Popen([sys.executable, "-m", "udrv.echo", "--port", str(ECHO_PORT + 1)])
+        time.sleep(0.5)
+        report["reverse_back"] = int(sh("ip", "netns", "exec", PEER_NS, sys.executable, str(Path(__file__).resolve()),
+                                        "echo-client", HOST_IP, str(ECHO_PORT + 1)).strip())
+        host_echo.kill()
+
+        report["stage"] = "iperf3"
+        try:
+            report["iperf_tx_mbit"] = round(iperf(PEER_IP, 2, False, PEER_NS), 2)
+            report["iperf_rx_mbit"] = round(iperf(PEER_IP, 2, True, PEER_NS), 2)
+        except Exception as e:      # iperf3 is a bonus: the echo counts are the pass criterion
+            report["iperf_error"] = str(e)
+
+        report["stage"] = "faults"
+        inject_faults(report, PEER_IP)
+        report["echo_after_faults"] = echo(PEER_IP, [100, 1472] * 5)
+
+        report["stage"] = "stop"
+        report["udrv_exit"] = stop_udrv(p)
+        report["udrv0_gone"] = not Path(f"/sys/class/net/{IFNAME}").exists()
+        wait(lambda: interface0_driver(dev) == "cdc_ether", 10, "cdc_ether to re-attach")
+        report["kernel_driver_after"] = interface0_driver(dev)
+        echo_srv.kill()
+        report["stage"] = "done"
+    except Exception as e:
+        report["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        out.write_text(json.dumps(report, indent=1))
+
+
+def guest_usbnet(out: Path) -> None:
+    from udrv.libusb import LibusbTransport, UsbSelector
+    from udrv.drivers.cdc_ecm import NotCdcEcm, parse_ecm_function
+    report: dict = {"stage": "setup"}
+    try:
+        sh("modprobe", "xhci_pci")
+        sh("modprobe", "cdc_ether")
+        sh("modprobe", "tun")
+        vid, pid = (int(x, 16) for x in USB_NET_ID.split(":"))
+        devs: list[Path] = []
+
+        def found() -> bool:
+            for d in Path("/sys/bus/usb/devices").iterdir():
+                if (d / "idVendor").exists() and (d / "idVendor").read_text().strip() == f"{vid:04x}" \
+                        and (d / "idProduct").read_text().strip() == f"{pid:04x}" \
+                        and (d / "bConfigurationValue").read_text().strip():
+                    devs.append(d)
+                    return True
+            return False
+        wait(found, 15, f"QEMU usb-net ({USB_NET_ID}) to enumerate")
+        dev = devs[0]
+        report["configurations"] = int((dev / "bNumConfigurations").read_text())
+        report["active_configuration"] = int((dev / "bConfigurationValue").read_text())
+        t = LibusbTransport(UsbSelector(vid=vid, pid=pid))
+        try:
+            fn = parse_ecm_function(t.info)
+            report["ecm_function"] = {"control": fn.control, "data": fn.data, "alt": fn.data_alt,
+                                      "max_segment": fn.max_segment, "bulk_mps": fn.in_max_packet}
+        except NotCdcEcm as e:
+            report["no_ecm"] = str(e)
+            return
+        finally:
+            t.close()
+        wait(lambda: interface0_driver(dev) is not None, 10, "a kernel driver binding usb-net")
+        report["kernel_driver_before"] = interface0_driver(dev)
+
+        report["stage"] = "udrv start"
+        p = start_udrv(f"usb:{USB_NET_ID}", out.parent / "udrv-usbnet.log")
+        report["kernel_driver_during"] = interface0_driver(dev)
+        sh("ip", "addr", "add", f"{QGUEST_IP}/24", "dev", IFNAME)
+        st = udrv_status()
+        report["mac"], report["link"] = st["mac"], st["link"]
+        report["packet_filter_at_start"] = st["driver_stats"].get("packet_filter")
+        report["stage"] = "echo"
+        sizes = [18, 100, 1000, 1472] * 5
+        report["echo_sent"], report["echo_back"] = len(sizes), echo(QHOST_IP, sizes, timeout=1.0)
+        report["stage"] = "faults"
+        inject_faults(report, QHOST_IP)
+        report["echo_after_faults"] = echo(QHOST_IP, [100, 1472] * 5, timeout=1.0)
+        report["stage"] = "stop"
+        report["udrv_exit"] = stop_udrv(p)
+        report["udrv0_gone"] = not Path(f"/sys/class/net/{IFNAME}").exists()
+        wait(lambda: interface0_driver(dev) == "cdc_ether", 10, "cdc_ether to re-attach")
+        report["kernel_driver_after"] = interface0_driver(dev)
+        report["stage"] = "done"
+    except Exception as e:
+        report["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        out.write_text(json.dumps(report, indent=1))
+
+
+# =============================================================================================
+# host side (pytest)
+# =============================================================================================
+
+try:
+    import pytest
+except ImportError:          # inside the guest the scenarios do not need pytest
+    pytest = None  # type: ignore[assignment]
+
+if pytest is not None:
+    pytestmark = pytest.mark.kernel
+
+    def _run_scenario(guest, name: str, devices, tmp: Path, timeout: float = 280.0) -> dict:
+        """Boot the guest (the `guest` fixture of tests/kernel/conftest.py) and run one scenario."""
+        out = tmp / "report.json"
+        res = guest.run([guest.python, str(Path(__file__).resolve()), name, str(out)], devices,
+                        timeout=timeout, out_dir=tmp)
+        if not out.exists():
+            raise AssertionError(f"the guest wrote no report (exit {res.returncode}):\n{res.output[-3000:]}\n"
+                                 f"console:\n{res.console[-2000:]}")
+        report = json.loads(out.read_text())
+        report["_guest_seconds"] = round(res.seconds, 1)
+        for log in tmp.glob("udrv-*.log"):
+            report.setdefault("_logs", {})[log.name] = log.read_text()[-4000:]
+        return report
+
+    @pytest.fixture(scope="module")
+    def fecm(guest, tmp_path_factory):
+        from tools.guest import GuestDevices
+        # two vCPUs: with one, the daemon is starved past its 0.5 s guard deadlines while the
+        # scenario's own Python (flood, udrv inject) runs, and the watchdog fires spuriously
+        return _run_scenario(guest, "fecm", GuestDevices(smp=2), tmp_path_factory.mktemp("fecm"))
+
+    class _HostEcho(threading.Thread):
+        def __init__(self, addr: str, port: int):
+            super().__init__(daemon=True)
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((addr, port))
+            self.sock.settimeout(0.2)
+            self.count = 0
+            self.halt = threading.Event()
+
+        def run(self) -> None:
+            while not self.halt.is_set():
+                try:
+                    data, peer = self.sock.recvfrom(4096)
+                except (socket.timeout, OSError):
+                    continue
+                self.count += 1
+                self.sock.sendto(data, peer)
+            self.sock.close()
+
+    @pytest.fixture(scope="module")
+    def usbnet(guest, tmp_path_factory):
+        from tools.guest import GuestDevices
+        if os.geteuid() != 0:
+            pytest.skip("QEMU usb-net's peer is a host TAP: creating it needs root")
+        created = not Path(f"/sys/class/net/{QTAP}").exists()
+        if created:
+            sh("ip", "tuntap", "add", "dev", QTAP, "mode", "tap")
+        sh("ip", "addr", "replace", f"{QHOST_IP}/24", "dev", QTAP)
+        sh("ip", "link", "set", QTAP, "up")
+        srv = _HostEcho(QHOST_IP, ECHO_PORT)
+        srv.start()
+        try:
+            rx0 = netdev_stat(QTAP, "rx_packets")
+            report = _run_scenario(guest, "usbnet", GuestDevices(usb_net=True, tap_ifname=QTAP, smp=2),
+                                   tmp_path_factory.mktemp("usbnet"))
+            report["host_echo_count"] = srv.count
+            report["host_tap_rx"] = netdev_stat(QTAP, "rx_packets") - rx0
+        finally:
+            srv.halt.set()
+            srv.join(2)
+            if created:
+                subprocess.run(["ip", "link", "del", QTAP], capture_output=True)
+        return report
+
+    def _ok(r: dict) -> None:
+        assert "error" not in r, f"guest scenario failed at {r.get('stage')}: {r['error']}\n{r.get('_logs')}"
+
+    # --- f_ecm on dummy_hcd -------------------------------------------------------------------------
+
+    def test_fecm_udrv_takes_the_device_from_the_kernel_driver(fecm):
+        _ok(fecm)
+        assert fecm["kernel_driver_before"] == "cdc_ether"
+        assert fecm["kernel_driver_during"] == "usbfs"
+        assert fecm["mac"] == "02:00:00:00:ec:01"          # the gadget's host_addr = iMACAddress
+        assert fecm["mtu"] == 1500                          # wMaxSegmentSize 1514
+        assert fecm["link"]["up"] and fecm["link"]["speed"] > 0   # NETWORK_CONNECTION + SPEED_CHANGE
+
+    def test_fecm_traffic_both_ways_counted_at_the_peer(fecm):
+        _ok(fecm)
+        assert fecm["echo_back"] == fecm["echo_sent"], fecm
+        assert fecm["peer_rx"] >= fecm["echo_sent"] and fecm["peer_tx"] >= fecm["echo_sent"]
+        assert fecm["reverse_back"] == 12
+        if "iperf_error" not in fecm:
+            assert fecm["iperf_tx_mbit"] > 0 and fecm["iperf_rx_mbit"] > 0
+
+    def test_fecm_injected_faults_are_recovered_mid_traffic(fecm):
+        _ok(fecm)
+        f = fecm["faults"]
+        assert f["recoveries"] >= 3 and f["escalations"] == 0 and f["restarts"] == 0, f
+        entries = {(e, fault) for e, fault, outcome in f["entries"] if outcome == "recovered"}
+        assert {("xmit", "exception"), ("poll", "stall"), ("set_rx_mode", "exception")} <= entries, f
+        assert f["ifindex_same"] and f["promisc"] and f["packet_filter"] & 0x01
+        assert f["flood_back"] > 0.8 * f["flood_sent"], f
+        assert fecm["echo_after_faults"] == 10
+
+    def test_fecm_sigterm_removes_udrv0_and_gives_the_device_back(fecm):
+        _ok(fecm)
+        assert fecm["udrv_exit"] == 0
+        assert fecm["udrv0_gone"]
+        assert fecm["kernel_driver_after"] == "cdc_ether"
+
+    # --- QEMU usb-net ----------------------------------------------------------------------------
+
+    def test_qemu_usb_net_ecm_configuration(usbnet):
+        if "no_ecm" in usbnet:
+            pytest.skip(f"QEMU usb-net offers no CDC-ECM function here: {usbnet['no_ecm']}")
+        _ok(usbnet)
+        assert usbnet["configurations"] == 2                 # RNDIS + CDC-ECM
+        assert usbnet["active_configuration"] == 1           # the kernel chose the ECM one
+        assert usbnet["ecm_function"]["alt"] == 1 and usbnet["ecm_function"]["bulk_mps"] == 64
+        assert usbnet["kernel_driver_before"] == "cdc_ether" and usbnet["kernel_driver_during"] == "usbfs"
+
+    def test_qemu_usb_net_traffic_to_a_host_tap_peer(usbnet):
+        if "no_ecm" in usbnet:
+            pytest.skip(f"QEMU usb-net offers no CDC-ECM function here: {usbnet['no_ecm']}")
+        _ok(usbnet)
+        assert usbnet["echo_back"] == usbnet["echo_sent"], usbnet
+        assert usbnet["host_echo_count"] >= usbnet["echo_sent"]
+        assert usbnet["host_tap_rx"] >= usbnet["echo_sent"]
+        f = usbnet["faults"]
+        assert f["escalations"] == 0 and f["recoveries"] >= 3 and f["ifindex_same"], f
+        assert usbnet["echo_after_faults"] == 10
+        assert usbnet["udrv_exit"] == 0 and usbnet["udrv0_gone"]
+        assert usbnet["kernel_driver_after"] == "cdc_ether"
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "echo-client":              # the peer namespace's side of the reverse echo
+        print(echo(sys.argv[2], [18, 470, 1472] * 4, int(sys.argv[3])))
+    else:
+        {"fecm": guest_fecm, "usbnet": guest_usbnet}[sys.argv[1]](Path(sys.argv[2]))

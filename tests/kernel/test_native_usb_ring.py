@@ -1,0 +1,299 @@
+"""Kernel tier: the C USB ring (udrv.native.NativeUsbRing) on a real USB device.
+
+The device is the kernel's own CDC-ECM function (configfs f_ecm) on dummy_hcd; its host side is
+claimed through python-libusb1 (the kernel's cdc_ether, if loaded, is detached), the data
+interface is switched to alt setting 1, and the C ring runs between its bulk endpoints (RAW
+framing) and a TAP. Frames cross both ways through AF_PACKET sockets bound to the gadget's usb0
+and to the TAP, byte-exact and in order, including lengths that are a multiple of the 512-byte
+packet size (the ring asks for a ZLP there); the ring's counters, the netdevs' statistics and
+the TX journal must agree; ECM notifications arrive through the interrupt-endpoint queue; a
+reset (cancel, clear halts, rewind, restart) with OUT transfers in flight loses nothing and
+leaks no transfer; an unplug under a running ring surfaces as DeviceGone.
+
+The guest side is this file run as a script inside the guest; it prints one JSON report line.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+GADGET_VID, GADGET_PID = 0x0525, 0xA4A2
+ETHERTYPE = 0x88B6                 # IEEE local experimental: nothing else in the guest uses it
+TAP_NAME = "udrvn0"
+REPORT_PREFIX = "NATIVE-RING-REPORT "
+SIZES = [60, 64, 100, 511, 512, 513, 1000, 1024, 1500, 1514]   # 512/1024: whole high-speed packets
+
+
+# =============================================================================================
+# guest side
+# =============================================================================================
+
+def _frame(dst: bytes, src: bytes, n: int, size: int, tag: int) -> bytes:
+    head = dst + src + ETHERTYPE.to_bytes(2, "big") + bytes((tag,)) + n.to_bytes(4, "big")
+    return head + bytes((n * 7 + i) & 0xFF for i in range(size - len(head)))
+
+
+def _stat(ifname: str, what: str) -> int:
+    return int(Path(f"/sys/class/net/{ifname}/statistics/{what}").read_text())
+
+
+class _EcmStub:
+    """The least a UsbNetDriver offers the ring: endpoints, framing, transport, action list."""
+
+    def __init__(self, usb: Any, ep_in: int, ep_out: int, ep_status: int | None):
+        from udrv.actions import ActionList
+        from udrv.framing import Framing, Shape
+        self.usb = usb
+        self.actions = ActionList()
+        self.EP_IN, self.EP_OUT, self.EP_STATUS = ep_in, ep_out, ep_status
+        self.status_size = 16
+        self.framing = Framing(Shape.RAW, rx_transfer_size=1536 + 4)
+        self.status: list[bytes] = []
+        self.soft = type("Soft", (), {"mtu": 1500})()
+
+    def framing_now(self):
+        return self.framing
+
+    def on_status(self, data: bytes) -> None:
+        self.status.append(data)
+
+
+def _exchange(ring: Any, tap_sock: socket.socket, gad_sock: socket.socket, tap_mac: bytes,
+              gad_mac: bytes, count: int, tag: int, timeout: float = 60.0) -> dict[str, Any]:
+    """count frames each way, interleaved; returns what arrived where."""
+    to_gadget = [_frame(gad_mac, tap_mac, i, SIZES[i % len(SIZES)], tag) for i in range(count)]
+    to_host = [_frame(tap_mac, gad_mac, i, SIZES[(i + 3) % len(SIZES)], tag) for i in range(count)]
+    got_gadget: list[bytes] = []
+    got_host: list[bytes] = []
+    sent = 0
+    end = time.monotonic() + timeout
+    while (len(got_gadget) < count or len(got_host) < count) and time.monotonic() < end:
+        for _ in range(4):                      # a few at a time: the TAP queue is 500 frames
+            if sent < count:
+                tap_sock.send(to_gadget[sent])  # host stack -> TAP -> ring -> bulk OUT -> usb0
+                gad_sock.send(to_host[sent])    # usb0 -> bulk IN -> ring -> TAP -> host stack
+                sent += 1
+        ring.xmit()
+        ring.poll(0.002)
+        for sock, got in ((gad_sock, got_gadget), (tap_sock, got_host)):
+            while True:
+                try:
+                    data, addr = sock.recvfrom(65536)
+                except BlockingIOError:
+                    break
+                if addr[2] != socket.PACKET_OUTGOING and len(data) > 14 and data[14] == tag:
+                    got.append(data)
+    return {"to_gadget_ok": got_gadget == to_gadget, "to_host_ok": got_host == to_host,
+            "to_gadget": len(got_gadget), "to_host": len(got_host),
+            "first_bad_to_gadget": next((i for i, (a, b) in enumerate(zip(got_gadget, to_gadget)) if a != b), None),
+            "first_bad_to_host": next((i for i, (a, b) in enumerate(zip(got_host, to_host)) if a != b), None)}
+
+
+def _reset_with_frames_in_flight(ring: Any, tap_sock: socket.socket, gad_sock: socket.socket,
+                                 tap_mac: bytes, gad_mac: bytes, usb0: str, count: int = 60) -> dict[str, Any]:
+    """Invariant 2 on a real device: a reset while OUT transfers are in flight re-issues them;
+    every frame arrives, at most the re-issued ones twice."""
+    frames = [_frame(gad_mac, tap_mac, i, SIZES[i % len(SIZES)], 3) for i in range(count)]
+    os.system(f"ip link set {usb0} down")    # the gadget queues no OUT requests: transfers wait
+    for f in frames:
+        tap_sock.send(f)
+    time.sleep(0.05)
+    submitted = ring.xmit()                  # n_tx transfers go to the device ...
+    for _ in range(20):
+        ring.poll(0.005)
+    in_device = ring.journal.in_device()
+    reissued = ring.reset()                  # ... and are cancelled before the device took them
+    os.system(f"ip link set {usb0} up")
+    got: list[bytes] = []
+    end = time.monotonic() + 30
+    while len(set(got)) < count and time.monotonic() < end:
+        ring.xmit()
+        ring.poll(0.002)
+        while True:
+            try:
+                data, addr = gad_sock.recvfrom(65536)
+            except BlockingIOError:
+                break
+            except OSError as e:         # the socket reports the down/up of usb0 once
+                if e.errno != errno.ENETDOWN:
+                    raise
+                continue
+            if addr[2] != socket.PACKET_OUTGOING and len(data) > 14 and data[14] == 3:
+                got.append(data)
+    for _ in range(50):
+        ring.poll(0.01)
+    return {"submitted": submitted, "in_device": in_device, "reissued": reissued,
+            "received": len(got), "unique": len(set(got)), "all_arrived": set(got) == set(frames),
+            "in_order_after_dedup": list(dict.fromkeys(got)) == frames}
+
+
+def guest_main() -> dict[str, Any]:
+    from udrv import native
+    from udrv.gadget import ecm_gadget, modprobe, wait_host_device
+    from udrv.journal import TxJournal
+    from udrv.libusb import LibusbTransport, UsbSelector
+    from udrv.tap import Tap
+    from udrv.usbtransport import EpType
+
+    report: dict[str, Any] = {"native": native.available(), "why": native.why_unavailable()}
+    if not native.available():
+        return report
+    for conf in ("all", "default"):          # no IPv6 chatter on the interfaces we count
+        Path(f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6").write_text("1\n")
+    modprobe("tun", "dummy_hcd", "libcomposite", "usb_f_ecm")
+    gadget = ecm_gadget("udrv-native", vid=GADGET_VID, pid=GADGET_PID,
+                        dev_addr="02:00:00:00:0e:02", host_addr="02:00:00:00:0e:01")
+    gadget.bind()
+    wait_host_device(GADGET_VID, GADGET_PID)
+    usb0 = gadget.function_attr("ecm.usb0", "ifname")
+    os.system(f"ip link set {usb0} up")
+
+    t = LibusbTransport(UsbSelector(vid=GADGET_VID, pid=GADGET_PID))
+    ctl = next(i for i in t.info.interfaces if (i.cls, i.subclass) == (0x02, 0x06))
+    data = next(i for i in t.info.interfaces if i.cls == 0x0A and i.alt == 1)
+    ep_in = next(e.address for e in data.endpoints if e.is_in and e.type is EpType.BULK)
+    ep_out = next(e.address for e in data.endpoints if not e.is_in and e.type is EpType.BULK)
+    ep_status = next((e.address for e in ctl.endpoints if e.type is EpType.INTERRUPT), None)
+    t.claim_interface(ctl.number)            # detaches cdc_ether if it bound the device
+    t.claim_interface(data.number)
+    t.set_alt_setting(data.number, 1)         # ECM: alt 1 = the bulk pair is live
+    report.update(endpoints=[ep_in, ep_out, ep_status], speed=t.info.speed,
+                  max_packet=t.endpoint(ep_out).max_packet)
+
+    tap = Tap(TAP_NAME)
+    tap.set_up(True)
+    journal = TxJournal(256)
+    driver = _EcmStub(t, ep_in, ep_out, ep_status)
+    ring = native.make_usb_datapath(driver, journal, tap.fd, n_rx=8, n_tx=8, zero_packet=True)
+    ring.start()
+
+    def sock(ifname: str) -> socket.socket:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
+        s.bind((ifname, ETHERTYPE))
+        s.setblocking(False)
+        return s
+
+    tap_sock, gad_sock = sock(TAP_NAME), sock(usb0)
+    tap_mac, gad_mac = tap.mac(), bytes.fromhex(Path(f"/sys/class/net/{usb0}/address").read_text().strip().replace(":", ""))
+    base = {k: _stat(usb0, k) for k in ("rx_packets", "tx_packets")}
+    tap_base = {k: _stat(TAP_NAME, k) for k in ("rx_packets", "tx_packets")}
+    n = 200
+    t0 = time.monotonic()
+    report["phase1"] = _exchange(ring, tap_sock, gad_sock, tap_mac, gad_mac, n, tag=1)
+    report["phase1"]["seconds"] = round(time.monotonic() - t0, 2)
+    for _ in range(50):                      # let the last completions land
+        ring.poll(0.01)
+    journal.sync()
+    report["journal_after_phase1"] = {"head": journal.head, "sent": journal.sent, "tail": journal.tail}
+
+    # a recovery in the middle of the device's life: cancel, clear halts, rewind, restart
+    report["reissued_by_reset"] = ring.reset()
+    report["phase2"] = _exchange(ring, tap_sock, gad_sock, tap_mac, gad_mac, n, tag=2)
+    for _ in range(50):
+        ring.poll(0.01)
+    report["phase3"] = _reset_with_frames_in_flight(ring, tap_sock, gad_sock, tap_mac, gad_mac, usb0)
+    journal.sync()
+    c = ring.counters
+    report["counters"] = {"rx_packets": c.rx_packets, "tx_packets": c.tx_packets, "rx_bytes": c.rx_bytes,
+                          "tx_bytes": c.tx_bytes, "rx_dropped": c.rx_dropped, "tx_errors": c.tx_errors,
+                          "status_packets": c.status_packets}
+    report["tap_counters"] = ring.tap_counters()
+    report["status"] = [d.hex() for d in driver.status]
+    report["journal"] = {"head": journal.head, "sent": journal.sent, "tail": journal.tail,
+                         "reissued": journal.reissued}
+    report["usb0"] = {k: _stat(usb0, k) - base[k] for k in base}
+    report["tap"] = {k: _stat(TAP_NAME, k) - tap_base[k] for k in tap_base}
+    ring.stop()
+    report["in_flight_after_stop"] = ring.in_flight()
+    report["leaked_transfers"] = ring.leaked_transfers
+    report["live_actions"] = driver.actions.live()
+
+    # the device goes away under a running ring: poll() raises DeviceGone, nothing leaks
+    from udrv.errors import DeviceGone
+    ring.start()
+    gadget.soft_connect(False)
+    report["unplug"] = "no error"
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        try:
+            ring.poll(0.01)
+        except DeviceGone as e:
+            report["unplug"] = f"DeviceGone: {e}"
+            break
+    ring.stop()
+    report["in_flight_after_unplug"] = ring.in_flight()
+    ring.close()
+    t.close()
+    tap.close()
+    gadget.remove()
+    return report
+
+
+# =============================================================================================
+# host side (pytest)
+# =============================================================================================
+
+def _report(guest) -> dict[str, Any]:
+    import pytest
+    from udrv import native
+    if not native.available():
+        pytest.skip(f"the C fast path is not built: {native.why_unavailable()}")
+    res = guest.run([guest.python, str(Path(__file__).resolve()), "guest"], timeout=180)
+    lines = [ln for ln in res.output.splitlines() if ln.startswith(REPORT_PREFIX)]
+    assert res.returncode == 0 and lines, f"guest run failed ({res.returncode}):\n{res.output[-3000:]}"
+    return json.loads(lines[-1][len(REPORT_PREFIX):])
+
+
+def test_native_ring_moves_frames_both_ways_on_a_real_usb_device(guest) -> None:
+    r = _report(guest)
+    assert r["native"], r["why"]
+    n = 200
+    for phase in ("phase1", "phase2"):
+        p = r[phase]
+        assert p["to_gadget"] == n and p["to_gadget_ok"], (phase, p)     # TAP -> bulk OUT -> usb0
+        assert p["to_host"] == n and p["to_host_ok"], (phase, p)         # usb0 -> bulk IN -> TAP
+    p3 = r["phase3"]
+    m = 60                                   # frames of the reset-in-flight phase
+    assert p3["submitted"] == 8 and p3["in_device"] == 8, p3
+    assert p3["all_arrived"] and p3["in_order_after_dedup"], p3           # nothing lost
+    assert p3["reissued"] == 8, p3                                      # the 8 cancelled OUT transfers
+    assert p3["received"] - p3["unique"] <= p3["reissued"], p3           # duplicates only from re-issue
+    c = r["counters"]
+    assert c["tx_packets"] == 2 * n + m and c["rx_packets"] == 2 * n, c
+    assert c["rx_dropped"] == {} and c["tx_errors"] == {}, c
+    # the netdevs saw the same frames the ring counted
+    dups = p3["received"] - p3["unique"]
+    assert r["usb0"]["rx_packets"] == 2 * n + m + dups and r["usb0"]["tx_packets"] == 2 * n, r["usb0"]
+    assert r["tap"]["rx_packets"] == 2 * n and r["tap"]["tx_packets"] == 2 * n + m, r["tap"]
+    assert r["tap_counters"]["tap_frames_in"] == 2 * n + m
+    # every frame read from the TAP is confirmed by the device: nothing left in the journal
+    j = r["journal"]
+    assert j["head"] == j["sent"] == j["tail"] == 2 * n + m, j
+    assert j["reissued"] == p3["reissued"], j
+    assert r["journal_after_phase1"] == {"head": n, "sent": n, "tail": n}
+    assert r["reissued_by_reset"] == 0
+    # ECM notifications (NETWORK_CONNECTION, SPEED_CHANGE) came through the interrupt queue
+    assert c["status_packets"] >= 1 and r["status"], r["status"]
+    assert r["status"][0][:4] in ("a100", "a12a"), r["status"]
+    # no leaked transfers, no leftover actions
+    assert r["in_flight_after_stop"] == 0 and r["leaked_transfers"] == 0
+    assert r["live_actions"] == []
+    # unplugged under a running ring: reported as DeviceGone (the guard's cue), transfers reaped
+    assert r["unplug"].startswith("DeviceGone: the USB device disappeared"), r["unplug"]
+    assert r["in_flight_after_unplug"] == 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["guest"]:
+        out = guest_main()
+        print(REPORT_PREFIX + json.dumps(out), flush=True)
