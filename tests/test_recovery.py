@@ -284,3 +284,20 @@ def test_tx_error_then_success_in_one_batch_loses_nothing(rig):
     rig.pump(20)
     assert frames[0] in rig.wire_tx, "the STALLed frame was confirmed by later completions and lost"
     assert rig.nic.journal.unconfirmed() == 0
+
+
+def test_deadline_adapts_to_a_slow_machine(wrig):
+    """A machine where calls are slow must not turn slowness into spurious hang recoveries."""
+    g = wrig.nic.guard
+    g.config_deadline = 0.05
+    real = wrig.nic.driver.set_mtu
+
+    def slow_set_mtu(mtu):
+        time.sleep(0.03)               # a slow (starved, emulated) device: 0.03 s per call
+        real(mtu)
+    wrig.nic.driver.set_mtu = slow_set_mtu
+    assert g.budget("set_mtu") == 0.05
+    for mtu in (1400, 1401, 1402):
+        wrig.nic.set_mtu(mtu)
+    assert g.budget("set_mtu") >= 4 * 0.03
+    assert wrig.nic.recoveries == []

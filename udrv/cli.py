@@ -133,7 +133,9 @@ def cmd_run(args: argparse.Namespace, scenario: Any = None) -> int:
         # after an unplug the device comes back as a new USB device: find it the same way
         reopen = lambda: LibusbTransport(transport.selector, context=transport.ctx)  # noqa: E731
     nic = Nic(driver_cls, transport, tap.write,
-              NicOptions(guards=not args.no_guards, recovery=getattr(args, "recovery", "checkpoint")),
+              NicOptions(guards=not args.no_guards, recovery=getattr(args, "recovery", "checkpoint"),
+                         config_deadline=getattr(args, "config_deadline", 1.0),
+                         datapath_deadline=getattr(args, "datapath_deadline", 1.0)),
               watchdog=Watchdog(), on_recovery=lambda r: logging.getLogger("udrv").warning("%s", r.line()),
               reopen=reopen)
     daemon = Daemon(nic, tap, extra_fds=extra, model=model)
@@ -298,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ifname", default="udrv0", help="TAP interface name (default udrv0)")
     r.add_argument("--no-guards", action="store_true", help="run entry points unguarded (for comparison)")
     r.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    r.add_argument("--config-deadline", type=float, default=1.0, metavar="S",
+                   help="a configuration call running longer is a hang (default 1 s; raised automatically "
+                        "above 4x the call's running average on slow machines)")
+    r.add_argument("--datapath-deadline", type=float, default=1.0, metavar="S",
+                   help="an xmit/poll call running longer is a hang (default 1 s)")
     r.set_defaults(fn=cmd_run)
 
     d = sub.add_parser("demo", help="embedded device + iperf3 + a fault injected mid-run")

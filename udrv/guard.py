@@ -150,6 +150,7 @@ class Guard:
         self.retry = retry
         # bring-up may legitimately take long (PHY scans, chip settle times); nothing else should
         self.deadlines: dict[str, float] = {"bind": 5.0, "probe": 10.0}
+        self._avg: dict[str, float] = {}        # running average duration per entry point
         self.checkpoint: Any = None
         self.recoveries: list[Recovery] = []
         self._recent_dp_faults: list[float] = []
@@ -170,7 +171,7 @@ class Guard:
             t0 = time.monotonic()
             active = self.injector.begin(entry, self.driver) if self.injector.armed else None
             try:
-                with self._deadline(entry, self.deadlines.get(entry, self.config_deadline)):
+                with self._deadline(entry, self.budget(entry)):
                     try:
                         result = fn(*args)
                     finally:
@@ -205,13 +206,26 @@ class Guard:
                 self._report(rec)
                 raise Escalation(DriverFault(entry, rec.fault, rec.detail)) from exc
             self.checkpoint = self.driver.checkpoint()
-            if first is not None:
+            if first is None:
+                self._learn(entry, time.monotonic() - t0)
+            else:
                 first.outcome = "recovered"
             return result
         raise AssertionError("unreachable")
 
+    def budget(self, entry: str) -> float:
+        """The deadline of a configuration call: the configured floor, or — on a slow machine
+        where calls take longer — a guard above their running average (nDriver's detector)."""
+        floor = self.deadlines.get(entry, self.config_deadline)
+        avg = self._avg.get(entry)
+        return floor if avg is None else max(floor, 4 * avg + 0.1)
+
+    def _learn(self, entry: str, seconds: float) -> None:
+        avg = self._avg.get(entry)
+        self._avg[entry] = seconds if avg is None else 0.8 * avg + 0.2 * seconds
+
     def _restore(self) -> None:
-        with self._deadline("restore", self.config_deadline):
+        with self._deadline("restore", max(self.config_deadline, self.budget("open"))):
             if self.checkpoint is not None:
                 self.driver.restore(self.checkpoint)
             self.sync_datapath()
