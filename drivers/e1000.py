@@ -1,6 +1,8 @@
 """Intel PRO/1000: 82540EM (8086:100e) and the 8254x family, 82574L (8086:10d3, e1000e).
 
-Device knowledge only, polled (no interrupts), legacy descriptors on one RX and one TX queue.
+Device knowledge only, polled (no interrupts), legacy descriptors on one RX and one TX queue;
+on TX also TCP/IP context + extended data descriptors for what the host's TAP leaves undone
+(checksum offload, TCP segmentation: `offloads`, see udrv.offload).
 Facts from Intel's 8254x and 82574 software developer's manuals as summarised in
 shared/reference/e1000.md, cross-read against Linux e1000/e1000e, QEMU and DPDK; written here
 independently of the udrv e1000 device model (models and drivers share no constants).
@@ -31,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from udrv import offload
 from udrv.actions import Action, ActionList
 from udrv.datapath import DatapathCounters
 from udrv.driver import DriverStats, FrameSink, LinkState, NetDriver, RxMode
@@ -191,6 +194,19 @@ TXD_STAT_DD = 0x01
 TXD_STAT_EC = 0x02       # excess collisions
 TXD_STAT_LC = 0x04       # late collision
 TXD_CMD = TXD_CMD_EOP | TXD_CMD_IFCS | TXD_CMD_RS
+
+# extended TX descriptors (DEXT set): the type sits in bits 23:20 of the length dword
+TXD_DTYP_SHIFT = 20
+TXD_DTYP_CONTEXT = 0x0   # TCP/IP context: where the checksums go, TSO's MSS/HDRLEN/PAYLEN
+TXD_DTYP_DATA = 0x1      # data: buffer + DCMD + POPTS, under the last context
+TXD_CMD_TSE = 0x04       # DCMD/TUCMD: TCP segmentation (on a legacy descriptor this bit is IC)
+TUCMD_TCP = 0x01         # context: the L4 header is TCP (else UDP)
+TUCMD_IP = 0x02          # context: the L3 header is IPv4 (else IPv6)
+POPTS_IXSM = 0x01        # data: insert the IPv4 header checksum
+POPTS_TXSM = 0x02        # data: insert the TCP/UDP checksum
+TX_CTX_OFFSET_MAX = 0xFF  # IPCSS, IPCSO, TUCSS, TUCSO and HDRLEN are 8-bit fields
+TX_PAYLEN_MAX = 0xFFFFF  # PAYLEN: 20 bits
+TX_MSS_MAX = 0xFFFF
 
 # ring geometry
 RING_ALIGN_DESC = 8      # RDLEN/TDLEN must be a multiple of 128 bytes = 8 descriptors
@@ -360,6 +376,8 @@ class E1000(NetDriver):
     ids = E1000_IDS
     max_mtu = 9000
     default_rings = (256, 256)     # descriptors (RX, TX) that Nic asks for unless told otherwise
+    # what the family can take from the TAP (TCP/IP context descriptors); a chip narrows it
+    offloads = frozenset({"csum", "tso4", "tso6"})
 
     def __init__(self, pci: PciTransport, actions: ActionList):
         self.pci = pci
@@ -368,6 +386,9 @@ class E1000(NetDriver):
         self.flags = self.ident.flags if self.ident else 0
         # per chip: the 82583 (and unknown parts) stay at 1500
         self.max_mtu = 9000 if self.flags & JUMBO else 1500
+        # IPv6 segmentation only on the 8257x generation: Linux e1000 offers no TSO6 for the
+        # 8254x, and QEMU's e1000 writes a wrong IPv6 payload length (it counts the header)
+        self.offloads = E1000.offloads if self.flags & E1000E else frozenset({"csum", "tso4"})
         self.soft = E1000Soft()
         self.rings: RingMemory | None = None
         self.ring_epoch = 0                  # bumped whenever ring registers are (re)programmed
@@ -954,7 +975,58 @@ class RingMemory:
 # --- the Python datapath ------------------------------------------------------------------------------
 _DESC = struct.Struct("<QQ")           # whole descriptor: address, then the upper 8 bytes
 _TXD = struct.Struct("<QHBBBBH")       # address, length, CSO, CMD, status, CSS, special
+_TXD_DATA = struct.Struct("<QIBBH")    # extended data: address, length|DTYP|DCMD, status, POPTS, special
+_TXD_CTX = struct.Struct("<BBHBBHIBBH")  # context: IPCSS, IPCSO, IPCSE, TUCSS, TUCSO, TUCSE,
+                                         # PAYLEN|DTYP|TUCMD, status, HDRLEN, MSS
 _U16 = struct.Struct("<H")
+_CSUM_FIELDS = struct.Struct("<HH")    # virtio-net header: csum_start, csum_offset at byte 6
+_GSO_FIELDS = struct.Struct("<HH")     # virtio-net header: gso_size, csum_start at byte 4
+
+
+@dataclass
+class TxPiece:
+    """One packet for the device: a legacy frame, or (ctx set) a context descriptor followed by
+    extended data descriptors. `data` may span several buffers (TSO); `packets` is how many
+    wire frames it becomes."""
+    data: bytes | bytearray
+    ctx: bytes | None = None
+    dcmd: int = 0
+    popts: int = 0
+    packets: int = 1
+    wire_bytes: int = 0          # 0: len(data) (TSO repeats the headers in every segment)
+    tso: offload.TxPlan | None = None   # header edits for TSO, made on the DMA copy
+
+    def descriptors(self, bufsize: int) -> int:
+        return (1 if self.ctx else 0) + max(1, -(-len(self.data) // bufsize))
+
+
+def context_descriptor(p: offload.TxPlan, tcp: bool) -> tuple[bytes, int, int]:
+    """(context descriptor, DCMD extras, POPTS) for a plan, or ValueError if a field cannot
+    hold it. Offsets are from the start of the frame; *CSE 0 = to the end of the packet."""
+    if p.tso:
+        lay = p.layout
+        assert lay is not None
+        if max(lay.l3 + 10, p.csum_at, p.hdr_len) > TX_CTX_OFFSET_MAX:
+            raise ValueError("headers beyond what the context's 8-bit offsets reach")
+        if not 0 < p.paylen <= TX_PAYLEN_MAX or not 0 < p.mss <= TX_MSS_MAX:
+            raise ValueError("PAYLEN/MSS out of range")
+        tucmd = TUCMD_TCP | TXD_CMD_TSE | TXD_CMD_DEXT
+        popts = POPTS_TXSM
+        if lay.ipv4:
+            tucmd |= TUCMD_IP
+            popts |= POPTS_IXSM
+            ipcss, ipcso, ipcse = lay.l3, lay.l3 + 10, lay.l4 - 1
+        else:
+            ipcss, ipcso, ipcse = lay.l3, 0, 0       # IPCSS tells where the payload length is
+        ctx = _TXD_CTX.pack(ipcss, ipcso, ipcse, lay.l4, p.csum_at, 0,
+                            p.paylen | TXD_DTYP_CONTEXT << TXD_DTYP_SHIFT | tucmd << 24, 0, p.hdr_len, p.mss)
+        return ctx, TXD_CMD_TSE, popts
+    if max(p.csum_start, p.csum_at) > TX_CTX_OFFSET_MAX:
+        raise ValueError("checksum offsets beyond the context's 8-bit fields")
+    tucmd = (TUCMD_TCP if tcp else 0) | TXD_CMD_DEXT
+    ctx = _TXD_CTX.pack(0, 0, 0, p.csum_start, p.csum_at, 0, TXD_DTYP_CONTEXT << TXD_DTYP_SHIFT | tucmd << 24,
+                        0, 0, 0)
+    return ctx, 0, POPTS_TXSM
 
 
 class E1000Ring:
@@ -963,9 +1035,18 @@ class E1000Ring:
     RX: N descriptors, N-1 armed (RDH == RDT means "no buffers"); the one not armed sits at
     RDT. poll() harvests DD descriptors in order, hands frames to the sink, re-arms each and
     writes RDT once per batch. TX: up to N-1 descriptors in flight; xmit() fills descriptors
-    (EOP|IFCS|RS) from the journal and writes TDT once per batch; poll() reclaims DD
-    descriptors in order and confirms the journal through the last one's sequence number.
+    from the journal and writes TDT once per batch; poll() reclaims finished packets in order
+    and confirms the journal through the last one's sequence number.
+
+    TX packets: a plain frame is one legacy descriptor (EOP|IFCS|RS). A frame whose virtio-net
+    header asks for a checksum or TSO is a context descriptor + extended data descriptors over
+    as many buffers as it needs; RS (so DD) only on its last descriptor, and `tx_eop[i]` says
+    where the packet of descriptor i ends. What the chip cannot do (or a ring too small for
+    the packet) goes through udrv.offload's software path: finished frames, legacy
+    descriptors, handed out as room frees up; the journal frame is confirmed with the last.
     """
+
+    handles_vnet = True              # journal entries may carry a virtio-net header
 
     def __init__(self, driver: E1000, journal: Any, sink: FrameSink,
                  on_progress: Callable[[], None] | None = None):
@@ -982,7 +1063,15 @@ class E1000Ring:
         self.tx_next = 0                  # next TX descriptor to fill (TDT as last written)
         self.tx_clean = 0                 # oldest TX descriptor not yet reclaimed
         self.tx_seq: list[int] = []       # journal seq to confirm when descriptor i completes
-        self.tx_len: list[int] = []
+        self.tx_len: list[int] = []       # bytes / wire frames of the packet ending at i
+        self.tx_pkts: list[int] = []
+        self.tx_eop: list[int] = []       # last descriptor of the packet descriptor i belongs to
+        self._pending: list[TxPiece] = []  # software pieces of journal frame _pending_seq still to hand out
+        self._pending_seq = -1
+        # offloads done by the chip; the rest is done in software (tests may narrow it)
+        self.hw_offloads: frozenset[str] = frozenset(getattr(driver, "offloads", frozenset()))
+        self.tx_offload = {"csum": 0, "tso": 0, "software": 0}    # journal frames, by how they went
+        self._inline_tx = type(self)._put is E1000Ring._put          # descriptor tables are these lists
         self._rx_discard = False          # inside a frame that spans descriptors: drop to EOP
         self.idle_checks = 0
 
@@ -1039,8 +1128,16 @@ class E1000Ring:
         self.rx_bufsize, self.tx_bufsize = mem.rx_bufsize, mem.tx_bufsize
         self.rx_addrs = [mem.rx_addr(i) for i in range(mem.rx_count)]
         self.tx_addrs = [mem.tx_addr(i) for i in range(mem.tx_count)]
-        self.tx_seq = [-1] * mem.tx_count
-        self.tx_len = [0] * mem.tx_count
+        self._reset_tx_tables()
+
+    def _reset_tx_tables(self) -> None:
+        n = self.n_tx
+        self.tx_seq = [-1] * n
+        self.tx_len = [0] * n
+        self.tx_pkts = [0] * n
+        self.tx_eop = list(range(n))
+        self._pending = []                 # the journal is rewound with the ring: re-built then
+        self._pending_seq = -1
 
     def _clean_memory(self) -> None:
         """Every RX descriptor points at its own buffer with status 0; TX descriptors zeroed."""
@@ -1048,8 +1145,7 @@ class E1000Ring:
         for i, addr in enumerate(self.rx_addrs):
             _DESC.pack_into(ring, i * DESC_SIZE, addr, 0)
         self.tx_ring[:] = bytes(len(self.tx_ring))
-        self.tx_seq = [-1] * self.n_tx
-        self.tx_len = [0] * self.n_tx
+        self._reset_tx_tables()
 
     def _arm_fresh(self) -> None:
         d = self.driver
@@ -1090,40 +1186,283 @@ class E1000Ring:
     def xmit(self) -> int:
         if not self.running:
             return 0
-        n = self.n_tx
-        nxt = self.tx_next
-        free = n - 1 - ((nxt - self.tx_clean) % n)
-        if free <= 0:
-            return 0
-        journal, ring, buf, bs = self.journal, self.tx_ring, self.tx_buf, self.tx_bufsize
-        addrs, seqs, lens = self.tx_addrs, self.tx_seq, self.tx_len
-        sent = 0
-        while free > 0:
-            item = journal.take_unsent()
+        start = self.tx_next
+        sent = self._fill(None)
+        if self.tx_next != start:
+            self.pci.write32(TDT, self.tx_next)
+        return sent
+
+    def _free(self) -> int:
+        return self.n_tx - 1 - ((self.tx_next - self.tx_clean) % self.n_tx)
+
+    def _fill(self, limit: int | None) -> int:
+        """Packets for up to `limit` journal frames (None: as many as fit); returns the number
+        handed to the device."""
+        n, bs, journal = self.n_tx, self.tx_bufsize, self.journal
+        inline = self._inline_tx
+        csum_hw = "csum" in self.hw_offloads
+        tso_hw = "tso4" in self.hw_offloads or "tso6" in self.hw_offloads
+        ring, buf, addrs = self.tx_ring, self.tx_buf, self.tx_addrs
+        sent = taken = 0
+        free = self._free()
+        while free > 0 and (limit is None or taken < limit):
+            if self._pending:
+                free -= self._drain_pending(free)
+                if self._pending:
+                    break
+                continue
+            item = journal.peek_unsent()
             if item is None:
                 break
-            seq, frame = item
+            seq, vnet, frame = item
             length = len(frame)
-            if length < ETH_HLEN or length > bs:
-                # cannot go on the wire: counted, and confirmed in order with its predecessor
-                self.counters.tx_error("runt" if length < ETH_HLEN else "oversize")
-                if nxt == self.tx_clean:
-                    journal.confirm_through(seq)
-                else:
-                    seqs[(nxt - 1) % n] = seq
+            if inline and not vnet and ETH_HLEN <= length <= bs:
+                # the common case, kept short: one legacy descriptor (EOP|IFCS|RS)
+                journal.mark_sent(seq)
+                i = self.tx_next
+                buf[i * bs:i * bs + length] = frame
+                _TXD.pack_into(ring, i * DESC_SIZE, addrs[i], length, 0, TXD_CMD, 0, 0, 0)
+                self.tx_seq[i], self.tx_len[i], self.tx_pkts[i], self.tx_eop[i] = seq, length, 1, i
+                self.tx_next = (i + 1) % n
+                free -= 1
+                taken += 1
+                sent += 1
                 continue
-            off = nxt * bs
-            buf[off:off + length] = frame
-            _TXD.pack_into(ring, nxt * DESC_SIZE, addrs[nxt], length, 0, TXD_CMD, 0, 0, 0)
-            seqs[nxt] = seq
-            lens[nxt] = length
-            nxt = (nxt + 1) % n
-            free -= 1
+            if (inline and csum_hw and free >= 2 and vnet and not vnet[1] and vnet[0] & offload.F_NEEDS_CSUM
+                    and ETH_HLEN <= length <= bs):
+                start, offset = _CSUM_FIELDS.unpack_from(vnet, 6)
+                at = start + offset
+                if at <= TX_CTX_OFFSET_MAX and start < length and at + 2 <= length:
+                    # checksum offload, kept short too: a context descriptor + one data descriptor
+                    journal.mark_sent(seq)
+                    i = self.tx_next
+                    j = (i + 1) % n
+                    tucmd = (TUCMD_TCP if offset == 16 else 0) | TXD_CMD_DEXT
+                    _TXD_CTX.pack_into(ring, i * DESC_SIZE, 0, 0, 0, start, at, 0,
+                                       TXD_DTYP_CONTEXT << TXD_DTYP_SHIFT | tucmd << 24, 0, 0, 0)
+                    buf[j * bs:j * bs + length] = frame
+                    _TXD_DATA.pack_into(ring, j * DESC_SIZE, addrs[j], length | TXD_DTYP_DATA << TXD_DTYP_SHIFT
+                                        | (TXD_CMD | TXD_CMD_DEXT) << 24, 0, POPTS_TXSM, 0)
+                    self.tx_eop[i] = self.tx_eop[j] = j
+                    self.tx_seq[j], self.tx_len[j], self.tx_pkts[j] = seq, length, 1
+                    self.tx_next = (j + 1) % n
+                    self.tx_offload["csum"] += 1
+                    free -= 2
+                    taken += 1
+                    sent += 1
+                    continue
+            if inline and tso_hw and vnet and vnet[1] in (1, 4) and vnet[0] & offload.F_NEEDS_CSUM:
+                used = self._put_tso_inline(seq, vnet, frame, free)
+                if used < 0:
+                    break
+                if used:
+                    free -= used
+                    taken += 1
+                    sent += 1
+                    continue
+            pieces = self._pieces(vnet, frame)
+            if pieces is not None and max(p.descriptors(bs) for p in pieces) > n - 1:
+                # a packet larger than the whole ring (TSO on a small ring): software pieces
+                pieces = self._software(vnet, frame)
+            if pieces is None:              # cannot go on the wire: counted, confirmed in order
+                journal.mark_sent(seq)
+                self._tx_drop(seq)
+                taken += 1
+                continue
+            need = sum(p.descriptors(bs) for p in pieces)
+            if need > free and need <= n - 1:
+                break                       # it fits once the ring drains
+            journal.mark_sent(seq)
+            taken += 1
             sent += 1
-        if nxt != self.tx_next:
-            self.tx_next = nxt
-            self.pci.write32(TDT, nxt)
+            if need > free:
+                # more pieces than the ring holds at once: handed out as room frees up
+                self._pending, self._pending_seq = pieces, seq
+                continue
+            last = len(pieces) - 1
+            for i, p in enumerate(pieces):
+                self._put(p, seq if i == last else -1)
+            free -= need
         return sent
+
+    def offload_counts(self) -> dict[str, int]:
+        """Journal frames by how their offload request went: chip checksum, chip TSO, software."""
+        return dict(self.tx_offload)
+
+    def _put_tso_inline(self, seq: int, vnet: bytes, frame: bytes, free: int) -> int:
+        """TSO for the plain case (untagged IPv4 or IPv6 without extension headers, TCP where
+        csum_start says): context + data descriptors without building a plan. Returns the
+        descriptors used, 0 to leave the frame to the general path (_pieces)."""
+        gso_size, start = _GSO_FIELDS.unpack_from(vnet, 4)
+        length, bs, n = len(frame), self.tx_bufsize, self.n_tx
+        v4 = vnet[1] == 1
+        if frame[12:14] != (b"\x08\x00" if v4 else b"\x86\xdd") or not gso_size or length < 54:
+            return 0
+        if v4:
+            if frame[14] >> 4 != 4 or frame[23] != 6 or start != 14 + (frame[14] & 0xF) * 4:
+                return 0
+        elif frame[14] >> 4 != 6 or frame[20] != 6 or start != 54:
+            return 0
+        hdr_len = start + (frame[start + 12] >> 4) * 4 if start + 20 <= length else 0
+        need = 1 + -(-length // bs)
+        if not start + 20 <= hdr_len < length or hdr_len > TX_CTX_OFFSET_MAX or need > n - 1 \
+                or ("tso4" if v4 else "tso6") not in self.hw_offloads or length - hdr_len > TX_PAYLEN_MAX:
+            return 0
+        if need > free:
+            return -1                          # it fits once the ring drains
+        self.journal.mark_sent(seq)
+        ring, buf, addrs, eop = self.tx_ring, self.tx_buf, self.tx_addrs, self.tx_eop
+        first = i = self.tx_next
+        tucmd = TUCMD_TCP | TXD_CMD_TSE | TXD_CMD_DEXT | (TUCMD_IP if v4 else 0)
+        paylen = length - hdr_len
+        _TXD_CTX.pack_into(ring, i * DESC_SIZE, 14, 24 if v4 else 0, start - 1 if v4 else 0, start, start + 16, 0,
+                           paylen | TXD_DTYP_CONTEXT << TXD_DTYP_SHIFT | tucmd << 24, 0, hdr_len, gso_size)
+        i = (i + 1) % n
+        data = memoryview(frame)
+        h = i * bs
+        buf[h:h + min(bs, length)] = data[:bs]
+        # the edits a TSO engine expects, on the DMA copy (udrv.offload.tso_prepare)
+        if v4:
+            buf[h + 24:h + 26] = b"\0\0"
+            seed = offload.fold_add(offload.ones_sum(data[26:34]), 6)
+        else:
+            seed = offload.fold_add(offload.ones_sum(data[22:54]), 6)
+        buf[h + start + 16:h + start + 18] = seed.to_bytes(2, "big")
+        dcmd = TXD_CMD_IFCS | TXD_CMD_DEXT | TXD_CMD_TSE
+        popts = POPTS_TXSM | (POPTS_IXSM if v4 else 0)
+        last = (first + need - 1) % n
+        off = 0
+        while True:
+            chunk = min(bs, length - off)
+            if off:
+                buf[i * bs:i * bs + chunk] = data[off:off + chunk]
+            off += chunk
+            cmd = dcmd | (TXD_CMD_EOP | TXD_CMD_RS if i == last else 0)
+            _TXD_DATA.pack_into(ring, i * DESC_SIZE, addrs[i], chunk | TXD_DTYP_DATA << TXD_DTYP_SHIFT | cmd << 24,
+                                0, popts, 0)
+            if i == last:
+                break
+            i = (i + 1) % n
+        k = first
+        while True:
+            eop[k] = last
+            if k == last:
+                break
+            k = (k + 1) % n
+        segs = max(1, -(-paylen // gso_size))
+        self.tx_seq[i], self.tx_len[i], self.tx_pkts[i] = seq, length + (segs - 1) * hdr_len, segs
+        self.tx_next = (i + 1) % n
+        self.tx_offload["tso"] += 1
+        return need
+
+    def _drain_pending(self, free: int) -> int:
+        used = 0
+        bs = self.tx_bufsize
+        while self._pending and self._pending[0].descriptors(bs) <= free - used:
+            p = self._pending.pop(0)
+            used += p.descriptors(bs)
+            self._put(p, self._pending_seq if not self._pending else -1)
+        return used
+
+    def _tx_drop(self, seq: int) -> None:
+        """A journal frame that will never reach the wire leaves in order: now if nothing is in
+        flight, else with the packet before it."""
+        if self.tx_next == self.tx_clean:
+            self.journal.confirm_through(seq)
+        else:
+            self.tx_seq[(self.tx_next - 1) % self.n_tx] = seq
+
+    def _tx_error(self, reason: str) -> None:
+        self.counters.tx_error(reason)
+
+    def _pieces(self, vnet: bytes, frame: bytes) -> list[TxPiece] | None:
+        """What the device gets for one journal frame (None: it cannot be sent, counted)."""
+        if not vnet:
+            if len(frame) < ETH_HLEN or len(frame) > self.tx_bufsize:
+                self._tx_error("runt" if len(frame) < ETH_HLEN else "oversize")
+                return None
+            return [TxPiece(frame)]
+        try:
+            hdr = offload.VnetHdr.parse(vnet)
+            p = offload.plan(hdr, frame)
+        except offload.OffloadError:
+            self._tx_error("bad_offload")
+            return None
+        if p is None:
+            return self._pieces(b"", frame)
+        if p.need in self.hw_offloads:
+            try:
+                ctx, dcmd, popts = context_descriptor(p, tcp=hdr.csum_offset == 16)
+            except ValueError:
+                return self._software(vnet, frame)
+            if p.tso:
+                segs = max(1, -(-p.paylen // p.mss))
+                self.tx_offload["tso"] += 1
+                return [TxPiece(frame, ctx, dcmd, popts, segs, len(frame) + (segs - 1) * p.hdr_len, p)]
+            if len(frame) > self.tx_bufsize:
+                self._tx_error("oversize")
+                return None
+            self.tx_offload["csum"] += 1
+            return [TxPiece(frame, ctx, dcmd, popts)]
+        return self._software(vnet, frame)
+
+    def _software(self, vnet: bytes, frame: bytes) -> list[TxPiece] | None:
+        """udrv.offload does what the chip would: finished frames on legacy descriptors."""
+        try:
+            frames = offload.resolve(offload.VnetHdr.parse(vnet), frame)
+        except offload.OffloadError:
+            self._tx_error("bad_offload")
+            return None
+        self.tx_offload["software"] += 1
+        if any(len(f) > self.tx_bufsize for f in frames):
+            self._tx_error("oversize")
+            return None
+        return [TxPiece(f) for f in frames]
+
+    def _put(self, p: TxPiece, seq: int) -> None:
+        """Descriptors for one packet from tx_next on; RS on the last one only."""
+        n, bs, ring, buf, addrs = self.n_tx, self.tx_bufsize, self.tx_ring, self.tx_buf, self.tx_addrs
+        i = first = self.tx_next
+        if p.ctx is not None:
+            ring[i * DESC_SIZE:(i + 1) * DESC_SIZE] = p.ctx
+            i = (i + 1) % n
+        data, total = memoryview(p.data), len(p.data)
+        nbuf = max(1, -(-total // bs))
+        last = (i + nbuf - 1) % n
+        if p.tso is not None:
+            # the TSO edits go to the DMA copy of the headers (the first buffer holds them all:
+            # HDRLEN is at most 255); the journal keeps the frame as the host sent it
+            h = i * bs
+            buf[h:h + p.tso.hdr_len] = data[:p.tso.hdr_len]
+            offload.tso_prepare(buf[h:h + p.tso.hdr_len], p.tso)
+        off = 0
+        for k in range(nbuf):
+            chunk = min(bs, total - off)
+            if off or p.tso is None:
+                buf[i * bs:i * bs + chunk] = data[off:off + chunk]
+            else:
+                head = p.tso.hdr_len
+                buf[i * bs + head:i * bs + chunk] = data[head:chunk]
+            cmd = TXD_CMD_IFCS | (TXD_CMD_EOP | TXD_CMD_RS if k == nbuf - 1 else 0)
+            if p.ctx is None:
+                _TXD.pack_into(ring, i * DESC_SIZE, addrs[i], chunk, 0, cmd, 0, 0, 0)
+            else:
+                _TXD_DATA.pack_into(ring, i * DESC_SIZE, addrs[i],
+                                    chunk | TXD_DTYP_DATA << TXD_DTYP_SHIFT | (cmd | TXD_CMD_DEXT | p.dcmd) << 24,
+                                    0, p.popts, 0)
+            off += chunk
+            i = (i + 1) % n
+        eop = self.tx_eop
+        k = first
+        while True:
+            eop[k] = last
+            if k == last:
+                break
+            k = (k + 1) % n
+        self.tx_seq[last] = seq
+        self.tx_len[last] = p.wire_bytes or total
+        self.tx_pkts[last] = p.packets
+        self.tx_next = i
 
     def poll(self, timeout: float = 0.0) -> int:
         if not self.running:
@@ -1202,12 +1541,13 @@ class E1000Ring:
         i, end = self.tx_clean, self.tx_next
         if i == end:
             return 0
-        ring, n, seqs, lens = self.tx_ring, self.n_tx, self.tx_seq, self.tx_len
+        ring, n, seqs, lens, pkts, eop = self.tx_ring, self.n_tx, self.tx_seq, self.tx_len, self.tx_pkts, self.tx_eop
         last = -1
         done = 0
         nbytes = 0
         while i != end:
-            off = i * DESC_SIZE + 12
+            e = eop[i]                     # the packet's last descriptor: the one with RS
+            off = e * DESC_SIZE + 12
             status = ring[off]
             if not status & TXD_STAT_DD:
                 break
@@ -1215,10 +1555,11 @@ class E1000Ring:
             if status & (TXD_STAT_EC | TXD_STAT_LC):
                 self.counters.tx_error("excess_collisions" if status & TXD_STAT_EC else "late_collision")
             else:
-                done += 1
-                nbytes += lens[i]
-            last = seqs[i]
-            i = (i + 1) % n
+                done += pkts[e]
+                nbytes += lens[e]
+            if seqs[e] >= 0:
+                last = seqs[e]
+            i = (e + 1) % n
         if i == self.tx_clean:
             return 0
         return self._tx_complete(i, last, done, nbytes)
@@ -1226,7 +1567,8 @@ class E1000Ring:
     def _tx_complete(self, i: int, last: int, done: int, nbytes: int) -> int:
         reclaimed = (i - self.tx_clean) % self.n_tx
         self.tx_clean = i
-        self.journal.confirm_through(last)
+        if last >= 0:                      # -1: only pieces of a frame still being handed out
+            self.journal.confirm_through(last)
         self.counters.tx_packets += done
         self.counters.tx_bytes += nbytes
         if self.on_progress:
@@ -1279,27 +1621,32 @@ class E1000Ring:
         self.pci.write32(RDT, self.rx_tail)
 
     def _tx_skip_lost(self) -> None:
-        ring, n = self.tx_ring, self.n_tx
+        ring, n, eop = self.tx_ring, self.n_tx, self.tx_eop
         i, end = self.tx_clean, self.tx_next
         last_dd = None
         k = i
         while k != end:
-            if ring[k * DESC_SIZE + 12] & TXD_STAT_DD:
-                last_dd = k
-            k = (k + 1) % n
+            e = eop[k]
+            if ring[e * DESC_SIZE + 12] & TXD_STAT_DD:
+                last_dd = e
+            k = (e + 1) % n
         if last_dd is None:
             return
         stop = (last_dd + 1) % n
         done = nbytes = 0
+        last = -1
         k = i
         while k != stop:
-            if not ring[k * DESC_SIZE + 12] & TXD_STAT_DD:
+            e = eop[k]
+            if not ring[e * DESC_SIZE + 12] & TXD_STAT_DD:
                 self.counters.tx_error("completion_lost")
-            done += 1
-            nbytes += self.tx_len[k]
-            ring[k * DESC_SIZE + 12] = 0
-            k = (k + 1) % n
-        self._tx_complete(stop, self.tx_seq[last_dd], done, nbytes)
+            done += self.tx_pkts[e]
+            nbytes += self.tx_len[e]
+            if self.tx_seq[e] >= 0:
+                last = self.tx_seq[e]
+            ring[e * DESC_SIZE + 12] = 0
+            k = (e + 1) % n
+        self._tx_complete(stop, last, done, nbytes)
 
     # --- consistency (checked after configuration calls) ------------------------------------------
     def check(self) -> list[str]:
@@ -1359,6 +1706,8 @@ class E1000NativeRing(E1000Ring):
         r = ffi.new("struct e1000_ring *")
         fd = tap_fd if tap_fd is not None else tap_fd_of(sink)
         r.tap_fd = -1 if fd is None else fd
+        # a TAP with virtio-net headers needs one in front of every frame C writes to it
+        r.tap_vnet_hdr = getattr(getattr(sink, "__self__", None), "vnet_hdr_len", 0) if fd is not None else 0
         if lib.e1000_ring_init(r, journal.fd, journal.nslots, journal.slot_size) < 0:
             raise E1000Error("the C ring cannot map the TX journal memory: its layout does not match")
         self._r = r
@@ -1378,6 +1727,23 @@ class E1000NativeRing(E1000Ring):
     @property
     def writes_tap(self) -> bool:
         return self._r.tap_fd >= 0
+
+    @property
+    def hw_offloads(self) -> frozenset[str]:
+        return self._hw
+
+    @hw_offloads.setter
+    def hw_offloads(self, value: frozenset[str]) -> None:
+        self._hw = frozenset(value)
+        lib = self._lib
+        self._r.hw_offloads = ((lib.E1000R_OFF_CSUM if "csum" in self._hw else 0)
+                               | (lib.E1000R_OFF_TSO4 if "tso4" in self._hw else 0)
+                               | (lib.E1000R_OFF_TSO6 if "tso6" in self._hw else 0))
+
+    def offload_counts(self) -> dict[str, int]:
+        st = self._r.st
+        return {"csum": st.tx_offload_csum + self.tx_offload["csum"],
+                "tso": st.tx_offload_tso + self.tx_offload["tso"], "software": self.tx_offload["software"]}
 
     @property
     def counters(self) -> DatapathCounters:
@@ -1421,6 +1787,10 @@ class E1000NativeRing(E1000Ring):
 
     def _clean_memory(self) -> None:
         self._lib.e1000_ring_clean(self._r)
+        self._pending, self._pending_seq = [], -1
+
+    def _reset_tx_tables(self) -> None:
+        self._pending, self._pending_seq = [], -1      # the tables themselves live in C
 
     def close(self) -> None:
         self.running = False
@@ -1430,13 +1800,49 @@ class E1000NativeRing(E1000Ring):
     def xmit(self) -> int:
         if not self.running:
             return 0
-        n = self._lib.e1000_tx_fill(self._r)
-        self.journal.sync()
-        if n < 0:
-            raise UdrvError("the TX journal refused an operation from the C ring: journal corrupted")
-        if n:
-            self.pci.write32(TDT, self._r.tx_next)
-        return n
+        r, lib, journal = self._r, self._lib, self.journal
+        start = r.tx_next
+        sent = 0
+        while True:
+            if self._pending:
+                self._drain_pending(self._free())
+                if self._pending:
+                    break
+            n = lib.e1000_tx_fill(r)
+            journal.sync()
+            if n < 0:
+                raise UdrvError("the TX journal refused an operation from the C ring: journal corrupted")
+            sent += n
+            if not r.python_entry:
+                break
+            # a frame C leaves to Python (software offload, odd headers, larger than the ring)
+            before = journal.sent
+            sent += self._fill(1)
+            journal.sync()
+            if journal.sent == before:
+                break                       # waiting for room
+        if r.tx_next != start:
+            self.pci.write32(TDT, r.tx_next)
+        return sent
+
+    def _put(self, p: TxPiece, seq: int) -> None:
+        ffi = self._ffi
+        ctx = ffi.from_buffer("uint8_t[]", p.ctx) if p.ctx is not None else ffi.NULL
+        raw = p.data
+        if p.tso is not None:                  # rare here (C takes TSO itself): edit a copy
+            raw = bytearray(raw)
+            offload.tso_prepare(raw, p.tso)
+        data = ffi.from_buffer("uint8_t[]", raw)
+        if not self._lib.e1000_tx_put(self._r, ctx, data, len(p.data), p.dcmd, p.popts, p.packets,
+                                      p.wire_bytes or len(p.data), seq):
+            raise DriverFault("xmit", "invariant", "no TX descriptors for a packet that was checked to fit")
+
+    def _tx_error(self, reason: str) -> None:
+        self._py_counters.tx_error(reason)        # `counters` is a fresh merge of C and Python
+
+    def _tx_drop(self, seq: int) -> None:
+        if self._lib.e1000_tx_drop(self._r, seq) < 0:
+            raise UdrvError("the TX journal refused a confirmation from the C ring: journal corrupted")
 
     def _rx_harvest(self) -> int:
         r, lib = self._r, self._lib

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -15,9 +16,17 @@ enum {
     DESC = 16,
     RXD_STAT_DD = 0x01, RXD_STAT_EOP = 0x02,
     RXD_ERR_FRAME = 0x01 | 0x02 | 0x04 | 0x10 | 0x80,   /* CE, SE, SEQ, CXE, RXE */
-    TXD_CMD = 0x01 | 0x02 | 0x08,                       /* EOP | IFCS | RS */
+    TXD_CMD_EOP = 0x01, TXD_CMD_IFCS = 0x02, TXD_CMD_TSE = 0x04, TXD_CMD_RS = 0x08,
+    TXD_CMD_DEXT = 0x20,
+    TXD_DTYP_CONTEXT = 0x0, TXD_DTYP_DATA = 0x1,       /* bits 23:20 of an extended descriptor */
+    TUCMD_TCP = 0x01, TUCMD_IP = 0x02,                  /* context: TCP (else UDP), IPv4 (else v6) */
+    POPTS_IXSM = 0x01, POPTS_TXSM = 0x02,
     TXD_STAT_DD = 0x01, TXD_STAT_EC = 0x02, TXD_STAT_LC = 0x04,
     ETH_HLEN = 14,
+    /* virtio-net header (udrv/offload.py) */
+    VNET_HDR_MIN = 10, VNET_F_NEEDS_CSUM = 0x01,
+    VNET_GSO_NONE = 0, VNET_GSO_TCPV4 = 1, VNET_GSO_TCPV6 = 4,
+    IPPROTO_TCP = 6,
 };
 
 /* The device writes status last; read it with acquire so the length and the buffer read after
@@ -41,18 +50,30 @@ int e1000_ring_init(struct e1000_ring *r, int journal_fd, uint32_t nslots, uint3
 {
     r->tx_seq = NULL;
     r->tx_len = NULL;
+    r->tx_pkts = NULL;
+    r->tx_eop = NULL;
+    r->python_entry = 0;
     memset(&r->st, 0, sizeof r->st);
     r->journal_error = 0;
     int rc = udrv_journal_map_fd(&r->journal, journal_fd, nslots, slot_size);
     return rc < 0 ? E1000R_EJOURNAL : 0;
 }
 
-void e1000_ring_fini(struct e1000_ring *r)
+static void free_tables(struct e1000_ring *r)
 {
     free(r->tx_seq);
     free(r->tx_len);
+    free(r->tx_pkts);
+    free(r->tx_eop);
     r->tx_seq = NULL;
     r->tx_len = NULL;
+    r->tx_pkts = NULL;
+    r->tx_eop = NULL;
+}
+
+void e1000_ring_fini(struct e1000_ring *r)
+{
+    free_tables(r);
     udrv_journal_unmap(&r->journal);
 }
 
@@ -61,12 +82,15 @@ int e1000_ring_bind(struct e1000_ring *r)
     if (r->n_rx < 8 || r->n_tx < 8 || r->n_rx % 8 || r->n_tx % 8 || !r->rx_ring || !r->tx_ring
         || !r->rx_buf || !r->tx_buf || r->rx_bufsize < 256 || r->tx_bufsize < 256)
         return E1000R_EINVAL;
-    free(r->tx_seq);
-    free(r->tx_len);
+    free_tables(r);
     r->tx_seq = calloc(r->n_tx, sizeof *r->tx_seq);
     r->tx_len = calloc(r->n_tx, sizeof *r->tx_len);
-    if (!r->tx_seq || !r->tx_len)
+    r->tx_pkts = calloc(r->n_tx, sizeof *r->tx_pkts);
+    r->tx_eop = calloc(r->n_tx, sizeof *r->tx_eop);
+    if (!r->tx_seq || !r->tx_len || !r->tx_pkts || !r->tx_eop)
         return E1000R_ENOMEM;
+    for (uint32_t i = 0; i < r->n_tx; i++)
+        r->tx_eop[i] = i;
     r->rx_next = r->rx_tail = r->tx_next = r->tx_clean = r->rx_discard = 0;
     return 0;
 }
@@ -79,6 +103,8 @@ void e1000_ring_clean(struct e1000_ring *r)
     for (uint32_t i = 0; i < r->n_tx; i++) {
         r->tx_seq[i] = -1;
         r->tx_len[i] = 0;
+        r->tx_pkts[i] = 0;
+        r->tx_eop[i] = i;
     }
     r->rx_discard = 0;
 }
@@ -89,9 +115,13 @@ static int deliver(struct e1000_ring *r, const uint8_t *frame, uint32_t len, uin
                    uint32_t out_cap, uint32_t *out_used)
 {
     if (r->tap_fd >= 0) {
+        /* a TAP with IFF_VNET_HDR wants a header in front of every frame: zeroed = nothing
+         * known about the checksum */
+        static const uint8_t zero_hdr[64];
+        struct iovec iov[2] = {{(void *)zero_hdr, r->tap_vnet_hdr}, {(void *)frame, len}};
         ssize_t w;
         do
-            w = write(r->tap_fd, frame, len);
+            w = r->tap_vnet_hdr ? writev(r->tap_fd, iov, 2) : write(r->tap_fd, frame, len);
         while (w < 0 && errno == EINTR);
         if (w < 0)
             r->st.tap_write_errors++;   /* interface down or queue full: the kernel drops, we count */
@@ -181,56 +211,287 @@ int e1000_rx_skip_lost(struct e1000_ring *r, uint32_t rdh)
 
 /* --- TX ------------------------------------------------------------------------------------ */
 
+/* Descriptors for one packet from tx_next on: an optional context descriptor, then the data
+ * over as many buffers as it needs (legacy descriptors without ctx, extended data descriptors
+ * with it); RS only on the last one, which every descriptor of the packet names in tx_eop.
+ * Returns the index of the first data descriptor (its buffer holds the packet's headers). */
+static uint32_t put_packet(struct e1000_ring *r, const uint8_t *ctx, const uint8_t *data,
+                           uint32_t len, uint8_t dcmd, uint8_t popts, uint32_t packets,
+                           uint64_t wire_bytes, int64_t seq)
+{
+    uint32_t n = r->n_tx, bs = r->tx_bufsize, first = r->tx_next, i = first;
+    if (ctx) {
+        memcpy(r->tx_ring + (uint64_t)i * DESC, ctx, DESC);
+        i = (i + 1) % n;
+    }
+    uint32_t data_first = i;
+    uint32_t nbuf = len ? (len + bs - 1) / bs : 1;
+    uint32_t last = (i + nbuf - 1) % n, off = 0;
+    for (uint32_t k = 0; k < nbuf; k++) {
+        uint32_t chunk = len - off < bs ? len - off : bs;
+        uint8_t *d = r->tx_ring + (uint64_t)i * DESC;
+        memcpy(r->tx_buf + (uint64_t)i * bs, data + off, chunk);
+        put64(d, r->tx_buf_iova + (uint64_t)i * bs);
+        uint8_t cmd = TXD_CMD_IFCS | (k == nbuf - 1 ? TXD_CMD_EOP | TXD_CMD_RS : 0);
+        if (ctx) {
+            uint32_t dw = chunk | (uint32_t)TXD_DTYP_DATA << 20
+                          | (uint32_t)(cmd | TXD_CMD_DEXT | dcmd) << 24;
+            memcpy(d + 8, &dw, 4);
+            d[12] = 0;                 /* status */
+            d[13] = popts;
+        } else {
+            uint16_t l16 = (uint16_t)chunk;
+            memcpy(d + 8, &l16, 2);
+            d[10] = 0;                 /* CSO */
+            d[11] = cmd;
+            d[12] = 0;                 /* status */
+            d[13] = 0;                 /* CSS */
+        }
+        d[14] = d[15] = 0;             /* special */
+        off += chunk;
+        i = (i + 1) % n;
+    }
+    for (uint32_t k = first;; k = (k + 1) % n) {
+        r->tx_eop[k] = last;
+        if (k == last)
+            break;
+    }
+    r->tx_seq[last] = seq;
+    r->tx_len[last] = (uint32_t)wire_bytes;
+    r->tx_pkts[last] = packets;
+    r->tx_next = i;
+    return data_first;
+}
+
+/* A journal frame that never goes on the wire is confirmed in order: now when nothing is in
+ * flight, else together with the packet before it. */
+int e1000_tx_drop(struct e1000_ring *r, uint64_t seq)
+{
+    if (r->tx_next == r->tx_clean) {
+        int64_t c = udrv_journal_confirm_through(&r->journal, seq);
+        if (c < 0) {
+            r->journal_error = c;
+            return E1000R_EJOURNAL;
+        }
+    } else {
+        r->tx_seq[(r->tx_next + r->n_tx - 1) % r->n_tx] = (int64_t)seq;
+    }
+    return 0;
+}
+
+int e1000_tx_put(struct e1000_ring *r, const uint8_t *ctx, const uint8_t *data, uint32_t len,
+                 uint8_t dcmd, uint8_t popts, uint32_t packets, uint64_t wire_bytes, int64_t seq)
+{
+    uint32_t n = r->n_tx, bs = r->tx_bufsize;
+    uint32_t need = (ctx ? 1 : 0) + (len ? (len + bs - 1) / bs : 1);
+    uint32_t free_d = n - 1 - (r->tx_next + n - r->tx_clean) % n;
+    if (need > free_d)
+        return 0;
+    put_packet(r, ctx, data, len, dcmd, popts, packets, wire_bytes, seq);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    return (int)need;
+}
+
+/* What the chip is asked to do for one frame with a virtio-net header. */
+struct tx_plan {
+    uint8_t ctx[DESC];
+    uint8_t dcmd, popts;
+    int tso, ipv4;
+    uint32_t l3, l4, packets;
+    uint64_t wire_bytes;
+};
+
+static inline uint16_t get16be(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+
+/* RFC 1071 sum of big-endian words, folded (not complemented). */
+static uint32_t ones_sum(const uint8_t *p, uint32_t len, uint32_t sum)
+{
+    for (uint32_t i = 0; i + 1 < len; i += 2)
+        sum += get16be(p + i);
+    if (len & 1)
+        sum += (uint32_t)p[len - 1] << 8;
+    while (sum >> 16)
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    return sum;
+}
+
+static void put_ctx(uint8_t *c, uint8_t ipcss, uint8_t ipcso, uint16_t ipcse, uint8_t tucss,
+                    uint8_t tucso, uint32_t paylen, uint8_t tucmd, uint8_t hdrlen, uint16_t mss)
+{
+    uint32_t dw = paylen | (uint32_t)TXD_DTYP_CONTEXT << 20 | (uint32_t)tucmd << 24;
+    uint16_t tucse = 0;
+    c[0] = ipcss;
+    c[1] = ipcso;
+    memcpy(c + 2, &ipcse, 2);
+    c[4] = tucss;
+    c[5] = tucso;
+    memcpy(c + 6, &tucse, 2);
+    memcpy(c + 8, &dw, 4);
+    c[12] = 0;
+    c[13] = hdrlen;
+    memcpy(c + 14, &mss, 2);
+}
+
+/* 1: the chip does it (plan filled); 0: a case left to Python (software path, error
+ * reporting, or a packet larger than the ring). Mirrors drivers/e1000.py (_pieces and
+ * context_descriptor) and udrv/offload.py (plan) for the common cases only. */
+static int plan_offload(const struct e1000_ring *r, const uint8_t *v, uint32_t vlen,
+                        const uint8_t *f, uint32_t len, struct tx_plan *p)
+{
+    if (vlen < VNET_HDR_MIN)
+        return 0;
+    uint8_t flags = v[0], gso = v[1];
+    uint16_t gso_size = get16(v + 4), cs = get16(v + 6), co = get16(v + 8);
+    uint32_t bs = r->tx_bufsize;
+    memset(p, 0, sizeof *p);
+    p->packets = 1;
+    p->wire_bytes = len;
+    if (gso == VNET_GSO_NONE) {
+        if (!(flags & VNET_F_NEEDS_CSUM))
+            return 0;                   /* nothing to do: Python's path treats it as plain */
+        uint32_t at = (uint32_t)cs + co;
+        if (!(r->hw_offloads & E1000R_OFF_CSUM) || cs >= len || at + 2 > len || at > 0xFF
+            || len > bs)
+            return 0;
+        put_ctx(p->ctx, 0, 0, 0, (uint8_t)cs, (uint8_t)at, 0,
+                (co == 16 ? TUCMD_TCP : 0) | TXD_CMD_DEXT, 0, 0);
+        p->popts = POPTS_TXSM;
+        return 1;
+    }
+    if (gso != VNET_GSO_TCPV4 && gso != VNET_GSO_TCPV6)
+        return 0;                       /* ECN, UDP: software */
+    if (!(flags & VNET_F_NEEDS_CSUM) || gso_size == 0)
+        return 0;
+    int v4 = gso == VNET_GSO_TCPV4;
+    if (!(r->hw_offloads & (v4 ? E1000R_OFF_TSO4 : E1000R_OFF_TSO6)))
+        return 0;
+    uint32_t off = 12;
+    if (len < off + 2)
+        return 0;
+    uint16_t etype = get16be(f + off);
+    while (etype == 0x8100 || etype == 0x88A8 || etype == 0x9100) {
+        off += 4;
+        if (len < off + 2)
+            return 0;
+        etype = get16be(f + off);
+    }
+    uint32_t l3 = off + 2, l4;
+    if (v4) {
+        if (etype != 0x0800 || len < l3 + 20 || f[l3] >> 4 != 4 || (f[l3] & 0xF) < 5)
+            return 0;
+        l4 = l3 + (f[l3] & 0xF) * 4u;
+        if (f[l3 + 9] != IPPROTO_TCP)
+            return 0;
+    } else {
+        if (etype != 0x86DD || len < l3 + 40 || f[l3] >> 4 != 6)
+            return 0;
+        uint8_t nh = f[l3 + 6];
+        l4 = l3 + 40;
+        while ((nh == 0 || nh == 43 || nh == 60 || nh == 44) && l4 < cs) {
+            if (len < l4 + 8)
+                return 0;
+            uint32_t step = nh == 44 ? 8 : (f[l4 + 1] + 1u) * 8;
+            nh = f[l4];
+            l4 += step;
+        }
+        if (nh != IPPROTO_TCP)
+            return 0;
+    }
+    if (cs != l4 || len < l4 + 20 || (f[l4 + 12] >> 4) < 5)
+        return 0;
+    uint32_t hdr_len = l4 + (f[l4 + 12] >> 4) * 4u, at = l4 + 16;
+    if (hdr_len >= len || hdr_len > 0xFF || at > 0xFF || l3 + 10 > 0xFF)
+        return 0;
+    uint32_t paylen = len - hdr_len;
+    if (paylen > 0xFFFFF)
+        return 0;
+    uint32_t need = 1 + (len + bs - 1) / bs;
+    if (need > r->n_tx - 1)
+        return 0;                       /* larger than the ring: software pieces */
+    uint8_t tucmd = TUCMD_TCP | TXD_CMD_TSE | TXD_CMD_DEXT | (v4 ? TUCMD_IP : 0);
+    put_ctx(p->ctx, (uint8_t)l3, v4 ? (uint8_t)(l3 + 10) : 0, v4 ? (uint16_t)(l4 - 1) : 0,
+            (uint8_t)l4, (uint8_t)at, paylen, tucmd, (uint8_t)hdr_len, gso_size);
+    p->dcmd = TXD_CMD_TSE;
+    p->popts = POPTS_TXSM | (v4 ? POPTS_IXSM : 0);
+    p->tso = 1;
+    p->ipv4 = v4;
+    p->l3 = l3;
+    p->l4 = l4;
+    p->packets = (paylen + gso_size - 1) / gso_size;
+    p->wire_bytes = len + (uint64_t)(p->packets - 1) * hdr_len;
+    return 1;
+}
+
+/* The edits a TSO engine expects (see udrv.offload.tso_prepare), on our copy of the headers:
+ * IPv4 header checksum 0, TCP checksum = pseudo-header sum without the length. */
+static void tso_prepare(uint8_t *h, const struct tx_plan *p)
+{
+    uint32_t sum;
+    if (p->ipv4) {
+        h[p->l3 + 10] = h[p->l3 + 11] = 0;
+        sum = ones_sum(h + p->l3 + 12, 8, IPPROTO_TCP);
+    } else {
+        sum = ones_sum(h + p->l3 + 8, 32, IPPROTO_TCP);
+    }
+    h[p->l4 + 16] = (uint8_t)(sum >> 8);
+    h[p->l4 + 17] = (uint8_t)sum;
+}
+
 int e1000_tx_fill(struct e1000_ring *r)
 {
-    uint32_t n = r->n_tx, nxt = r->tx_next;
-    uint32_t free_slots = n - 1 - (nxt + n - r->tx_clean) % n;
+    uint32_t n = r->n_tx, bs = r->tx_bufsize;
     int filled = 0;
-    while (free_slots > 0) {
+    r->python_entry = 0;
+    for (;;) {
+        uint32_t free_d = n - 1 - (r->tx_next + n - r->tx_clean) % n;
+        if (free_d == 0)
+            break;
         uint64_t seq;
-        const uint8_t *frame;
-        uint32_t len;
-        int rc = udrv_journal_take_unsent(&r->journal, &seq, &frame, &len);
+        const uint8_t *vnet, *frame;
+        uint32_t vlen, len;
+        int rc = udrv_journal_peek_unsent(&r->journal, &seq, &vnet, &vlen, &frame, &len);
         if (rc == 0)
             break;
         if (rc < 0) {
             r->journal_error = rc;
             return E1000R_EJOURNAL;
         }
-        if (len < ETH_HLEN || len > r->tx_bufsize) {
+        struct tx_plan plan;
+        const uint8_t *ctx = NULL;
+        if (vlen) {
+            if (!plan_offload(r, vnet, vlen, frame, len, &plan)) {
+                r->python_entry = 1;    /* Python handles this one, then calls again */
+                break;
+            }
+            ctx = plan.ctx;
+        } else if (len < ETH_HLEN || len > bs) {
             /* cannot go on the wire: counted, and confirmed in order with its predecessor */
             r->st.tx_errors[len < ETH_HLEN ? E1000R_TX_RUNT : E1000R_TX_OVERSIZE]++;
-            if (nxt == r->tx_clean) {
-                int64_t c = udrv_journal_confirm_through(&r->journal, seq);
-                if (c < 0) {
-                    r->journal_error = c;
-                    return E1000R_EJOURNAL;
-                }
-            } else {
-                r->tx_seq[(nxt + n - 1) % n] = (int64_t)seq;
-            }
+            udrv_journal_mark_sent(&r->journal, seq);
+            if (e1000_tx_drop(r, seq) < 0)
+                return E1000R_EJOURNAL;
             continue;
         }
-        uint8_t *d = r->tx_ring + (uint64_t)nxt * DESC;
-        memcpy(r->tx_buf + (uint64_t)nxt * r->tx_bufsize, frame, len);
-        put64(d, r->tx_buf_iova + (uint64_t)nxt * r->tx_bufsize);
-        uint16_t l16 = (uint16_t)len;
-        memcpy(d + 8, &l16, 2);
-        d[10] = 0;                     /* CSO */
-        d[11] = TXD_CMD;
-        d[12] = 0;                     /* status */
-        d[13] = 0;                     /* CSS */
-        d[14] = d[15] = 0;             /* special */
-        r->tx_seq[nxt] = (int64_t)seq;
-        r->tx_len[nxt] = len;
-        nxt = (nxt + 1) % n;
-        free_slots--;
+        uint32_t need = (ctx ? 1 : 0) + (len + bs - 1) / bs;
+        if (need > free_d)
+            break;
+        udrv_journal_mark_sent(&r->journal, seq);
+        if (ctx) {
+            uint32_t d = put_packet(r, ctx, frame, len, plan.dcmd, plan.popts, plan.packets,
+                                    plan.wire_bytes, (int64_t)seq);
+            if (plan.tso) {
+                tso_prepare(r->tx_buf + (uint64_t)d * bs, &plan);
+                r->st.tx_offload_tso++;
+            } else {
+                r->st.tx_offload_csum++;
+            }
+        } else {
+            put_packet(r, NULL, frame, len, 0, 0, 1, len, (int64_t)seq);
+        }
         filled++;
     }
-    if (filled) {
-        r->tx_next = nxt;
+    if (filled)
         __atomic_thread_fence(__ATOMIC_RELEASE);   /* descriptors and buffers before the TDT write */
-    }
     return filled;
 }
 
@@ -257,7 +518,8 @@ int e1000_tx_reclaim(struct e1000_ring *r)
     int64_t last = -1;
     uint64_t done = 0, nbytes = 0;
     while (i != end) {
-        uint8_t *d = r->tx_ring + (uint64_t)i * DESC;
+        uint32_t e = r->tx_eop[i];     /* the packet's last descriptor: the one with RS */
+        uint8_t *d = r->tx_ring + (uint64_t)e * DESC;
         uint8_t status = status_of(d);
         if (!(status & TXD_STAT_DD))
             break;
@@ -265,11 +527,12 @@ int e1000_tx_reclaim(struct e1000_ring *r)
         if (status & (TXD_STAT_EC | TXD_STAT_LC)) {
             r->st.tx_errors[status & TXD_STAT_EC ? E1000R_TX_EXCESS_COLLISIONS : E1000R_TX_LATE_COLLISION]++;
         } else {
-            done++;
-            nbytes += r->tx_len[i];
+            done += r->tx_pkts[e];
+            nbytes += r->tx_len[e];
         }
-        last = r->tx_seq[i];
-        i = (i + 1) % n;
+        if (r->tx_seq[e] >= 0)
+            last = r->tx_seq[e];
+        i = (e + 1) % n;
     }
     if (i == r->tx_clean)
         return 0;
@@ -280,22 +543,28 @@ int e1000_tx_skip_lost(struct e1000_ring *r)
 {
     uint32_t n = r->n_tx, i = r->tx_clean, end = r->tx_next, k;
     int64_t last_dd = -1;
-    for (k = i; k != end; k = (k + 1) % n)
-        if (status_of(r->tx_ring + (uint64_t)k * DESC) & TXD_STAT_DD)
-            last_dd = k;
+    for (k = i; k != end; k = (r->tx_eop[k] + 1) % n) {
+        uint32_t e = r->tx_eop[k];
+        if (status_of(r->tx_ring + (uint64_t)e * DESC) & TXD_STAT_DD)
+            last_dd = e;
+    }
     if (last_dd < 0)
         return 0;
     uint32_t stop = ((uint32_t)last_dd + 1) % n;
     uint64_t done = 0, nbytes = 0;
-    for (k = i; k != stop; k = (k + 1) % n) {
-        uint8_t *d = r->tx_ring + (uint64_t)k * DESC;
+    int64_t last = -1;
+    for (k = i; k != stop; k = (r->tx_eop[k] + 1) % n) {
+        uint32_t e = r->tx_eop[k];
+        uint8_t *d = r->tx_ring + (uint64_t)e * DESC;
         if (!(status_of(d) & TXD_STAT_DD))
             r->st.tx_errors[E1000R_TX_COMPLETION_LOST]++;
         d[12] = 0;
-        done++;
-        nbytes += r->tx_len[k];
+        done += r->tx_pkts[e];
+        nbytes += r->tx_len[e];
+        if (r->tx_seq[e] >= 0)
+            last = r->tx_seq[e];
     }
-    return tx_complete(r, stop, r->tx_seq[last_dd], done, nbytes);
+    return tx_complete(r, stop, last, done, nbytes);
 }
 
 int e1000_tx_check_unarmed(struct e1000_ring *r)

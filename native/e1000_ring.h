@@ -10,6 +10,18 @@
  *       u16 special @14            status: DD 0x01, EOP 0x02
  *   TX: u64 buffer address | u16 length @8 | u8 CSO @10 | u8 CMD @11 | u8 status @12 | u8 CSS @13 |
  *       u16 special @14            CMD: EOP 0x01, IFCS 0x02, RS 0x08; status: DD 0x01, EC 0x02, LC 0x04
+ *   TX context (DEXT, DTYP 0): u8 IPCSS | u8 IPCSO | u16 IPCSE | u8 TUCSS | u8 TUCSO | u16 TUCSE |
+ *       u32 PAYLEN (19:0) / DTYP (23:20) / TUCMD (31:24: TCP 0x01, IP 0x02, TSE 0x04, DEXT 0x20) |
+ *       u8 status | u8 HDRLEN | u16 MSS
+ *   TX data (DEXT, DTYP 1): u64 buffer address | u32 length (19:0) / DTYP / DCMD (31:24: EOP, IFCS,
+ *       TSE 0x04, RS, DEXT) | u8 status | u8 POPTS (IXSM 0x01, TXSM 0x02) | u16 special
+ *
+ * A TX packet is one legacy descriptor, or (a journal frame whose virtio-net header asks for a
+ * checksum or TSO) a context descriptor + data descriptors over consecutive buffers; RS only
+ * on the packet's last descriptor, which tx_eop[] names for each of its descriptors. Cases the
+ * chip cannot take (hw_offloads, 8-bit offsets, ECN/UDP GSO, a packet larger than the ring)
+ * stop e1000_tx_fill with python_entry = 1: Python finishes that frame (udrv.offload's
+ * software path) and hands the pieces back through e1000_tx_put.
  *
  * Descriptor i always points at buffer i: addresses are computed from the buffer areas' IOVAs,
  * never read back from the ring.
@@ -40,6 +52,11 @@
 #define E1000R_TX_DD_NOT_ARMED 5
 #define E1000R_TX_NREASONS 6
 
+/* hw_offloads bits: what the chip does (the rest is Python's software path) */
+#define E1000R_OFF_CSUM 0x1
+#define E1000R_OFF_TSO4 0x2
+#define E1000R_OFF_TSO6 0x4
+
 /* negative results */
 #define E1000R_EINVAL (-1)          /* bad geometry at init */
 #define E1000R_EJOURNAL (-2)        /* the journal refused an operation (corrupt / never sent) */
@@ -50,6 +67,7 @@ struct e1000_ring_stats {
     uint64_t rx_dropped[E1000R_RX_NREASONS];
     uint64_t tx_errors[E1000R_TX_NREASONS];
     uint64_t tap_write_errors;
+    uint64_t tx_offload_csum, tx_offload_tso;   /* journal frames the chip checksummed / segmented */
 };
 
 struct e1000_ring {
@@ -58,11 +76,16 @@ struct e1000_ring {
     uint64_t rx_buf_iova, tx_buf_iova;
     uint32_t n_rx, n_tx, rx_bufsize, tx_bufsize;
     int tap_fd;                     /* RX frames are written here; < 0: into the caller's out buffer */
+    uint32_t tap_vnet_hdr;          /* bytes of zeroed virtio-net header before each frame written */
+    uint32_t hw_offloads;           /* E1000R_OFF_* */
+    uint32_t python_entry;          /* e1000_tx_fill stopped at a frame Python must handle */
     /* indices (Python reads and sets them between calls) */
     uint32_t rx_next, rx_tail, tx_next, tx_clean;
     uint32_t rx_discard;            /* inside a frame longer than one buffer: drop through EOP */
-    int64_t *tx_seq;                /* journal seq to confirm when descriptor i completes */
-    uint32_t *tx_len;
+    int64_t *tx_seq;                /* journal seq to confirm when descriptor i completes (-1: none) */
+    uint32_t *tx_len;               /* wire bytes / frames of the packet ending at descriptor i */
+    uint32_t *tx_pkts;
+    uint32_t *tx_eop;               /* last descriptor of the packet descriptor i belongs to */
     struct udrv_journal journal;    /* the TX journal's memfd, mapped by e1000_ring_init */
     int64_t journal_error;          /* the last journal error code (E1000R_EJOURNAL cause) */
     struct e1000_ring_stats st;
@@ -89,12 +112,18 @@ int e1000_rx_harvest(struct e1000_ring *r, uint32_t budget, uint8_t *out, uint32
  * Returns descriptors skipped (Python writes RDT = rx_tail when > 0). */
 int e1000_rx_skip_lost(struct e1000_ring *r, uint32_t rdh);
 
-/* TX: fill descriptors from the journal's unsent frames (EOP|IFCS|RS) while fewer than
- * n_tx - 1 are in flight. Returns descriptors filled (Python writes TDT = tx_next when > 0),
- * or E1000R_EJOURNAL. */
+/* TX: fill packets from the journal's unsent frames while descriptors are free (at most n_tx - 1
+ * in flight). Returns journal frames handed out (Python writes TDT = tx_next when tx_next
+ * moved), or E1000R_EJOURNAL; python_entry = 1 when it stopped at a frame left to Python. */
 int e1000_tx_fill(struct e1000_ring *r);
-/* TX: reclaim DD descriptors in order from tx_clean, confirm the journal through the last
- * one's seq. Returns descriptors reclaimed or E1000R_EJOURNAL. */
+/* TX: one packet Python built (ctx: a 16-byte context descriptor or NULL for legacy; seq < 0
+ * confirms nothing). Returns descriptors used, 0 when they are not free. */
+int e1000_tx_put(struct e1000_ring *r, const uint8_t *ctx, const uint8_t *data, uint32_t len,
+                 uint8_t dcmd, uint8_t popts, uint32_t packets, uint64_t wire_bytes, int64_t seq);
+/* TX: a journal frame that will never be sent, confirmed in order. 0 or E1000R_EJOURNAL. */
+int e1000_tx_drop(struct e1000_ring *r, uint64_t seq);
+/* TX: reclaim finished packets (DD on their last descriptor) in order from tx_clean, confirm
+ * the journal through the last one's seq. Returns descriptors reclaimed or E1000R_EJOURNAL. */
 int e1000_tx_reclaim(struct e1000_ring *r);
 /* TX: a DD further on proves the descriptors before it done (in-order completion). */
 int e1000_tx_skip_lost(struct e1000_ring *r);

@@ -98,16 +98,20 @@ uint8_t *udrv_journal_reserve(struct udrv_journal *j, uint32_t *cap)
     return slot(j, head) + UDRV_JOURNAL_SLOT_HEADER;
 }
 
-int64_t udrv_journal_commit(struct udrv_journal *j, uint32_t len)
+static int64_t commit_flags(struct udrv_journal *j, uint32_t len, uint32_t flags)
 {
     uint64_t seq = get64(j, OFF_HEAD);
     uint8_t *s = slot(j, seq);
-    uint32_t flags = 0;
     memcpy(s, &len, 4);
     memcpy(s + 4, &flags, 4);
     memcpy(s + 8, &seq, 8);
     set64(j, OFF_HEAD, seq + 1); /* release: the slot is complete before head covers it */
     return (int64_t)seq;
+}
+
+int64_t udrv_journal_commit(struct udrv_journal *j, uint32_t len)
+{
+    return commit_flags(j, len, 0);
 }
 
 int64_t udrv_journal_append(struct udrv_journal *j, const uint8_t *frame, uint32_t len)
@@ -123,6 +127,41 @@ int64_t udrv_journal_append(struct udrv_journal *j, const uint8_t *frame, uint32
     return udrv_journal_commit(j, len);
 }
 
+int64_t udrv_journal_append_vnet(struct udrv_journal *j, const uint8_t *vnet, uint32_t vlen,
+                                 const uint8_t *frame, uint32_t len)
+{
+    uint32_t cap;
+    uint8_t *p = udrv_journal_reserve(j, &cap);
+    if (!p)
+        return UDRV_JOURNAL_FULL;
+    if ((uint64_t)vlen + len > cap || vlen > 0xFF)
+        return UDRV_JOURNAL_TOO_BIG;
+    memcpy(p, vnet, vlen);
+    memcpy(p + vlen, frame, len);
+    uint32_t flags = vlen ? UDRV_JOURNAL_SLOT_VNET | vlen << UDRV_JOURNAL_VNET_LEN_SHIFT : 0;
+    return commit_flags(j, vlen + len, flags);
+}
+
+/* The slot of `seq`, checked as TxJournal.entry checks it: header and frame located. */
+static int read_slot(const struct udrv_journal *j, uint64_t seq, const uint8_t **vnet,
+                     uint32_t *vlen, const uint8_t **frame, uint32_t *len)
+{
+    const uint8_t *s = slot(j, seq);
+    uint32_t length, flags, hlen;
+    uint64_t stored;
+    memcpy(&length, s, 4);
+    memcpy(&flags, s + 4, 4);
+    memcpy(&stored, s + 8, 8);
+    hlen = flags & UDRV_JOURNAL_SLOT_VNET ? (flags >> UDRV_JOURNAL_VNET_LEN_SHIFT) & 0xFF : 0;
+    if (stored != seq || length > j->max_frame || hlen > length)
+        return UDRV_JOURNAL_CORRUPT;
+    *vnet = s + UDRV_JOURNAL_SLOT_HEADER;
+    *vlen = hlen;
+    *frame = s + UDRV_JOURNAL_SLOT_HEADER + hlen;
+    *len = length - hlen;
+    return 1;
+}
+
 int udrv_journal_take_unsent(struct udrv_journal *j, uint64_t *seq, const uint8_t **frame,
                              uint32_t *len)
 {
@@ -130,18 +169,35 @@ int udrv_journal_take_unsent(struct udrv_journal *j, uint64_t *seq, const uint8_
     if (sent >= get64(j, OFF_HEAD))
         return 0;
     set64(j, OFF_SENT, sent + 1);
-    const uint8_t *s = slot(j, sent);
-    uint32_t length;
-    uint64_t stored;
-    memcpy(&length, s, 4);
-    memcpy(&stored, s + 8, 8);
     /* Python advances `sent` before it notices the corruption; so do we. */
-    if (stored != sent || length > j->max_frame)
-        return UDRV_JOURNAL_CORRUPT;
+    const uint8_t *vnet;
+    uint32_t vlen;
+    int rc = read_slot(j, sent, &vnet, &vlen, frame, len);
+    if (rc < 0)
+        return rc;
     *seq = sent;
-    *frame = s + UDRV_JOURNAL_SLOT_HEADER;
-    *len = length;
     return 1;
+}
+
+int udrv_journal_peek_unsent(const struct udrv_journal *j, uint64_t *seq, const uint8_t **vnet,
+                             uint32_t *vlen, const uint8_t **frame, uint32_t *len)
+{
+    uint64_t sent = get64(j, OFF_SENT);
+    if (sent >= get64(j, OFF_HEAD))
+        return 0;
+    int rc = read_slot(j, sent, vnet, vlen, frame, len);
+    if (rc < 0)
+        return rc;
+    *seq = sent;
+    return 1;
+}
+
+int udrv_journal_mark_sent(struct udrv_journal *j, uint64_t seq)
+{
+    if (seq != get64(j, OFF_SENT) || seq >= get64(j, OFF_HEAD))
+        return UDRV_JOURNAL_NEVER_SENT;
+    set64(j, OFF_SENT, seq + 1);
+    return 0;
 }
 
 int64_t udrv_journal_confirm_through(struct udrv_journal *j, uint64_t seq)

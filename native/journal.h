@@ -4,7 +4,9 @@
  *   header (64 bytes): magic u32 | nslots u32 | slot_size u32 | _ u32 |
  *                      head u64 @16 | sent u64 @24 | tail u64 @32 | reissued u64 @40 |
  *                      duplicates u64 @48
- *   slot i at 64 + i * slot_size: length u32 | flags u32 | seq u64 | frame bytes
+ *   slot i at 64 + i * slot_size: length u32 | flags u32 | seq u64 | payload (length bytes)
+ *     flags bit 0 (UDRV_JOURNAL_SLOT_VNET): the payload starts with a virtio-net header of
+ *     N = flags bits 15:8 bytes, then the frame; flags 0: the payload is the frame.
  *
  * The header is the only copy of the indices on the C side (no caching), so Python and C can
  * take turns on the same memory; Python re-reads its cached mirrors with TxJournal.sync().
@@ -17,6 +19,8 @@
 #define UDRV_JOURNAL_MAGIC 0x314A4455u /* "UDJ1" */
 #define UDRV_JOURNAL_HEADER 64
 #define UDRV_JOURNAL_SLOT_HEADER 16
+#define UDRV_JOURNAL_SLOT_VNET 0x1u       /* slot flags: payload starts with a vnet header */
+#define UDRV_JOURNAL_VNET_LEN_SHIFT 8     /* ... of (flags >> 8) & 0xFF bytes */
 
 /* Negative results of the journal operations. */
 #define UDRV_JOURNAL_FULL (-1)       /* append: no free slot (TxJournal raises JournalFull) */
@@ -57,11 +61,22 @@ int64_t udrv_journal_append(struct udrv_journal *j, const uint8_t *frame, uint32
  * commit writes the slot header and publishes head. Returns the seq. */
 uint8_t *udrv_journal_reserve(struct udrv_journal *j, uint32_t *cap);
 int64_t udrv_journal_commit(struct udrv_journal *j, uint32_t len);
+/* TxJournal.append(frame, vnet): the frame with its virtio-net header (vlen 1..255 bytes; 0 =
+ * a plain append). Same results as udrv_journal_append. */
+int64_t udrv_journal_append_vnet(struct udrv_journal *j, const uint8_t *vnet, uint32_t vlen,
+                                 const uint8_t *frame, uint32_t len);
 
 /* TxJournal.take_unsent: 1 = seq, frame and len set and `sent` advanced, 0 = nothing unsent,
- * UDRV_JOURNAL_CORRUPT = `sent` advanced but the slot holds another seq (as in Python). */
+ * UDRV_JOURNAL_CORRUPT = `sent` advanced but the slot holds another seq (as in Python).
+ * The frame is given without its vnet header (if the slot has one). */
 int udrv_journal_take_unsent(struct udrv_journal *j, uint64_t *seq, const uint8_t **frame,
                              uint32_t *len);
+/* TxJournal.peek_unsent: the next unsent frame and its vnet header (*vlen 0: none) without
+ * advancing `sent`. 1, 0 = nothing unsent, or UDRV_JOURNAL_CORRUPT. */
+int udrv_journal_peek_unsent(const struct udrv_journal *j, uint64_t *seq, const uint8_t **vnet,
+                             uint32_t *vlen, const uint8_t **frame, uint32_t *len);
+/* TxJournal.mark_sent: seq must be the next unsent one. 0 or UDRV_JOURNAL_NEVER_SENT. */
+int udrv_journal_mark_sent(struct udrv_journal *j, uint64_t seq);
 /* TxJournal.confirm_through: frames newly confirmed, or UDRV_JOURNAL_NEVER_SENT. */
 int64_t udrv_journal_confirm_through(struct udrv_journal *j, uint64_t seq);
 /* TxJournal.rewind: frames to be re-issued (also added to reissued and duplicates). */

@@ -11,8 +11,16 @@ map the very same memory; the layout is plain little-endian integers:
     header (64 bytes): magic u32 | nslots u32 | slot_size u32 | _ u32 |
                        head u64 @16 | sent u64 @24 | tail u64 @32 | reissued u64 @40 |
                        duplicates u64 @48
-    slot i at 64 + i * slot_size: length u32 | flags u32 | seq u64 | frame bytes
+    slot i at 64 + i * slot_size: length u32 | flags u32 | seq u64 | payload (length bytes)
+      flags bit 0 (SLOT_VNET): the payload starts with a virtio-net header of N bytes,
+                  N = flags bits 15:8 (udrv.offload; e.g. 12), then the frame: what the host
+                  asked for (checksum, TSO) travels with the frame and survives re-issues.
+      flags 0:    the payload is the frame (every slot when the TAP has no vnet header, and
+                  frames whose header asks for nothing: their header is not kept).
 Sequence numbers grow without wrapping; slot = seq % nslots.
+
+`frame()`/`take_unsent()` give the frame without its header (what a datapath that knows no
+offloads can use); `entry()`/`peek_unsent()` give (header, frame) for those that do.
 """
 from __future__ import annotations
 
@@ -28,6 +36,14 @@ SLOT_HEADER = 16
 _U64 = struct.Struct("<Q")
 _SLOT = struct.Struct("<IIQ")
 _OFF_HEAD, _OFF_SENT, _OFF_TAIL, _OFF_REISSUED, _OFF_DUPS = 16, 24, 32, 40, 48
+SLOT_VNET = 0x1
+VNET_LEN_SHIFT = 8
+VNET_LEN_MASK = 0xFF
+
+
+def vnet_len(flags: int) -> int:
+    """Bytes of virtio-net header at the start of a slot's payload (0: none)."""
+    return (flags >> VNET_LEN_SHIFT) & VNET_LEN_MASK if flags & SLOT_VNET else 0
 
 
 class JournalFull(UdrvError):
@@ -72,15 +88,24 @@ class TxJournal:
     def space(self) -> int:
         return self.nslots - (self.head - self.tail)
 
-    def append(self, frame: bytes) -> int:
+    def append(self, frame: bytes, vnet: bytes = b"") -> int:
+        """Journal one frame; `vnet` is its virtio-net header when it asks for an offload."""
         if self.head - self.tail >= self.nslots:
             raise JournalFull("TX journal full")
-        if len(frame) > self.max_frame:
-            raise ValueError(f"frame of {len(frame)} bytes exceeds the journal slot ({self.max_frame})")
+        total = len(vnet) + len(frame)
+        if total > self.max_frame:
+            raise ValueError(f"frame of {total} bytes exceeds the journal slot ({self.max_frame})")
+        if len(vnet) > VNET_LEN_MASK:
+            raise ValueError(f"a {len(vnet)}-byte virtio-net header does not fit the slot flags")
+        flags = SLOT_VNET | len(vnet) << VNET_LEN_SHIFT if vnet else 0
         seq = self.head
         off = HEADER + (seq & (self.nslots - 1)) * self.slot_size
-        _SLOT.pack_into(self.mem, off, len(frame), 0, seq)
-        self.mem[off + SLOT_HEADER: off + SLOT_HEADER + len(frame)] = frame
+        _SLOT.pack_into(self.mem, off, total, flags, seq)
+        data = off + SLOT_HEADER
+        if vnet:
+            self.mem[data: data + len(vnet)] = vnet
+            data += len(vnet)
+        self.mem[data: data + len(frame)] = frame
         self.head = seq + 1
         self._set(_OFF_HEAD, self.head)
         return seq
@@ -95,12 +120,38 @@ class TxJournal:
     def in_device(self) -> int:
         return self.sent - self.tail
 
-    def frame(self, seq: int) -> bytes:
+    def entry(self, seq: int) -> tuple[bytes, bytes]:
+        """(virtio-net header or b"", frame) of a journaled frame."""
         off = HEADER + (seq & (self.nslots - 1)) * self.slot_size
-        length, _flags, stored = _SLOT.unpack_from(self.mem, off)
-        if stored != seq:
-            raise UdrvError(f"TX journal slot for seq {seq} holds seq {stored}: journal corrupted")
-        return bytes(self.mem[off + SLOT_HEADER: off + SLOT_HEADER + length])
+        length, flags, stored = _SLOT.unpack_from(self.mem, off)
+        hlen = vnet_len(flags)
+        if stored != seq or length > self.max_frame or hlen > length:
+            raise UdrvError(f"TX journal slot for seq {seq} holds seq {stored} (length {length}, flags "
+                            f"{flags:#x}): journal corrupted")
+        data = off + SLOT_HEADER
+        return bytes(self.mem[data: data + hlen]), bytes(self.mem[data + hlen: data + length])
+
+    def frame(self, seq: int) -> bytes:
+        return self.entry(seq)[1]
+
+    def peek_unsent(self) -> tuple[int, bytes, bytes] | None:
+        """(seq, header, frame) of the next frame to hand to the device, without marking it
+        sent: a datapath that needs several descriptors for it first checks they are free."""
+        seq = self.sent
+        if seq >= self.head:
+            return None
+        off = HEADER + (seq & (self.nslots - 1)) * self.slot_size
+        length, flags, stored = _SLOT.unpack_from(self.mem, off)
+        if flags or stored != seq or length > self.max_frame:
+            return (seq, *self.entry(seq))          # header to split off, or corruption to report
+        return seq, b"", self.mem[off + SLOT_HEADER: off + SLOT_HEADER + length]
+
+    def mark_sent(self, seq: int) -> None:
+        """The frame peek_unsent() returned is in the device now."""
+        if seq != self.sent or seq >= self.head:
+            raise UdrvError(f"mark_sent({seq}) but the next unsent frame is {self.sent}")
+        self.sent = seq + 1
+        self._set(_OFF_SENT, self.sent)
 
     def take_unsent(self) -> tuple[int, bytes] | None:
         """Next frame to hand to the device, marking it sent."""

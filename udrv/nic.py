@@ -5,10 +5,19 @@ configuration the host makes goes into the config log; every TX frame goes throu
 journal. When in-process recovery escalates, `restart()` does what the process-level
 supervisor will later do in a fresh worker: a new driver instance on the same device,
 probe, replay of the config log, re-issue of the journal.
+
+Offloads: what the driver declares (`offloads`, udrv.offload names; a chip may narrow its
+class's set) is what the Nic asks the TAP for, once, before the first datapath exists. TAP
+frames then carry a virtio-net header; `enqueue` keeps it in the journal with the frames that
+need work (checksum, TSO) and drops it from those that do not. A datapath that knows the
+header (`handles_vnet`) does the work in hardware or falls back to udrv.offload's software;
+for any other datapath `enqueue` finishes the frames in software before journaling them.
 """
 from __future__ import annotations
 
 import logging
+import os
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -21,8 +30,11 @@ from .faults import FaultInjector, FaultSpec
 from .guard import Guard, Recovery, Watchdog
 from .journal import JournalFull, TxJournal
 from .driver import NetDriver
+from . import offload
 
 log = logging.getLogger("udrv.nic")
+_CSUM_FIELDS = struct.Struct("<HH")       # virtio-net header: csum_start, csum_offset at byte 6
+_GSO_FIELDS = struct.Struct("<HH")        # virtio-net header: gso_size, csum_start at byte 4
 
 
 @dataclass
@@ -36,6 +48,7 @@ class NicOptions:
     datapath_deadline: float = 1.0
     tx_timeout: float = 0.5          # unconfirmed TX older than this = TX hang (Xen's detector)
     journal_slots: int = 1024
+    gso_journal_slots: int = 256     # with TSO a slot holds a 64 KiB frame: fewer of them
     recovery: str = "checkpoint"     # "checkpoint" (FGFT) or "restart" (close, re-probe, re-open)
     swap_after: int = 3              # escalations of one implementation before swapping to the next
 
@@ -50,8 +63,17 @@ class NicCounters:
     restart_failures: int = 0
     swaps: int = 0
 
+    offload_frames: int = 0          # TAP frames that asked for checksum/TSO work
+    software_frames: int = 0         # of those, finished in software at enqueue
+
     def tx_drop(self, reason: str) -> None:
         self.tx_dropped[reason] = self.tx_dropped.get(reason, 0) + 1
+
+
+def _tap_of(sink: Any) -> Any:
+    """The TAP behind a sink that is a Tap's bound `write` (what the daemon passes)."""
+    owner = getattr(sink, "__self__", None)
+    return owner if owner is not None and hasattr(owner, "set_offloads") else None
 
 
 class Nic:
@@ -60,7 +82,7 @@ class Nic:
                  options: NicOptions | None = None, *, watchdog: Watchdog | None = None,
                  injector: FaultInjector | None = None,
                  on_recovery: Callable[[Recovery], None] | None = None,
-                 reopen: Callable[[], Any] | None = None):
+                 reopen: Callable[[], Any] | None = None, tap: Any = None):
         # design diversity (nDriver): several implementations of one driver, best first; after
         # `swap_after` escalations of one, the next takes over at the next restart
         self.implementations = list(driver_cls) if isinstance(driver_cls, (list, tuple)) else [driver_cls]
@@ -73,9 +95,23 @@ class Nic:
         self.injector = injector or FaultInjector()
         self.on_recovery_cb = on_recovery or (lambda r: None)
         self.reopen = reopen
-        # a slot holds the largest frame the driver can send: MTU + header + VLAN tag, 64-byte aligned
-        slot = (max(c.max_mtu for c in self.implementations) + 18 + 16 + 63) & ~63
-        self.journal = TxJournal(self.opts.journal_slots, max(slot, 2048))
+        # offloads: what the implementations declare (narrowed by the first driver instance in
+        # _make_driver); the TAP is the one behind the sink unless given
+        self.offloads: frozenset[str] = frozenset().union(
+            *(getattr(c, "offloads", frozenset()) for c in self.implementations)) & offload.KNOWN
+        self.tap = tap if tap is not None else _tap_of(sink)
+        self.vnet_hdr_len = 0             # bytes of virtio-net header in front of each TAP frame
+        self._tap_configured = False
+        # a slot holds the largest frame the driver can send: MTU + header + VLAN tag, 64-byte
+        # aligned; with TSO a 64 KiB GSO frame (+ link headers) behind its virtio-net header
+        slot = max(c.max_mtu for c in self.implementations) + 18 + 16
+        nslots = self.opts.journal_slots
+        if self.offloads:
+            slot += offload.VNET_HDR_LEN
+        if self.offloads & {offload.TSO4, offload.TSO6}:
+            slot = max(slot, 65536 + 64 + offload.VNET_HDR_LEN + 16)
+            nslots = min(nslots, self.opts.gso_journal_slots)
+        self.journal = TxJournal(nslots, max((slot + 63) & ~63, 2048))
         self.config_log = ConfigLog()
         self.counters = NicCounters()
         self.recoveries: list[Recovery] = []
@@ -92,6 +128,8 @@ class Nic:
     def _make_driver(self) -> None:
         self.actions = ActionList()
         self.driver = self.driver_cls(self.transport, self.actions)
+        if not self._tap_configured:
+            self._setup_tap()
         n_rx, n_tx = getattr(self.driver_cls, "default_rings", (4, 8))
         self.engine = self.driver.make_datapath(self.journal, self.sink, self.opts.n_rx or n_rx,
                                                 self.opts.n_tx or n_tx, self._progress)
@@ -101,6 +139,27 @@ class Nic:
                            datapath_deadline=self.opts.datapath_deadline,
                            enabled=self.opts.guards, watchdog=self.watchdog,
                            retry=self.opts.recovery == "checkpoint")
+
+    def _setup_tap(self) -> None:
+        """Once, before the first datapath is built (the C ring takes the TAP's fd and header
+        size at construction): a chip may support less than its class declares."""
+        self._tap_configured = True
+        narrowed = getattr(self.driver, "offloads", None)
+        if narrowed is not None:
+            self.offloads &= frozenset(narrowed)
+        # UDRV_OFFLOADS=none (or e.g. "csum"): what an operator allows, for debugging and benches
+        allowed = os.environ.get("UDRV_OFFLOADS")
+        if allowed is not None:
+            self.offloads &= frozenset(a.strip() for a in allowed.split(",") if a.strip() not in ("", "none"))
+        if self.tap is None:
+            return
+        set_offloads = getattr(self.tap, "set_offloads", None)
+        if set_offloads is not None:
+            set_offloads(self.offloads)
+        self.vnet_hdr_len = getattr(self.tap, "vnet_hdr_len", 0)
+        if self.vnet_hdr_len:
+            log.info("event=offloads tap=%s offloads=%s vnet_hdr=%d", getattr(self.tap, "name", "?"),
+                     ",".join(sorted(self.offloads)) or "none", self.vnet_hdr_len)
 
     def _sync_datapath(self) -> None:
         """After a restore: transfers in flight iff the restored driver is open."""
@@ -156,8 +215,13 @@ class Nic:
         return self.link
 
     # --- datapath ------------------------------------------------------------------------------
-    def enqueue(self, frames: list[bytes]) -> int:
-        """Frames from the TAP into the journal (the driver sees them only from there)."""
+    def enqueue(self, frames: list[bytes], vnet_hdr_len: int | None = None) -> int:
+        """Frames from the TAP into the journal (the driver sees them only from there). With a
+        virtio-net header (vnet_hdr_len, default: what the TAP was set up with) each frame
+        starts with one; frames that ask for work keep it in the journal."""
+        hlen = self.vnet_hdr_len if vnet_hdr_len is None else vnet_hdr_len
+        if hlen:
+            return self._enqueue_vnet(frames, hlen)
         accepted = 0
         mtu_max = self.driver.soft.mtu + 14 + 4     # + Ethernet header + a VLAN tag
         for f in frames:
@@ -172,6 +236,74 @@ class Nic:
                 self.counters.tx_drop("journal_full")
             except ValueError:          # larger than a journal slot
                 self.counters.tx_drop("oversize")
+        return accepted
+
+    def _enqueue_vnet(self, frames: list[bytes], hlen: int) -> int:
+        accepted = 0
+        mtu_max = self.driver.soft.mtu + 14 + 4
+        in_hw = getattr(self.engine, "handles_vnet", False)
+        append, counters = self.journal.append, self.counters
+        for raw in frames:
+            counters.tap_frames_in += 1
+            if len(raw) < hlen:
+                counters.tx_drop("short_vnet_header")
+                continue
+            f = memoryview(raw)[hlen:]          # no copy: the journal copies it once
+            flags, gso = raw[0], raw[1]
+            keep = b""
+            out: list[Any] = [f]
+            if gso == offload.GSO_NONE:
+                # the common cases, without building a plan: nothing to do / a checksum to fill
+                if len(f) > mtu_max:
+                    counters.tx_drop("oversize")
+                    continue
+                if flags & offload.F_NEEDS_CSUM:
+                    start, offset = _CSUM_FIELDS.unpack_from(raw, 6)
+                    if start >= len(f) or start + offset + 2 > len(f):
+                        counters.tx_drop("bad_offload_request")
+                        continue
+                    counters.offload_frames += 1
+                    if in_hw:
+                        keep = raw[:hlen]
+                    else:
+                        counters.software_frames += 1
+                        out = offload.resolve(offload.VnetHdr.parse(raw), f)
+            elif in_hw and gso in (offload.GSO_TCPV4, offload.GSO_TCPV6) and flags & offload.F_NEEDS_CSUM:
+                # TCP GSO for a datapath that reads the header itself (and checks it as it
+                # plans the packet): here only what reaches the wire must fit the MTU, each
+                # segment = headers through the TCP data offset + gso_size
+                size, start = _GSO_FIELDS.unpack_from(raw, 4)
+                if start + 13 > len(f) or start + (f[start + 12] >> 4) * 4 + size > mtu_max:
+                    counters.tx_drop("oversize" if start + 13 <= len(f) else "bad_offload_request")
+                    continue
+                counters.offload_frames += 1
+                keep = raw[:hlen]
+            else:
+                try:
+                    hdr = offload.VnetHdr.parse(raw)
+                    p = offload.plan(hdr, f)
+                except offload.OffloadError:
+                    counters.tx_drop("bad_offload_request")
+                    continue
+                counters.offload_frames += 1
+                # what reaches the wire must fit the MTU: each segment of the GSO frame
+                if p is None or p.hdr_len + p.mss > mtu_max:
+                    counters.tx_drop("oversize")
+                    continue
+                if in_hw:
+                    keep = raw[:hlen]
+                else:
+                    counters.software_frames += 1
+                    out = offload.resolve(hdr, f)
+            if self.journal.space() < len(out):
+                counters.tx_drop("journal_full")
+                continue
+            try:
+                for piece in out:
+                    append(piece, keep)
+                accepted += 1
+            except ValueError:
+                counters.tx_drop("oversize")
         return accepted
 
     def xmit(self) -> int:

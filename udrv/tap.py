@@ -4,6 +4,13 @@ The supervisor opens it once and keeps the fd for the life of the daemon, so the
 (its name and ifindex) survives every recovery of the driver behind it. The fd can be passed
 to a worker process. Host-side configuration (MAC, MTU, promiscuous/all-multicast flags,
 multicast list) is read back from the kernel so the daemon can mirror it into the driver.
+
+Offloads: when the driver declares some (`offloads`, see udrv.offload), the TAP is opened with
+IFF_VNET_HDR, a 12-byte virtio-net header (TUNSETVNETHDRSZ) and TUNSETOFFLOAD for exactly
+those: the kernel then hands us 64 KiB TCP frames and unfinished checksums, each behind a
+header saying what is left to do, and every frame *written* to the TAP needs a header too
+(`write()` puts a zeroed one in front: "nothing known about the checksum"). Without offloads
+the TAP is opened exactly as before: no header anywhere.
 """
 from __future__ import annotations
 
@@ -13,12 +20,18 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
+from typing import Iterable
 
 from .errors import PermissionDeniedError, UdrvError
+from .offload import VNET_HDR_LEN, ZERO_HDR, tun_offload_flags
 
 TUNSETIFF = 0x400454CA
 TUNSETPERSIST = 0x400454CB
 TUNSETCARRIER = 0x400454E2
+TUNGETFEATURES = 0x800454CF
+TUNSETOFFLOAD = 0x400454D0
+TUNGETIFF = 0x800454D2
+TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -48,34 +61,115 @@ class HostConfig:
     multicast: tuple[bytes, ...]
 
 
+def _open_tun(name: str, flags: int) -> tuple[int, str]:
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except PermissionError:
+        raise PermissionDeniedError("cannot open /dev/net/tun: run udrv as root or give it "
+                                    "CAP_NET_ADMIN (setcap cap_net_admin+ep)") from None
+    except FileNotFoundError:
+        raise UdrvError("/dev/net/tun is missing: load the tun module (modprobe tun)") from None
+    try:
+        res = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+    except OSError as e:
+        os.close(fd)
+        if e.errno == errno.EPERM:
+            raise PermissionDeniedError(f"creating TAP {name} needs CAP_NET_ADMIN: run udrv as root") from None
+        if e.errno == errno.EBUSY:
+            raise UdrvError(f"TAP {name} is already in use by another process: stop it or pick "
+                            "another name with --ifname") from None
+        raise UdrvError(f"cannot create TAP {name}: {e.strerror}") from None
+    return fd, struct.unpack("16sH", res)[0].rstrip(b"\0").decode()
+
+
+def _usable(offloads: Iterable[str]) -> frozenset[str]:
+    """The offloads a TAP can give (TSO only with checksums); none at all when the kernel's
+    tun driver has no virtio-net headers (TUNGETFEATURES; every kernel since 2.6.27 has)."""
+    want = frozenset(offloads)
+    if not tun_offload_flags(want):
+        return frozenset()
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return want                      # the TAP itself will say what is wrong
+    try:
+        features = struct.unpack("I", fcntl.ioctl(fd, TUNGETFEATURES, bytes(4)))[0]
+    except OSError:
+        features = 0
+    finally:
+        os.close(fd)
+    return want if features & IFF_VNET_HDR else frozenset()
+
+
 class Tap:
-    def __init__(self, name: str = "udrv0"):
-        try:
-            self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        except PermissionError:
-            raise PermissionDeniedError("cannot open /dev/net/tun: run udrv as root or give it "
-                                        "CAP_NET_ADMIN (setcap cap_net_admin+ep)") from None
-        except FileNotFoundError:
-            raise UdrvError("/dev/net/tun is missing: load the tun module (modprobe tun)") from None
-        try:
-            ifr = struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI)
-            res = fcntl.ioctl(self.fd, TUNSETIFF, ifr)
-        except OSError as e:
-            os.close(self.fd)
-            if e.errno == errno.EPERM:
-                raise PermissionDeniedError(f"creating TAP {name} needs CAP_NET_ADMIN: run udrv as root") from None
-            if e.errno == errno.EBUSY:
-                raise UdrvError(f"TAP {name} is already in use by another process: stop it or pick "
-                                "another name with --ifname") from None
-            raise UdrvError(f"cannot create TAP {name}: {e.strerror}") from None
-        self.name = struct.unpack("16sH", res)[0].rstrip(b"\0").decode()
+    def __init__(self, name: str = "udrv0", offloads: Iterable[str] = ()):
+        want = _usable(offloads)
+        self.fd, self.name = _open_tun(name, IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if want else 0))
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.ifindex = self._ioctl_int(SIOCGIFINDEX)
         self.read_errors = 0
         self.write_errors = 0
+        self.vnet_hdr_len = 0            # bytes of virtio-net header on every read and write
+        self.offloads: frozenset[str] = frozenset()
+        if want:
+            self.vnet_hdr_len = VNET_HDR_LEN
+            try:
+                self._set_offloads(want)
+            except BaseException:
+                self.close()
+                raise
+
+    # --- offloads ---------------------------------------------------------------------------
+    def set_offloads(self, offloads: Iterable[str]) -> None:
+        """Ask the kernel for these offloads (udrv.offload names); none = no vnet header at all.
+        IFF_VNET_HDR can only be chosen when a queue attaches, so switching it re-attaches:
+        the interface is made persistent for the moment the fd is closed and opened again
+        with the new flags (same name, same ifindex, same fd number), then not persistent."""
+        want = _usable(offloads)
+        if bool(want) != bool(self.vnet_hdr_len):
+            self._reattach(IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if want else 0))
+            self.vnet_hdr_len = VNET_HDR_LEN if want else 0
+        if want or self.offloads:
+            self._set_offloads(want)
+
+    def _set_offloads(self, want: frozenset[str]) -> None:
+        if want:
+            fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+        # an int argument by value, not a pointer
+        fcntl.ioctl(self.fd, TUNSETOFFLOAD, tun_offload_flags(want))
+        self.offloads = want
+
+    def _reattach(self, flags: int) -> None:
+        old_flags = self.tun_flags() & (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        fcntl.ioctl(self.fd, TUNSETPERSIST, 1)     # an int by value: the interface outlives the fd
+        number = self.fd
+        os.close(number)
+        error: UdrvError | None = None
+        try:
+            fd, _ = _open_tun(self.name, flags)
+        except UdrvError as e:
+            error = e
+            fd, _ = _open_tun(self.name, old_flags)  # put the queue back as it was
+        if fd != number:
+            os.dup2(fd, number, inheritable=False)     # whoever holds the fd number keeps it
+            os.close(fd)
+        fcntl.ioctl(number, TUNSETPERSIST, 0)
+        if error is not None:
+            raise error
+        if self._ioctl_int(SIOCGIFINDEX) != self.ifindex:
+            raise UdrvError(f"TAP {self.name} changed its ifindex while switching the vnet header")
+
+    def tun_flags(self) -> int:
+        """IFF_* flags of the queue (TUNGETIFF): IFF_VNET_HDR shows whether headers are on."""
+        res = fcntl.ioctl(self.fd, TUNGETIFF, bytes(40))
+        return struct.unpack_from("16sH", res)[1]
 
     # --- frames ---------------------------------------------------------------------------
-    def read_batch(self, max_frames: int, bufsize: int = 65536) -> list[bytes]:
+    def read_batch(self, max_frames: int, bufsize: int | None = None) -> list[bytes]:
+        """Raw reads: with a vnet header on, each starts with it (Nic.enqueue strips it)."""
+        if bufsize is None:
+            # a GSO frame is up to 64 KiB of IP plus link headers, behind the vnet header
+            bufsize = 65536 + 256 if self.vnet_hdr_len else 65536
         frames: list[bytes] = []
         read = os.read
         for _ in range(max_frames):
@@ -90,7 +184,11 @@ class Tap:
 
     def write(self, frame: bytes) -> None:
         try:
-            os.write(self.fd, frame)
+            if self.vnet_hdr_len:
+                # every write needs a header: zeroed = no offload, checksum not verified
+                os.writev(self.fd, (ZERO_HDR, frame))
+            else:
+                os.write(self.fd, frame)
         except OSError:
             # interface down or queue full: the kernel drops, we count; never fatal
             self.write_errors += 1
