@@ -72,7 +72,7 @@ def _pci_implementations(cls: Any) -> list[Any]:
     """Implementations of a PCI driver, best first (Nic swaps to the next after repeated
     escalations): for e1000 the C ring, then the Python ring as the design-diverse spare."""
     from .drivers.e1000 import E1000, E1000Native
-    if cls is not E1000:
+    if cls is not E1000 or os.environ.get("UDRV_DATAPATH") == "python":
         return [cls]
     from . import native
     if native.available():
@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ifname", default="udrv0", help="TAP interface name (default udrv0)")
     r.add_argument("--no-guards", action="store_true", help="run entry points unguarded (for comparison)")
     r.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    r.add_argument("--recovery", choices=["checkpoint", "restart"], default="checkpoint",
+                   help="how a fault is recovered: restore the device checkpoint (default) or restart the "
+                        "driver (close, re-probe, re-open; for comparison)")
     r.add_argument("--config-deadline", type=float, default=1.0, metavar="S",
                    help="a configuration call running longer is a hang (default 1 s; raised automatically "
                         "above 4x the call's running average on slow machines)")

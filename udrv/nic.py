@@ -187,7 +187,6 @@ class Nic:
         try:
             result = self.guard.config(entry, *args)
         except Escalation as e:
-            self.counters.escalations += 1
             self._restart_after(e)
             # the host's wish is not applied: it is not logged, the old config stays
             raise UdrvError(f"{entry}{args!r} failed twice and was rolled back: {e.fault}") from None
@@ -362,6 +361,7 @@ class Nic:
     # --- process-level style recovery -------------------------------------------------------------
     def _restart_after(self, e: Escalation) -> None:
         log.warning("escalation: %s; restarting the driver", e.fault)
+        self.counters.escalations += 1
         self._impl_escalations += 1
         i = self.implementations.index(self.driver_cls)
         if self._impl_escalations >= self.opts.swap_after and i + 1 < len(self.implementations):

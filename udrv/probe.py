@@ -40,6 +40,10 @@ class GapProbe:
     def start(self) -> "GapProbe":
         self.t0 = time.monotonic()
         self._proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, text=True)
+        # wait until the probe has its signal handlers (interpreter start-up takes seconds in a
+        # TCG guest; a signal before that would kill it)
+        if self._proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the UDP probe process did not start")
         return self
 
     def received_so_far(self) -> int:
@@ -99,6 +103,7 @@ def _probe_main(host: str, port: int, interval: float) -> None:
 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGUSR1, lambda *_: print(len(times), flush=True))
+    print("ready", flush=True)
     threading.Thread(target=sender, daemon=True).start()
     while not stop.is_set():
         try:

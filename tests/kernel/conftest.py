@@ -50,7 +50,8 @@ class Guest:
     def run(self, cmd: list[str] | str, devices: GuestDevices | None = None,
             timeout: float = DEFAULT_TIMEOUT, env: dict[str, str] | None = None, **kw) -> GuestResult:
         pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-        merged = {"PYTHONPATH": pythonpath, **(env or {})}
+        # the guest's writes vanish with it: let it use the bytecode compiled on the host below
+        merged = {"PYTHONPATH": pythonpath, "PYTHONDONTWRITEBYTECODE": "", **(env or {})}
         kw.setdefault("cwd", REPO)
         return guestlib.run(cmd, devices or GuestDevices(), timeout, merged, image=self.image, **kw)
 
@@ -68,6 +69,10 @@ def guest() -> Guest:
     reason = _unavailable_reason()
     if reason:
         pytest.fail(f"kernel tier cannot run: {reason} (or set UDRV_SKIP_KERNEL_TIER=1 to skip it)")
+    # compile once on the host: under TCG, compiling udrv in every guest interpreter costs seconds
+    import compileall
+    for d in ("udrv", "drivers", "tools", "tests"):
+        compileall.compile_dir(str(REPO / d), quiet=1)
     try:
         return Guest(guestlib.prepare())
     except guestlib.GuestError as e:
