@@ -690,6 +690,7 @@ def test_no_leaks_after_100_recoveries(wrig):
         entry = ("xmit", "poll", "set_rx_mode", "set_mac")[i % 4]
         kind = ("raise", "stall", "disconnect", "corrupt")[i % 4] if entry.startswith("set") else "raise"
         wrig.nic.inject(entry, kind)
+        wrig.nic.guard._recent_dp_faults.clear()     # this test is about leaks, not the escalation policy
         if entry == "set_rx_mode":
             wrig.nic.set_rx_mode(RxMode(multicast=(GROUP_A,)) if i % 8 < 4 else RxMode())
         elif entry == "set_mac":

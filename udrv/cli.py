@@ -271,8 +271,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                       profile=not args.no_profile, repeats=args.repeats,
                                       faults=tuple(args.fault or FAULTS), smp=args.smp))
     if args.what == "guard":
-        from .bench import guard_overhead
-        print(guard_overhead(frames=args.frames, rounds=args.rounds, size=args.size).report())
+        for size in args.size or [64]:
+            if args.driver == "e1000":
+                from .bench_ring import guard_overhead_e1000
+                print(guard_overhead_e1000(frames=args.frames, rounds=args.rounds, size=size).report())
+            else:
+                from .bench import guard_overhead
+                print(guard_overhead(frames=args.frames, rounds=args.rounds, size=size).report())
+        return 0
+    if args.what == "ring":
+        from .bench_ring import ring_speed
+        print(ring_speed(sizes=args.size or [64, 1500], frames=args.frames, rounds=args.rounds).report())
+        return 0
+    if args.what == "tap":
+        from .bench_ring import tap_forward
+        for size in args.size or [64]:
+            print(tap_forward(frames=args.frames, rounds=args.rounds, size=size).report())
         return 0
     from .bench import RecoveryLatencyScenario, recovery_report
     faults = args.fault or ["xmit:raise", "poll:stall", "set_rx_mode:raise"]
@@ -343,16 +357,23 @@ def build_parser() -> argparse.ArgumentParser:
     ub.set_defaults(fn=cmd_unbind)
 
     b = sub.add_parser("bench", help="benchmarks (ratios measured in one run)")
-    b.add_argument("what", choices=["guard", "recovery", "e1000"],
-                   help="guard: guard overhead on the model datapath; recovery: interruption per fault, "
-                        "checkpoint recovery vs full restart (root); e1000: udrv vs the kernel's driver on "
-                        "QEMU's e1000 in one kernel-tier guest boot, throughput + recovery latency (root, QEMU)")
+    b.add_argument("what", choices=["guard", "recovery", "e1000", "ring", "tap"],
+                   help="guard: guard overhead on the model datapath (--driver pegasus|e1000); recovery: "
+                        "interruption per fault, checkpoint recovery vs full restart (root); e1000: udrv vs the "
+                        "kernel's driver on QEMU's e1000 in one kernel-tier guest boot, throughput + recovery "
+                        "latency (root, QEMU); ring: the C e1000 ring vs the Python ring, TX and RX, device side "
+                        "stubbed; tap: frames read from a TAP and written back to it through udrv's C path vs a bare C "
+                        "loop (root)")
     b.add_argument("--repeats", type=int, default=10, help="injections per fault (recovery)")
     b.add_argument("--fault", action="append", default=None, metavar="ENTRY:KIND")
     b.add_argument("--ifname", default="udrv0")
-    b.add_argument("--frames", type=int, default=20000)
+    b.add_argument("--frames", type=int, default=20000,
+                   help="frames per round (ring: for the Python ring; the C ring runs 10x as many)")
     b.add_argument("--rounds", type=int, default=7)
-    b.add_argument("--size", type=int, default=64)
+    b.add_argument("--size", type=int, action="append", default=None, metavar="BYTES",
+                   help="frame size, repeatable (default 64; ring: 64 and 1500)")
+    b.add_argument("--driver", choices=["pegasus", "e1000"], default="pegasus",
+                   help="guard: which driver's datapath (default pegasus)")
     b.add_argument("--out", default="bench-out", help="e1000: report directory (default ./bench-out)")
     b.add_argument("--model", choices=["e1000", "e1000e"], default="e1000", help="e1000: QEMU device model")
     b.add_argument("--seconds", type=float, default=5.0, help="e1000: seconds per iperf3 run")

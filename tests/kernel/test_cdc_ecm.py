@@ -228,6 +228,12 @@ def guest_fecm(out: Path) -> None:
         report["kernel_driver_during"] = interface0_driver(dev)
         sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", IFNAME)
         st = udrv_status()
+        # the speed arrives as a notification after open; the daemon's link watchdog reports it
+        # at its next tick (1 s)
+        deadline = time.monotonic() + 5
+        while st["link"]["speed"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            st = udrv_status()
         report["mac"], report["mtu"], report["link"] = st["mac"], st["mtu"], st["link"]
 
         report["stage"] = "echo"
