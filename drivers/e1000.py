@@ -1693,7 +1693,11 @@ class E1000NativeRing(E1000Ring):
     straight to the TAP fd with write(), or in batches to the Python sink), TX fill from the
     journal's memory, TX reclaim. The C functions touch memory only and return the new tail;
     this class does the one MMIO write per batch, so it runs on the model and on VFIO alike.
-    Lifecycle, resets and checks are the Python ring's (same rings, same indices)."""
+    Lifecycle, resets and checks are the Python ring's (same rings, same indices).
+
+    With a TAP fd the ring also reads the TAP (native/tapread.c, Nic.enqueue's rules) at the
+    start of xmit(), so the runtime must not (`owns_tap`); the few frames only udrv.offload can
+    judge go back to `tap_enqueue` (Nic.enqueue). Counts: tap_stats(), merged by Nic.status()."""
 
     OUT_CAP = 256 * 1024         # sink mode: frames handed back per C call
 
@@ -1711,11 +1715,27 @@ class E1000NativeRing(E1000Ring):
         if lib.e1000_ring_init(r, journal.fd, journal.nslots, journal.slot_size) < 0:
             raise E1000Error("the C ring cannot map the TX journal memory: its layout does not match")
         self._r = r
+        self._jptr = ffi.addressof(r, "journal")
         import weakref
         self._fini = weakref.finalize(self, lib.e1000_ring_fini, r)
         self._out = ffi.new("uint8_t[]", self.OUT_CAP)
         self._used = ffi.new("uint32_t *")
         self._py_counters = DatapathCounters()
+        # TAP -> journal in C (native/tapread.c): with a TAP fd the ring reads the TAP itself at
+        # the start of xmit(), so the runtime must not (owns_tap); frames C leaves to Python
+        # (offload requests only udrv.offload can judge) go to `tap_enqueue` (Nic.enqueue)
+        self._tr = None
+        self.owns_tap = False
+        self.tap_enqueue: Callable[[list[bytes]], int] | None = None
+        self._tap_py_drops: dict[str, int] = {}
+        self._tap_py_in = 0
+        if fd is not None:
+            tr = ffi.new("struct udrv_tapread *")
+            mtu = getattr(getattr(driver, "soft", None), "mtu", 1500)
+            if lib.udrv_tapread_init(tr, fd, r.tap_vnet_hdr, mtu + 18) < 0:
+                raise E1000Error(f"the C ring cannot read the TAP fd {fd}: not an open descriptor")
+            self._tr = tr
+            self.owns_tap = True
         super().__init__(driver, journal, sink, on_progress)
 
     # ring indices live in the C struct
@@ -1794,10 +1814,63 @@ class E1000NativeRing(E1000Ring):
 
     def close(self) -> None:
         self.running = False
+        if self._tr is not None:
+            self._tap_closed = self.tap_stats()     # the counts survive; the TAP is no longer read
+            self._tr = None
+            self.owns_tap = False                   # by us: until a new ring exists, the runtime reads it
         self._fini()
+
+    # --- TAP -> journal -------------------------------------------------------------------------------
+    def pull_tap(self, budget: int | None = None) -> int:
+        """Read up to `budget` frames (default tap_budget) from the TAP into the journal (C, GIL
+        released); stops when the TAP is empty or the journal full (frames stay queued in the
+        kernel). Returns frames journaled."""
+        tr = self._tr
+        if tr is None:
+            return 0
+        left = self.tap_budget if budget is None else budget
+        lib, j, total = self._lib, self._jptr, 0
+        while left > 0:
+            tr.mtu_max = self.driver.soft.mtu + 18      # + Ethernet header + a VLAN tag
+            n = lib.udrv_tapread_to_journal(tr, j, left)
+            total += n
+            left -= n
+            if not tr.deferred_len:
+                break
+            raw = self._ffi.buffer(tr.deferred, tr.deferred_len)[:]
+            tr.deferred_len = 0
+            left -= 1
+            self.journal.sync()
+            if self.tap_enqueue is not None:
+                total += self.tap_enqueue([raw])
+            else:                                   # no Nic behind this ring: count and drop
+                self._tap_py_in += 1
+                self._tap_py_drops["unhandled_offload"] = self._tap_py_drops.get("unhandled_offload", 0) + 1
+        if total:
+            self.journal.sync()
+        return total
+
+    tap_budget = 64
+
+    def tap_stats(self) -> dict[str, Any]:
+        """What C counted on the TAP side (Nic.enqueue counts the same in Python mode); deferred
+        frames are counted by whoever took them (Nic.enqueue)."""
+        if self._tr is None:
+            return getattr(self, "_tap_closed", None) or {"tap_frames_in": 0, "offload_frames": 0,
+                                                          "tap_read_errors": 0, "tx_dropped": {}}
+        st = self._tr.st
+        drops = {k: v for k, v in (("oversize", st.oversize), ("short_vnet_header", st.short_vnet_header),
+                                   ("bad_offload_request", st.bad_offload_request)) if v}
+        for k, v in self._tap_py_drops.items():
+            drops[k] = drops.get(k, 0) + v
+        return {"tap_frames_in": st.frames_in + self._tap_py_in, "offload_frames": st.offload_frames,
+                "tap_read_errors": st.read_errors, "tap_deferred": st.deferred,
+                "tap_journal_full": st.journal_full, "tx_dropped": drops}
 
     # --- hot paths ------------------------------------------------------------------------------------
     def xmit(self) -> int:
+        if self._tr is not None:
+            self.pull_tap()
         if not self.running:
             return 0
         r, lib, journal = self._r, self._lib, self.journal

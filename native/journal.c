@@ -114,6 +114,11 @@ int64_t udrv_journal_commit(struct udrv_journal *j, uint32_t len)
     return commit_flags(j, len, 0);
 }
 
+int64_t udrv_journal_commit_vnet(struct udrv_journal *j, uint32_t len, uint32_t vlen)
+{
+    return commit_flags(j, len, vlen ? UDRV_JOURNAL_SLOT_VNET | vlen << UDRV_JOURNAL_VNET_LEN_SHIFT : 0);
+}
+
 int64_t udrv_journal_append(struct udrv_journal *j, const uint8_t *frame, uint32_t len)
 {
     uint32_t cap;

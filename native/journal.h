@@ -61,6 +61,9 @@ int64_t udrv_journal_append(struct udrv_journal *j, const uint8_t *frame, uint32
  * commit writes the slot header and publishes head. Returns the seq. */
 uint8_t *udrv_journal_reserve(struct udrv_journal *j, uint32_t *cap);
 int64_t udrv_journal_commit(struct udrv_journal *j, uint32_t len);
+/* The same for a payload of len bytes whose first vlen bytes are a virtio-net header (slot flag
+ * SLOT_VNET; vlen 0 = plain commit). */
+int64_t udrv_journal_commit_vnet(struct udrv_journal *j, uint32_t len, uint32_t vlen);
 /* TxJournal.append(frame, vnet): the frame with its virtio-net header (vlen 1..255 bytes; 0 =
  * a plain append). Same results as udrv_journal_append. */
 int64_t udrv_journal_append_vnet(struct udrv_journal *j, const uint8_t *vnet, uint32_t vlen,

@@ -115,7 +115,11 @@ class Daemon:
             for fd, _ev in events:
                 if fd == tap.fd:
                     if getattr(nic.engine, "owns_tap", False):
-                        pass            # the C ring reads the TAP itself, inside xmit()
+                        # the C ring reads the TAP itself, inside xmit(); while the NIC is not
+                        # up xmit() is not called: journal the frames now (as Python would)
+                        pull = getattr(nic.engine, "pull_tap", None)
+                        if nic.state != "up" and pull is not None:
+                            pull()
                     elif nic.journal.space() > 0:
                         nic.enqueue(tap.read_batch(min(self.timers.tap_batch, nic.journal.space())))
                 elif self._ctrl is not None and fd == self._ctrl.fileno():

@@ -133,6 +133,9 @@ class Nic:
         n_rx, n_tx = getattr(self.driver_cls, "default_rings", (4, 8))
         self.engine = self.driver.make_datapath(self.journal, self.sink, self.opts.n_rx or n_rx,
                                                 self.opts.n_tx or n_tx, self._progress)
+        if getattr(self.engine, "owns_tap", False) and hasattr(self.engine, "tap_enqueue"):
+            # a ring that reads the TAP in C hands back the frames only Python can judge
+            self.engine.tap_enqueue = self.enqueue
         self.guard = Guard(self.driver, self.injector, on_recovery=self._on_recovery,
                            reset_datapath=self.engine.reset, sync_datapath=self._sync_datapath,
                            config_deadline=self.opts.config_deadline,
@@ -392,6 +395,7 @@ class Nic:
         close = getattr(self.engine, "close", None)
         if close is not None:
             close()
+        self._absorb_tap_stats()
         self.actions.release_all()
         if self.reopen is not None and self._transport_dead:
             # a replugged USB device is a new device (new address, new handle): open it again
@@ -428,10 +432,37 @@ class Nic:
             raise UdrvError("'corrupt' needs a configuration entry point (datapath calls check no invariants)")
         self.injector.arm(FaultSpec(entry, kind, count))
 
+    def _tap_totals(self) -> tuple[int, int, dict[str, int]]:
+        """(TAP frames in, offload requests, TX drops by reason): Nic.enqueue's counts plus what
+        a ring that reads the TAP in C counted (tap_stats())."""
+        frames, offl, drops = self.counters.tap_frames_in, self.counters.offload_frames, dict(self.counters.tx_dropped)
+        tap_stats = getattr(self.engine, "tap_stats", None)
+        if tap_stats is not None:
+            t = tap_stats()
+            frames += t["tap_frames_in"]
+            offl += t["offload_frames"]
+            for k, v in t["tx_dropped"].items():
+                drops[k] = drops.get(k, 0) + v
+        return frames, offl, drops
+
+    def _absorb_tap_stats(self) -> None:
+        """The engine is going away: keep what it counted on the TAP side."""
+        tap_stats = getattr(self.engine, "tap_stats", None)
+        if tap_stats is None or getattr(self.engine, "_tap_absorbed", False):
+            return
+        t = tap_stats()
+        self.counters.tap_frames_in += t["tap_frames_in"]
+        self.counters.offload_frames += t["offload_frames"]
+        for k, v in t["tx_dropped"].items():
+            self.counters.tx_dropped[k] = self.counters.tx_dropped.get(k, 0) + v
+        self.engine._tap_absorbed = True
+        self.engine.tap_stats = None
+
     def status(self) -> dict[str, Any]:
         c = self.engine.counters
         st = self.driver.stats()
         rx_drop = dict(c.rx_dropped)
+        tap_in, offload_frames, tx_dropped = self._tap_totals()
         return {
             "driver": self.driver.name,
             "device": getattr(self.transport.info, "ident", "") or getattr(self.transport.info, "bdf", ""),
@@ -446,7 +477,7 @@ class Nic:
             "rx_errors": sum(rx_drop.values()) + st.rx_errors,
             "tx_errors": sum(c.tx_errors.values()) + st.tx_errors,
             "rx_dropped": rx_drop, "rx_missed": st.rx_missed,
-            "tx_dropped": dict(self.counters.tx_dropped),
+            "tx_dropped": tx_dropped, "tap_frames_in": tap_in, "offload_frames": offload_frames,
             "tx_device_errors": dict(c.tx_errors),
             "tx_journal": {"unconfirmed": self.journal.unconfirmed(), "reissued": self.journal.reissued},
             "recoveries": self.counters.recoveries, "escalations": self.counters.escalations,
