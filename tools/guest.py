@@ -145,7 +145,11 @@ def _sh(args: list[str], what: str, timeout: float, hint: str = "", **kw) -> str
 
 
 def real_python() -> str:
-    """The interpreter binary itself: a pyenv shim costs ~2.7 s per call under TCG."""
+    """The interpreter binary itself: a pyenv shim costs ~2.7 s per call under TCG. Inside a
+    virtual environment keep its own bin/python (resolving the link would lose the venv's
+    site-packages)."""
+    if sys.prefix != sys.base_prefix:
+        return os.path.abspath(sys.executable)
     return os.path.realpath(sys.executable)
 
 

@@ -1,6 +1,8 @@
 """Smoke tests of the kernel-tier harness: each test boots the Debian kernel once in QEMU."""
 from __future__ import annotations
 
+import os
+
 import shlex
 from pathlib import Path
 
@@ -47,5 +49,5 @@ def test_guest_python_imports_host_usb1(guest):
     res = guest.run(["python3", "-c", "import os, sys, usb1; print(os.path.realpath(sys.executable)); print(usb1.__file__)"])
     assert res.returncode == 0, res.output + res.console
     executable, module = res.output.split()
-    assert executable == guest.python
+    assert executable == os.path.realpath(guest.python)
     assert module == usb1.__file__
