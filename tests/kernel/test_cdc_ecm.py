@@ -22,11 +22,14 @@ import subprocess
 import sys
 import threading
 import time
+
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from udrv.echo import Flood, roundtrips as echo  # noqa: E402
 
 IFNAME = "udrv0"
 PEER_NS = "ecmpeer"
@@ -79,59 +82,6 @@ def netdev_stat(ifname: str, stat: str, netns: str | None = None) -> int:
     if netns:
         return int(sh("ip", "netns", "exec", netns, "cat", path))
     return int(Path(path).read_text())
-
-
-def echo(dst: str, sizes: list[int], port: int = ECHO_PORT, timeout: float = 0.5, src: str = "") -> int:
-    """UDP datagrams of these payload sizes; returns how many came back intact."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    if src:
-        s.bind((src, 0))
-    s.settimeout(timeout)
-    got = 0
-    for i, size in enumerate(sizes):
-        msg = (b"%06d" % i) + bytes((i + k) & 0xFF for k in range(max(0, size - 6)))
-        s.sendto(msg, (dst, port))
-        try:
-            while True:
-                data = s.recv(4096)
-                if data[:6] == msg[:6]:
-                    got += data == msg
-                    break
-        except socket.timeout:
-            pass
-    s.close()
-    return got
-
-
-class Flood(threading.Thread):
-    """Steady UDP echo traffic while faults are injected; counts what came back."""
-
-    def __init__(self, dst: str, port: int = ECHO_PORT, interval: float = 0.02):
-        super().__init__(daemon=True)
-        self.dst, self.port, self.interval = dst, port, interval
-        self.sent = self.got = 0
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.settimeout(self.interval)
-        while not self.halt.is_set():
-            s.sendto(b"flood%08d" % self.sent + bytes(400), (self.dst, self.port))
-            self.sent += 1
-            try:
-                while True:
-                    s.recv(4096)
-                    self.got += 1
-            except socket.timeout:
-                pass
-        s.settimeout(0.5)
-        try:
-            while True:
-                s.recv(4096)
-                self.got += 1
-        except socket.timeout:
-            pass
-        s.close()
 
 
 def iperf(server: str, seconds: int, reverse: bool, netns: str | None) -> float:

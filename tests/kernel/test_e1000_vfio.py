@@ -20,10 +20,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from udrv.sidebyside import (ECHO_PORT, KERNEL_DRIVER, MODEL_IDS, dmar_faults, echo_once, find_bdf,  # noqa: E402
+from udrv.echo import Flood, roundtrips as echo
+from udrv.sidebyside import (KERNEL_DRIVER, MODEL_IDS, dmar_faults, echo_once, find_bdf,  # noqa: E402
                              kernel_netdev, sh, wait_for)
 
 IFNAME = "udrv0"
@@ -77,57 +76,6 @@ def udrv_status() -> dict:
 def driver_of(bdf: str) -> str | None:
     link = Path(f"/sys/bus/pci/devices/{bdf}/driver")
     return os.path.basename(os.readlink(link)) if link.exists() else None
-
-
-def echo(dst: str, sizes: list[int], timeout: float = 0.5) -> int:
-    """UDP datagrams of these payload sizes to the peer's echo; how many came back intact."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(timeout)
-    got = 0
-    for i, size in enumerate(sizes):
-        msg = (b"%06d" % i) + bytes((i + k) & 0xFF for k in range(max(0, size - 6)))
-        s.sendto(msg, (dst, ECHO_PORT))
-        try:
-            while True:
-                data = s.recv(4096)
-                if data[:6] == msg[:6]:
-                    got += data == msg
-                    break
-        except socket.timeout:
-            pass
-    s.close()
-    return got
-
-
-class Flood(threading.Thread):
-    """Steady UDP echo traffic while faults are injected; counts what came back."""
-
-    def __init__(self, dst: str, interval: float = 0.01):
-        super().__init__(daemon=True)
-        self.dst, self.interval = dst, interval
-        self.sent = self.got = 0
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.settimeout(self.interval)
-        while not self.halt.is_set():
-            s.sendto(b"flood%08d" % self.sent + bytes(400), (self.dst, ECHO_PORT))
-            self.sent += 1
-            try:
-                while True:
-                    s.recv(4096)
-                    self.got += 1
-            except socket.timeout:
-                pass
-        s.settimeout(0.5)
-        try:
-            while True:
-                s.recv(4096)
-                self.got += 1
-        except socket.timeout:
-            pass
-        s.close()
 
 
 def inject_faults(report: dict, peer_ip: str) -> None:
