@@ -635,35 +635,14 @@ class FfsServer:
     def _answer(self, s: Setup) -> None:
         fd = self._ep0
         try:
-            if s.is_in:
-                try:
-                    data = self.model.control(s, b"")
-                except ModelStall:
-                    self._stall_ep0(s)
-                    return
-                except ModelNoAnswer:
-                    self._no_answer(s)
-                    return
-                except ModelGone:
-                    self._gone()
-                    self._stall_ep0(s)
-                    return
-                os.write(fd, bytes(data[:s.length]))
-                return
-            if not s.length:
-                try:
-                    self.model.control(s, b"")
-                except ModelStall:
-                    self._stall_ep0(s)
-                    return
-                except ModelNoAnswer:
-                    self._no_answer(s)
-                    return
-                except ModelGone:
-                    self._gone()
-                    self._stall_ep0(s)
-                    return
-                os.read(fd, 0)          # status stage
+            if s.is_in or not s.length:
+                data = self._ask_model(s)
+                if data is None:
+                    return              # refused: ep0 already stalled or held
+                if s.is_in:
+                    os.write(fd, bytes(data[:s.length]))
+                else:
+                    os.read(fd, 0)      # status stage
                 return
             # OUT with data: the data stage has to be read before the model can look at it, and
             # FunctionFS completes the status stage with it: a stall after the data cannot reach
@@ -680,6 +659,19 @@ class FfsServer:
                 self.counters.control_cancelled += 1
             else:
                 self.counters.io_error("ep0-setup", e.errno)
+
+    def _ask_model(self, s: Setup) -> bytes | None:
+        """A request without an OUT data stage; None when the model refused it (ep0 handled)."""
+        try:
+            return self.model.control(s, b"")
+        except ModelStall:
+            self._stall_ep0(s)
+        except ModelNoAnswer:
+            self._no_answer(s)
+        except ModelGone:
+            self._gone()
+            self._stall_ep0(s)
+        return None
 
     def _stall_ep0(self, s: Setup) -> None:
         self.counters.control_stalls += 1
