@@ -7,8 +7,11 @@
   udrv inject ENTRY KIND     inject a fault into a running daemon's driver entry point
   udrv list                  USB and PCI NICs udrv could drive
   udrv bind BDF / unbind BDF put a PCI NIC on vfio-pci / give it back to its kernel driver
+  udrv bench                 udrv vs the kernel's own driver (e1000, cdc_ether, pegasus.ko) on the same
+                             devices in QEMU guests: one Markdown report + PNG (bench e1000|cdc_ecm|pegasus
+                             for one of them)
   udrv bench guard           guard overhead on the model datapath (guards on / off)
-  udrv bench e1000           udrv vs the kernel's e1000 in a QEMU guest: throughput, recovery latency
+  udrv bench recovery|ring|tap   recovery latency, C vs Python ring, TAP forwarding
 """
 from __future__ import annotations
 
@@ -263,13 +266,19 @@ def cmd_unbind(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what in ("sidebyside", "cdc_ecm", "pegasus"):
+        from pathlib import Path
+        from .benchall import DEVICES, run_all
+        only = tuple(args.only.split(",")) if args.only else DEVICES
+        return run_all(Path(args.out), seconds=args.seconds, only=only if args.what == "sidebyside" else (args.what,),
+                       smp=args.smp)
     if args.what == "e1000":
         from pathlib import Path
         from .sidebyside import FAULTS, BenchOptions, run_bench
         return run_bench(BenchOptions(out=Path(args.out), model=args.model, seconds=args.seconds,
                                       rounds=args.bench_rounds, python_ring=not args.no_python_ring,
                                       profile=not args.no_profile, repeats=args.repeats,
-                                      faults=tuple(args.fault or FAULTS), smp=args.smp))
+                                      faults=tuple(args.fault or FAULTS), smp=args.smp or 1))
     if args.what == "guard":
         for size in args.size or [64]:
             if args.driver == "e1000":
@@ -357,8 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     ub.set_defaults(fn=cmd_unbind)
 
     b = sub.add_parser("bench", help="benchmarks (ratios measured in one run)")
-    b.add_argument("what", choices=["guard", "recovery", "e1000", "ring", "tap"],
-                   help="guard: guard overhead on the model datapath (--driver pegasus|e1000); recovery: "
+    b.add_argument("what", nargs="?", default="sidebyside",
+                   choices=["sidebyside", "e1000", "cdc_ecm", "pegasus", "guard", "recovery", "ring", "tap"],
+                   help="sidebyside (the default): udrv vs the kernel's own driver for e1000, cdc_ecm and pegasus, "
+                        "one QEMU guest boot per device, one report (root, QEMU; ~15 min); cdc_ecm, pegasus: one "
+                        "of those alone; guard: guard overhead on the model datapath (--driver pegasus|e1000); recovery: "
                         "interruption per fault, checkpoint recovery vs full restart (root); e1000: udrv vs the "
                         "kernel's driver on QEMU's e1000 in one kernel-tier guest boot, throughput + recovery "
                         "latency (root, QEMU); ring: the C e1000 ring vs the Python ring, TX and RX, device side "
@@ -374,11 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frame size, repeatable (default 64; ring: 64 and 1500)")
     b.add_argument("--driver", choices=["pegasus", "e1000"], default="pegasus",
                    help="guard: which driver's datapath (default pegasus)")
-    b.add_argument("--out", default="bench-out", help="e1000: report directory (default ./bench-out)")
+    b.add_argument("--out", default="bench-out", help="side-by-sides: report directory (default ./bench-out)")
+    b.add_argument("--only", default=None, metavar="DEV,DEV",
+                   help="sidebyside: only these devices (e1000, cdc_ecm, pegasus)")
     b.add_argument("--model", choices=["e1000", "e1000e"], default="e1000", help="e1000: QEMU device model")
-    b.add_argument("--seconds", type=float, default=5.0, help="e1000: seconds per iperf3 run")
+    b.add_argument("--seconds", type=float, default=5.0, help="side-by-sides: seconds per iperf3 run")
     b.add_argument("--bench-rounds", type=int, default=1, help="e1000: iperf3 runs per measurement (median)")
-    b.add_argument("--smp", type=int, default=1, help="e1000: guest vCPUs (the reference baselines use 1)")
+    b.add_argument("--smp", type=int, default=None,
+                   help="side-by-sides: guest vCPUs (default 1 for e1000 as the reference baselines; 2 for the USB "
+                        "devices, whose gadget runs in the same guest)")
     b.add_argument("--no-python-ring", action="store_true", help="e1000: skip the Python ring")
     b.add_argument("--no-profile", action="store_true", help="e1000: skip the py-spy pass")
     b.set_defaults(fn=cmd_bench)

@@ -1,0 +1,96 @@
+"""`udrv bench` (the side-by-side of every device): results of the three guest benches become one
+table of udrv/kernel ratios, one report and one chart. The guest runs themselves are benchmarks
+(minutes each), not tests; here the parts that turn their results into verdicts are checked."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from udrv import benchall
+from udrv.benchall import DeviceResult, Row, cdc_ecm_rows, e1000_rows, pegasus_rows
+from udrv.cli import build_parser
+
+
+def e1000_result() -> dict:
+    def case(label: str, tx: float, rx: float, u_tx: float, u_rx: float) -> dict:
+        return {"_label": label, "tcp_tx": {"value": tx}, "tcp_rx": {"value": rx},
+                "udp64_tx": {"value": u_tx}, "udp64_rx": {"value": u_rx}}
+    return {"kernel_release": "6.1.0-test", "cases": {
+        "kernel": case("kernel e1000", 2000.0, 2600.0, 40.0, 30.0),
+        "udrv_c": case("udrv C ring", 1900.0, 1300.0, 44.0, 15.0),
+        "kernel_after": case("kernel e1000, again", 2200.0, 2400.0, 40.0, 30.0)}}
+
+
+def test_e1000_rows_use_the_mean_of_the_bracketing_kernel_runs():
+    rows = {r.measurement: r for r in e1000_rows(e1000_result())}
+    assert set(rows) == {"TCP host -> peer", "TCP peer -> host", "UDP 64 B host -> peer", "UDP 64 B peer -> host"}
+    tx = rows["TCP host -> peer"]
+    assert tx.kernel == pytest.approx(2100.0)
+    assert tx.ratio == pytest.approx(1900 / 2100)
+    assert tx.met                                    # 0.905 >= 0.9
+    assert not rows["TCP peer -> host"].met          # 0.52
+    assert rows["UDP 64 B host -> peer"].ratio == pytest.approx(1.1)
+    assert tx.variant == "C ring"
+
+
+def test_cdc_ecm_rows_keep_a_failed_datapath_as_failed_not_as_zero():
+    res = {"kernel": {"tx": 500.0, "rx": 400.0},
+           "native": {"tx": 460.0, "rx": 200.0},
+           "python": {"error": "RuntimeError: timed out waiting for udrv (python)", "log": "..."}}
+    rows = cdc_ecm_rows(res)
+    native = {r.measurement: r for r in rows if r.variant == "C transfer ring"}
+    assert native["TCP host -> peer"].ratio == pytest.approx(0.92)
+    assert native["TCP host -> peer"].met and not native["TCP peer -> host"].met
+    failed = [r for r in rows if r.variant == "Python engine"]
+    assert len(failed) == 2 and all(r.udrv is None and math.isnan(r.ratio) and not r.met for r in failed)
+    assert "timed out" in failed[0].error
+    assert cdc_ecm_rows({"error": "no gadget"}) == []
+
+
+def test_pegasus_rows_pair_each_udrv_run_with_the_kernel_run_of_the_same_direction():
+    runs = [{"path": "pegasus.ko", "direction": "host->peer (TX)", "mbit_s": 100.0},
+            {"path": "pegasus.ko", "direction": "peer->host (RX)", "mbit_s": 80.0},
+            {"path": "pegasus.ko", "direction": "UDP 60B peer->host", "error": "iperf3 failed"},
+            {"path": "udrv", "direction": "host->peer (TX)", "mbit_s": 130.0},
+            {"path": "udrv", "direction": "peer->host (RX)", "mbit_s": 60.0},
+            {"path": "udrv", "direction": "UDP 60B peer->host", "mbit_s": 2000.0}]
+    rows = pegasus_rows({"runs": runs})
+    assert [(r.measurement, round(r.ratio, 3)) for r in rows] == [("host -> peer (TX)", 1.3),
+                                                                 ("peer -> host (RX)", 0.75)]
+    assert rows[0].met and not rows[1].met          # pegasus must beat the kernel: target 1.0
+
+
+def test_report_and_chart_from_all_three_and_a_failed_device(tmp_path: Path):
+    e = DeviceResult("e1000", rows=e1000_rows(e1000_result()), raw=e1000_result(), guest_seconds=300)
+    c = DeviceResult("cdc_ecm", rows=cdc_ecm_rows({"kernel": {"tx": 500.0, "rx": 400.0},
+                                                    "native": {"tx": 460.0, "rx": 200.0}}))
+    p = DeviceResult("pegasus", error="the guest failed: QEMU is not installed: apt-get install qemu-system-x86")
+    report = benchall.write_outputs([e, c, p], {"seconds": 5, "kernel": "6.1.0-test"}, tmp_path)
+    assert (tmp_path / "report.md").read_text() == report
+    summary = [line for line in report.splitlines() if line.startswith("| e1000 | TCP peer -> host")]
+    assert summary and "**0.52**" in summary[0] and "below" in summary[0]
+    assert "| cdc_ecm | TCP host -> peer | cdc_ether | 500 Mbit/s | C transfer ring | 460 | **0.92** | 0.9 | met |" in report
+    assert "| pegasus |" in report and "failed: the guest failed: QEMU is not installed" in report
+    assert (tmp_path / "sidebyside.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["devices"]["cdc_ecm"]["rows"][0]["ratio"] == pytest.approx(0.92)
+    assert saved["devices"]["pegasus"]["error"].startswith("the guest failed")
+
+
+def test_udrv_bench_without_an_argument_is_the_side_by_side_of_every_device():
+    args = build_parser().parse_args(["bench"])
+    assert args.what == "sidebyside" and args.only is None and args.smp is None
+    args = build_parser().parse_args(["bench", "--only", "cdc_ecm,pegasus", "--seconds", "3"])
+    assert args.only == "cdc_ecm,pegasus" and args.seconds == 3.0
+
+
+def test_an_unknown_device_is_refused_with_the_choices():
+    with pytest.raises(Exception, match="choose from e1000, cdc_ecm, pegasus"):
+        benchall.run_all(Path("/nonexistent"), only=("rtl8139",))
+
+
+def test_row_without_kernel_value_has_no_ratio():
+    assert math.isnan(Row("e1000", "x", "Mbit/s", 0.0, 10.0, "C ring").ratio)

@@ -1,0 +1,317 @@
+"""`udrv bench`: udrv next to the Linux kernel's own driver for every device udrv drives, one command.
+
+    udrv bench [sidebyside] [--out DIR] [--seconds S] [--only e1000,cdc_ecm,pegasus] [--smp N]
+
+Each device needs its own QEMU set-up, so this is one guest boot per device, run one after the
+other (~15 min in all under TCG), and in each boot the kernel's driver and udrv's drive the very
+same device, so every ratio compares like with like:
+
+  e1000    QEMU's e1000 behind an emulated Intel IOMMU: the kernel's e1000, then udrv on vfio-pci
+           (C ring, Python ring), recovery latency, the kernel again (`udrv bench e1000`, whose
+           full report lands in OUT/e1000/).
+  cdc_ecm  the kernel's own configfs f_ecm gadget on dummy_hcd: the kernel's cdc_ether, then
+           `udrv run` with udrv's cdc_ecm (Python engine, C transfer ring) (tools/bench_cdc_ecm.py).
+  pegasus  udrv's pegasus model served through FunctionFS on dummy_hcd: the kernel's pegasus.ko,
+           then `udrv run` with udrv's pegasus driver (tools/bench_usb.py).
+
+Written to OUT (default ./bench-out): report.md (the summary of udrv/kernel ratios against the
+targets, then each device's details), sidebyside.png (ratios per device), results.json (all raw
+results). A device whose boot fails is reported as failed with the reason; the others still run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UdrvError
+from .sidebyside import COLORS, GUEST_ENV, REPO, BenchOptions, _guest_lib, run_bench, write_png_bars
+from .sidebyside import ratios as e1000_ratios
+
+DEVICES = ("e1000", "cdc_ecm", "pegasus")
+TARGET = {"e1000": 0.9, "cdc_ecm": 0.9, "pegasus": 1.0}       # udrv/kernel, from the issue
+KERNEL_DRIVER = {"e1000": "e1000", "cdc_ecm": "cdc_ether", "pegasus": "pegasus.ko"}
+DEFAULT_SMP = {"e1000": 1, "cdc_ecm": 2, "pegasus": 2}        # USB: the gadget runs in the same guest
+GUEST_TIMEOUT = 1200.0
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measurement of one udrv datapath against the kernel's driver, same guest boot."""
+    device: str
+    measurement: str          # e.g. "TCP host -> peer"
+    unit: str
+    kernel: float
+    udrv: float | None        # None: udrv's run failed (error says why)
+    variant: str              # which udrv datapath ("C ring", "Python engine", ...)
+    error: str = ""
+
+    @property
+    def ratio(self) -> float:
+        if self.udrv is None or not self.kernel:
+            return math.nan
+        return self.udrv / self.kernel
+
+    @property
+    def target(self) -> float:
+        return TARGET[self.device]
+
+    @property
+    def met(self) -> bool:
+        return self.ratio == self.ratio and self.ratio >= self.target
+
+
+@dataclass
+class DeviceResult:
+    device: str
+    rows: list[Row] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    guest_seconds: float = 0.0
+    details: list[str] = field(default_factory=list)     # Markdown lines for this device's section
+
+
+# --- results -> rows (pure: unit-tested) ------------------------------------------------------------
+
+E1000_MEASUREMENTS = {"tcp_tx": ("TCP host -> peer", "Mbit/s"), "tcp_rx": ("TCP peer -> host", "Mbit/s"),
+                      "udp64_tx": ("UDP 64 B host -> peer", "kpps"), "udp64_rx": ("UDP 64 B peer -> host", "kpps")}
+
+
+def e1000_rows(result: dict) -> list[Row]:
+    from .sidebyside import kernel_reference
+    ref = kernel_reference(result)
+    rows = []
+    for name, per in e1000_ratios(result).items():
+        case = result["cases"][name]
+        variant = case.get("_label", name).removeprefix("udrv ")
+        for m, (label, unit) in E1000_MEASUREMENTS.items():
+            if m in per:
+                rows.append(Row("e1000", label, unit, ref[m], case[m]["value"], variant))
+    return rows
+
+
+CDC_VARIANTS = {"native": "C transfer ring", "python": "Python engine"}
+
+
+def cdc_ecm_rows(res: dict) -> list[Row]:
+    k = res.get("kernel")
+    if not k:
+        return []
+    rows = []
+    for name, variant in CDC_VARIANTS.items():
+        r = res.get(name)
+        if r is None:
+            continue
+        for way, label in (("tx", "TCP host -> peer"), ("rx", "TCP peer -> host")):
+            rows.append(Row("cdc_ecm", label, "Mbit/s", k[way], None if "error" in r else r[way], variant,
+                            r.get("error", "")))
+    return rows
+
+
+def pegasus_rows(rep: dict) -> list[Row]:
+    runs = rep.get("runs", [])
+    kern = {r["direction"]: r for r in runs if r.get("path") == "pegasus.ko" and "error" not in r}
+    rows = []
+    for r in runs:
+        if r.get("path") != "udrv" or r["direction"] not in kern:
+            continue
+        unit = "frames/s" if r["direction"].startswith("UDP") else "Mbit/s"
+        label = r["direction"].replace("host->peer", "host -> peer").replace("peer->host", "peer -> host")
+        rows.append(Row("pegasus", label, unit, kern[r["direction"]]["mbit_s"],
+                        None if "error" in r else r["mbit_s"], "udrv pegasus", r.get("error", "")))
+    return rows
+
+
+# --- running the guests -------------------------------------------------------------------------------
+
+def bench_e1000(out: Path, seconds: float, smp: int) -> DeviceResult:
+    d = DeviceResult("e1000")
+    dest = out / "e1000"
+    rc = run_bench(BenchOptions(out=dest, seconds=seconds, smp=smp))
+    res_path = dest / "results.json"
+    if not res_path.exists():
+        d.error = f"the e1000 bench wrote no results (exit {rc})"
+        return d
+    d.raw = json.loads(res_path.read_text())
+    d.guest_seconds = d.raw.get("host", {}).get("guest_seconds", 0.0)
+    d.error = d.raw.get("error", "")
+    d.rows = e1000_rows(d.raw)
+    d.details = [f"Full report: [e1000/report.md](e1000/report.md) (throughput, where the time goes with a py-spy "
+                 "profile, recovery latency: checkpoint vs full restart, 1 ms probe).", ""]
+    return d
+
+
+def _run_tool(script: str, args: list[str], out: Path, smp: int, what: str) -> tuple[dict | None, str, float]:
+    """Boot a guest that runs tools/SCRIPT ARGS (which writes OUT/result.json); (result, error, seconds)."""
+    guest = _guest_lib()
+    xfer = out / what
+    xfer.mkdir(parents=True, exist_ok=True)
+    res_path = xfer / "result.json"
+    res_path.unlink(missing_ok=True)
+    try:
+        res = guest.run([guest.real_python(), str(REPO / "tools" / script), *[a.replace("{OUT}", str(res_path))
+                                                                            for a in args]],
+                        guest.GuestDevices(smp=smp), timeout=GUEST_TIMEOUT, cwd=REPO, out_dir=xfer, env=GUEST_ENV)
+    except guest.GuestError as e:
+        return None, f"the guest failed: {e}", 0.0
+    if not res_path.exists():
+        tail = res.output.strip().splitlines()[-5:]
+        return None, f"the guest wrote no result (exit {res.returncode}): " + " / ".join(tail), res.seconds
+    return json.loads(res_path.read_text()), "", res.seconds
+
+
+def bench_cdc_ecm(out: Path, seconds: float, smp: int) -> DeviceResult:
+    d = DeviceResult("cdc_ecm")
+    raw, err, d.guest_seconds = _run_tool("bench_cdc_ecm.py", ["guest", str(max(1, round(seconds))), "{OUT}"],
+                                          out, smp, "cdc_ecm")
+    d.raw, d.error = raw or {}, err or (raw or {}).get("error", "")
+    d.rows = cdc_ecm_rows(d.raw)
+    if "native_unavailable" in d.raw:
+        d.details.append(f"C transfer ring not measured: {d.raw['native_unavailable']}")
+    d.details += ["iperf3 between the host side (the kernel's cdc_ether netdev, then udrv0) and the gadget's "
+                  "usb0 in a network namespace; the gadget is the kernel's own f_ecm (configfs) on dummy_hcd, "
+                  "so the device side costs the same for both drivers.", ""]
+    return d
+
+
+def bench_pegasus(out: Path, seconds: float, smp: int) -> DeviceResult:
+    d = DeviceResult("pegasus")
+    raw, err, d.guest_seconds = _run_tool("bench_usb.py", ["--in-guest", "{OUT}", "--seconds", str(seconds)],
+                                          out, smp, "pegasus")
+    d.raw, d.error = raw or {}, err or (raw or {}).get("error", "")
+    d.rows = pegasus_rows(d.raw)
+    runs = [r for r in d.raw.get("runs", []) if "error" not in r]
+    if runs:
+        d.details += ["Where the time goes: CPU seconds per wall second (1.0 = one vCPU) of the gadget process "
+                      "(the device side, udrv's pegasus model over FunctionFS) and of udrv's daemon; when the "
+                      "gadget sits near one vCPU it, not the driver, sets the pace.", "",
+                      "| driver | measurement | rate | gadget CPU | udrv CPU | guest busy |", "|---|---|---|---|---|---|"]
+        d.details += [f"| {r['path']} | {r['direction']} | {r['mbit_s']} | {r['gadget_cpu']} | "
+                      f"{r['udrv_cpu'] if r['udrv_cpu'] is not None else '-'} | {r['guest_busy']} |" for r in runs]
+        d.details.append("")
+    return d
+
+
+RUNNERS = {"e1000": bench_e1000, "cdc_ecm": bench_cdc_ecm, "pegasus": bench_pegasus}
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+def _fmt(v: float | None) -> str:
+    if v is None or v != v:
+        return "-"
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}"
+
+
+def render(results: list[DeviceResult], meta: dict) -> str:
+    L = ["# udrv vs the Linux kernel's own drivers, side by side", "",
+         f"`udrv bench` on {meta.get('date', '?')}: one QEMU/TCG guest boot per device (Debian kernel "
+         f"{meta.get('kernel', '?')}); in each boot the kernel's driver and udrv drive the same device one after "
+         f"the other, {meta.get('seconds')} s per iperf3 run. Host: {meta.get('host_cpus')} cores, load average "
+         f"{meta.get('load_before')} before / {meta.get('load_after')} after (the host is shared and TCG speed "
+         "follows it: absolute numbers move between runs, the ratios of one boot are what this measures).", "",
+         "| device | measurement | kernel driver | kernel | udrv datapath | udrv | udrv / kernel | target | |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for d in results:
+        if not d.rows:
+            L.append(f"| {d.device} | - | {KERNEL_DRIVER[d.device]} | - | - | - | - | {TARGET[d.device]} | "
+                     f"failed: {d.error or 'no measurement'} |")
+        for r in d.rows:
+            verdict = ("failed: " + r.error[:80]) if r.udrv is None else ("met" if r.met else "below")
+            L.append(f"| {r.device} | {r.measurement} | {KERNEL_DRIVER[r.device]} | {_fmt(r.kernel)} {r.unit} | "
+                     f"{r.variant} | {_fmt(r.udrv)} | **{r.ratio:.2f}** | {r.target:g} | {verdict} |")
+    L.append("")
+    for d in results:
+        L += [f"## {d.device} vs {KERNEL_DRIVER[d.device]}", ""]
+        if d.guest_seconds:
+            L += [f"Guest boot: {d.guest_seconds:.0f} s.", ""]
+        if d.error:
+            L += [f"**Stopped early: {d.error}**", ""]
+        L += d.details
+    return "\n".join(L) + "\n"
+
+
+def chart(results: list[DeviceResult], path: Path) -> Path:
+    """One panel per device: udrv/kernel per measurement and datapath; the kernel is 1.0."""
+    panels = []
+    for d in results:
+        groups = list(dict.fromkeys(r.measurement for r in d.rows))
+        variants = list(dict.fromkeys(r.variant for r in d.rows))
+        by = {(r.variant, r.measurement): r.ratio for r in d.rows}
+        series = [(v, [by.get((v, g), math.nan) for g in groups]) for v in variants]
+        if groups:
+            panels.append((f"{d.device} (target {TARGET[d.device]:g})", groups, series))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        write_png_bars(path, panels)
+        return path
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.2 * max(1, len(panels)), 4.4), squeeze=False)
+    for ax, (title, groups, series) in zip(axes[0], panels):
+        width = 0.8 / max(1, len(series))
+        for i, (label, vals) in enumerate(series):
+            xs = [g + i * width - 0.4 + width / 2 for g in range(len(groups))]
+            vals = [0.0 if v != v else v for v in vals]
+            bars = ax.bar(xs, vals, width, label=label, color=[c / 255 for c in COLORS[(i + 2) % len(COLORS)]])
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.axhline(float(title.split("target ")[1].rstrip(")")), color="red", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(groups)), [g.replace(" -> ", "\n-> ") for g in groups], fontsize=7)
+        ax.set_ylabel("udrv / kernel")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle("udrv / the kernel's own driver, same device, same guest boot (QEMU/TCG)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(results: list[DeviceResult], meta: dict, out: Path) -> str:
+    report = render(results, meta)
+    (out / "report.md").write_text(report)
+    chart(results, out / "sidebyside.png")
+    raw = {"meta": meta, "devices": {d.device: {**asdict(d), "rows": [{**asdict(r), "ratio": r.ratio}
+                                                                       for r in d.rows]} for d in results}}
+    (out / "results.json").write_text(json.dumps(raw, indent=1, default=str))
+    return report
+
+
+def run_all(out: Path, seconds: float = 5.0, only: tuple[str, ...] = DEVICES, smp: int | None = None) -> int:
+    unknown = [d for d in only if d not in RUNNERS]
+    if unknown:
+        raise UdrvError(f"unknown device {unknown[0]!r} for udrv bench: choose from {', '.join(DEVICES)}")
+    if os.geteuid() != 0:
+        raise UdrvError("udrv bench boots QEMU guests with TAPs and network namespaces: run it as root")
+    for tool, package in (("iperf3", "iperf3"), ("ip", "iproute2")):
+        if not shutil.which(tool):
+            raise UdrvError(f"{tool} is not installed on the host: apt-get install {package}")
+    _guest_lib()                    # a clear error now rather than after the first device
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "seconds": seconds, "host_cpus": os.cpu_count(),
+            "load_before": round(os.getloadavg()[0], 2)}
+    results = []
+    for dev in only:
+        print(f"udrv bench: {dev} vs {KERNEL_DRIVER[dev]} (one guest boot, a few minutes)", file=sys.stderr)
+        try:
+            results.append(RUNNERS[dev](out, seconds, smp or DEFAULT_SMP[dev]))
+        except UdrvError as e:
+            results.append(DeviceResult(dev, error=str(e)))
+        r = results[-1]
+        print(f"udrv bench: {dev}: " + (", ".join(f"{x.measurement} ({x.variant}) {x.ratio:.2f}" for x in r.rows)
+                                         or f"failed: {r.error}"), file=sys.stderr)
+    meta["load_after"] = round(os.getloadavg()[0], 2)
+    meta["kernel"] = next((d.raw.get("kernel_release") for d in results if d.raw.get("kernel_release")), "?")
+    report = write_outputs(results, meta, out)
+    print(report)
+    print(f"written: {out / 'report.md'}, {out / 'sidebyside.png'}, {out / 'results.json'}")
+    return 0 if all(d.rows and not d.error for d in results) else 1
