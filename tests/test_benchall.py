@@ -80,6 +80,16 @@ def test_report_and_chart_from_all_three_and_a_failed_device(tmp_path: Path):
     assert saved["devices"]["pegasus"]["error"].startswith("the guest failed")
 
 
+def test_cdc_ecm_details_show_where_the_cpu_went():
+    raw = {"kernel_cpu": {"tx": {"guest_busy": 0.97, "daemon_user": None, "daemon_sys": None}},
+           "python_cpu": {"tx": {"guest_busy": 0.99, "daemon_user": 0.12, "daemon_sys": 0.55}},
+           "native_unavailable": "udrv._native is not built"}
+    text = "\n".join(benchall.cdc_ecm_details(raw))
+    assert "| cdc_ether | tx | 0.97 | - | - |" in text
+    assert "| udrv run (default datapath) | tx | 0.99 | 0.12 | 0.55 |" in text
+    assert "C transfer ring not measured: udrv._native is not built" in text
+
+
 def test_udrv_bench_without_an_argument_is_the_side_by_side_of_every_device():
     args = build_parser().parse_args(["bench"])
     assert args.what == "sidebyside" and args.only is None and args.smp is None

@@ -52,6 +52,34 @@ def iperf(seconds: int, reverse: bool) -> float:
         srv.wait()
 
 
+def _busy() -> tuple[int, int]:
+    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
+    return sum(f) - f[3] - f[4], sum(f)          # busy, total jiffies over all vCPUs
+
+
+def _proc_cpu(pid: int | None) -> tuple[float, float]:
+    """user, system CPU seconds of a process (all threads)."""
+    if not pid:
+        return 0.0, 0.0
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(f[11]) / tck, int(f[12]) / tck
+
+
+def iperf_cpu(seconds: int, pid: int | None) -> tuple[dict, dict]:
+    """Both directions, with where the CPU went: the whole guest busy share and udrv's daemon
+    user/system seconds per wall second (1.0 = one vCPU)."""
+    vals, cpu = {}, {}
+    for way, rev in (("tx", False), ("rx", True)):
+        b0, c0, t0 = _busy(), _proc_cpu(pid), time.monotonic()
+        vals[way] = iperf(seconds, rev)
+        b1, c1, wall = _busy(), _proc_cpu(pid), time.monotonic() - t0
+        cpu[way] = {"guest_busy": round((b1[0] - b0[0]) / max(1, b1[1] - b0[1]), 2),
+                    "daemon_user": round((c1[0] - c0[0]) / wall, 2) if pid else None,
+                    "daemon_sys": round((c1[1] - c0[1]) / wall, 2) if pid else None}
+    return vals, cpu
+
+
 def wait(pred, timeout: float, what: str) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -116,7 +144,7 @@ def guest_bench(seconds: int, out: Path) -> None:
         sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", kif)
         sh("ip", "link", "set", kif, "up")
         time.sleep(1)
-        res["kernel"] = {"tx": iperf(seconds, False), "rx": iperf(seconds, True)}
+        res["kernel"], res["kernel_cpu"] = iperf_cpu(seconds, None)
         sh("ip", "addr", "flush", "dev", kif)
 
         variants = [("python", [sys.executable, "-m", "udrv.cli", "run", f"usb:{VID:04x}:{PID:04x}",
@@ -136,7 +164,7 @@ def guest_bench(seconds: int, out: Path) -> None:
                 wait(lambda: os.path.exists("/run/udrv/udrv0.sock") and p.poll() is None, 90, f"udrv ({name})")
                 sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", "udrv0")
                 time.sleep(1)
-                res[name] = {"tx": iperf(seconds, False), "rx": iperf(seconds, True)}
+                res[name], res[f"{name}_cpu"] = iperf_cpu(seconds, p.pid)
             except Exception as e:
                 res[name] = {"error": f"{type(e).__name__}: {e}", "log": log.read_text()[-2000:]}
             finally:

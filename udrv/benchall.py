@@ -169,17 +169,33 @@ def _run_tool(script: str, args: list[str], out: Path, smp: int, what: str) -> t
     return json.loads(res_path.read_text()), "", res.seconds
 
 
+def cdc_ecm_details(raw: dict) -> list[str]:
+    details: list[str] = []
+    if "native_unavailable" in raw:
+        details.append(f"C transfer ring not measured: {raw['native_unavailable']}")
+    details += ["iperf3 between the host side (the kernel's cdc_ether netdev, then udrv0) and the gadget's "
+               "usb0 in a network namespace; the gadget is the kernel's own f_ecm (configfs) on dummy_hcd, "
+               "so the device side costs the same for both drivers.", ""]
+    cpu = [(KERNEL_DRIVER["cdc_ecm"] if n == "kernel" else CDC_VARIANTS.get(n, n), raw[f"{n}_cpu"])
+           for n in ("kernel", *CDC_VARIANTS) if f"{n}_cpu" in raw]
+    if cpu:
+        details += ["Where the time goes: the whole guest's busy share and udrv's daemon CPU (seconds per wall "
+                    "second, 1.0 = one vCPU) during each iperf3 run.", "",
+                    "| driver | direction | guest busy | daemon user | daemon sys |", "|---|---|---|---|---|"]
+        details += [f"| {name} | {way} | {c.get('guest_busy')} | {c.get('daemon_user') if c.get('daemon_user') is not None else '-'} "
+                    f"| {c.get('daemon_sys') if c.get('daemon_sys') is not None else '-'} |"
+                    for name, per in cpu for way, c in per.items()]
+        details.append("")
+    return details
+
+
 def bench_cdc_ecm(out: Path, seconds: float, smp: int) -> DeviceResult:
     d = DeviceResult("cdc_ecm")
     raw, err, d.guest_seconds = _run_tool("bench_cdc_ecm.py", ["guest", str(max(1, round(seconds))), "{OUT}"],
                                           out, smp, "cdc_ecm")
     d.raw, d.error = raw or {}, err or (raw or {}).get("error", "")
     d.rows = cdc_ecm_rows(d.raw)
-    if "native_unavailable" in d.raw:
-        d.details.append(f"C transfer ring not measured: {d.raw['native_unavailable']}")
-    d.details += ["iperf3 between the host side (the kernel's cdc_ether netdev, then udrv0) and the gadget's "
-                  "usb0 in a network namespace; the gadget is the kernel's own f_ecm (configfs) on dummy_hcd, "
-                  "so the device side costs the same for both drivers.", ""]
+    d.details = cdc_ecm_details(d.raw)
     return d
 
 
