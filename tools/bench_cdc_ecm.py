@@ -37,6 +37,18 @@ def sh(*cmd: str, timeout: float = 60.0, check: bool = True) -> str:
 
 
 def iperf(seconds: int, reverse: bool) -> float:
+    """Mbit/s received; a server that was not listening yet (a loaded machine) gets two more tries."""
+    for _ in range(2):
+        try:
+            return _iperf(seconds, reverse)
+        except RuntimeError as e:
+            if "unable to connect" not in str(e):
+                raise
+            time.sleep(1)
+    return _iperf(seconds, reverse)
+
+
+def _iperf(seconds: int, reverse: bool) -> float:
     srv = subprocess.Popen(["ip", "netns", "exec", NS, "iperf3", "-s", "-1", "-B", PEER_IP],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.7)
@@ -50,6 +62,11 @@ def iperf(seconds: int, reverse: bool) -> float:
     finally:
         srv.kill()
         srv.wait()
+
+
+def reachable() -> bool:
+    """The peer answers (a first ARP lost to a link still coming up fails iperf3's connect)."""
+    return subprocess.run(["busybox", "ping", "-c", "1", "-W", "1", PEER_IP], capture_output=True).returncode == 0
 
 
 def wait(pred, timeout: float, what: str) -> None:
@@ -82,6 +99,7 @@ def guest_bench(seconds: int, out: Path) -> None:
         sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", kif)
         sh("ip", "link", "set", kif, "up")
         time.sleep(1)
+        wait(reachable, 20, "the gadget to answer through cdc_ether")
         res["kernel"] = {"tx": iperf(seconds, False), "rx": iperf(seconds, True)}
         sh("ip", "addr", "flush", "dev", kif)
 
@@ -105,6 +123,7 @@ def guest_bench(seconds: int, out: Path) -> None:
                 wait(lambda: os.path.exists("/run/udrv/udrv0.sock") and p.poll() is None, 90, f"udrv ({name})")
                 sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", "udrv0")
                 time.sleep(1)
+                wait(reachable, 20, f"the gadget to answer through udrv ({name})")
                 res[name] = {"tx": iperf(seconds, False), "rx": iperf(seconds, True)}
             except Exception as e:
                 res[name] = {"error": f"{type(e).__name__}: {e}", "log": log.read_text()[-2000:]}
