@@ -231,6 +231,9 @@ class CdcEcm(UsbNetDriver):
     ids = ()                              # a class driver: see match_device()
     framing = Framing(Shape.RAW, rx_transfer_size=1536, pad_rule=512, max_frame=1518)
     max_mtu = 1500
+    # transfers in flight (RX, TX), as many as Linux usbnet keeps at high speed: one frame per
+    # transfer, and a host controller (dummy_hcd: its timer tick) moves only what is queued
+    default_rings = (64, 64)
 
     def __init__(self, usb, actions):
         super().__init__(usb, actions)

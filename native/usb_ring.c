@@ -25,6 +25,7 @@ struct xfer {
     uint32_t cap;
     uint8_t kind;
     uint8_t in_flight;
+    uint8_t dev_mem;    /* buf is usbfs-mapped memory (libusb_dev_mem_alloc) */
     uint32_t frame_len; /* TX: bytes of the frame (for tx_bytes) */
     uint64_t seq;       /* TX: journal sequence number */
 };
@@ -58,6 +59,12 @@ struct udrv_ring {
 
     uint32_t flags;       /* UDRV_PUMP_RX / TX_DONE since the last pump */
     uint32_t completions; /* since the last pump */
+
+    /* libusb's poll fds, fetched at start: libusb_get_pollfds allocates and locks on every
+     * call, and a turn that sleeps would pay that each time. Only our device handle's fd and
+     * the context's own fds matter here, and they do not change while the ring runs. */
+    struct pollfd usb_fds[MAX_POLLFDS];
+    nfds_t n_usb_fds;
 
     struct udrv_ring_stats st;
     struct udrv_ring_error errq[UDRV_ERRQ];
@@ -412,17 +419,8 @@ static uint32_t tap_to_journal(struct udrv_ring *r, int budget, uint32_t *flags)
 static int wait_events(struct udrv_ring *r, int timeout_ms, int tap_budget, int wake_fd)
 {
     struct pollfd fds[MAX_POLLFDS];
-    nfds_t n = 0;
-    const struct libusb_pollfd **lfds = libusb_get_pollfds(r->ctx);
-    if (lfds) {
-        for (int i = 0; lfds[i] && n < MAX_POLLFDS - 2; i++) {
-            fds[n].fd = lfds[i]->fd;
-            fds[n].events = lfds[i]->events;
-            fds[n].revents = 0;
-            n++;
-        }
-        libusb_free_pollfds(lfds);
-    }
+    nfds_t n = r->n_usb_fds;
+    memcpy(fds, r->usb_fds, n * sizeof *fds);
     if (tap_budget > 0 && udrv_journal_space(&r->j) > 0) {
         fds[n].fd = r->cfg.tap_fd;
         fds[n].events = POLLIN;
@@ -449,6 +447,21 @@ static int wait_events(struct udrv_ring *r, int timeout_ms, int tap_budget, int 
     if (ready == 0)
         r->st.wait_timeouts++;
     return ready > 0 && wake_fd >= 0 && fds[wake].revents ? 1 : 0;
+}
+
+static void fetch_usb_fds(struct udrv_ring *r)
+{
+    r->n_usb_fds = 0;
+    const struct libusb_pollfd **lfds = libusb_get_pollfds(r->ctx);
+    if (!lfds)
+        return;
+    for (int i = 0; lfds[i] && r->n_usb_fds < MAX_POLLFDS - 2; i++) {
+        struct pollfd *p = &r->usb_fds[r->n_usb_fds++];
+        p->fd = lfds[i]->fd;
+        p->events = lfds[i]->events;
+        p->revents = 0;
+    }
+    libusb_free_pollfds(lfds);
 }
 
 static int handle_events_now(struct udrv_ring *r)
@@ -508,34 +521,55 @@ const char *udrv_usb_error_name(int code)
     return libusb_error_name(code);
 }
 
+/* A transfer buffer. usbfs-mapped memory first: usbfs then uses it in place instead of a
+ * kmalloc + copy (and kfree) per URB, the biggest cost of a submission after the HCD's own;
+ * plain memory where the kernel or the host controller cannot map it. */
+static int set_buf(struct udrv_ring *r, struct xfer *x, uint32_t cap)
+{
+    uint8_t *b = cap ? libusb_dev_mem_alloc(r->h, cap) : NULL;
+    x->dev_mem = b != NULL;
+    if (!b)
+        b = malloc(cap ? cap : 1);
+    x->buf = b;
+    x->cap = cap;
+    return b ? 0 : -1;
+}
+
+static void drop_buf(struct udrv_ring *r, struct xfer *x)
+{
+    if (x->buf && x->dev_mem)
+        libusb_dev_mem_free(r->h, x->buf, x->cap);
+    else
+        free(x->buf);
+    x->buf = NULL;
+    x->dev_mem = 0;
+}
+
 static int alloc_xfer(struct udrv_ring *r, struct xfer *x, enum xfer_kind kind, uint32_t cap)
 {
     x->ring = r;
     x->kind = (uint8_t)kind;
-    x->cap = cap;
     x->t = libusb_alloc_transfer(0);
-    x->buf = malloc(cap ? cap : 1);
-    return x->t && x->buf ? 0 : -1;
+    return x->t && set_buf(r, x, cap) == 0 ? 0 : -1;
 }
 
-static void free_xfer(struct xfer *x)
+static void free_xfer(struct udrv_ring *r, struct xfer *x)
 {
     if (x->t)
         libusb_free_transfer(x->t);
-    free(x->buf);
+    drop_buf(r, x);
     x->t = NULL;
-    x->buf = NULL;
 }
 
 static void free_all(struct udrv_ring *r)
 {
     if (r->rx)
         for (uint32_t i = 0; i < r->cfg.n_rx; i++)
-            free_xfer(&r->rx[i]);
+            free_xfer(r, &r->rx[i]);
     if (r->tx)
         for (uint32_t i = 0; i < r->cfg.n_tx; i++)
-            free_xfer(&r->tx[i]);
-    free_xfer(&r->status);
+            free_xfer(r, &r->tx[i]);
+    free_xfer(r, &r->status);
     free(r->rx);
     free(r->tx);
     free(r->tx_idle);
@@ -622,6 +656,7 @@ struct udrv_ring *udrv_ring_new(void *ctx, void *handle, const struct udrv_ring_
         free_all(r);
         return NULL;
     }
+    fetch_usb_fds(r);
     return r;
 }
 
@@ -630,21 +665,18 @@ int udrv_ring_set_framing(struct udrv_ring *r, const struct udrv_framing *f)
     if (in_flight(r) || udrv_framing_check(f) < 0 || f->rx_size < 1 || f->rx_size > (1u << 20))
         return -1;
     uint32_t tx_cap = udrv_tx_encoded_max(f, r->j.max_frame);
+    /* nothing is in flight: the buffers may be replaced (their contents do not matter) */
     for (uint32_t i = 0; i < r->cfg.n_rx; i++)
         if (r->rx[i].cap < f->rx_size) {
-            uint8_t *b = realloc(r->rx[i].buf, f->rx_size);
-            if (!b)
+            drop_buf(r, &r->rx[i]);
+            if (set_buf(r, &r->rx[i], f->rx_size) < 0)
                 return -1;
-            r->rx[i].buf = b;
-            r->rx[i].cap = f->rx_size;
         }
     for (uint32_t i = 0; i < r->cfg.n_tx; i++)
         if (r->tx[i].cap < tx_cap) {
-            uint8_t *b = realloc(r->tx[i].buf, tx_cap);
-            if (!b)
+            drop_buf(r, &r->tx[i]);
+            if (set_buf(r, &r->tx[i], tx_cap) < 0)
                 return -1;
-            r->tx[i].buf = b;
-            r->tx[i].cap = tx_cap;
         }
     r->fr = *f;
     return 0;
@@ -666,6 +698,7 @@ int udrv_ring_start(struct udrv_ring *r)
     r->confirm_pending = 0;
     r->confirm_bytes = 0;
     r->err_first = r->err_count = 0;
+    fetch_usb_fds(r);
     r->running = 1;
     for (uint32_t i = 0; i < r->cfg.n_rx; i++) {
         int rc = submit_rx(r, &r->rx[i]);

@@ -41,10 +41,10 @@ def test_cdc_ecm_rows_keep_a_failed_datapath_as_failed_not_as_zero():
            "native": {"tx": 460.0, "rx": 200.0},
            "python": {"error": "RuntimeError: timed out waiting for udrv (python)", "log": "..."}}
     rows = cdc_ecm_rows(res)
-    native = {r.measurement: r for r in rows if r.variant == "C ring, TAP read in Python"}
+    native = {r.measurement: r for r in rows if r.variant == "C ring (udrv run)"}
     assert native["TCP host -> peer"].ratio == pytest.approx(0.92)
     assert native["TCP host -> peer"].met and not native["TCP peer -> host"].met
-    failed = [r for r in rows if r.variant == "udrv run (default datapath)"]
+    failed = [r for r in rows if r.variant == "Python engine"]
     assert len(failed) == 2 and all(r.udrv is None and math.isnan(r.ratio) and not r.met for r in failed)
     assert "timed out" in failed[0].error
     assert cdc_ecm_rows({"error": "no gadget"}) == []
@@ -72,7 +72,7 @@ def test_report_and_chart_from_all_three_and_a_failed_device(tmp_path: Path):
     assert (tmp_path / "report.md").read_text() == report
     summary = [line for line in report.splitlines() if line.startswith("| e1000 | TCP peer -> host")]
     assert summary and "**0.52**" in summary[0] and "below" in summary[0]
-    assert "| cdc_ecm | TCP host -> peer | cdc_ether | 500 Mbit/s | C ring, TAP read in Python | 460 | **0.92** | 0.9 | met |" in report
+    assert "| cdc_ecm | TCP host -> peer | cdc_ether | 500 Mbit/s | C ring (udrv run) | 460 | **0.92** | 0.9 | met |" in report
     assert "| pegasus |" in report and "failed: the guest failed: QEMU is not installed" in report
     assert (tmp_path / "sidebyside.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -82,11 +82,11 @@ def test_report_and_chart_from_all_three_and_a_failed_device(tmp_path: Path):
 
 def test_cdc_ecm_details_show_where_the_cpu_went():
     raw = {"kernel_cpu": {"tx": {"guest_busy": 0.97, "daemon_user": None, "daemon_sys": None}},
-           "python_cpu": {"tx": {"guest_busy": 0.99, "daemon_user": 0.12, "daemon_sys": 0.55}},
+           "native_cpu": {"tx": {"guest_busy": 0.99, "daemon_user": 0.12, "daemon_sys": 0.55}},
            "native_unavailable": "udrv._native is not built"}
     text = "\n".join(benchall.cdc_ecm_details(raw))
     assert "| cdc_ether | tx | 0.97 | - | - |" in text
-    assert "| udrv run (default datapath) | tx | 0.99 | 0.12 | 0.55 |" in text
+    assert "| C ring (udrv run) | tx | 0.99 | 0.12 | 0.55 |" in text
     assert "C transfer ring not measured: udrv._native is not built" in text
 
 

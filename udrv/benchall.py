@@ -96,10 +96,9 @@ def e1000_rows(result: dict) -> list[Row]:
     return rows
 
 
-# tools/bench_cdc_ecm.py's names: "python" is plain `udrv run` (whatever datapath it picks: the C
-# transfer ring with the TAP read in C when the extension is built), "native" forces the C ring
-# with the TAP read by the Python daemon
-CDC_VARIANTS = {"python": "udrv run (default datapath)", "native": "C ring, TAP read in Python"}
+# tools/bench_cdc_ecm.py's names: both are `udrv run`; "native" as it runs by default (the C
+# transfer ring, when the extension is built), "python" with UDRV_DATAPATH=python
+CDC_VARIANTS = {"native": "C ring (udrv run)", "python": "Python engine"}
 
 
 def cdc_ecm_rows(res: dict) -> list[Row]:

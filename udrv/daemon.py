@@ -39,6 +39,7 @@ class DaemonTimers:
     tx_progress: float = 0.05
     tap_batch: int = 64
     device_poll: float = 0.001    # ring polling period for devices that offer no event fd
+    ring_turn: float = 0.05       # longest C ring loop between Python turns (timers come sooner)
 
 
 class Daemon:
@@ -56,6 +57,8 @@ class Daemon:
         self._ctrl: socket.socket | None = None
         self._poller = select.poll()
         self._tap_registered = False
+        # one fd that is readable when any fd Python serves is: the wake fd of the C ring loop
+        self._wake = select.epoll()
 
     # --- setup -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -92,14 +95,16 @@ class Daemon:
         self.running = True
         end = None if duration is None else time.monotonic() + duration
         p = self._poller
-        self._register_tap(True)
+        self._register_tap(self._python_reads_tap())
         self._transport_fds = self._register_transport(set(), -1)
         generation = self.nic.transport_generation
         state = self.nic.state
         if self._ctrl is not None:
             p.register(self._ctrl.fileno(), select.POLLIN)
+            self._wake_on(self._ctrl.fileno())
         for fd in self.extra_fds:
             p.register(fd, select.POLLIN)
+            self._wake_on(fd)
         t = time.monotonic()
         next_link, next_sync, next_tx = t + self.timers.link_check, t + self.timers.host_sync, t
         nic, tap = self.nic, self.tap
@@ -108,10 +113,17 @@ class Daemon:
             if end is not None and now >= end:
                 break
             wait = min(next_link, next_sync, next_tx) - now
-            if not self._transport_fds:
-                # a polled device (PCI without interrupts): look at its rings every millisecond
-                wait = min(wait, self.timers.device_poll)
-            events = p.poll(max(0, math.ceil(wait * 1000)))
+            in_c = nic.state == "up" and nic.runs_in_c()
+            if in_c:
+                # the ring sleeps in C on USB, the TAP and the wake fd (control socket, extra
+                # fds) and moves frames without a Python turn; back here for timers and requests
+                nic.run(max(0.0, min(wait, self.timers.ring_turn)), self._wake.fileno())
+                events = p.poll(0)
+            else:
+                if not self._transport_fds:
+                    # a polled device (PCI without interrupts): look at its rings every millisecond
+                    wait = min(wait, self.timers.device_poll)
+                events = p.poll(max(0, math.ceil(wait * 1000)))
             for fd, _ev in events:
                 if fd == tap.fd:
                     if getattr(nic.engine, "owns_tap", False):
@@ -126,7 +138,9 @@ class Daemon:
                     self._serve_control()
                 elif fd in self.extra_fds:
                     self.extra_fds[fd]()
-            if nic.state == "up":
+            if in_c and nic.state == "up":
+                nic.xmit()                    # the xmit entry point (and faults armed for it)
+            elif nic.state == "up":
                 nic.xmit()
                 nic.poll(0.0)
                 nic.xmit()
@@ -139,7 +153,7 @@ class Daemon:
                 generation = nic.transport_generation
                 self._transport_fds = self._register_transport(self._transport_fds, generation)
             # stop reading the TAP while the journal is full: the kernel queues (backpressure)
-            self._register_tap(nic.journal.space() > 0)
+            self._register_tap(nic.journal.space() > 0 and self._python_reads_tap())
             now = time.monotonic()
             if now >= next_tx:
                 next_tx = now + self.timers.tx_progress
@@ -153,6 +167,21 @@ class Daemon:
                 self._link_watchdog()
             if self.on_tick:
                 self.on_tick()
+
+    def _python_reads_tap(self) -> bool:
+        """Whether the loop must wake for TAP frames: not when a ring running in C polls the TAP
+        itself, nor while the NIC is down under a ring that reads the TAP but cannot journal
+        frames from Python (no pull_tap): the kernel queues them."""
+        nic = self.nic
+        if nic.state == "up":
+            return not nic.runs_in_c()
+        return not getattr(nic.engine, "owns_tap", False) or getattr(nic.engine, "pull_tap", None) is not None
+
+    def _wake_on(self, fd: int) -> None:
+        try:
+            self._wake.register(fd, select.EPOLLIN)
+        except FileExistsError:       # run() called again
+            pass
 
     def _register_transport(self, old: set[int], generation: int) -> set[int]:
         """(Re-)register the transport's poll fds: a reopened device brings new ones."""
@@ -301,6 +330,7 @@ class Daemon:
         return {"ok": True}
 
     def close(self) -> None:
+        self._wake.close()
         if self._ctrl is not None:
             path = control_path(self.tap.name)
             self._ctrl.close()
