@@ -124,13 +124,14 @@ def scenario_kernel(report: dict, out_dir: Path) -> None:
         report["stage"] = "traffic"
         configure_host_side(name)
         report["carrier"] = wait_carrier(name)
-        n0, m0 = netdev_stats(name), dict(tx=rig.model.counters.tx_frames, rx=rig.model.counters.rx_frames)
+        mc = rig.model_counters()
+        n0, m0 = netdev_stats(name), dict(tx=mc.tx_frames, rx=mc.rx_frames)
         report["host_to_peer"] = udp_ping(None, HOST_IP, NETNS, PEER_IP, PINGS)
         report["peer_to_host"] = udp_ping(NETNS, PEER_IP, None, HOST_IP, PINGS)
         n1 = netdev_stats(name)
         report["netdev_delta"] = {k: n1[k] - n0.get(k, 0) for k in n1}
-        report["model_delta"] = {"tx_frames": rig.model.counters.tx_frames - m0["tx"],
-                                 "rx_frames": rig.model.counters.rx_frames - m0["rx"]}
+        mc = rig.model_counters()
+        report["model_delta"] = {"tx_frames": mc.tx_frames - m0["tx"], "rx_frames": mc.rx_frames - m0["rx"]}
         report["model_ethctrl"] = rig.model.regs[0:3].hex()
         report["gadget"] = rig.counters()["ffs"]
         report["model_tx"] = _model_tx(rig)
@@ -138,7 +139,7 @@ def scenario_kernel(report: dict, out_dir: Path) -> None:
 
 
 def _model_tx(rig) -> dict:
-    c = rig.model.counters
+    c = rig.model_counters()
     return {"tx_frames": c.tx_frames, "tx_missing_pad": c.tx_missing_pad, "tx_malformed": c.tx_malformed,
             "tx_extra_bytes": c.tx_extra_bytes}
 
