@@ -111,7 +111,9 @@ class Daemon:
             if not self._transport_fds:
                 # a polled device (PCI without interrupts): look at its rings every millisecond
                 wait = min(wait, self.timers.device_poll)
-            events = p.poll(max(0, math.ceil(wait * 1000)))
+            # the C ring's own loop waits on the device and the TAP (and the control socket)
+            in_c = not self.extra_fds and nic.can_run_in_c()
+            events = p.poll(0 if in_c else max(0, math.ceil(wait * 1000)))
             for fd, _ev in events:
                 if fd == tap.fd:
                     if getattr(nic.engine, "owns_tap", False):
@@ -126,7 +128,9 @@ class Daemon:
                     self._serve_control()
                 elif fd in self.extra_fds:
                     self.extra_fds[fd]()
-            if nic.state == "up":
+            if in_c:
+                nic.run(max(0.0, wait), self._ctrl.fileno() if self._ctrl is not None else -1)
+            elif nic.state == "up":
                 nic.xmit()
                 nic.poll(0.0)
                 nic.xmit()

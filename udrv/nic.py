@@ -326,6 +326,20 @@ class Nic:
             self._restart_after(e)
             return 0
 
+    def can_run_in_c(self) -> bool:
+        """The engine can do xmit + poll turns in a C loop (NativeUsbRing.run) and no fault is
+        armed (injected faults fire at the xmit / poll entry points, one Python turn each)."""
+        return self.state == "up" and hasattr(self.engine, "run") and not self.injector.armed
+
+    def run(self, timeout: float, wake_fd: int = -1) -> int:
+        """Turns of xmit + poll in C for up to timeout seconds (back early when Python is
+        needed or wake_fd is readable): a Python round trip per turn costs more than the turn."""
+        try:
+            return self.guard.datapath("poll", self.engine.run, timeout, wake_fd)
+        except Escalation as e:
+            self._restart_after(e)
+            return 0
+
     def check_tx_progress(self, now: float | None = None) -> bool:
         """Xen's hang detector: frames in the device but no TX completion for tx_timeout."""
         now = time.monotonic() if now is None else now
