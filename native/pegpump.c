@@ -231,18 +231,25 @@ static void submit_out(struct udrv_pegpump *p, uint64_t now)
     struct udrv_pegpump_io *io = p->io;
     if (!io->cfg.enabled || now < io->out_retry_at)
         return;
-    while (io->out_next - io->out_deliver < p->out_depth) {
-        uint32_t i = (uint32_t)(io->out_next % p->out_depth);
-        struct iocb cb, *cbs[1] = {&cb};
-        prep(&cb, io->aio_efd, p->ep_out, 0, io->out[i].buf, UDRV_PEGPUMP_BUF, tag(TAG_OUT, i));
-        if (io_submit_n(io->ctx, 1, cbs) != 1) {
-            p->st.submit_errors++;
-            io->out_retry_at = now + RETRY_NS;
-            return;
-        }
+    struct iocb cb[UDRV_PEGPUMP_DEPTH_MAX], *cbs[UDRV_PEGPUMP_DEPTH_MAX];
+    long n = 0;
+    for (uint64_t seq = io->out_next; seq - io->out_deliver < p->out_depth; seq++, n++) {
+        uint32_t i = (uint32_t)(seq % p->out_depth);
+        prep(&cb[n], io->aio_efd, p->ep_out, 0, io->out[i].buf, UDRV_PEGPUMP_BUF, tag(TAG_OUT, i));
+        cbs[n] = &cb[n];
         io->out[i].done = 0;
-        io->out_next++;
-        p->in_flight_out++;
+    }
+    if (!n)
+        return;
+    /* one system call for all of them (they queue in this order) */
+    int got = io_submit_n(io->ctx, n, cbs);
+    if (got < n) {
+        p->st.submit_errors++;
+        io->out_retry_at = now + RETRY_NS;
+    }
+    if (got > 0) {
+        io->out_next += (uint64_t)got;
+        p->in_flight_out += (uint32_t)got;
     }
 }
 
@@ -321,45 +328,62 @@ static uint32_t rx_build(struct udrv_pegpump *p, uint8_t *buf, uint32_t flen)
     return end - 2;
 }
 
-/* Queue slot i (len bytes) on EP 0x81, with a ZLP behind a packet-size multiple. */
-static int submit_in(struct udrv_pegpump *p, uint32_t i, uint32_t len, uint64_t now)
+/* IN transfers built in one pass, submitted with one system call (they queue in order). */
+struct in_batch {
+    struct iocb cb[2 * UDRV_PEGPUMP_DEPTH_MAX];
+    struct iocb *cbs[2 * UDRV_PEGPUMP_DEPTH_MAX];
+    long n;
+};
+
+/* Add slot i (len bytes) for EP 0x81, with a ZLP behind a packet-size multiple. */
+static void batch_in(struct udrv_pegpump *p, struct in_batch *b, uint32_t i, uint32_t len)
 {
     struct udrv_pegpump_io *io = p->io;
-    struct iocb cb[2], *cbs[2] = {&cb[0], &cb[1]};
     uint32_t mps = io->cfg.max_packet ? io->cfg.max_packet : 512;
-    long n = 1;
-    prep(&cb[0], io->aio_efd, p->ep_in, 1, io->in[i].buf, len, tag(TAG_IN, i));
+    prep(&b->cb[b->n], io->aio_efd, p->ep_in, 1, io->in[i].buf, len, tag(TAG_IN, i));
+    b->cbs[b->n] = &b->cb[b->n];
+    b->n++;
     if (len && len % mps == 0) {
         /* without a ZLP the host would merge the next transfer into this one */
-        prep(&cb[1], io->aio_efd, p->ep_in, 1, io->zero, 0, tag(TAG_ZLP, 0));
-        n = 2;
+        prep(&b->cb[b->n], io->aio_efd, p->ep_in, 1, io->zero, 0, tag(TAG_ZLP, 0));
+        b->cbs[b->n] = &b->cb[b->n];
+        b->n++;
     }
-    int got = io_submit_n(io->ctx, n, cbs);
-    if (got < 1) {
+}
+
+static void flush_in(struct udrv_pegpump *p, struct in_batch *b, uint64_t now)
+{
+    struct udrv_pegpump_io *io = p->io;
+    if (!b->n)
+        return;
+    int got = io_submit_n(io->ctx, b->n, b->cbs);
+    if (got < 0)
+        got = 0;
+    for (long k = 0; k < b->n; k++) {
+        uint32_t kind = (uint32_t)(b->cb[k].aio_data >> 32), i = (uint32_t)b->cb[k].aio_data;
+        if (k < got) {
+            p->in_flight_in++;
+            if (kind == TAG_IN)
+                p->st.rx_transfers++;
+            else
+                p->st.zlps++;
+        } else if (kind == TAG_IN) {
+            p->st.in_lost++;
+            io->in_free[io->n_free++] = i;
+        }
+    }
+    if (got < b->n) {
         p->st.submit_errors++;
-        p->st.in_lost++;
-        io->in_free[io->n_free++] = i;
         io->in_retry_at = now + RETRY_NS;
-        return -1;
     }
-    p->in_flight_in += (uint32_t)got;
-    p->st.rx_transfers++;
-    if (n == 2) {
-        if (got == 2)
-            p->st.zlps++;
-        else
-            p->st.submit_errors++;
-    }
-    return 0;
+    b->n = 0;
 }
 
 /* Fill free IN slots: Python's injected transfers first, then frames from the wire.
  * Returns 1 when the TAP should be watched (a slot is free and the TAP ran dry). */
-static int fill_in(struct udrv_pegpump *p, uint64_t now)
+static int fill_slots(struct udrv_pegpump *p, struct in_batch *b)
 {
     struct udrv_pegpump_io *io = p->io;
-    if (!io->cfg.enabled || io->cfg.in_hold || now < io->in_retry_at)
-        return 0;
     while (io->n_free) {
         uint32_t i = io->in_free[io->n_free - 1];
         pthread_mutex_lock(&p->lock);
@@ -375,8 +399,7 @@ static int fill_in(struct udrv_pegpump *p, uint64_t now)
             break;
         io->n_free--;
         p->st.injected_in++;
-        if (submit_in(p, i, len, now) < 0)
-            return 0;
+        batch_in(p, b, i, len);
     }
     for (int budget = TAP_BUDGET; io->n_free; budget--) {
         if (!budget)
@@ -399,10 +422,22 @@ static int fill_in(struct udrv_pegpump *p, uint64_t now)
         if (!len)
             continue;
         io->n_free--;
-        if (submit_in(p, i, len, now) < 0)
-            return 0;
+        batch_in(p, b, i, len);
     }
     return 0;
+}
+
+/* Fill and submit the free IN slots; 1 when the TAP should be watched. */
+static int fill_in(struct udrv_pegpump *p, uint64_t now)
+{
+    struct udrv_pegpump_io *io = p->io;
+    if (!io->cfg.enabled || io->cfg.in_hold || now < io->in_retry_at)
+        return 0;
+    struct in_batch b;
+    b.n = 0;
+    int want_tap = fill_slots(p, &b);
+    flush_in(p, &b, now);
+    return want_tap;
 }
 
 /* --- completions ------------------------------------------------------------------------- */
