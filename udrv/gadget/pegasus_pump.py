@@ -32,10 +32,8 @@ from udrv.models.pegasus import (CTL2_LOOPBACK, EP_RX, EP_TX, EthCtrl0, EthCtrl1
 
 from .ffs import FfsCounters
 
-IN_DEPTH = 16            # IN transfers queued at the UDC (the device's RX FIFO, in transfers); with
-                         # OUT_DEPTH ~36 KB per dummy_hcd pass, under its 53 KB high-speed budget, so
-                         # control requests (link checks) are not starved by bulk data
-OUT_DEPTH = 8            # OUT reads queued: the host never waits for the device to be ready
+IN_DEPTH = 32            # IN transfers queued at the UDC (the device's RX FIFO, in transfers)
+OUT_DEPTH = 16           # OUT reads queued: the host never waits for the device to be ready
 PUMP_NICE = -10          # like the server's loop: the device answers in hardware time
 HOLD_RETRY = 0.01        # a NAKed OUT transfer is offered to the model again this often
 IN_TAKE = 16384
