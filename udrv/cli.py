@@ -22,8 +22,6 @@ from typing import Any
 from .errors import UdrvError
 from .faults import KINDS
 
-DAEMON_NICE = -10            # `udrv run` priority: the datapath before the applications it serves
-
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -121,14 +119,6 @@ def cmd_run(args: argparse.Namespace, scenario: Any = None) -> int:
         print("udrv run needs root (it creates a TAP interface and, for the embedded device, a network "
               "namespace): run it with sudo", file=sys.stderr)
         return 2
-    nice = getattr(args, "nice", 0)
-    if nice:
-        # a kernel driver's datapath runs in softirq context, before any application: give ours
-        # a head start over the programs whose traffic it carries (threads inherit it)
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, nice)
-        except OSError as e:
-            logging.getLogger("udrv").warning("event=nice-failed nice=%d error=%s", nice, e.strerror)
     driver_cls, transport, model = _open_device(args.device)
     tap = Tap(args.ifname)
     peer = None
@@ -332,9 +322,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "above 4x the call's running average on slow machines)")
     r.add_argument("--datapath-deadline", type=float, default=1.0, metavar="S",
                    help="an xmit/poll call running longer is a hang (default 1 s)")
-    r.add_argument("--nice", type=int, default=DAEMON_NICE, metavar="N",
-                   help=f"scheduling priority of the daemon (default {DAEMON_NICE}: ahead of the applications "
-                        "whose traffic it carries, as a kernel driver is; 0 leaves it alone)")
     r.set_defaults(fn=cmd_run)
 
     d = sub.add_parser("demo", help="embedded device + iperf3 + a fault injected mid-run")
