@@ -168,6 +168,7 @@ def in_guest(out: Path, seconds: float, udp_pps: int) -> int:
             server.terminate()
             server.wait(5)
         report["gadget"] = rig.counters()["ffs"]
+        report["pump"] = rig.counters().get("pump")        # the C data path's counters (None: Python path)
         report["model"] = {k: v for k, v in rig.counters()["model"].items()
                            if k in ("tx_frames", "rx_frames", "rx_lost", "tx_missing_pad")}
     out.write_text(json.dumps(report, indent=1))

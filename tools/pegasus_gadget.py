@@ -10,7 +10,10 @@ pegasus.ko or `udrv run usb:07a6:8515` — reaches a real peer network stack.
         --kernel-driver: modprobe pegasus, give its netdev 10.88.0.1/24 and bring it up
 
 Library (used by tests/kernel/test_pegasus_gadget.py and tools/bench_usb.py):
-    PegasusRig      gadget + wire (the wire TAP is pumped by the gadget's own loop), counters()
+    PegasusRig      gadget + wire, counters(), model_counters(). The bulk endpoints and the wire TAP
+                    are served by the C pump (udrv.gadget.pegasus_pump) when udrv._native is built
+                    (RigConfig.pump=False or UDRV_GADGET_PUMP=0: the pure-Python path, where the
+                    gadget's own loop pumps the wire)
     in_netns(name)  context manager: sockets created inside belong to that namespace
     udp_ping()      UDP round trips counted at both ends, payloads cycling through EDGE_SIZES
                     (frames whose USB transfers hit the ZLP and pad rules), replies compared
@@ -40,6 +43,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from udrv.gadget import GadgetConfig, ModelGadget, interface_driver, interface_netdevs, modprobe  # noqa: E402
+from udrv.gadget import pegasus_pump  # noqa: E402
 from udrv.gadget.configfs import GadgetError, wait_for  # noqa: E402
 from udrv.models.pegasus import PegasusModel  # noqa: E402
 from udrv.peer import PeerConfig, PeerWire, ip  # noqa: E402
@@ -378,6 +382,13 @@ class RigConfig:
     wire_ifname: str = WIRE_IFNAME
     peer_ip: str = PEER_IP
     host_ip: str = HOST_IP
+    pump: bool | None = None     # C data path: None = when built (and UDRV_GADGET_PUMP is not 0)
+
+
+def _want_pump(cfg: RigConfig) -> bool:
+    if cfg.pump is not None:
+        return cfg.pump
+    return os.environ.get("UDRV_GADGET_PUMP", "1") != "0" and pegasus_pump.available()
 
 
 class PegasusRig:
@@ -388,6 +399,7 @@ class PegasusRig:
         self.model = PegasusModel(**model_args)
         self.wire: PeerWire | None = None
         self.gadget: ModelGadget | None = None
+        self.pump: pegasus_pump.PegasusPump | None = None
 
     def start(self) -> "PegasusRig":
         c = self.cfg
@@ -399,10 +411,14 @@ class PegasusRig:
             self.wire = PeerWire(PeerConfig(netns=c.netns, ifname=c.wire_ifname, host_ip=c.host_ip,
                                             peer_ip=c.peer_ip))
             self.wire.connect(self.model)
-            self.gadget = ModelGadget(self.model, GadgetConfig(name=c.gadget_name)).start()
-            # the wire is pumped by the gadget's own loop: no frame crosses between threads
-            assert self.gadget.server is not None
-            self.gadget.server.add_reader(self.wire.fd, self.wire.pump)
+            if _want_pump(c):
+                # C owns the bulk endpoints and the wire; the model keeps ep0 and its registers
+                self.pump = pegasus_pump.PegasusPump(self.model, self.wire.fd, self.wire)
+            self.gadget = ModelGadget(self.model, GadgetConfig(name=c.gadget_name), offload=self.pump).start()
+            if self.pump is None:
+                # the wire is pumped by the gadget's own loop: no frame crosses between threads
+                assert self.gadget.server is not None
+                self.gadget.server.add_reader(self.wire.fd, self.wire.pump)
         except BaseException:
             self.stop()
             raise
@@ -413,17 +429,27 @@ class PegasusRig:
         assert self.gadget is not None and self.gadget.host_device is not None
         return self.gadget.host_device
 
+    def model_counters(self):
+        """The model's counters, with what the C pump moved folded in."""
+        if self.pump is not None:
+            self.pump.fold()
+        return self.model.counters
+
     def counters(self) -> dict:
-        m = dataclasses.asdict(self.model.counters)
+        m = dataclasses.asdict(self.model_counters())
         c = self.gadget.counters if self.gadget else None
         f = {**dataclasses.asdict(c), "setup_ms_mean": round(c.setup_ms_mean, 2)} if c else {}
         w = {"to_model": self.wire.to_model, "from_model": self.wire.from_model} if self.wire else {}
-        return {"model": m, "ffs": f, "wire": w}
+        out = {"model": m, "ffs": f, "wire": w}
+        if self.pump is not None:
+            out["pump"] = self.pump.stats()
+        return out
 
     def stop(self) -> None:
         if self.gadget is not None:
-            self.gadget.stop()
+            self.gadget.stop()           # closes the pump too (before the wire's fd goes)
             self.gadget = None
+        self.pump = None
         if self.wire is not None:
             self.wire.close()
             self.wire = None

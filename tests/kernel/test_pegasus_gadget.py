@@ -5,7 +5,9 @@ TAP in network namespace `pegpeer` (10.88.0.2). The guest kernel's USB host side
 07a6:8515, and three independent opinions meet on it:
 
 1. kernel: the kernel's own pegasus.ko binds, gets 10.88.0.1; UDP round trips both ways are
-   counted at both ends (and by the model, the gadget and the netdev).
+   counted at both ends (and by the model, the gadget and the netdev). The gadget's bulk data
+   path is the C pump (udrv.gadget.pegasus_pump) when udrv._native is built; kernel_python runs
+   the same over the pure-Python gadget, the fallback.
 2. udrv: pegasus.ko is bound first; `udrv run usb:07a6:8515` detaches it, drives the same
    device over real libusb through udrv0; `udrv inject xmit raise` and `udrv inject set_rx_mode
    raise` (fired by `ip link set udrv0 promisc on`) mid-traffic recover and traffic goes on;
@@ -108,12 +110,12 @@ class Udrv:
             self.log.close()
 
 
-def scenario_kernel(report: dict, out_dir: Path) -> None:
-    """pegasus.ko on the model: binds, carries UDP both ways."""
+def scenario_kernel(report: dict, out_dir: Path, pump: bool | None = None) -> None:
+    """pegasus.ko on the model: binds, carries UDP both ways (through the C pump when built)."""
     from tools.pegasus_gadget import (HOST_IP, NETNS, PEER_IP, PegasusRig, RigConfig, configure_host_side,
                                       dmesg_tail, netdev_stats, udp_ping, wait_carrier, wait_netdev)
     from udrv.gadget import interface_driver, modprobe
-    with PegasusRig(RigConfig(gadget_name="pegk")) as rig:
+    with PegasusRig(RigConfig(gadget_name="pegk", pump=pump)) as rig:
         report["stage"] = "modprobe pegasus"
         modprobe("pegasus")
         name = wait_netdev(rig.host_device, "pegasus")       # raises with the dmesg lines if refused
@@ -124,21 +126,28 @@ def scenario_kernel(report: dict, out_dir: Path) -> None:
         report["stage"] = "traffic"
         configure_host_side(name)
         report["carrier"] = wait_carrier(name)
-        n0, m0 = netdev_stats(name), dict(tx=rig.model.counters.tx_frames, rx=rig.model.counters.rx_frames)
+        mc = rig.model_counters()
+        n0, m0 = netdev_stats(name), dict(tx=mc.tx_frames, rx=mc.rx_frames)
         report["host_to_peer"] = udp_ping(None, HOST_IP, NETNS, PEER_IP, PINGS)
         report["peer_to_host"] = udp_ping(NETNS, PEER_IP, None, HOST_IP, PINGS)
         n1 = netdev_stats(name)
         report["netdev_delta"] = {k: n1[k] - n0.get(k, 0) for k in n1}
-        report["model_delta"] = {"tx_frames": rig.model.counters.tx_frames - m0["tx"],
-                                 "rx_frames": rig.model.counters.rx_frames - m0["rx"]}
+        mc = rig.model_counters()
+        report["model_delta"] = {"tx_frames": mc.tx_frames - m0["tx"], "rx_frames": mc.rx_frames - m0["rx"]}
         report["model_ethctrl"] = rig.model.regs[0:3].hex()
         report["gadget"] = rig.counters()["ffs"]
+        report["pump"] = rig.counters().get("pump")
         report["model_tx"] = _model_tx(rig)
         report["stage"] = "done"
 
 
+def scenario_kernel_python(report: dict, out_dir: Path) -> None:
+    """The same over the pure-Python gadget (the fallback when udrv._native is not built)."""
+    scenario_kernel(report, out_dir, pump=False)
+
+
 def _model_tx(rig) -> dict:
-    c = rig.model.counters
+    c = rig.model_counters()
     return {"tx_frames": c.tx_frames, "tx_missing_pad": c.tx_missing_pad, "tx_malformed": c.tx_malformed,
             "tx_extra_bytes": c.tx_extra_bytes}
 
@@ -244,6 +253,7 @@ def scenario_garbage(report: dict, out_dir: Path) -> None:
             report["recoveries"] = [r for r in status.get("recent_recoveries", [])]
             report["injected"] = rig.model.counters.rx_garbage_injected
             report["gadget"] = rig.counters()["ffs"]
+            report["pump"] = rig.counters().get("pump")
             report["stage"] = "done"
         finally:
             report["udrv_rc"] = udrv.terminate()
@@ -322,8 +332,8 @@ def scenario_usb_faults(report: dict, out_dir: Path) -> None:
         report["stage"] = "done"
 
 
-SCENARIOS = {"kernel": scenario_kernel, "udrv": scenario_udrv, "garbage": scenario_garbage,
-             "usb_faults": scenario_usb_faults}
+SCENARIOS = {"kernel": scenario_kernel, "kernel_python": scenario_kernel_python, "udrv": scenario_udrv,
+             "garbage": scenario_garbage, "usb_faults": scenario_usb_faults}
 
 
 def guest_main(which: str, out: Path) -> int:
@@ -408,8 +418,20 @@ def _usb_edges(sec: dict) -> None:
     assert sec["model_tx"]["tx_malformed"] == 0, sec["model_tx"]
 
 
-def test_kernel_pegasus_driver_on_the_model(pegasus_report):
-    sec = _section(pegasus_report, "kernel")
+def _pump_built() -> bool:
+    from udrv.gadget import pegasus_pump
+    return pegasus_pump.available()
+
+
+@pytest.mark.parametrize("scenario", ["kernel", "kernel_python"])
+def test_kernel_pegasus_driver_on_the_model(pegasus_report, scenario):
+    sec = _section(pegasus_report, scenario)
+    if scenario == "kernel_python":
+        assert sec["pump"] is None, "the fallback scenario ran on the C pump"
+    elif _pump_built():
+        # the frames crossed the C data path, not the Python loop
+        p = sec["pump"]
+        assert p is not None and p["wire_out"] >= 2 * PINGS and p["rx_transfers"] >= 2 * PINGS, p
     assert sec["netdev_driver"] == "pegasus" and sec["interface_driver"] == "pegasus", sec
     assert any("setup Pegasus II specific registers" in line for line in sec["dmesg"]), sec["dmesg"]
     assert sec["carrier"], "pegasus.ko reported no carrier (it reads BMSR over MII)"
@@ -494,6 +516,8 @@ def test_descriptor_blob_has_the_flags_pegasus_ko_needs():
 def test_bad_input_counted_by_reason_over_real_usb(pegasus_report):
     sec = _section(pegasus_report, "garbage")
     assert sec["injected"] == len(EXPECTED_DROPS)
+    if _pump_built():
+        assert sec["pump"]["injected_in"] == len(EXPECTED_DROPS), "garbage did not go through the C pump"
     want: dict[str, int] = {}
     for reason in EXPECTED_DROPS.values():
         want[reason] = want.get(reason, 0) + 1

@@ -42,7 +42,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 from udrv.modelusb import ModelGone, ModelNoAnswer, ModelStall, Setup, UsbDeviceModel
 from udrv.usbtransport import EndpointInfo, EpType, InterfaceInfo
@@ -86,6 +86,21 @@ IO_NICE = -10                # nice value of the server's loop thread (None: lea
 HOLD_RETRY = 0.01             # a NAKed OUT transfer is offered to the model again this often
 IO_SIZE = 16384              # read size for OUT endpoints: a multiple of every max packet size
 BULK_DEPTH = 8               # AIO requests kept queued per bulk endpoint
+
+
+class DataOffload(Protocol):
+    """Moves the data of some bulk endpoints outside the server's loop (e.g. a C pump, see
+    udrv.gadget.pegasus_pump). The server keeps ep0 and every other endpoint; it opens the
+    offloaded endpoints' files, hands them over, and calls service() from its loop (every
+    iteration, and whenever fileno() is readable) so the offload can copy model state, hand
+    the model what only the model can judge, and fold its counters into the server's."""
+    endpoints: frozenset[int]           # model endpoint addresses the offload serves
+
+    def attach(self, fds: dict[int, int], counters: "FfsCounters", on_gone: Callable[[], None]) -> None: ...
+    def fileno(self) -> int: ...
+    def set_enabled(self, on: bool, max_packet: dict[int, int]) -> None: ...
+    def service(self) -> float | None: ...     # seconds until it wants another call, or None
+    def close(self) -> None: ...
 
 
 class LayoutError(GadgetError):
@@ -373,6 +388,7 @@ class _Endpoint:
     done: dict[int, bytes | None] = field(default_factory=dict)
     retry_at: float = 0.0           # OUT: the model NAKed; offer again at this time
     halt_pending: bool = False      # IN: halt once the queue is empty (UDCs refuse otherwise)
+    offloaded: bool = False         # its data moves through the DataOffload, not the loop
 
     @property
     def name(self) -> str:
@@ -410,8 +426,9 @@ class FfsServer:
                  on_gone: Callable[[], None] | None = None,
                  io_size: int = IO_SIZE, bulk_depth: int = BULK_DEPTH,
                  idle_wait: float = IDLE_WAIT, no_answer_hold: float = NO_ANSWER_HOLD,
-                 io_nice: int | None = IO_NICE):
+                 io_nice: int | None = IO_NICE, offload: DataOffload | None = None):
         self.model = model
+        self.offload = offload
         self.mount = Path(mount)
         self.plan = plan
         self.zlp_types = zlp_types
@@ -432,6 +449,9 @@ class FfsServer:
         self._eps = [_Endpoint(s, self.mount / f"ep{i + 1}", bulk_depth if s.type is EpType.BULK else 1)
                      for i, s in enumerate(plan.slots)]
         self._real = [e for e in self._eps if not e.slot.filler]
+        for e in self._real:
+            e.offloaded = offload is not None and e.slot.address in offload.endpoints
+        self._offload_wait: float | None = None
         self._gone_reported = False
         self.model.set_notify(self._notify)
 
@@ -457,6 +477,9 @@ class FfsServer:
             ep.fd = os.open(ep.path, os.O_RDWR | os.O_NONBLOCK)
         self._aio = AioContext()
         self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        if self.offload is not None:
+            self.offload.attach({e.slot.address: e.fd for e in self._real if e.offloaded}, self.counters,
+                                self._gone)
 
     def add_reader(self, fd: int, fn: Callable[[], None]) -> None:
         """Call fn() from the server's loop whenever fd is readable."""
@@ -479,6 +502,8 @@ class FfsServer:
         return True
 
     def close(self) -> None:
+        if self.offload is not None:
+            self.offload.close()        # stops its thread and cancels its transfers
         if self._aio is not None:
             self._aio.close()           # cancels and waits for what is still queued
             self._aio = None
@@ -518,6 +543,9 @@ class FfsServer:
         assert self._aio is not None
         poller = select.poll()
         fixed = {self._aio.efd, self._wakefd}
+        offload_fd = self.offload.fileno() if self.offload is not None else -1
+        if offload_fd >= 0:
+            fixed.add(offload_fd)
         for fd in fixed:
             poller.register(fd, select.POLLIN)
         watching: set[int] = set()
@@ -546,9 +574,14 @@ class FfsServer:
                     self._readers[fd]()
             self._deferred()
             self._refill()
+            if self.offload is not None:
+                # every pass: ep0 may just have changed what the offload has to know
+                self._offload_wait = self.offload.service()
 
     def _timeout_ms(self) -> int:
         t = self.idle_wait
+        if self._offload_wait is not None:
+            t = min(t, self._offload_wait)
         now = time.monotonic()
         if self._ep0_hold is not None:
             t = min(t, self._ep0_hold[0] - now)
@@ -599,10 +632,14 @@ class FfsServer:
         elif kind == EV_ENABLE:
             self._learn_endpoints()
             self.enabled.set()
+            if self.offload is not None:
+                self.offload.set_enabled(True, {e.slot.address: e.max_packet for e in self._real if e.offloaded})
             # The UDC consumed SET_CONFIGURATION; the model still hears about it (it clears halts).
             self._tell_model(Setup(0x00, 0x09, 1, 0, 0))
         elif kind in (EV_DISABLE, EV_UNBIND):
             self.enabled.clear()
+            if self.offload is not None:
+                self.offload.set_enabled(False, {})
 
     def _learn_endpoints(self) -> None:
         for ep in self._real:
@@ -695,6 +732,8 @@ class FfsServer:
         if not self.enabled.is_set() or self._aio is None:
             return
         for ep in self._real:
+            if ep.offloaded:
+                continue
             try:
                 if ep.slot.is_in:
                     self._refill_in(ep)
@@ -822,8 +861,10 @@ class ModelGadget:
             g.host_device      # /sys/bus/usb/devices/<n>-1, enumerated and configured
     """
 
-    def __init__(self, model: UsbDeviceModel, config: GadgetConfig | None = None):
+    def __init__(self, model: UsbDeviceModel, config: GadgetConfig | None = None,
+                 offload: DataOffload | None = None):
         self.model = model
+        self.offload = offload
         self.cfg = config or GadgetConfig()
         info = model.info
         self.plan = plan_function(info.interfaces, info.product or self.cfg.name, self.cfg.layout)
@@ -843,7 +884,7 @@ class ModelGadget:
             _run(["mount", "-t", "functionfs", self.cfg.name, str(self.mount)], "mounting functionfs")
             self._mounted = True
             self.server = FfsServer(self.model, self.mount, self.plan, zlp_types=self.cfg.zlp_types,
-                                    on_gone=lambda: self.gadget.soft_connect(False))
+                                    on_gone=lambda: self.gadget.soft_connect(False), offload=self.offload)
             self.server.open()
             self.server.start()
             self.gadget.bind(udc)

@@ -768,6 +768,15 @@ class PegasusModel:
         return self._link_up
 
     @property
+    def link_mode(self) -> tuple[int, bool]:
+        """(speed in Mbit/s, full duplex) of the link partner."""
+        return self._link_speed, self._link_full
+
+    @property
+    def tx_held(self) -> bool:
+        return self._hold_tx
+
+    @property
     def rx_pending(self) -> int:
         return len(self._rx)
 
@@ -782,6 +791,14 @@ class PegasusModel:
     @property
     def unplugged(self) -> bool:
         return self._unplugged
+
+    def count(self, deltas: dict[str, int]) -> None:
+        """Add to the counters what an external data path moved for this device (the C pump that
+        serves the model over FunctionFS judges bulk transfers itself, by these rules)."""
+        with self._lock:
+            c = self.counters
+            for name, n in deltas.items():
+                setattr(c, name, getattr(c, name) + n)
 
     # =========================================================================================
     # fault knobs
