@@ -190,6 +190,11 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"missed {st['rx_missed']}, dropped {st['rx_dropped'] or 0}")
     print(f"  tx {st['tx_packets']} packets {st['tx_bytes']} bytes, errors {st['tx_errors']}, "
           f"dropped {st['tx_dropped'] or 0}, journal {st['tx_journal']}")
+    gro = st.get("rx_coalesce")
+    if gro:
+        print(f"  rx coalescing {'on' if gro['on'] else 'off'}: {gro['segments']} segments in "
+              f"{gro['super_frames']} super-frames, {gro['bad_checksum']} bad checksums left alone, "
+              f"{gro['refused']} refused by the TAP")
     print(f"  recoveries {st['recoveries']}, escalations {st['escalations']}, restarts {st['restarts']}")
     print(f"  last fault: {st['last_fault'] or 'none'}")
     for rec in st["recent_recoveries"][-5:]:
