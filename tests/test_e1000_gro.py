@@ -342,3 +342,30 @@ def test_off_without_a_vnet_header():
         transport.close()
         a.close()
         b.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating a TAP needs root")
+def test_the_kernel_tap_takes_a_super_frame():
+    """The host kernel accepts what the ring writes: one packet of the whole length, no drop."""
+    from udrv.tap import Tap
+    tap = Tap(f"ugro{os.getpid() % 100000}", offloads={"csum", "tso4"})
+    model = E1000Model("82540em")
+    transport = ModelPciTransport(model)
+    nic = Nic(E1000Native, transport, tap.write, NicOptions(n_rx=64, n_tx=8))
+    stat = lambda k: int(open(f"/sys/class/net/{tap.name}/statistics/{k}").read())  # noqa: E731
+    try:
+        tap.set_up(True)
+        nic.bring_up()
+        nic.open()
+        assert nic.engine._r.tap_fd == tap.fd and nic.engine._r.tap_vnet_hdr == 12
+        sent = stream(30)
+        for f in sent:
+            model.wire_receive(f)
+        nic.poll(0.0)
+        assert nic.status()["rx_coalesce"]["super_frames"] == 1
+        assert (stat("rx_packets"), stat("rx_bytes"), stat("rx_dropped")) == (1, 66 + 30 * MSS, 0)
+        assert nic.status()["rx_coalesce"]["refused"] == 0
+    finally:
+        nic.close()
+        transport.close()
+        tap.close()

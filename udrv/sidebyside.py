@@ -621,6 +621,7 @@ def guest_main(cfg: GuestConfig, out: Path) -> int:
                 case["_startup_s"] = d.startup_s
                 case["_status"] = {k: st[k] for k in ("implementation", "recoveries", "escalations", "tx_dropped",
                                                      "rx_dropped", "rx_missed", "tx_journal")}
+                case["_status"]["rx_coalesce"] = st.get("rx_coalesce")   # the whole run's counts
                 report["cases"][f"udrv_{impl}"] = case
                 save()
                 kernel = report["cases"]["kernel"]
@@ -874,6 +875,12 @@ def render_report(result: dict) -> str:
         if rat.get(n):
             L.append(f"- {cases[n].get('_label', n)}: udrv/kernel = "
                      + ", ".join(f"{m} {v:.3f}" for m, v in rat[n].items()) + " (target >= 0.9)")
+        gro = cases[n].get("_status", {}).get("rx_coalesce")
+        if gro and gro.get("super_frames"):
+            L.append(f"- {cases[n].get('_label', n)}, RX coalescing over all measurements: {gro['segments']} TCP "
+                     f"segments written as {gro['super_frames']} GSO super-frames "
+                     f"({gro['segments'] / gro['super_frames']:.1f} per super-frame), "
+                     f"{gro['bad_checksum']} bad checksums left alone, {gro['refused']} refused by the TAP")
     L.append("")
     if any(v < 1 for r in rat.values() for v in r.values()):
         L += render_where_time_goes(result)
