@@ -83,7 +83,7 @@ struct e1000_ring {
     uint32_t tap_vnet_hdr;          /* bytes of zeroed virtio-net header before each frame written */
     uint32_t hw_offloads;           /* E1000R_OFF_* */
     uint32_t python_entry;          /* e1000_tx_fill stopped at a frame Python must handle */
-    uint32_t rx_coalesce;           /* merge TCP/IPv4 segments into GSO super-frames (needs a
+    uint32_t rx_coalesce;           /* merge TCP segments into GSO super-frames (needs a
                                      * TAP with a virtio-net header, tap_vnet_hdr >= 10) */
     /* indices (Python reads and sets them between calls) */
     uint32_t rx_next, rx_tail, tx_next, tx_clean;
@@ -109,7 +109,7 @@ void e1000_ring_clean(struct e1000_ring *r);
 /* RX: harvest up to `budget` DD descriptors (0 = up to n_rx - 1) from rx_next, deliver good
  * frames (to tap_fd, or packed as u32 length + bytes into out[0..out_cap) when tap_fd < 0;
  * *out_used = bytes used), re-arm each, and check the never-armed descriptor at rx_tail.
- * With rx_coalesce and a vnet-header TAP, consecutive in-order TCP/IPv4 segments of one flow
+ * With rx_coalesce and a vnet-header TAP, consecutive in-order TCP segments (IPv4/IPv6) of one flow
  * within the call go out as one GSO super-frame (the kernel's GRO, done here: see
  * e1000_ring.c, "RX coalescing"); nothing is held across calls.
  * Returns descriptors harvested; rx_next/rx_tail are updated: Python writes RDT = rx_tail

@@ -135,7 +135,7 @@ def unfold(got: list[tuple[bytes, bytes]]) -> tuple[list[bytes], list[int]]:
             sizes.append(1)
             continue
         h = offload.VnetHdr.parse(hdr)
-        assert h.gso_type == offload.GSO_TCPV4 and h.needs_csum
+        assert h.gso_type in (offload.GSO_TCPV4, offload.GSO_TCPV6) and h.needs_csum
         segs = offload.resolve(h, f)
         frames += segs
         sizes.append(len(segs))
@@ -344,6 +344,52 @@ def test_off_without_a_vnet_header():
         b.close()
 
 
+SRC6, DST6 = bytes.fromhex("fd000000000000000000000000000001"), bytes.fromhex("fd000000000000000000000000000002")
+
+
+def tcp6(seq: int, payload: bytes, *, flags: int = ACK, hop: int = 64, opts: bytes = TS,
+         next_header: int = 6) -> bytes:
+    thl = 20 + len(opts)
+    th = bytearray(struct.pack("!HHIIBBHHH", 40000, 5201, seq & 0xFFFFFFFF, 7777, (thl // 4) << 4, flags,
+                               502, 0, 0) + opts)
+    seg = bytes(th) + payload
+    th[16:18] = (~csum(SRC6 + DST6 + struct.pack("!IxxxB", len(seg), 6) + seg) & 0xFFFF).to_bytes(2, "big")
+    ip = struct.pack("!IHBB16s16s", 6 << 28 | 0x12345, len(seg), next_header, hop, SRC6, DST6)
+    return MODEL_MAC + PEER + b"\x86\xdd" + ip + bytes(th) + payload
+
+
+def stream6(n: int, seq0: int = 3_000_000, size: int = MSS - 20) -> list[bytes]:
+    return [tcp6(seq0 + k * size, bytes((k + i) & 0xFF for i in range(size)),
+                 flags=ACK | (PSH if k == n - 1 else 0)) for k in range(n)]
+
+
+def test_ipv6_stream_is_one_super_frame(rig):
+    sent = stream6(20)
+    got = rig.receive(sent)
+    frames, sizes = unfold(got)
+    assert frames == sent and sizes == [20]
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_off = struct.unpack_from("<BBHHHH", got[0][0])
+    assert (flags, gso_type, hdr_len, gso_size, csum_start, csum_off) == (1, 4, 86, MSS - 20, 54, 16)
+    assert int.from_bytes(got[0][1][18:20], "big") == 32 + 20 * (MSS - 20)
+
+
+def test_ipv6_hop_limit_change_and_bad_checksum_split(rig):
+    s = stream6(8)
+    hop = tcp6(3_000_000 + 2 * (MSS - 20), s[2][86:], hop=63)
+    bad = bytearray(s[5])
+    bad[-1] ^= 0xFF
+    sent = s[:2] + [hop] + s[3:5] + [bytes(bad)] + s[6:]
+    got = rig.receive(sent)
+    frames, sizes = unfold(got)
+    assert frames == sent and sizes == [2, 1, 2, 1, 2]
+    assert got[3] == (bytes(12), bytes(bad)) and rig.counts()["bad_checksum"] == 1
+
+
+def test_ipv6_extension_headers_are_not_merged(rig):
+    sent = [tcp6(3_000_000 + k * 1000, bytes(1000), next_header=0) for k in range(3)]   # hop-by-hop
+    assert rig.receive(sent) == [(bytes(12), f) for f in sent]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="creating a TAP needs root")
 def test_the_kernel_tap_takes_a_super_frame():
     """The host kernel accepts what the ring writes: one packet of the whole length, no drop."""
@@ -364,7 +410,12 @@ def test_the_kernel_tap_takes_a_super_frame():
         nic.poll(0.0)
         assert nic.status()["rx_coalesce"]["super_frames"] == 1
         assert (stat("rx_packets"), stat("rx_bytes"), stat("rx_dropped")) == (1, 66 + 30 * MSS, 0)
-        assert nic.status()["rx_coalesce"]["refused"] == 0
+        for f in stream6(20):
+            model.wire_receive(f)
+        nic.poll(0.0)
+        assert (stat("rx_packets"), stat("rx_dropped")) == (2, 0)
+        assert stat("rx_bytes") == 66 + 30 * MSS + 86 + 20 * (MSS - 20)
+        assert nic.status()["rx_coalesce"]["refused"] == 0 and nic.status()["rx_coalesce"]["super_frames"] == 2
     finally:
         nic.close()
         transport.close()
