@@ -273,6 +273,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .sidebyside import FAULTS, BenchOptions, run_bench
         return run_bench(BenchOptions(out=Path(args.out), model=args.model, seconds=args.seconds,
                                       rounds=args.bench_rounds, python_ring=not args.no_python_ring,
+                                      no_coalesce=args.compare_no_coalesce,
                                       profile=not args.no_profile, repeats=args.repeats,
                                       faults=tuple(args.fault or FAULTS), smp=args.smp))
     if args.what == "guard":
@@ -386,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--smp", type=int, default=1, help="e1000: guest vCPUs (the reference baselines use 1)")
     b.add_argument("--no-python-ring", action="store_true", help="e1000: skip the Python ring")
     b.add_argument("--no-profile", action="store_true", help="e1000: skip the py-spy pass")
+    b.add_argument("--compare-no-coalesce", action="store_true",
+                   help="e1000: also run the C ring with RX coalescing off (same guest boot)")
     b.set_defaults(fn=cmd_bench)
     return p
 

@@ -103,14 +103,17 @@ class Daemon:
         t = time.monotonic()
         next_link, next_sync, next_tx = t + self.timers.link_check, t + self.timers.host_sync, t
         nic, tap = self.nic, self.tap
+        busy = False
         while self.running:
             now = time.monotonic()
             if end is not None and now >= end:
                 break
             wait = min(next_link, next_sync, next_tx) - now
             if not self._transport_fds:
-                # a polled device (PCI without interrupts): look at its rings every millisecond
-                wait = min(wait, self.timers.device_poll)
+                # a polled device (PCI without interrupts): look at its rings every millisecond,
+                # at once while the last look found work (frames keep coming: sleeping would
+                # leave the CPU idle while the device fills the ring)
+                wait = min(wait, 0 if busy else self.timers.device_poll)
             events = p.poll(max(0, math.ceil(wait * 1000)))
             for fd, _ev in events:
                 if fd == tap.fd:
@@ -126,9 +129,10 @@ class Daemon:
                     self._serve_control()
                 elif fd in self.extra_fds:
                     self.extra_fds[fd]()
+            busy = False
             if nic.state == "up":
                 nic.xmit()
-                nic.poll(0.0)
+                busy = nic.poll(0.0) > 0
                 nic.xmit()
             if nic.state != state:
                 state = nic.state
