@@ -248,6 +248,21 @@ def test_bad_tcp_checksum_reaches_the_host_unchanged(rig):
     assert rig.counts()["bad_checksum"] == 1
 
 
+
+@pytest.mark.parametrize("last", [1, 2, 3, 5, 7, 9, 31, 33, 999, 1001, 1447])
+def test_checksums_of_every_length_tail(rig, last):
+    """The last segment's length leaves every possible tail for the checksum code: a right
+    checksum merges, a wrong one (in the last byte) does not."""
+    s = stream(3, psh=False)
+    tail = tcp4(1_000_000 + 3 * MSS, bytes((7 * i + last) & 0xFF for i in range(last)), ip_id=103)
+    frames, sizes = unfold(rig.receive(s + [tail]))
+    assert frames == s + [tail] and sizes == [4]
+    bad = bytearray(tcp4(1_000_000 + 3 * MSS + last + 10 * MSS, bytes(last), ip_id=104))
+    bad[-1] ^= 0x5A
+    s2 = stream(2, seq0=1_000_000 + 3 * MSS + last + 8 * MSS, id0=102, psh=False)
+    assert unfold(rig.receive(s2 + [bytes(bad)])) == (s2 + [bytes(bad)], [2, 1])
+
+
 def test_bad_ipv4_header_checksum_is_not_merged(rig):
     s = stream(5)
     bad = bytearray(s[2])
