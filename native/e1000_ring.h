@@ -68,6 +68,10 @@ struct e1000_ring_stats {
     uint64_t tx_errors[E1000R_TX_NREASONS];
     uint64_t tap_write_errors;
     uint64_t tx_offload_csum, tx_offload_tso;   /* journal frames the chip checksummed / segmented */
+    /* RX coalescing (rx_coalesce): TCP segments written inside super-frames, super-frames
+     * written, frames not merged because a checksum (IPv4 header or TCP) was wrong,
+     * super-frames the TAP refused (coalescing then turns itself off) */
+    uint64_t rx_coalesced, rx_super, rx_csum_bad, rx_super_refused;
 };
 
 struct e1000_ring {
@@ -79,6 +83,8 @@ struct e1000_ring {
     uint32_t tap_vnet_hdr;          /* bytes of zeroed virtio-net header before each frame written */
     uint32_t hw_offloads;           /* E1000R_OFF_* */
     uint32_t python_entry;          /* e1000_tx_fill stopped at a frame Python must handle */
+    uint32_t rx_coalesce;           /* merge TCP segments into GSO super-frames (needs a
+                                     * TAP with a virtio-net header, tap_vnet_hdr >= 10) */
     /* indices (Python reads and sets them between calls) */
     uint32_t rx_next, rx_tail, tx_next, tx_clean;
     uint32_t rx_discard;            /* inside a frame longer than one buffer: drop through EOP */
@@ -103,6 +109,9 @@ void e1000_ring_clean(struct e1000_ring *r);
 /* RX: harvest up to `budget` DD descriptors (0 = up to n_rx - 1) from rx_next, deliver good
  * frames (to tap_fd, or packed as u32 length + bytes into out[0..out_cap) when tap_fd < 0;
  * *out_used = bytes used), re-arm each, and check the never-armed descriptor at rx_tail.
+ * With rx_coalesce and a vnet-header TAP, consecutive in-order TCP segments (IPv4/IPv6) of one flow
+ * within the call go out as one GSO super-frame (the kernel's GRO, done here: see
+ * e1000_ring.c, "RX coalescing"); nothing is held across calls.
  * Returns descriptors harvested; rx_next/rx_tail are updated: Python writes RDT = rx_tail
  * when the result is > 0. */
 int e1000_rx_harvest(struct e1000_ring *r, uint32_t budget, uint8_t *out, uint32_t out_cap,

@@ -193,6 +193,11 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"missed {st['rx_missed']}, dropped {st['rx_dropped'] or 0}")
     print(f"  tx {st['tx_packets']} packets {st['tx_bytes']} bytes, errors {st['tx_errors']}, "
           f"dropped {st['tx_dropped'] or 0}, journal {st['tx_journal']}")
+    gro = st.get("rx_coalesce")
+    if gro:
+        print(f"  rx coalescing {'on' if gro['on'] else 'off'}: {gro['segments']} segments in "
+              f"{gro['super_frames']} super-frames, {gro['bad_checksum']} bad checksums left alone, "
+              f"{gro['refused']} refused by the TAP")
     print(f"  recoveries {st['recoveries']}, escalations {st['escalations']}, restarts {st['restarts']}")
     print(f"  last fault: {st['last_fault'] or 'none'}")
     for rec in st["recent_recoveries"][-5:]:
@@ -277,6 +282,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .sidebyside import FAULTS, BenchOptions, run_bench
         return run_bench(BenchOptions(out=Path(args.out), model=args.model, seconds=args.seconds,
                                       rounds=args.bench_rounds, python_ring=not args.no_python_ring,
+                                      no_coalesce=args.compare_no_coalesce,
                                       profile=not args.no_profile, repeats=args.repeats,
                                       faults=tuple(args.fault or FAULTS), smp=args.smp or 1))
     if args.what == "guard":
@@ -397,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "devices, whose gadget runs in the same guest)")
     b.add_argument("--no-python-ring", action="store_true", help="e1000: skip the Python ring")
     b.add_argument("--no-profile", action="store_true", help="e1000: skip the py-spy pass")
+    b.add_argument("--compare-no-coalesce", action="store_true",
+                   help="e1000: also run the C ring with RX coalescing off (same guest boot)")
     b.set_defaults(fn=cmd_bench)
     return p
 

@@ -108,6 +108,7 @@ class Daemon:
         t = time.monotonic()
         next_link, next_sync, next_tx = t + self.timers.link_check, t + self.timers.host_sync, t
         nic, tap = self.nic, self.tap
+        busy = False
         while self.running:
             now = time.monotonic()
             if end is not None and now >= end:
@@ -121,8 +122,10 @@ class Daemon:
                 events = p.poll(0)
             else:
                 if not self._transport_fds:
-                    # a polled device (PCI without interrupts): look at its rings every millisecond
-                    wait = min(wait, self.timers.device_poll)
+                    # a polled device (PCI without interrupts): look at its rings every millisecond,
+                    # at once while the last look found work (frames keep coming: sleeping would
+                    # leave the CPU idle while the device fills the ring)
+                    wait = min(wait, 0 if busy else self.timers.device_poll)
                 events = p.poll(max(0, math.ceil(wait * 1000)))
             for fd, _ev in events:
                 if fd == tap.fd:
@@ -138,11 +141,12 @@ class Daemon:
                     self._serve_control()
                 elif fd in self.extra_fds:
                     self.extra_fds[fd]()
+            busy = False
             if in_c and nic.state == "up":
                 nic.xmit()                    # the xmit entry point (and faults armed for it)
             elif nic.state == "up":
                 nic.xmit()
-                nic.poll(0.0)
+                busy = nic.poll(0.0) > 0
                 nic.xmit()
             if nic.state != state:
                 state = nic.state

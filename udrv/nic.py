@@ -500,6 +500,9 @@ class Nic:
             "last_fault": self.last_error,
             "last_recovery": self.recoveries[-1].as_dict() if self.recoveries else None,
             "driver_stats": st.extra,
+            # RX coalescing (GRO in the driver), when the datapath does it
+            "rx_coalesce": (self.engine.rx_coalesce_counts()
+                            if hasattr(self.engine, "rx_coalesce_counts") else None),
         }
 
     def close(self) -> None:

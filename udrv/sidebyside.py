@@ -224,6 +224,7 @@ class GuestConfig:
     seconds: float = 5.0             # per iperf3 measurement
     rounds: int = 1                  # measurements per case (median reported)
     python_ring: bool = True
+    no_coalesce: bool = False        # also the C ring with RX coalescing off (UDRV_RX_COALESCE=0)
     profile: bool = True             # py-spy pass when udrv is slower than the kernel
     repeats: int = 5                 # injections per fault type and recovery mode
     faults: tuple[str, ...] = FAULTS
@@ -358,12 +359,13 @@ def udrv_cli(*args: str) -> str:
 class GuestDaemon:
     """A udrv daemon for pci:BDF in a child process (the runner below = `udrv run` + choices)."""
 
-    def __init__(self, bdf: str, ifname: str, impl: str, recovery: str, log: Path, duration: float = 1800):
+    def __init__(self, bdf: str, ifname: str, impl: str, recovery: str, log: Path, duration: float = 1800,
+                 env: dict[str, str] | None = None):
         self.ifname, self.impl, self.recovery, self.log = ifname, impl, recovery, log
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "udrv.sidebyside", "daemon", f"pci:{bdf}", "--ifname", ifname, "--impl", impl,
              "--recovery", recovery, "--duration", str(duration)],
-            stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO)
+            stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})})
         self.startup_s = 0.0
 
     def wait_up(self) -> "GuestDaemon":
@@ -609,23 +611,28 @@ def guest_main(cfg: GuestConfig, out: Path) -> int:
 
         report["stage"] = "bind"
         report["bind"] = udrv_cli("bind", bdf).strip()
-        impls = ["c"] + (["python"] if cfg.python_ring else [])
+        impls = ["c"] + (["c-nocoalesce"] if cfg.no_coalesce else []) + (["python"] if cfg.python_ring else [])
         for impl in impls:
             report["stage"] = f"udrv {impl}"
-            d = GuestDaemon(bdf, cfg.ifname, impl, "checkpoint", logs / f"udrv-{impl}.log").wait_up()
+            env = {"UDRV_RX_COALESCE": "0"} if impl == "c-nocoalesce" else None
+            d = GuestDaemon(bdf, cfg.ifname, impl.split("-")[0], "checkpoint", logs / f"udrv-{impl}.log",
+                            env=env).wait_up()
             try:
                 configure_ip(cfg, cfg.ifname)
                 case: dict[str, Any] = {name: measure(cfg, name, cfg.ifname, d.pid) for name in MEASUREMENTS}
                 st = d.status()
                 case["_label"] = IMPL_LABELS.get(st["implementation"], f"udrv {st['implementation']}")
+                if env:
+                    case["_label"] += ", RX coalescing off"
                 case["_startup_s"] = d.startup_s
                 case["_status"] = {k: st[k] for k in ("implementation", "recoveries", "escalations", "tx_dropped",
                                                      "rx_dropped", "rx_missed", "tx_journal")}
+                case["_status"]["rx_coalesce"] = st.get("rx_coalesce")   # the whole run's counts
                 report["cases"][f"udrv_{impl}"] = case
                 save()
                 kernel = report["cases"]["kernel"]
                 slower = [n for n in ("tcp_tx", "tcp_rx") if case[n]["value"] < kernel[n]["value"]]
-                if cfg.profile and slower:
+                if cfg.profile and slower and not env:
                     report["stage"] = f"profile {impl}"
                     prof = {}
                     for n in slower:
@@ -719,6 +726,7 @@ class BenchOptions:
     seconds: float = 5.0
     rounds: int = 1
     python_ring: bool = True
+    no_coalesce: bool = False
     profile: bool = True
     repeats: int = 10
     faults: tuple[str, ...] = FAULTS
@@ -751,7 +759,8 @@ def run_bench(opts: BenchOptions) -> int:
     xfer.mkdir(parents=True, exist_ok=True)
     plan = PeerPlan.unique("sbs")
     cfg = GuestConfig(model=opts.model, host_ip=plan.host_ip, guest_ip=plan.guest_ip, prefix=plan.prefix,
-                      seconds=opts.seconds, rounds=opts.rounds, python_ring=opts.python_ring, profile=opts.profile,
+                      seconds=opts.seconds, rounds=opts.rounds, python_ring=opts.python_ring,
+                      no_coalesce=opts.no_coalesce, profile=opts.profile,
                       repeats=opts.repeats, faults=tuple(opts.faults))
     cfg_path, res_path = xfer / "config.json", xfer / "result.json"
     cfg_path.write_text(json.dumps(asdict(cfg)))
@@ -874,6 +883,12 @@ def render_report(result: dict) -> str:
         if rat.get(n):
             L.append(f"- {cases[n].get('_label', n)}: udrv/kernel = "
                      + ", ".join(f"{m} {v:.3f}" for m, v in rat[n].items()) + " (target >= 0.9)")
+        gro = cases[n].get("_status", {}).get("rx_coalesce")
+        if gro and gro.get("super_frames"):
+            L.append(f"- {cases[n].get('_label', n)}, RX coalescing over all measurements: {gro['segments']} TCP "
+                     f"segments written as {gro['super_frames']} GSO super-frames "
+                     f"({gro['segments'] / gro['super_frames']:.1f} per super-frame), "
+                     f"{gro['bad_checksum']} bad checksums left alone, {gro['refused']} refused by the TAP")
     L.append("")
     if any(v < 1 for r in rat.values() for v in r.values()):
         L += render_where_time_goes(result)
