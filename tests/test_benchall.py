@@ -63,6 +63,22 @@ def test_pegasus_rows_pair_each_udrv_run_with_the_kernel_run_of_the_same_directi
     assert rows[0].met and not rows[1].met          # pegasus must beat the kernel: target 1.0
 
 
+def test_a_rate_test_where_both_drivers_carry_all_that_was_offered_gives_no_verdict():
+    runs = [{"path": "pegasus.ko", "direction": "UDP 60B host->peer", "mbit_s": 2990.0},
+            {"path": "pegasus.ko", "direction": "UDP 60B peer->host", "mbit_s": 2100.0},
+            {"path": "udrv", "direction": "UDP 60B host->peer", "mbit_s": 2980.0},
+            {"path": "udrv", "direction": "UDP 60B peer->host", "mbit_s": 2900.0}]
+    capped, found = pegasus_rows({"runs": runs}, offered_pps=3000)
+    assert capped.saturated_by_offer and "no limit found" in capped.verdict and not capped.met
+    assert not found.saturated_by_offer and found.verdict == "met"      # the kernel fell short of the offer
+
+
+def test_cdc_ecm_kernel_reference_is_the_mean_of_the_runs_before_and_after_udrv():
+    rows = cdc_ecm_rows({"kernel": {"tx": 100.0, "rx": 200.0}, "kernel_after": {"tx": 300.0, "rx": 200.0},
+                         "native": {"tx": 180.0, "rx": 100.0}})
+    assert [(r.kernel, round(r.ratio, 2)) for r in rows] == [(200.0, 0.9), (200.0, 0.5)]
+
+
 def test_report_and_chart_from_all_three_and_a_failed_device(tmp_path: Path):
     e = DeviceResult("e1000", rows=e1000_rows(e1000_result()), raw=e1000_result(), guest_seconds=300)
     c = DeviceResult("cdc_ecm", rows=cdc_ecm_rows({"kernel": {"tx": 500.0, "rx": 400.0},
