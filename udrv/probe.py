@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 @dataclass
 class ProbeResult:
     sent: int = 0
-    received: int = 0
+    received: int = 0            # distinct probes answered
+    duplicates: int = 0          # answers to a probe already answered (a re-issued frame the device had sent)
     max_gap_ms: float = 0.0
     gaps_over_5ms: list[tuple[float, float]] = field(default_factory=list)  # (at, gap ms)
 
@@ -69,6 +70,7 @@ class GapProbe:
         self.times = data["times"]
         self.result.sent = data["sent"]
         self.result.received = len(self.times)
+        self.result.duplicates = data.get("duplicates", 0)
         for a, b in zip(self.times, self.times[1:]):
             gap = (b - a) * 1000
             self.result.max_gap_ms = max(self.result.max_gap_ms, gap)
@@ -81,7 +83,9 @@ def _probe_main(host: str, port: int, interval: float) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.settimeout(0.1)
     stop = threading.Event()
-    times: list[float] = []
+    times: list[float] = []          # arrival of the first answer to each probe
+    answered: set[int] = set()
+    duplicates = 0
     sent = [0]
 
     def sender() -> None:
@@ -107,11 +111,17 @@ def _probe_main(host: str, port: int, interval: float) -> None:
     threading.Thread(target=sender, daemon=True).start()
     while not stop.is_set():
         try:
-            sock.recv(64)
+            data = sock.recv(64)
         except (socket.timeout, OSError):
             continue
+        seq = struct.unpack("!Q", data[:8])[0] if len(data) >= 8 else -1
+        if seq in answered:
+            # at-least-once: a frame re-issued after a recovery that the device had already sent
+            duplicates += 1
+            continue
+        answered.add(seq)
         times.append(time.monotonic())
-    print(json.dumps({"sent": sent[0], "times": times}), flush=True)
+    print(json.dumps({"sent": sent[0], "times": times, "duplicates": duplicates}), flush=True)
 
 
 if __name__ == "__main__":

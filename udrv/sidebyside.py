@@ -574,6 +574,7 @@ def recovery_run(cfg: GuestConfig, daemon: GuestDaemon) -> dict:
         gaps.setdefault(f, []).append(round(probe.max_gap_ms(t, t + spacing * 0.9), 2))
     return {
         "mode": mode, "impl": daemon.impl, "sent": res.sent, "received": res.received,
+        "duplicates": res.duplicates,
         "baseline_gap_ms": round(probe.max_gap_ms(*base), 2), "gaps_ms": gaps, "per_fault": per_fault,
         "spacing_s": {f: spacing_for(mode, f.split(":")[0]) for f in plan},
         "recoveries": st["recoveries"], "escalations": st["escalations"], "restarts": st["restarts"],
@@ -993,7 +994,8 @@ def render_recovery(result: dict) -> list[str]:
         if r:
             lost = r["sent"] - r["received"]
             L.append(f"- {r['mode']}: baseline (no fault) largest gap {r['baseline_gap_ms']:.1f} ms; probe "
-                     f"{r['received']}/{r['sent']} answered ({lost} lost); recoveries {r['recoveries']}, "
+                     f"{r['received']}/{r['sent']} answered ({lost} lost, {r.get('duplicates', '?')} answered twice: "
+                     f"frames re-issued after a recovery that the device had already sent); recoveries {r['recoveries']}, "
                      f"escalations {r['escalations']}, restarts {r['restarts']}, implementation at the end "
                      f"{r['implementation']}")
     L.append("")
