@@ -97,6 +97,35 @@ def reachable() -> bool:
     return subprocess.run(["busybox", "ping", "-c", "1", "-W", "1", PEER_IP], capture_output=True).returncode == 0
 
 
+def diagnostics() -> str:
+    """What the links looked like when the peer did not answer (one line per command)."""
+    out = []
+    for cmd in (["ip", "-br", "link"], ["ip", "-br", "addr"], ["ip", "neigh"], ["ip", "-n", NS, "-br", "addr"],
+                ["ip", "-n", NS, "-s", "-br", "link"], ["dmesg"]):
+        try:
+            text = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
+        except (OSError, subprocess.TimeoutExpired) as e:
+            text = [str(e)]
+        out.append(f"{' '.join(cmd)}: " + " | ".join(text[-6:]))
+    return "\n".join(out)
+
+
+def wait_reachable(what: str, ifname: str) -> None:
+    """Wait for the peer to answer; once, bounce the host interface (a first ARP lost while the
+    gadget's carrier was still coming up is not retried for seconds); then fail with the links."""
+    try:
+        wait(reachable, 10, what)
+        return
+    except RuntimeError:
+        pass
+    sh("ip", "link", "set", ifname, "down")
+    sh("ip", "link", "set", ifname, "up")
+    try:
+        wait(reachable, 20, what)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}\n{diagnostics()}") from None
+
+
 def wait(pred, timeout: float, what: str) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -127,7 +156,7 @@ def guest_bench(seconds: int, out: Path) -> None:
         sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", kif)
         sh("ip", "link", "set", kif, "up")
         time.sleep(1)
-        wait(reachable, 20, "the gadget to answer through cdc_ether")
+        wait_reachable("the gadget to answer through cdc_ether", kif)
         res["kernel"], res["kernel_cpu"] = iperf_cpu(seconds, None)
         sh("ip", "addr", "flush", "dev", kif)
 
@@ -151,7 +180,7 @@ def guest_bench(seconds: int, out: Path) -> None:
                 wait(lambda: os.path.exists("/run/udrv/udrv0.sock") and p.poll() is None, 90, f"udrv ({name})")
                 sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", "udrv0")
                 time.sleep(1)
-                wait(reachable, 20, f"the gadget to answer through udrv ({name})")
+                wait_reachable(f"the gadget to answer through udrv ({name})", "udrv0")
                 res[name], res[f"{name}_cpu"] = iperf_cpu(seconds, p.pid)
             except Exception as e:
                 res[name] = {"error": f"{type(e).__name__}: {e}", "log": log.read_text()[-2000:]}
@@ -168,7 +197,7 @@ def guest_bench(seconds: int, out: Path) -> None:
         kif = interface_netdevs(dev, 0)[0]
         sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", kif)
         sh("ip", "link", "set", kif, "up")
-        wait(reachable, 20, "the gadget to answer through cdc_ether again")
+        wait_reachable("the gadget to answer through cdc_ether again", kif)
         res["kernel_after"], res["kernel_after_cpu"] = iperf_cpu(seconds, None)
     except Exception as e:
         res["error"] = f"{type(e).__name__}: {e}"
