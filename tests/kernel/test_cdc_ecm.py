@@ -94,7 +94,10 @@ def iperf(server: str, seconds: int, reverse: bool, netns: str | None) -> float:
     try:
         out = sh("iperf3", "-c", server, "-t", str(seconds), "-J", *(["-R"] if reverse else []),
                  timeout=seconds + 30)
-        return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
+        j = json.loads(out)
+        if "error" in j:
+            raise RuntimeError(f"iperf3: {j['error']}")
+        return j["end"]["sum_received"]["bits_per_second"] / 1e6
     finally:
         srv.kill()
         srv.wait()
