@@ -234,6 +234,9 @@ class CdcEcm(UsbNetDriver):
     # transfers in flight (RX, TX), as many as Linux usbnet keeps at high speed: one frame per
     # transfer, and a host controller (dummy_hcd: its timer tick) moves only what is queued
     default_rings = (64, 64)
+    # the C ring writes in-order TCP segments received together as one GSO super-frame
+    # (native/gro.h; the TAP gets a virtio-net header for it, no TX offloads)
+    coalesce_rx = True
 
     def __init__(self, usb, actions):
         super().__init__(usb, actions)

@@ -1,6 +1,7 @@
 /* e1000 legacy-descriptor rings: RX harvest, TX fill and reclaim, in memory only.
  * See e1000_ring.h for the layout and the division of work with Python (drivers/e1000.py). */
 #include "e1000_ring.h"
+#include "gro.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -136,259 +137,22 @@ static int deliver(struct e1000_ring *r, const uint8_t *frame, uint32_t len, uin
 }
 
 /* --- RX coalescing ------------------------------------------------------------------------- */
-/* The kernel's e1000 hands its TCP stack ~64 KiB GRO aggregates; a TAP write per 1500-byte
- * frame makes the host stack run once per frame instead. So within one harvest call, runs of
- * in-order TCP segments of one flow over IPv4 (no options, no fragments) or IPv6 (no
- * extension headers) (Linux GRO's rules: same addresses, ports, ack, window, options,
- * TTL/TOS/DF or hop limit/class/flow label; contiguous sequence numbers and IPv4 ids; only
- * ACK/PSH; checksums right) become one frame behind a virtio-net header asking for GSO
- * TCPV4/TCPV6: the kernel takes it as one skb and could segment it back exactly
- * (udrv.offload.resolve does). The payloads are written straight from the DMA buffers
- * (writev); the descriptors are re-armed in memory only, the device gets them back with the
- * RDT write after this call returns, and every aggregate is written before it returns. */
+/* Within one harvest call, in-order TCP segments of one flow go to the TAP as one GSO
+ * super-frame (native/gro.c). The payloads are written straight from the DMA buffers (writev);
+ * the descriptors are re-armed in memory only, the device gets them back with the RDT write
+ * after this call returns, and every aggregate is written before it returns. */
 enum {
-    GRO_MAX_SEGS = 64,
-    GRO_HDR_MAX = ETH_HLEN + 40 + 60,
     RXD_STAT_IXSM = 0x04, RXD_STAT_TCPCS = 0x20, RXD_STAT_IPCS = 0x40,
     RXD_ERR_TCPE = 0x20, RXD_ERR_IPE = 0x40,
-    TCP_FIN = 0x01, TCP_SYN = 0x02, TCP_RST = 0x04, TCP_PSH = 0x08, TCP_ACK = 0x10,
 };
 
-struct gro_seg {
-    uint32_t l3len, hlen, thl, payload, seq;   /* l3len 20: IPv4, 40: IPv6 */
-    uint16_t id;
-    uint8_t flags;
-};
-
-struct gro {
-    uint32_t n;                         /* segments held */
-    uint32_t l3len, hlen, thl, mss, payload, next_seq;
-    uint16_t next_id;
-    uint8_t flags;                      /* ACK, PSH if the last one had it */
-    int closed;                         /* a short or PSH segment ends the aggregate */
-    const uint8_t *frame[GRO_MAX_SEGS]; /* the whole frames (the first one's headers are the template) */
-    uint32_t flen[GRO_MAX_SEGS];
-    struct iovec iov[GRO_MAX_SEGS + 1]; /* [0]: vnet header + headers, then each payload */
-};
-
-static inline uint16_t rd16be(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
-static inline uint32_t rd32be(const uint8_t *p)
+/* The checksums the chip verified (IXSM: it did not look) */
+static uint32_t hw_csum_ok(uint8_t status, uint8_t errors)
 {
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-static inline void wr16be(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
-
-/* RFC 1071 sum of p[0..len) as big-endian words plus `seed`, folded, not complemented. Summed
- * as native 64-bit words with the carries kept in a 128-bit accumulator (the ones' complement
- * sum commutes with byte order: one swap at the end): 2 instructions per 8 bytes, which is
- * what makes checking every TCP segment cheap, the more so under an emulated CPU. */
-static uint32_t csum16(const uint8_t *p, uint32_t len, uint32_t seed)
-{
-    unsigned __int128 a = 0;
-    for (; len >= 32; p += 32, len -= 32) {
-        uint64_t w[4];
-        memcpy(w, p, 32);
-        a += w[0];
-        a += w[1];
-        a += w[2];
-        a += w[3];
-    }
-    for (; len >= 8; p += 8, len -= 8) {
-        uint64_t w;
-        memcpy(&w, p, 8);
-        a += w;
-    }
-    uint64_t lo = (uint64_t)a, hi = (uint64_t)(a >> 64);
-    uint64_t s = lo + hi;
-    s += s < lo;                        /* end-around carry */
-    s = (s & 0xFFFFFFFF) + (s >> 32);   /* < 2^33 */
-    if (len >= 4) {
-        uint32_t w;
-        memcpy(&w, p, 4);
-        s += w;
-        p += 4;
-        len -= 4;
-    }
-    if (len >= 2) {
-        uint16_t w;
-        memcpy(&w, p, 2);
-        s += w;
-        p += 2;
-        len -= 2;
-    }
-    if (len)
-        s += *p;                        /* the high byte of a big-endian word, swapped */
-    while (s >> 16)
-        s = (s & 0xFFFF) + (s >> 16);
-    s = ((s & 0xFF) << 8 | s >> 8) + seed;
-    while (s >> 16)
-        s = (s & 0xFFFF) + (s >> 16);
-    return (uint32_t)s;
-}
-
-/* 1: a TCP data segment (IPv4 or IPv6) that may be merged (s filled). Anything else, including a frame
- * with a wrong checksum (counted: it goes to the host unchanged and the host drops it),
- * is delivered as it is. */
-static int gro_parse(struct e1000_ring *r, const uint8_t *f, uint32_t len, uint8_t status,
-                     uint8_t errors, struct gro_seg *s)
-{
-    uint32_t l3len, l4len;              /* l4len: TCP header + payload */
-    if (len >= ETH_HLEN + 40 && f[12] == 0x08 && f[13] == 0x00 && f[14] == 0x45 && f[23] == IPPROTO_TCP) {
-        uint32_t tot = rd16be(f + 16);
-        if ((rd16be(f + 20) & 0x3FFF) || tot < 40 || ETH_HLEN + tot > len)
-            return 0;                   /* a fragment, or lengths that do not fit */
-        l3len = 20;
-        l4len = tot - 20;
-    } else if (len >= ETH_HLEN + 60 && f[12] == 0x86 && f[13] == 0xDD && f[14] >> 4 == 6
-               && f[20] == IPPROTO_TCP) {
-        l3len = 40;                     /* IPv6 without extension headers */
-        l4len = rd16be(f + 18);
-        if (ETH_HLEN + 40 + l4len > len)
-            return 0;
-    } else {
-        return 0;                       /* not TCP over IPv4 without options or plain IPv6 */
-    }
-    const uint8_t *th = f + ETH_HLEN + l3len;
-    uint32_t thl = (uint32_t)(th[12] >> 4) * 4;
-    uint8_t flags = th[13];
-    if (thl < 20 || thl >= l4len || (th[12] & 0x0F) || !(flags & TCP_ACK)
-        || (flags & ~(TCP_ACK | TCP_PSH)))
-        return 0;                       /* no payload, reserved bits, or SYN/FIN/RST/URG/ECE/CWR */
-    int hw = !(status & RXD_STAT_IXSM);
-    int ip_ok = l3len == 40 || (hw && (status & RXD_STAT_IPCS) && !(errors & RXD_ERR_IPE));
-    int tcp_ok = hw && (status & RXD_STAT_TCPCS) && !(errors & RXD_ERR_TCPE);
-    uint32_t pseudo = l3len == 20 ? csum16(f + 26, 8, IPPROTO_TCP + l4len)
-                                  : csum16(f + 22, 32, IPPROTO_TCP + l4len);
-    if ((!ip_ok && csum16(f + ETH_HLEN, 20, 0) != 0xFFFF)
-        || (!tcp_ok && csum16(th, l4len, pseudo) != 0xFFFF)) {
-        r->st.rx_csum_bad++;
+    if (status & RXD_STAT_IXSM)
         return 0;
-    }
-    s->l3len = l3len;
-    s->hlen = ETH_HLEN + l3len + thl;
-    s->thl = thl;
-    s->payload = l4len - thl;
-    s->seq = rd32be(th + 4);
-    s->id = l3len == 20 ? rd16be(f + 18) : 0;
-    s->flags = flags;
-    return 1;
-}
-
-/* Can segment s (frame f) follow the aggregate's last segment? */
-static int gro_follows(const struct gro *g, const uint8_t *f, const struct gro_seg *s)
-{
-    const uint8_t *h = g->frame[0];
-    uint32_t l3 = s->l3len;
-    const uint8_t *th = f + ETH_HLEN + l3, *gth = h + ETH_HLEN + l3;
-    if (g->closed || g->n >= GRO_MAX_SEGS || l3 != g->l3len || s->thl != g->thl || s->payload > g->mss
-        || (l3 == 20 ? 20 : 0) + g->thl + g->payload + s->payload > 0xFFFF   /* IPv4 total / IPv6 payload length */
-        || s->seq != g->next_seq || s->id != g->next_id || memcmp(f, h, ETH_HLEN))  /* MACs, EtherType */
-        return 0;
-    if (l3 == 20) {
-        if (f[15] != h[15]                                  /* TOS */
-            || memcmp(f + 20, h + 20, 4)                    /* DF, TTL, protocol */
-            || memcmp(f + 26, h + 26, 8))                   /* addresses */
-            return 0;
-    } else if (memcmp(f + 14, h + 14, 4)                    /* traffic class, flow label */
-               || memcmp(f + 20, h + 20, 34)) {             /* next header, hop limit, addresses */
-        return 0;
-    }
-    return !memcmp(th, gth, 4)                              /* ports */
-           && !memcmp(th + 8, gth + 8, 5)                   /* ack, data offset */
-           && !memcmp(th + 14, gth + 14, 2)                 /* window */
-           && !memcmp(th + 18, gth + 18, s->thl - 18);      /* urgent pointer, options */
-}
-
-static void tap_write_frame(struct e1000_ring *r, const uint8_t *frame, uint32_t len)
-{
-    deliver(r, frame, len, NULL, 0, NULL);
-}
-
-static void gro_flush(struct e1000_ring *r, struct gro *g)
-{
-    uint32_t n = g->n;
-    g->n = 0;
-    if (n == 0)
-        return;
-    if (n == 1) {                       /* nothing merged: the frame exactly as it came */
-        tap_write_frame(r, g->frame[0], g->flen[0]);
-        return;
-    }
-    /* virtio-net header (little-endian, as the TAP reads it) + the first segment's headers
-     * with the lengths, IPv4 checksum and flags of the whole; the TCP checksum field holds the
-     * pseudo-header sum over the whole length, as Linux's GSO expects for CHECKSUM_PARTIAL */
-    uint8_t buf[64 + GRO_HDR_MAX];
-    uint32_t vlen = r->tap_vnet_hdr, hlen = g->hlen, l3 = g->l3len, l4len = g->thl + g->payload;
-    uint16_t v16[4] = {(uint16_t)hlen, (uint16_t)g->mss, (uint16_t)(ETH_HLEN + l3), 16};
-    memset(buf, 0, vlen);
-    buf[0] = VNET_F_NEEDS_CSUM;
-    buf[1] = l3 == 20 ? VNET_GSO_TCPV4 : VNET_GSO_TCPV6;
-    memcpy(buf + 2, v16, sizeof v16);
-    uint8_t *h = buf + vlen;
-    memcpy(h, g->frame[0], hlen);
-    uint32_t pseudo;
-    if (l3 == 20) {
-        wr16be(h + 16, (uint16_t)(20 + l4len));
-        h[24] = h[25] = 0;
-        wr16be(h + 24, (uint16_t)~csum16(h + ETH_HLEN, 20, 0));
-        pseudo = csum16(h + 26, 8, IPPROTO_TCP + l4len);
-    } else {
-        wr16be(h + 18, (uint16_t)l4len);
-        pseudo = csum16(h + 22, 32, IPPROTO_TCP + l4len);
-    }
-    h[ETH_HLEN + l3 + 13] = g->flags;
-    wr16be(h + ETH_HLEN + l3 + 16, (uint16_t)pseudo);
-    g->iov[0].iov_base = buf;
-    g->iov[0].iov_len = vlen + hlen;
-    ssize_t w;
-    do
-        w = writev(r->tap_fd, g->iov, (int)n + 1);
-    while (w < 0 && errno == EINTR);
-    if (w < 0 && errno == EINVAL) {
-        /* this kernel's TAP refuses the super-frame: stop coalescing, nothing is lost */
-        r->st.rx_super_refused++;
-        r->rx_coalesce = 0;
-        for (uint32_t k = 0; k < n; k++)
-            tap_write_frame(r, g->frame[k], g->flen[k]);
-        return;
-    }
-    if (w < 0)
-        r->st.tap_write_errors += n;   /* queue full or interface down: the kernel drops, we count */
-    r->st.rx_coalesced += n;
-    r->st.rx_super++;
-}
-
-/* One good frame in harvest order: merged into the aggregate, or written out after it. */
-static void gro_frame(struct e1000_ring *r, struct gro *g, const uint8_t *f, uint32_t len,
-                      uint8_t status, uint8_t errors)
-{
-    struct gro_seg s;
-    if (!gro_parse(r, f, len, status, errors, &s)) {
-        gro_flush(r, g);
-        tap_write_frame(r, f, len);
-        return;
-    }
-    if (g->n && !gro_follows(g, f, &s))
-        gro_flush(r, g);
-    uint32_t k = g->n++;
-    g->frame[k] = f;
-    g->flen[k] = len;
-    g->iov[k + 1].iov_base = (void *)(f + s.hlen);
-    g->iov[k + 1].iov_len = s.payload;
-    if (k == 0) {
-        g->l3len = s.l3len;
-        g->hlen = s.hlen;
-        g->thl = s.thl;
-        g->mss = s.payload;
-        g->payload = 0;
-        g->closed = 0;
-    }
-    g->payload += s.payload;
-    g->next_seq = s.seq + s.payload;
-    g->next_id = s.l3len == 20 ? (uint16_t)(s.id + 1) : 0;
-    g->flags = s.flags;
-    if (s.payload < g->mss || (s.flags & TCP_PSH))
-        g->closed = 1;
+    return ((status & RXD_STAT_IPCS) && !(errors & RXD_ERR_IPE) ? UDRV_GRO_IP_OK : 0)
+           | ((status & RXD_STAT_TCPCS) && !(errors & RXD_ERR_TCPE) ? UDRV_GRO_TCP_OK : 0);
 }
 
 int e1000_rx_harvest(struct e1000_ring *r, uint32_t budget, uint8_t *out, uint32_t out_cap,
@@ -399,10 +163,10 @@ int e1000_rx_harvest(struct e1000_ring *r, uint32_t budget, uint8_t *out, uint32
     if (budget && budget < limit)
         limit = budget;
     *out_used = 0;
-    struct gro g;
-    g.n = 0;
-    int coalesce = r->rx_coalesce && r->tap_fd >= 0 && r->tap_vnet_hdr >= VNET_HDR_MIN
-                   && r->tap_vnet_hdr <= 64;
+    struct udrv_gro g;
+    const struct udrv_gro_counters gc = {&r->st.rx_coalesced, &r->st.rx_super, &r->st.rx_csum_bad,
+                                         &r->st.rx_super_refused, &r->st.tap_write_errors};
+    int coalesce = udrv_gro_begin(&g, r->tap_fd, r->tap_vnet_hdr, &r->rx_coalesce, &gc);
     while (done < limit) {
         uint8_t *d = r->rx_ring + (uint64_t)i * DESC;
         uint8_t status = status_of(d);
@@ -427,7 +191,7 @@ int e1000_rx_harvest(struct e1000_ring *r, uint32_t budget, uint8_t *out, uint32
         } else {
             const uint8_t *f = r->rx_buf + (uint64_t)i * r->rx_bufsize;
             if (coalesce)
-                gro_frame(r, &g, f, len, status, errors);
+                udrv_gro_frame(&g, f, len, hw_csum_ok(status, errors));
             else if (!deliver(r, f, len, out, out_cap, out_used))
                 break;
             r->st.rx_packets++;
@@ -438,7 +202,7 @@ int e1000_rx_harvest(struct e1000_ring *r, uint32_t budget, uint8_t *out, uint32
         done++;
     }
     if (coalesce)
-        gro_flush(r, &g);               /* never held across calls */
+        udrv_gro_flush(&g);             /* never held across calls */
     /* the descriptor at RDT was never handed out: DD there is a device bug */
     uint8_t *hole = r->rx_ring + (uint64_t)r->rx_tail * DESC;
     if (status_of(hole) & RXD_STAT_DD) {

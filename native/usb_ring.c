@@ -1,5 +1,6 @@
 /* The USB transfer ring (see usb_ring.h for the contract). */
 #include "usb_ring.h"
+#include "gro.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -73,6 +74,15 @@ struct udrv_ring {
     uint32_t statq_len[UDRV_STATQ];
     uint32_t stat_first, stat_count;
     uint8_t scratch[TAP_SCRATCH]; /* the part of an oversize TAP frame that missed the slot */
+    uint8_t vnet_scratch[UDRV_GRO_VNET_MAX]; /* the virtio-net header of a TAP read (ignored) */
+
+    /* RX coalescing: a batch opens at the first RX completion and is flushed (written, then
+     * its held transfers resubmitted) when the ring call that handled the events is done */
+    struct udrv_gro gro;
+    int batch_open;
+    int batch_gro;        /* gro usable for this batch */
+    struct xfer **held;   /* RX transfers whose buffers gro still points into */
+    uint32_t n_held;
 };
 
 /* --- small helpers --------------------------------------------------------------------- */
@@ -155,23 +165,49 @@ static int submit_rx(struct udrv_ring *r, struct xfer *x)
     return 0;
 }
 
-static void deliver(struct udrv_ring *r, const uint8_t *buf, uint32_t n)
+/* Write what the batch holds and give its transfers back to the device. */
+static void rx_flush(struct udrv_ring *r)
+{
+    if (!r->batch_open)
+        return;
+    r->batch_open = 0;
+    if (r->batch_gro)
+        udrv_gro_flush(&r->gro);
+    uint32_t n = r->n_held;
+    r->n_held = 0;
+    for (uint32_t k = 0; k < n; k++)
+        if (r->running && !r->rx_stalled && !r->no_device)
+            submit_rx(r, r->held[k]);     /* else start / the clear-halt path resubmits */
+}
+
+/* Returns 1 if the coalescer holds the frame: x's buffer must wait for rx_flush. */
+static int deliver(struct udrv_ring *r, struct xfer *x, uint32_t n)
 {
     uint32_t start = 0, len = 0;
-    int verdict = udrv_decode_rx(&r->fr, buf, n, &start, &len);
+    int verdict = udrv_decode_rx(&r->fr, x->buf, n, &start, &len);
     if (verdict != UDRV_RX_OK) {
         r->st.rx_dropped[verdict]++;
-        return;
+        return 0;
     }
     r->st.rx_packets++;
     r->st.rx_bytes += len;
     r->flags |= UDRV_PUMP_RX;
-    ssize_t w;
-    do
-        w = write(r->cfg.tap_fd, buf + start, len);
-    while (w < 0 && errno == EINTR);
-    if (w < 0)
-        r->st.tap_write_errors++; /* interface down or queue full: the kernel drops, we count */
+    if (!r->batch_open) {
+        const struct udrv_gro_counters c = {&r->st.rx_coalesced, &r->st.rx_super, &r->st.rx_csum_bad,
+                                            &r->st.rx_super_refused, &r->st.tap_write_errors};
+        r->batch_gro = udrv_gro_begin(&r->gro, r->cfg.tap_fd, r->cfg.tap_vnet_hdr,
+                                      &r->cfg.rx_coalesce, &c);
+        r->batch_open = 1;
+    }
+    if (!r->batch_gro) {
+        udrv_tap_write(r->cfg.tap_fd, r->cfg.tap_vnet_hdr, x->buf + start, len, &r->st.tap_write_errors);
+        return 0;
+    }
+    /* USB gives no checksum verdicts: gro checks them all */
+    if (!udrv_gro_frame(&r->gro, x->buf + start, len, 0))
+        return 0;
+    r->held[r->n_held++] = x;
+    return 1;
 }
 
 static void LIBUSB_CALL rx_done(struct libusb_transfer *t)
@@ -183,7 +219,12 @@ static void LIBUSB_CALL rx_done(struct libusb_transfer *t)
     r->completions++;
     switch (t->status) {
     case LIBUSB_TRANSFER_COMPLETED:
-        deliver(r, x->buf, (uint32_t)t->actual_length);
+        if (deliver(r, x, (uint32_t)t->actual_length)) {
+            /* held: resubmitted by rx_flush; flush early rather than starve the device */
+            if (r->n_held * 2 >= r->cfg.n_rx)
+                rx_flush(r);
+            return;
+        }
         break;
     case LIBUSB_TRANSFER_CANCELLED:
         return;
@@ -387,8 +428,11 @@ static uint32_t tap_to_journal(struct udrv_ring *r, int budget, uint32_t *flags)
         }
         /* Read straight into the slot; the scratch iovec catches the tail of a frame longer
          * than a slot, so such a frame is seen whole (and dropped) rather than truncated. */
-        struct iovec iov[2] = {{slot, cap}, {r->scratch, sizeof r->scratch}};
-        ssize_t got = readv(r->cfg.tap_fd, iov, 2);
+        /* With a virtio-net header (asked for RX coalescing only, no offloads) the kernel sends
+         * finished frames behind a zeroed header: read it aside. */
+        uint32_t vlen = r->cfg.tap_vnet_hdr;
+        struct iovec iov[3] = {{r->vnet_scratch, vlen}, {slot, cap}, {r->scratch, sizeof r->scratch}};
+        ssize_t got = readv(r->cfg.tap_fd, vlen ? iov : iov + 1, vlen ? 3 : 2);
         if (got < 0) {
             if (errno == EINTR)
                 continue;
@@ -398,6 +442,13 @@ static uint32_t tap_to_journal(struct udrv_ring *r, int budget, uint32_t *flags)
         }
         if (got == 0)
             break;
+        if (vlen) {
+            if ((uint64_t)got < vlen) {
+                r->st.tap_read_errors++;   /* shorter than its header: nothing to send */
+                continue;
+            }
+            got -= vlen;
+        }
         r->st.tap_frames_in++;
         uint32_t limit = r->cfg.tx_max_frame && r->cfg.tx_max_frame < cap ? r->cfg.tx_max_frame : cap;
         if ((uint64_t)got > limit) {
@@ -573,6 +624,7 @@ static void free_all(struct udrv_ring *r)
     free(r->rx);
     free(r->tx);
     free(r->tx_idle);
+    free(r->held);
     udrv_journal_unmap(&r->j);
     free(r);
 }
@@ -616,6 +668,11 @@ struct udrv_ring *udrv_ring_new(void *ctx, void *handle, const struct udrv_ring_
         return NULL;
     }
 
+    if (cfg->tap_vnet_hdr && (cfg->tap_vnet_hdr < UDRV_GRO_VNET_MIN || cfg->tap_vnet_hdr > UDRV_GRO_VNET_MAX)) {
+        set_err(err, errlen, "tap_vnet_hdr=%u: must be 0 or %d..%d (the TAP's TUNSETVNETHDRSZ)",
+                cfg->tap_vnet_hdr, UDRV_GRO_VNET_MIN, UDRV_GRO_VNET_MAX);
+        return NULL;
+    }
     struct udrv_ring *r = calloc(1, sizeof *r);
     if (!r) {
         set_err(err, errlen, "out of memory for the USB ring");
@@ -641,7 +698,8 @@ struct udrv_ring *udrv_ring_new(void *ctx, void *handle, const struct udrv_ring_
     r->rx = calloc(cfg->n_rx, sizeof *r->rx);
     r->tx = calloc(cfg->n_tx, sizeof *r->tx);
     r->tx_idle = calloc(cfg->n_tx, sizeof *r->tx_idle);
-    int bad = !r->rx || !r->tx || !r->tx_idle;
+    r->held = calloc(cfg->n_rx, sizeof *r->held);
+    int bad = !r->rx || !r->tx || !r->tx_idle || !r->held;
     for (uint32_t i = 0; !bad && i < cfg->n_rx; i++)
         bad = alloc_xfer(r, &r->rx[i], KIND_RX, f->rx_size);
     uint32_t tx_cap = udrv_tx_encoded_max(f, r->j.max_frame);
@@ -664,6 +722,7 @@ int udrv_ring_set_framing(struct udrv_ring *r, const struct udrv_framing *f)
 {
     if (in_flight(r) || udrv_framing_check(f) < 0 || f->rx_size < 1 || f->rx_size > (1u << 20))
         return -1;
+    rx_flush(r);              /* held frames point into the buffers replaced below */
     uint32_t tx_cap = udrv_tx_encoded_max(f, r->j.max_frame);
     /* nothing is in flight: the buffers may be replaced (their contents do not matter) */
     for (uint32_t i = 0; i < r->cfg.n_rx; i++)
@@ -693,6 +752,7 @@ int udrv_ring_start(struct udrv_ring *r)
         return 0;
     if (in_flight(r))
         return LIBUSB_ERROR_BUSY; /* the last stop left transfers behind: cancel again first */
+    rx_flush(r);              /* nothing may stay held: every RX transfer is submitted below */
     /* A new epoch: the recovery that restarts us has dealt with the old errors. */
     r->tx_blocked = r->rx_stalled = r->status_stalled = r->no_device = 0;
     r->confirm_pending = 0;
@@ -726,6 +786,7 @@ static int pump_once(struct udrv_ring *r, int timeout_ms, int tap_budget, int wa
     memset(out, 0, sizeof *out);
     *woken = 0;
     r->st.pumps++;
+    rx_flush(r);          /* frames completed inside Python's own libusb calls since the last turn */
     /* Move what is already waiting first, so fresh frames go out before we sleep. */
     out->tap_in = tap_to_journal(r, tap_budget, &out->flags);
     out->tx_submitted = tx_fill(r);
@@ -733,6 +794,7 @@ static int pump_once(struct udrv_ring *r, int timeout_ms, int tap_budget, int wa
         !level_flags(r))
         *woken = wait_events(r, timeout_ms, tap_budget, wake_fd);
     int rc = handle_events_now(r);
+    rx_flush(r);          /* the pass's frames to the TAP, their transfers back to the device */
     after_events(r);
     /* Completions freed OUT transfers and journal slots: refill. */
     out->tap_in += tap_to_journal(r, tap_budget - (int)out->tap_in, &out->flags);
@@ -798,6 +860,7 @@ int udrv_ring_cancel_all_and_wait(struct udrv_ring *r, int timeout_ms)
             nanosleep(&ms, NULL); /* don't spin on a broken context */
         }
     }
+    rx_flush(r);      /* frames received before the cancel reach the TAP (running = 0: no resubmit) */
     apply_confirm(r); /* frames that made it before the cancel are confirmed, not re-sent */
     r->rx_stalled = r->status_stalled = 0;
     r->completions = 0;
@@ -808,6 +871,7 @@ void udrv_ring_stats(const struct udrv_ring *r, struct udrv_ring_stats *out)
 {
     *out = r->st;
     out->running = (uint32_t)r->running;
+    out->rx_coalesce = r->cfg.rx_coalesce;
 }
 
 int udrv_ring_next_error(struct udrv_ring *r, struct udrv_ring_error *out)
@@ -838,6 +902,8 @@ int udrv_ring_free(struct udrv_ring *r)
         return 0;
     if (in_flight(r))
         return -1;
+    r->running = 0;
+    rx_flush(r);
     free_all(r);
     return 0;
 }

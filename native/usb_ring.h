@@ -3,6 +3,9 @@
  * N bulk-IN and N bulk-OUT libusb transfers stay in flight and their completions are handled
  * here, without Python per frame:
  *   RX transfer done  -> decode per framing -> write() the frame to the TAP fd -> resubmit
+ *                        (rx_coalesce: TCP segments completed in one event-handling pass go out
+ *                        as one GSO super-frame, native/gro.h; their transfers are resubmitted
+ *                        after that write, before the ring call returns)
  *   TAP fd readable   -> read frames straight into TX journal slots (while there is space)
  *                     -> encode -> submit bulk OUT (up to n_tx in flight)
  *   OUT transfer done -> confirm the journal through its seq
@@ -71,6 +74,10 @@ struct udrv_ring_config {
     int32_t journal_fd;     /* the TX journal's memfd; the ring maps it itself */
     uint32_t journal_nslots;
     uint32_t journal_slot_size;
+    uint32_t tap_vnet_hdr;  /* bytes of virtio-net header on every TAP read and write (0 = none):
+                               read ones are skipped (no offloads asked), written ones zeroed */
+    uint32_t rx_coalesce;   /* merge RX TCP segments into GSO super-frames (native/gro.h; needs
+                               tap_vnet_hdr >= 10); cleared if the TAP refuses one */
 };
 
 struct udrv_ring_stats {
@@ -90,10 +97,14 @@ struct udrv_ring_stats {
     uint64_t pumps;           /* datapath turns */
     uint64_t waits;           /* turns that slept in poll() for lack of work ... */
     uint64_t wait_timeouts;   /* ... and woke only because the timeout passed */
+    /* RX coalescing (gro.h): segments inside super-frames, super-frames, frames left alone
+     * for a wrong checksum, super-frames the TAP refused */
+    uint64_t rx_coalesced, rx_super, rx_csum_bad, rx_super_refused;
     uint32_t rx_inflight;
     uint32_t tx_inflight;
     uint32_t status_inflight;
     uint32_t running;
+    uint32_t rx_coalesce;     /* the switch as it is now */
 };
 
 struct udrv_ring_error {

@@ -384,3 +384,64 @@ def test_unplug_and_replug(wrig):
     assert wrig.nic.state == "up" and wrig.model.data_alt == 1
     wrig.send([frame(PEER, 3)])
     assert wrig.wire_tx == [frame(PEER, 3)]
+
+
+# --- RX coalescing opt-in: a TAP with a virtio-net header but no offloads (root) ---------------------------
+
+def test_the_c_ring_variant_asks_for_a_vnet_header_only_where_the_driver_opts_in():
+    from udrv.drivers.pegasus import Pegasus
+    from udrv.usbnet import native_variant
+    assert native_variant(CdcEcm).rx_vnet_hdr is True
+    assert native_variant(Pegasus).rx_vnet_hdr is False
+    assert not getattr(CdcEcm, "rx_vnet_hdr", False)     # the Python engine has nothing to coalesce
+
+
+@pytest.mark.root
+def test_real_tap_vnet_header_without_offloads_carries_frames_both_ways():
+    """What the C ring's variant gets (rx_vnet_hdr): IFF_VNET_HDR on, no TX offload asked, so the
+    kernel hands over finished frames behind a zeroed header; both directions stay byte-exact
+    (here through the Python engine: the header is added on write and stripped on read)."""
+    import os
+    import socket
+    from udrv.tap import IFF_VNET_HDR, Tap
+    tap = Tap(f"udrve{os.getpid() % 100000}")
+    model = EcmModel()
+    wire_tx: list[bytes] = []
+    model.on_transmit = wire_tx.append
+    cls = type("CdcEcmVnet", (CdcEcm,), {"rx_vnet_hdr": True})
+    nic = Nic(cls, ModelUsbTransport(model), tap.write, NicOptions(n_rx=8, n_tx=16))
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+    try:
+        assert tap.tun_flags() & IFF_VNET_HDR and tap.vnet_hdr_len == 12 and nic.vnet_hdr_len == 12
+        assert tap.offloads == frozenset()
+        nic.bring_up()
+        tap.set_mac(nic.mac)
+        tap.set_up(True)
+        nic.open()
+        sock.bind((tap.name, 0))
+        sock.settimeout(2)
+        inbound = [frame(nic.mac, n, size) for n, size in enumerate((60, 512, 1514))]
+        for f in inbound:
+            assert model.wire_receive(f)
+        for _ in range(20):
+            nic.poll(0.0)
+        got = []
+        while len(got) < len(inbound):
+            data = sock.recv(4096)
+            if data[12:14] == b"\x88\xb5":
+                got.append(data)
+        assert got == inbound
+        outbound = [frame(PEER, 100 + n, size, src=nic.mac) for n, size in enumerate((60, 1514))]
+        for f in outbound:
+            sock.send(f)
+        for _ in range(50):
+            nic.enqueue(tap.read_batch(16, None))
+            nic.xmit()
+            nic.poll(0.0)
+            if len([f for f in wire_tx if f[12:14] == b"\x88\xb5"]) >= len(outbound):
+                break
+        assert [f for f in wire_tx if f[12:14] == b"\x88\xb5"] == outbound
+    finally:
+        sock.close()
+        nic.close()
+        tap.close()

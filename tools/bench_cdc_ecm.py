@@ -9,6 +9,8 @@ runs the iperf3 server; the host side (10.78.0.1) is first the kernel's cdc_ethe
 udrv0 with the pure-Python UsbNetEngine, then (when `udrv.native` is built) udrv0 with the C
 NativeUsbRing, both run by `udrv run` (the C ring reads the TAP, writes RX frames to it and
 runs its turns in a C loop). TX = host -> gadget, RX = gadget -> host (-R).
+With --compare-no-coalesce the C ring also runs with RX coalescing off (UDRV_RX_COALESCE=0),
+before the default one, in the same boot; --skip-python leaves the Python engine out.
 """
 from __future__ import annotations
 
@@ -138,7 +140,7 @@ def wait(pred, timeout: float, what: str) -> None:
     raise RuntimeError(f"timed out waiting for {what}")
 
 
-def guest_bench(seconds: int, out: Path) -> None:
+def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool = True) -> None:
     from udrv.gadget.configfs import ecm_gadget, interface_netdevs, modprobe, wait_host_device
     res: dict = {"seconds": seconds}
     try:
@@ -164,10 +166,12 @@ def guest_bench(seconds: int, out: Path) -> None:
         # without it udrv runs the C ring when it is built
         run = [sys.executable, "-m", "udrv.cli", "run", f"usb:{VID:04x}:{PID:04x}", "--ifname", "udrv0",
                "--duration", "600"]
-        variants = [("python", run, {"UDRV_DATAPATH": "python"})]
+        variants = [("python", run, {"UDRV_DATAPATH": "python"})] if python else []
         try:
             from udrv import native
             if native.available():
+                if no_coalesce:
+                    variants.append(("native-nocoalesce", run, {"UDRV_RX_COALESCE": "0"}))
                 variants.append(("native", run, {}))
             else:
                 res["native_unavailable"] = native.why_unavailable()
@@ -182,6 +186,9 @@ def guest_bench(seconds: int, out: Path) -> None:
                 time.sleep(1)
                 wait_reachable(f"the gadget to answer through udrv ({name})", "udrv0")
                 res[name], res[f"{name}_cpu"] = iperf_cpu(seconds, p.pid)
+                from udrv.daemon import request
+                st = request("udrv0", {"cmd": "status"})
+                res[f"{name}_rx_coalesce"] = st.get("status", {}).get("rx_coalesce")
             except Exception as e:
                 res[name] = {"error": f"{type(e).__name__}: {e}", "log": log.read_text()[-2000:]}
             finally:
@@ -208,7 +215,7 @@ def report(res: dict) -> str:
     k = res["kernel"]
     lines = [f"iperf3 over the kernel's f_ecm gadget on dummy_hcd, {res['seconds']} s per direction, one guest boot",
              f"  kernel cdc_ether : TX {k['tx']:8.1f} Mbit/s   RX {k['rx']:8.1f} Mbit/s"]
-    for name in ("python", "native"):
+    for name in ("python", "native-nocoalesce", "native"):
         r = res.get(name)
         if r is None:
             continue
@@ -217,6 +224,10 @@ def report(res: dict) -> str:
             continue
         lines.append(f"  udrv cdc_ecm ({name:6}): TX {r['tx']:8.1f} Mbit/s   RX {r['rx']:8.1f} Mbit/s   "
                      f"ratio vs kernel TX {r['tx'] / k['tx']:.3f}  RX {r['rx'] / k['rx']:.3f}")
+        gro = res.get(f"{name}_rx_coalesce")
+        if gro:
+            lines.append(f"      rx coalescing {'on' if gro['on'] else 'off'}: {gro['segments']} segments in "
+                         f"{gro['super_frames']} super-frames, {gro['bad_checksum']} bad checksums")
     if "native_unavailable" in res:
         lines.append(f"  native ring not measured: {res['native_unavailable']}")
     return "\n".join(lines)
@@ -224,20 +235,25 @@ def report(res: dict) -> str:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "guest":
-        guest_bench(int(sys.argv[2]), Path(sys.argv[3]))
+        guest_bench(int(sys.argv[2]), Path(sys.argv[3]), no_coalesce="--no-coalesce" in sys.argv[4:],
+                    python="--skip-python" not in sys.argv[4:])
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--smp", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--keep", metavar="DIR", help="keep the guest's files (udrv logs) in DIR")
+    ap.add_argument("--compare-no-coalesce", action="store_true",
+                    help="also run the C ring with RX coalescing off (UDRV_RX_COALESCE=0)")
+    ap.add_argument("--skip-python", action="store_true", help="leave the Python engine out")
     a = ap.parse_args()
     from tools import guest
     import tempfile
     with tempfile.TemporaryDirectory(prefix="udrv-bench.") as tmp:
         tmp = a.keep or tmp
         out = Path(tmp) / "bench.json"
-        r = guest.run([sys.executable, str(Path(__file__).resolve()), "guest", str(a.seconds), str(out)],
+        extra = (["--no-coalesce"] if a.compare_no_coalesce else []) + (["--skip-python"] if a.skip_python else [])
+        r = guest.run([sys.executable, str(Path(__file__).resolve()), "guest", str(a.seconds), str(out), *extra],
                       guest.GuestDevices(smp=a.smp), timeout=600, cwd=ROOT, out_dir=tmp)
         if not out.exists():
             print(f"bench: the guest wrote no result (exit {r.returncode}):\n{r.output[-3000:]}", file=sys.stderr)

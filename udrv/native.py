@@ -305,12 +305,14 @@ class NativeUsbRing:
 
     def __init__(self, driver: Any, journal: TxJournal, tap_fd: int, n_rx: int = 4, n_tx: int = 8,
                  on_progress: Callable[[], None] | None = None, *, read_tap: bool = True,
-                 tap_budget: int = 64, zero_packet: bool = False, stop_timeout: float = 1.0):
+                 tap_budget: int = 64, zero_packet: bool = False, stop_timeout: float = 1.0,
+                 tap_vnet_hdr: int = 0, rx_coalesce: bool = False):
         require()
         check_same_libusb()
         self.driver = driver
         self.journal = journal
         self.tap_fd = tap_fd
+        self._vnet = tap_vnet_hdr
         self.n_rx = n_rx
         self.n_tx = n_tx
         self.on_progress = on_progress
@@ -335,6 +337,11 @@ class NativeUsbRing:
         cfg.tap_fd = tap_fd
         cfg.journal_fd = journal.fd
         cfg.journal_nslots, cfg.journal_slot_size = journal.nslots, journal.slot_size
+        # RX coalescing into GSO super-frames (native/gro.h) needs the TAP's virtio-net header;
+        # UDRV_RX_COALESCE=0 in the environment turns it off (to compare)
+        cfg.tap_vnet_hdr = tap_vnet_hdr
+        cfg.rx_coalesce = int(rx_coalesce and tap_vnet_hdr >= 10
+                              and os.environ.get("UDRV_RX_COALESCE", "1") != "0")
         err = ffi.new("char[]", 512)
         ring = lib.udrv_ring_new(ffi.cast("void *", ctx_p), ffi.cast("void *", handle_p), cfg,
                                  self._nframing.cstruct, err, len(err))
@@ -508,6 +515,16 @@ class NativeUsbRing:
         return {"tap_frames_in": s.tap_frames_in, "tx_dropped_oversize": s.tap_oversize,
                 "tap_read_errors": s.tap_read_errors, "tap_write_errors": s.tap_write_errors,
                 "status_overflow": s.status_overflow, "errors_lost": s.errors_lost}
+
+    def rx_coalesce_counts(self) -> dict[str, int] | None:
+        """RX coalescing (as E1000Native's): on/off, segments written inside super-frames,
+        super-frames, frames left alone for a wrong checksum, super-frames the TAP refused.
+        None when the TAP has no virtio-net header (coalescing impossible)."""
+        if not self._vnet:
+            return None
+        s = self._read_stats()
+        return {"on": int(s.rx_coalesce), "segments": s.rx_coalesced, "super_frames": s.rx_super,
+                "bad_checksum": s.rx_csum_bad, "refused": s.rx_super_refused}
 
     @property
     def tx_inflight(self) -> int:

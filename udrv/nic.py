@@ -158,7 +158,11 @@ class Nic:
             return
         set_offloads = getattr(self.tap, "set_offloads", None)
         if set_offloads is not None:
-            set_offloads(self.offloads)
+            # a driver that coalesces RX into GSO super-frames needs the header without offloads
+            if getattr(self.driver, "rx_vnet_hdr", False):
+                set_offloads(self.offloads, vnet_hdr=True)
+            else:
+                set_offloads(self.offloads)
         self.vnet_hdr_len = getattr(self.tap, "vnet_hdr_len", 0)
         if self.vnet_hdr_len:
             log.info("event=offloads tap=%s offloads=%s vnet_hdr=%d", getattr(self.tap, "name", "?"),

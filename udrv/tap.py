@@ -88,17 +88,21 @@ def _usable(offloads: Iterable[str]) -> frozenset[str]:
     want = frozenset(offloads)
     if not tun_offload_flags(want):
         return frozenset()
+    return want if _has_vnet_hdr() else frozenset()
+
+
+def _has_vnet_hdr() -> bool:
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     except OSError:
-        return want                      # the TAP itself will say what is wrong
+        return True                      # the TAP itself will say what is wrong
     try:
         features = struct.unpack("I", fcntl.ioctl(fd, TUNGETFEATURES, bytes(4)))[0]
     except OSError:
         features = 0
     finally:
         os.close(fd)
-    return want if features & IFF_VNET_HDR else frozenset()
+    return bool(features & IFF_VNET_HDR)
 
 
 class Tap:
@@ -120,17 +124,22 @@ class Tap:
                 raise
 
     # --- offloads ---------------------------------------------------------------------------
-    def set_offloads(self, offloads: Iterable[str]) -> None:
-        """Ask the kernel for these offloads (udrv.offload names); none = no vnet header at all.
+    def set_offloads(self, offloads: Iterable[str], vnet_hdr: bool = False) -> None:
+        """Ask the kernel for these offloads (udrv.offload names); none = no vnet header at all,
+        unless `vnet_hdr` (a driver that writes GSO super-frames, RX coalescing, without TX
+        offloads: the kernel then sends finished frames behind zeroed headers).
         IFF_VNET_HDR can only be chosen when a queue attaches, so switching it re-attaches:
         the interface is made persistent for the moment the fd is closed and opened again
         with the new flags (same name, same ifindex, same fd number), then not persistent."""
         want = _usable(offloads)
-        if bool(want) != bool(self.vnet_hdr_len):
-            self._reattach(IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if want else 0))
-            self.vnet_hdr_len = VNET_HDR_LEN if want else 0
+        on = bool(want) or (vnet_hdr and _has_vnet_hdr())
+        if on != bool(self.vnet_hdr_len):
+            self._reattach(IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if on else 0))
+            self.vnet_hdr_len = VNET_HDR_LEN if on else 0
         if want or self.offloads:
             self._set_offloads(want)
+        if on and not want:
+            fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
 
     def _set_offloads(self, want: frozenset[str]) -> None:
         if want:

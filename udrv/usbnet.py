@@ -280,8 +280,13 @@ def native_variant(cls: type[UsbNetDriver]) -> type[UsbNetDriver]:
         tap = getattr(sink, "__self__", None)
         if tap is None or not hasattr(tap, "fileno"):
             raise TypeError("the C transfer ring needs the TAP's write method as its sink")
-        return make_usb_datapath(self, journal, tap.fileno(), n_rx, n_tx, on_progress, read_tap=True)
+        return make_usb_datapath(self, journal, tap.fileno(), n_rx, n_tx, on_progress, read_tap=True,
+                                 tap_vnet_hdr=getattr(tap, "vnet_hdr_len", 0),
+                                 rx_coalesce=getattr(self, "coalesce_rx", False))
 
-    # dummy_hcd and real host controllers move what is queued per (micro)frame: keep many in flight
+    # dummy_hcd and real host controllers move what is queued per (micro)frame: keep many in flight.
+    # A driver that opts into RX coalescing (coalesce_rx) gets a TAP with a virtio-net header
+    # (rx_vnet_hdr, read by Nic) so the ring can write GSO super-frames.
     return type(f"{cls.__name__}Native", (cls,), {"make_datapath": make_datapath, "default_rings": (64, 64),
+                                                   "rx_vnet_hdr": bool(getattr(cls, "coalesce_rx", False)),
                                                    "__doc__": f"{cls.__name__} with the C transfer ring."})

@@ -14,6 +14,7 @@ it writes a JSON report that the tests below check.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -93,10 +94,61 @@ def iperf(server: str, seconds: int, reverse: bool, netns: str | None) -> float:
     try:
         out = sh("iperf3", "-c", server, "-t", str(seconds), "-J", *(["-R"] if reverse else []),
                  timeout=seconds + 30)
-        return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
+        j = json.loads(out)
+        if "error" in j:
+            raise RuntimeError(f"iperf3: {j['error']}")
+        return j["end"]["sum_received"]["bits_per_second"] / 1e6
     finally:
         srv.kill()
         srv.wait()
+
+
+TCP_PORT = 7790
+TCP_BYTES = 2 << 20
+
+
+def tcp_payload(n: int) -> bytes:
+    import random
+    return random.Random(n).randbytes(n)          # the same bytes on both sides, not compressible
+
+
+def tcp_send(host: str, port: int, n: int) -> str:
+    """The peer's side: n bytes over one TCP connection; prints what they hash to."""
+    data = tcp_payload(n)
+    with socket.create_connection((host, port), timeout=30) as s:
+        s.sendall(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def tcp_receive(report: dict, host_ip: str) -> None:
+    """TCP from the peer through the gadget to udrv0 (udrv's RX): every byte arrives, in order,
+    and the C ring coalesced segments into GSO super-frames on the way to the TAP."""
+    g0 = udrv_status().get("rx_coalesce") or {}
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host_ip, TCP_PORT))
+    srv.listen(1)
+    srv.settimeout(60)
+    sender = subprocess.Popen(["ip", "netns", "exec", PEER_NS, sys.executable, str(Path(__file__).resolve()),
+                               "tcp-send", host_ip, str(TCP_PORT), str(TCP_BYTES)],
+                              stdout=subprocess.PIPE, text=True)
+    h, got = hashlib.sha256(), 0
+    t0 = time.monotonic()
+    conn, _ = srv.accept()
+    with conn:
+        conn.settimeout(60)
+        while chunk := conn.recv(1 << 16):
+            h.update(chunk)
+            got += len(chunk)
+    srv.close()
+    report["tcp_rx_seconds"] = round(time.monotonic() - t0, 2)
+    report["tcp_rx_bytes"] = got
+    report["tcp_rx_intact"] = sender.communicate(timeout=60)[0].strip() == h.hexdigest()
+    g1 = udrv_status().get("rx_coalesce") or {}
+    report["rx_coalesce"] = {k: g1.get(k, 0) - g0.get(k, 0) for k in ("segments", "super_frames",
+                                                                       "bad_checksum", "refused")}
+    report["rx_coalesce"]["on"] = g1.get("on")
+    report["status_text"] = udrv("status", "--ifname", IFNAME)
 
 
 def start_udrv(device: str, log: Path) -> subprocess.Popen:
@@ -206,6 +258,9 @@ def guest_fecm(out: Path) -> None:
             report["iperf_rx_mbit"] = round(iperf(PEER_IP, 2, True, PEER_NS), 2)
         except Exception as e:      # iperf3 is a bonus: the echo counts are the pass criterion
             report["iperf_error"] = str(e)
+
+        report["stage"] = "tcp"
+        tcp_receive(report, HOST_IP)
 
         report["stage"] = "faults"
         inject_faults(report, PEER_IP)
@@ -384,6 +439,14 @@ if pytest is not None:
         if "iperf_error" not in fecm:
             assert fecm["iperf_tx_mbit"] > 0 and fecm["iperf_rx_mbit"] > 0
 
+    def test_fecm_tcp_rx_is_coalesced_into_super_frames_and_intact(fecm):
+        _ok(fecm)
+        assert fecm["tcp_rx_bytes"] == 2 << 20 and fecm["tcp_rx_intact"], fecm
+        g = fecm["rx_coalesce"]
+        assert g["on"] == 1 and g["refused"] == 0, g
+        assert g["super_frames"] > 0 and g["segments"] >= 2 * g["super_frames"], g
+        assert "rx coalescing on:" in fecm["status_text"], fecm["status_text"]
+
     def test_fecm_injected_faults_are_recovered_mid_traffic(fecm):
         _ok(fecm)
         f = fecm["faults"]
@@ -428,5 +491,7 @@ if pytest is not None:
 if __name__ == "__main__":
     if sys.argv[1] == "echo-client":              # the peer namespace's side of the reverse echo
         print(echo(sys.argv[2], [18, 470, 1472] * 4, int(sys.argv[3])))
+    elif sys.argv[1] == "tcp-send":               # the peer namespace's side of tcp_receive
+        print(tcp_send(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
     else:
         {"fecm": guest_fecm, "usbnet": guest_usbnet}[sys.argv[1]](Path(sys.argv[2]))
