@@ -112,7 +112,8 @@ def e1000_rows(result: dict) -> list[Row]:
 
 # tools/bench_cdc_ecm.py's names: both are `udrv run`; "native" as it runs by default (the C
 # transfer ring, when the extension is built), "python" with UDRV_DATAPATH=python
-CDC_VARIANTS = {"native": "C ring (udrv run)", "python": "Python engine"}
+CDC_VARIANTS = {"native": "C ring (udrv run)", "native-nocoalesce": "C ring, RX coalescing off",
+                "python": "Python engine"}
 
 
 def cdc_ecm_rows(res: dict) -> list[Row]:
