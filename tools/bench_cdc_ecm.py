@@ -112,16 +112,19 @@ def diagnostics() -> str:
     return "\n".join(out)
 
 
-def wait_reachable(what: str, ifname: str) -> None:
-    """Wait for the peer to answer; once, bounce the host interface (a first ARP lost while the
-    gadget's carrier was still coming up is not retried for seconds); then fail with the links."""
+def wait_reachable(what: str, ifname: str, gadget_if: str) -> None:
+    """Wait for the peer to answer; once, bounce the gadget's interface and ours: f_ecm tells the
+    host about its link in a NETWORK_CONNECTION notification when usb0 opens, and when that one
+    is lost (seen after usb0 moved into the namespace) cdc_ether keeps the carrier off for good;
+    then fail with the links' state."""
     try:
         wait(reachable, 10, what)
         return
     except RuntimeError:
         pass
-    sh("ip", "link", "set", ifname, "down")
-    sh("ip", "link", "set", ifname, "up")
+    for cmd in (["ip", "-n", NS, "link", "set", gadget_if, "down"], ["ip", "link", "set", ifname, "down"],
+                ["ip", "-n", NS, "link", "set", gadget_if, "up"], ["ip", "link", "set", ifname, "up"]):
+        sh(*cmd)
     try:
         wait(reachable, 20, what)
     except RuntimeError as e:
@@ -158,7 +161,7 @@ def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool
         sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", kif)
         sh("ip", "link", "set", kif, "up")
         time.sleep(1)
-        wait_reachable("the gadget to answer through cdc_ether", kif)
+        wait_reachable("the gadget to answer through cdc_ether", kif, gif)
         res["kernel"], res["kernel_cpu"] = iperf_cpu(seconds, None)
         sh("ip", "addr", "flush", "dev", kif)
 
@@ -184,7 +187,7 @@ def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool
                 wait(lambda: os.path.exists("/run/udrv/udrv0.sock") and p.poll() is None, 90, f"udrv ({name})")
                 sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", "udrv0")
                 time.sleep(1)
-                wait_reachable(f"the gadget to answer through udrv ({name})", "udrv0")
+                wait_reachable(f"the gadget to answer through udrv ({name})", "udrv0", gif)
                 res[name], res[f"{name}_cpu"] = iperf_cpu(seconds, p.pid)
                 from udrv.daemon import request
                 st = request("udrv0", {"cmd": "status"})
@@ -204,7 +207,7 @@ def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool
         kif = interface_netdevs(dev, 0)[0]
         sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", kif)
         sh("ip", "link", "set", kif, "up")
-        wait_reachable("the gadget to answer through cdc_ether again", kif)
+        wait_reachable("the gadget to answer through cdc_ether again", kif, gif)
         res["kernel_after"], res["kernel_after_cpu"] = iperf_cpu(seconds, None)
     except Exception as e:
         res["error"] = f"{type(e).__name__}: {e}"
