@@ -28,7 +28,6 @@ device or a bug scribbling over descriptor memory cannot make us point the NIC e
 """
 from __future__ import annotations
 
-import os
 import struct
 import time
 from dataclasses import dataclass, field
@@ -1701,8 +1700,7 @@ class E1000NativeRing(E1000Ring):
     judge go back to `tap_enqueue` (Nic.enqueue). Counts: tap_stats(), merged by Nic.status()."""
 
     OUT_CAP = 256 * 1024         # sink mode: frames handed back per C call
-    # TCP/IPv4 segments harvested together go to a vnet-header TAP as one GSO frame (C's GRO);
-    # UDRV_RX_COALESCE=0 in the environment turns it off (to compare)
+    # TCP segments harvested together go to a vnet-header TAP as one GSO frame (native/gro.c)
     coalesce_rx = True
 
     def __init__(self, driver: E1000, journal: Any, sink: FrameSink,
@@ -1718,9 +1716,7 @@ class E1000NativeRing(E1000Ring):
         r.tap_vnet_hdr = getattr(getattr(sink, "__self__", None), "vnet_hdr_len", 0) if fd is not None else 0
         if lib.e1000_ring_init(r, journal.fd, journal.nslots, journal.slot_size) < 0:
             raise E1000Error("the C ring cannot map the TX journal memory: its layout does not match")
-        # RX coalescing into GSO super-frames needs the vnet header to say so
-        r.rx_coalesce = int(self.coalesce_rx and r.tap_vnet_hdr >= 10
-                            and os.environ.get("UDRV_RX_COALESCE", "1") != "0")
+        r.rx_coalesce = int(self.coalesce_rx and native.rx_coalesce_allowed(r.tap_vnet_hdr))
         self._r = r
         self._jptr = ffi.addressof(r, "journal")
         import weakref

@@ -120,3 +120,4 @@ def test_an_unknown_device_is_refused_with_the_choices():
 
 def test_row_without_kernel_value_has_no_ratio():
     assert math.isnan(Row("e1000", "x", "Mbit/s", 0.0, 10.0, "C ring").ratio)
+

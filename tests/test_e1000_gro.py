@@ -435,3 +435,10 @@ def test_the_kernel_tap_takes_a_super_frame():
         nic.close()
         transport.close()
         tap.close()
+
+
+def test_the_operator_can_turn_rx_coalescing_off(monkeypatch):
+    from udrv.native import rx_coalesce_allowed
+    assert rx_coalesce_allowed(12) and not rx_coalesce_allowed(0)      # no vnet header: nothing to say GSO with
+    monkeypatch.setenv("UDRV_RX_COALESCE", "0")
+    assert not rx_coalesce_allowed(12)

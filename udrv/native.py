@@ -290,6 +290,12 @@ def check_same_libusb() -> None:
             "of the system: remove the libusb bundled with python-libusb1 or rebuild udrv against it")
 
 
+def rx_coalesce_allowed(tap_vnet_hdr: int) -> bool:
+    """May a C ring hand the TAP coalesced GSO super-frames? It needs a virtio-net header on the
+    TAP, and the operator can say no: UDRV_RX_COALESCE=0 in the environment (to compare)."""
+    return tap_vnet_hdr >= 10 and os.environ.get("UDRV_RX_COALESCE", "1") != "0"
+
+
 # --- the USB ring -------------------------------------------------------------------------------------
 
 class NativeUsbRing:
@@ -340,8 +346,7 @@ class NativeUsbRing:
         # RX coalescing into GSO super-frames (native/gro.h) needs the TAP's virtio-net header;
         # UDRV_RX_COALESCE=0 in the environment turns it off (to compare)
         cfg.tap_vnet_hdr = tap_vnet_hdr
-        cfg.rx_coalesce = int(rx_coalesce and tap_vnet_hdr >= 10
-                              and os.environ.get("UDRV_RX_COALESCE", "1") != "0")
+        cfg.rx_coalesce = int(rx_coalesce and rx_coalesce_allowed(tap_vnet_hdr))
         err = ffi.new("char[]", 512)
         ring = lib.udrv_ring_new(ffi.cast("void *", ctx_p), ffi.cast("void *", handle_p), cfg,
                                  self._nframing.cstruct, err, len(err))
