@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import socket
 import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence
 
 PORT = 7777
 
@@ -60,6 +63,41 @@ class Flood(threading.Thread):
         except socket.timeout:
             pass
         s.close()
+
+
+def faults_under_flood(ifname: str, dst: str, faults: Sequence[tuple[str, str]],
+                       inject: Callable[[int, str, str], None], settle: Callable[[str], float],
+                       warmup: float = 0.5) -> dict:
+    """Inject each (entry, kind) into the udrv daemon serving `ifname` while a Flood to `dst`
+    runs, wait `settle(entry)` seconds after each, and return what the flood and the daemon saw:
+    the outcome of every recovery, the silence it cost, and whether the host's interface (its
+    ifindex) stayed the same. `inject(i, entry, kind)` arms the fault (the caller chooses how:
+    the CLI a user types, or the control socket) and may provoke the entry point."""
+    from .daemon import request
+    ifindex_path = Path(f"/sys/class/net/{ifname}/ifindex")
+    ifindex = ifindex_path.read_text().strip()
+    flood = Flood(dst)
+    flood.start()
+    time.sleep(warmup)
+    for i, (entry, kind) in enumerate(faults):
+        inject(i, entry, kind)
+        time.sleep(settle(entry))
+    flood.halt.set()
+    flood.join(10)
+    r = request(ifname, {"cmd": "status"}, timeout=10.0)
+    if not r.get("ok"):
+        raise RuntimeError(f"udrv status: {r.get('error')}")
+    st = r["status"]
+    return {
+        "flood_sent": flood.sent, "flood_back": flood.got,
+        "recoveries": st["recoveries"], "escalations": st["escalations"], "restarts": st["restarts"],
+        "entries": [(x["entry"], x["fault"], x["outcome"]) for x in st["recent_recoveries"]],
+        "silent_ms": [x["silent_ms"] for x in st["recent_recoveries"]],
+        "ifindex_same": ifindex_path.read_text().strip() == ifindex and st["ifindex"] == int(ifindex),
+        "promisc": st["rx_mode"]["promisc"], "unconfirmed": st["tx_journal"]["unconfirmed"],
+        "implementation": st.get("implementation"),
+        "driver_stats": st.get("driver_stats", {}),
+    }
 
 
 def main() -> None:

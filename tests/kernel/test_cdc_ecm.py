@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from udrv.echo import Flood, roundtrips as echo  # noqa: E402
+from udrv.echo import faults_under_flood, roundtrips as echo  # noqa: E402
 
 IFNAME = "udrv0"
 PEER_NS = "ecmpeer"
@@ -176,12 +176,9 @@ def interface0_driver(dev: Path) -> str | None:
 
 def inject_faults(report: dict, flood_dst: str) -> None:
     """udrv inject mid-traffic: datapath and configuration faults, each recovered in process."""
-    ifindex = Path(f"/sys/class/net/{IFNAME}/ifindex").read_text().strip()
-    flood = Flood(flood_dst)
-    flood.start()
-    time.sleep(0.8)
     from udrv.daemon import request
-    for i, (entry, kind) in enumerate((("xmit", "raise"), ("poll", "stall"), ("set_rx_mode", "raise"))):
+
+    def inject(i: int, entry: str, kind: str) -> None:
         if i == 0:
             udrv("inject", entry, kind, "--ifname", IFNAME)        # the command a user types
         else:                                                      # the same request, no new interpreter
@@ -189,19 +186,11 @@ def inject_faults(report: dict, flood_dst: str) -> None:
             assert r.get("ok"), r
         if entry == "set_rx_mode":                      # the daemon mirrors the host's flags in 0.25 s
             sh("ip", "link", "set", IFNAME, "promisc", "on")
-        time.sleep(1.0)
-    flood.halt.set()
-    flood.join(10)
-    st = udrv_status()
-    report["faults"] = {
-        "flood_sent": flood.sent, "flood_back": flood.got,
-        "recoveries": st["recoveries"], "escalations": st["escalations"], "restarts": st["restarts"],
-        "entries": [(r["entry"], r["fault"], r["outcome"]) for r in st["recent_recoveries"]],
-        "silent_ms": [r["silent_ms"] for r in st["recent_recoveries"]],
-        "ifindex_same": Path(f"/sys/class/net/{IFNAME}/ifindex").read_text().strip() == ifindex,
-        "promisc": st["rx_mode"]["promisc"], "unconfirmed": st["tx_journal"]["unconfirmed"],
-        "packet_filter": st["driver_stats"].get("packet_filter"),
-    }
+
+    f = faults_under_flood(IFNAME, flood_dst, (("xmit", "raise"), ("poll", "stall"), ("set_rx_mode", "raise")),
+                           inject, settle=lambda entry: 1.0, warmup=0.8)
+    f["packet_filter"] = f["driver_stats"].get("packet_filter")
+    report["faults"] = f
 
 
 def guest_fecm(out: Path) -> None:

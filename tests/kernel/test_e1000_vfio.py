@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from udrv.echo import Flood, roundtrips as echo
+from udrv.echo import faults_under_flood, roundtrips as echo  # noqa: E402
 from udrv.sidebyside import (KERNEL_DRIVER, MODEL_IDS, dmar_faults, echo_once, find_bdf,  # noqa: E402
                              kernel_netdev, sh, wait_for)
 
@@ -80,11 +80,8 @@ def driver_of(bdf: str) -> str | None:
 
 def inject_faults(report: dict, peer_ip: str) -> None:
     from udrv.daemon import request
-    ifindex = Path(f"/sys/class/net/{IFNAME}/ifindex").read_text().strip()
-    flood = Flood(peer_ip)
-    flood.start()
-    time.sleep(0.5)
-    for i, (entry, kind) in enumerate(FAULTS):
+
+    def inject(i: int, entry: str, kind: str) -> None:
         if i == 0:
             udrv("inject", entry, kind, "--ifname", IFNAME)          # the command a user types
         else:                                                        # the same request, no new interpreter
@@ -92,21 +89,10 @@ def inject_faults(report: dict, peer_ip: str) -> None:
             assert r.get("ok"), r
         if entry == "set_rx_mode":                # the daemon mirrors the host's flags within 0.25 s
             sh("ip", "link", "set", IFNAME, "promisc", "on")
-        # link_check runs once a second and its hang lasts the 1 s deadline
-        time.sleep(2.5 if entry == "link_check" else 0.8)
-    flood.halt.set()
-    flood.join(10)
-    st = udrv_status()
-    report["faults"] = {
-        "flood_sent": flood.sent, "flood_back": flood.got,
-        "recoveries": st["recoveries"], "escalations": st["escalations"], "restarts": st["restarts"],
-        "entries": [(r["entry"], r["fault"], r["outcome"]) for r in st["recent_recoveries"]],
-        "silent_ms": [r["silent_ms"] for r in st["recent_recoveries"]],
-        "ifindex_same": Path(f"/sys/class/net/{IFNAME}/ifindex").read_text().strip() == ifindex
-        and st["ifindex"] == int(ifindex),
-        "promisc": st["rx_mode"]["promisc"], "unconfirmed": st["tx_journal"]["unconfirmed"],
-        "implementation": st["implementation"],
-    }
+
+    # link_check runs once a second and its hang lasts the 1 s deadline
+    report["faults"] = faults_under_flood(IFNAME, peer_ip, FAULTS, inject,
+                                          settle=lambda entry: 2.5 if entry == "link_check" else 0.8)
 
 
 class Report(dict):
