@@ -65,9 +65,20 @@ def wait_for(pred, timeout=10.0, what="condition"):
 
 @pytest.fixture
 def daemon():
+    yield from _daemon()
+
+
+@pytest.fixture(params=["e1000", "cdc_ecm"])
+def embedded(request):
+    """`udrv run model:X`: the other drivers on their own embedded device models."""
+    for p in _daemon(f"model:{request.param}"):
+        yield request.param, p
+
+
+def _daemon(*device: str):
     env = dict(os.environ, UDRV_RUN_DIR="/tmp/udrv-test-run")
     os.environ["UDRV_RUN_DIR"] = env["UDRV_RUN_DIR"]
-    p = subprocess.Popen([sys.executable, "-m", "udrv.cli", "run", "--ifname", IFNAME, "--duration", "120"],
+    p = subprocess.Popen([sys.executable, "-m", "udrv.cli", "run", *device, "--ifname", IFNAME, "--duration", "120"],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     echo = None
     try:
@@ -119,6 +130,28 @@ def test_traffic_status_inject_and_config_mirroring(daemon):
     wait_for(lambda: status()["mac"] == "02:12:34:56:78:9a", 5, "the new MAC in the driver")
     subprocess.run(["ip", "neigh", "flush", "dev", IFNAME], check=False)
     assert echo_ok(10, 4.0) >= 8                          # the peer learns the new MAC and answers
+
+
+def test_embedded_models_of_the_other_drivers_carry_traffic_and_recover(embedded):
+    driver, _ = embedded
+    st = status()
+    assert st["state"] == "up" and st["link"]["up"] and st["driver"] == driver
+    idx = ifindex()
+    assert echo_ok(20) >= 18
+    for entry, kind in (("xmit", "raise"), ("poll", "stall")):
+        udrv("inject", "--ifname", IFNAME, entry, kind)
+        wait_for(lambda: any(r["entry"] == entry for r in status()["recent_recoveries"]), 10,
+                 f"a recovery of {entry}")
+        assert echo_ok(10) >= 8
+    st = status()
+    assert [r["outcome"] for r in st["recent_recoveries"]] == ["recovered", "recovered"], st["recent_recoveries"]
+    assert st["escalations"] == 0 and ifindex() == idx
+
+
+def test_an_unknown_embedded_model_is_named_with_the_ones_there_are():
+    r = udrv("run", "model:rtl8139", "--ifname", IFNAME, check=False)
+    assert r.returncode == 1
+    assert "no embedded model called 'rtl8139'" in r.stderr and "model:cdc_ecm" in r.stderr
 
 
 def test_clean_shutdown(daemon):
@@ -173,3 +206,21 @@ def test_malformed_frames_over_the_control_socket_are_counted(daemon):
     st = status()
     assert st["rx_dropped"] == {"crc_error": 1, "length_beyond_transfer": 1, "truncated": 1}
     assert st["state"] == "up" and echo_ok(5) >= 4
+
+
+def test_recovery_bench_reports_each_driver_checkpoint_against_restart():
+    """`udrv bench recovery` on one embedded driver, two injections of one fault: a table with
+    both recovery modes, and the 1 ms probe kept getting answers through them."""
+    r = subprocess.run([sys.executable, "-m", "udrv.cli", "bench", "recovery", "--driver", "e1000", "--repeats", "2",
+                        "--fault", "xmit:raise", "--ifname", IFNAME], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert "### e1000" in out and "### pegasus" not in out
+    row = next(line for line in out.splitlines() if line.startswith("| xmit:raise |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "2" and all(c.endswith(" ms") for c in cells[2:6]), row
+    lost = next(line for line in out.splitlines() if line.startswith("probe packets lost"))
+    import re
+    (ck_lost, ck_sent), (rs_lost, rs_sent) = [tuple(map(int, m)) for m in re.findall(r"(\d+)/(\d+)", lost)]
+    assert ck_sent > 1000 and rs_sent > 1000
+    assert ck_lost < ck_sent * 0.02 and rs_lost < rs_sent * 0.02, lost

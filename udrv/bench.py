@@ -130,19 +130,22 @@ def percentile(xs: list[float], p: float) -> float:
 @dataclass
 class RecoveryLatency:
     mode: str
+    driver: str = "pegasus"
     gaps: dict[str, list[float]] = field(default_factory=dict)       # fault -> max gap per injection (ms)
     recovery_ms: dict[str, list[float]] = field(default_factory=dict)
     baseline_gap_ms: float = 0.0
     lost: int = 0
     sent: int = 0
+    outcomes: list[str] = field(default_factory=list)    # of the daemon's recent recoveries
 
 
 class RecoveryLatencyScenario:
     """Inject each fault `repeats` times while a 1 ms UDP probe runs; the interruption per
     fault is the largest gap between probe replies around it."""
 
-    def __init__(self, mode: str, faults: list[str], repeats: int, ifname: str, spacing: float = 0.55):
-        self.result = RecoveryLatency(mode)
+    def __init__(self, mode: str, faults: list[str], repeats: int, ifname: str, spacing: float = 0.55,
+                 driver: str = "pegasus"):
+        self.result = RecoveryLatency(mode, driver)
         self.faults, self.repeats, self.ifname, self.spacing = faults, repeats, ifname, spacing
         self.exit_code = 1
 
@@ -187,6 +190,7 @@ class RecoveryLatencyScenario:
                 self.result.gaps.setdefault(f, []).append(probe.max_gap_ms(t, t + self.spacing * 0.9))
             st = request(self.ifname, {"cmd": "status"})["status"]
             self.result.recovery_ms["all"] = [r["recovery_ms"] for r in st["recent_recoveries"]]
+            self.result.outcomes = [r["outcome"] for r in st["recent_recoveries"]]
             self.exit_code = 0
         except Exception as e:
             print(f"bench: failed: {e}", file=sys.stderr)
@@ -196,23 +200,29 @@ class RecoveryLatencyScenario:
 
 
 def recovery_report(results: list[RecoveryLatency]) -> str:
-    ck = next(r for r in results if r.mode == "checkpoint")
-    rs = next((r for r in results if r.mode == "restart"), None)
-    lines = ["recovery latency: embedded pegasus model, 1 ms UDP probe across udrv0; interruption = largest gap "
-             "between replies in the window after each injected fault; 'none (control)' = the same windows "
-             "with nothing injected (what the machine's scheduling alone costs)",
-             f"baseline (no fault) largest gap: checkpoint run {ck.baseline_gap_ms:.1f} ms"
-             + (f", restart run {rs.baseline_gap_ms:.1f} ms" if rs else ""),
-             "",
-             "| fault | n | checkpoint p50 | checkpoint p99 | full restart p50 | full restart p99 | checkpoint shorter by |",
-             "|---|---|---|---|---|---|---|"]
-    for f, gaps in ck.gaps.items():
-        rgaps = rs.gaps.get(f, []) if rs else []
-        shorter = "-"
-        if rgaps and not f.startswith("none"):
-            shorter = f"{(1 - percentile(gaps, 50) / percentile(rgaps, 50)) * 100:.0f}%"
-        lines.append(f"| {f} | {len(gaps)} | {percentile(gaps, 50):.1f} ms | {percentile(gaps, 99):.1f} ms | "
-                     f"{percentile(rgaps, 50):.1f} ms | {percentile(rgaps, 99):.1f} ms | {shorter} |")
-    lines.append("")
-    lines.append(f"probe packets lost: checkpoint {ck.lost}/{ck.sent}" + (f", restart {rs.lost}/{rs.sent}" if rs else ""))
+    """One table per driver: the interruption per fault, checkpoint recovery vs full restart."""
+    lines = ["recovery latency: each driver on its embedded device model, 1 ms UDP probe across the TAP; "
+             "interruption = largest gap between replies in the window after each injected fault; "
+             "'none (control)' = the same windows with nothing injected (what the machine's scheduling alone "
+             "costs)"]
+    for driver in dict.fromkeys(r.driver for r in results):
+        ck = next(r for r in results if r.driver == driver and r.mode == "checkpoint")
+        rs = next((r for r in results if r.driver == driver and r.mode == "restart"), None)
+        lines += ["", f"### {driver}", "",
+                  f"baseline (no fault) largest gap: checkpoint run {ck.baseline_gap_ms:.1f} ms"
+                  + (f", restart run {rs.baseline_gap_ms:.1f} ms" if rs else ""),
+                  "",
+                  "| fault | n | checkpoint p50 | checkpoint p99 | full restart p50 | full restart p99 | "
+                  "checkpoint shorter by |",
+                  "|---|---|---|---|---|---|---|"]
+        for f, gaps in ck.gaps.items():
+            rgaps = rs.gaps.get(f, []) if rs else []
+            shorter = "-"
+            if rgaps and not f.startswith("none"):
+                shorter = f"{(1 - percentile(gaps, 50) / percentile(rgaps, 50)) * 100:.0f}%"
+            lines.append(f"| {f} | {len(gaps)} | {percentile(gaps, 50):.1f} ms | {percentile(gaps, 99):.1f} ms | "
+                         f"{percentile(rgaps, 50):.1f} ms | {percentile(rgaps, 99):.1f} ms | {shorter} |")
+        lines.append("")
+        lines.append(f"probe packets lost: checkpoint {ck.lost}/{ck.sent}"
+                     + (f", restart {rs.lost}/{rs.sent}" if rs else ""))
     return "\n".join(lines)

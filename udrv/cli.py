@@ -1,7 +1,7 @@
 """udrv command line.
 
   udrv run [DEVICE]          run the supervised daemon (default: the embedded pegasus model
-                             wired to a peer network namespace)
+                             wired to a peer network namespace; model:e1000, model:cdc_ecm)
   udrv demo                  the embedded device under iperf3 with a fault injected mid-run
   udrv status                link, MAC, counters, recoveries, last fault of a running daemon
   udrv inject ENTRY KIND     inject a fault into a running daemon's driver entry point
@@ -35,13 +35,7 @@ def _open_device(spec: str | None) -> tuple[Any, Any, Any]:
     """DEVICE -> (driver class or implementations best first, transport, model or None)."""
     from .drivers.pegasus import Pegasus
     if spec is None or spec.startswith("model:"):
-        kind = (spec or "model:pegasus").removeprefix("model:")
-        if kind != "pegasus":
-            raise UdrvError(f"no embedded model called {kind!r}: use model:pegasus")
-        from .modelusb import ModelUsbTransport
-        from .models.pegasus import PegasusModel
-        model = PegasusModel()
-        return Pegasus, ModelUsbTransport(model), model
+        return _embedded((spec or "model:pegasus").removeprefix("model:"))
     if spec.startswith("usb:"):
         from .libusb import LibusbTransport, UsbSelector
         try:
@@ -68,7 +62,35 @@ def _open_device(spec: str | None) -> tuple[Any, Any, Any]:
             raise UdrvError(f"no udrv driver knows PCI device {info.ident} at {bdf}: `udrv list` shows "
                             "supported ones")
         return _pci_implementations(cls), VfioTransport.open(bdf), None
-    raise UdrvError(f"{spec!r} names no device: use usb:VID:PID, usb:BUS-PORT, pci:BDF or model:pegasus")
+    raise UdrvError(f"{spec!r} names no device: use usb:VID:PID, usb:BUS-PORT, pci:BDF or "
+                    "model:pegasus|e1000|cdc_ecm")
+
+
+EMBEDDED = ("pegasus", "e1000", "cdc_ecm")
+
+
+def _embedded(kind: str) -> tuple[Any, Any, Any]:
+    """A device model served in process (no hardware): the driver runs on it through the same
+    transport interface as on a real device; its wire is the peer namespace's veth."""
+    if kind == "pegasus":
+        from .drivers.pegasus import Pegasus
+        from .modelusb import ModelUsbTransport
+        from .models.pegasus import PegasusModel
+        model: Any = PegasusModel()
+        return Pegasus, ModelUsbTransport(model), model
+    if kind == "e1000":
+        from .drivers.e1000 import E1000
+        from .modelpci import ModelPciTransport
+        from .models.e1000 import E1000Model
+        model = E1000Model("82540em")
+        return _pci_implementations(E1000), ModelPciTransport(model), model
+    if kind == "cdc_ecm":
+        from .drivers.cdc_ecm import CdcEcm
+        from .modelusb import ModelUsbTransport
+        from .models.cdc_ecm import EcmModel
+        model = EcmModel()
+        return CdcEcm, ModelUsbTransport(model), model
+    raise UdrvError(f"no embedded model called {kind!r}: use one of " + ", ".join(f"model:{k}" for k in EMBEDDED))
 
 
 def _pci_implementations(cls: Any) -> list[Any]:
@@ -148,8 +170,8 @@ def cmd_run(args: argparse.Namespace, scenario: Any = None) -> int:
         if peer is not None:
             ip("addr", "add", peer.cfg.host_ip, "dev", tap.name, check=False)
             logging.getLogger("udrv").info(
-                "event=embedded-device model=pegasus host=%s peer=%s netns=%s (try: ip netns exec %s iperf3 -s)",
-                peer.cfg.host_addr, peer.cfg.peer_addr, peer.cfg.netns, peer.cfg.netns)
+                "event=embedded-device model=%s host=%s peer=%s netns=%s (try: ip netns exec %s iperf3 -s)",
+                type(model).__name__, peer.cfg.host_addr, peer.cfg.peer_addr, peer.cfg.netns, peer.cfg.netns)
         if scenario is not None:
             scenario.start(daemon, peer)
         daemon.run(args.duration)
@@ -287,6 +309,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                       faults=tuple(args.fault or FAULTS), smp=args.smp or 1))
     if args.what == "guard":
         for size in args.size or [64]:
+            if args.driver == "cdc_ecm":
+                print("udrv: the guard bench covers pegasus and e1000: use --driver pegasus or --driver e1000",
+                      file=sys.stderr)
+                return 2
             if args.driver == "e1000":
                 from .bench_ring import guard_overhead_e1000
                 print(guard_overhead_e1000(frames=args.frames, rounds=args.rounds, size=size).report())
@@ -306,14 +332,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import RecoveryLatencyScenario, recovery_report
     faults = args.fault or ["xmit:raise", "poll:stall", "set_rx_mode:raise"]
     results = []
-    for mode in ("checkpoint", "restart"):
-        run_args = argparse.Namespace(device=None, ifname=args.ifname, no_guards=False, duration=600,
-                                      recovery=mode)
-        sc = RecoveryLatencyScenario(mode, faults, args.repeats, args.ifname)
-        if cmd_run(run_args, sc) != 0:
-            print(f"udrv: the {mode} run failed", file=sys.stderr)
-            return 1
-        results.append(sc.result)
+    for driver in [args.driver] if args.driver else list(EMBEDDED):
+        for mode in ("checkpoint", "restart"):
+            run_args = argparse.Namespace(device=f"model:{driver}", ifname=args.ifname, no_guards=False,
+                                          duration=600, recovery=mode)
+            sc = RecoveryLatencyScenario(mode, faults, args.repeats, args.ifname, driver=driver)
+            if cmd_run(run_args, sc) != 0:
+                print(f"udrv: the {mode} run of {driver} failed", file=sys.stderr)
+                return 1
+            results.append(sc.result)
     print(recovery_report(results))
     return 0
 
@@ -324,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="run the supervised daemon for one NIC")
-    r.add_argument("device", nargs="?", help="usb:VID:PID, usb:BUS-PORT, pci:BDF or model:pegasus "
+    r.add_argument("device", nargs="?", help="usb:VID:PID, usb:BUS-PORT, pci:BDF or model:pegasus|e1000|cdc_ecm "
                                               "(default: the embedded pegasus model)")
     r.add_argument("--ifname", default="udrv0", help="TAP interface name (default udrv0)")
     r.add_argument("--no-guards", action="store_true", help="run entry points unguarded (for comparison)")
@@ -390,8 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=7)
     b.add_argument("--size", type=int, action="append", default=None, metavar="BYTES",
                    help="frame size, repeatable (default 64; ring: 64 and 1500)")
-    b.add_argument("--driver", choices=["pegasus", "e1000"], default="pegasus",
-                   help="guard: which driver's datapath (default pegasus)")
+    b.add_argument("--driver", choices=list(EMBEDDED), default=None,
+                   help="guard: which driver's datapath (pegasus or e1000; default pegasus); recovery: only this "
+                        "driver on its embedded model (default: all of them)")
     b.add_argument("--out", default="bench-out", help="side-by-sides: report directory (default ./bench-out)")
     b.add_argument("--only", default=None, metavar="DEV,DEV",
                    help="sidebyside: only these devices (e1000, cdc_ecm, pegasus)")
