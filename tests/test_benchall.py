@@ -121,3 +121,18 @@ def test_an_unknown_device_is_refused_with_the_choices():
 def test_row_without_kernel_value_has_no_ratio():
     assert math.isnan(Row("e1000", "x", "Mbit/s", 0.0, 10.0, "C ring").ratio)
 
+
+
+def test_the_model_tier_recovery_section_follows_the_devices(tmp_path: Path):
+    c = DeviceResult("cdc_ecm", rows=cdc_ecm_rows({"kernel": {"tx": 500.0, "rx": 400.0},
+                                                    "native": {"tx": 460.0, "rx": 200.0}}))
+    table = "### e1000\n\n| fault | n |\n|---|---|\n| xmit:raise | 10 |"
+    report = benchall.write_outputs([c], {"seconds": 5, "model_recovery": table, "model_recovery_repeats": 10,
+                                          "model_recovery_load": 0.3}, tmp_path)
+    head, _, tail = report.partition("## Recovery latency, every driver on its embedded model")
+    assert "## cdc_ecm vs cdc_ether" in head and "--repeats 10" in tail and "load average 0.3" in tail
+    assert tail.rstrip().endswith("| xmit:raise | 10 |")
+    # without it (one device alone, or --no-model-recovery) there is no such section
+    assert "Recovery latency, every driver" not in benchall.write_outputs([c], {"seconds": 5}, tmp_path)
+    args = build_parser().parse_args(["bench", "--no-model-recovery"])
+    assert args.no_model_recovery and args.repeats == 10

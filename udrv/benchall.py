@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -279,7 +280,25 @@ def render(results: list[DeviceResult], meta: dict) -> str:
         if d.error:
             L += [f"**Stopped early: {d.error}**", ""]
         L += d.details
+    if meta.get("model_recovery"):
+        L += ["", "## Recovery latency, every driver on its embedded model (model tier, on the host)", "",
+              f"`udrv bench recovery --repeats {meta.get('model_recovery_repeats')}`, run before the guests "
+              f"(host load average {meta.get('model_recovery_load')}). Target: p99 < 10 ms for checkpoint "
+              "recovery; the control rows show what the host's scheduling alone costs in the same windows.", "",
+              meta["model_recovery"]]
     return "\n".join(L) + "\n"
+
+
+def model_recovery(repeats: int) -> str:
+    """`udrv bench recovery` (all embedded drivers) as a child process: its markdown, or why it failed."""
+    try:
+        cp = subprocess.run([sys.executable, "-m", "udrv.cli", "bench", "recovery", "--repeats", str(repeats),
+                             "--ifname", "udrvrec0"], capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        return "**failed: udrv bench recovery did not finish in 15 min**"
+    if cp.returncode != 0:
+        return f"**failed (exit {cp.returncode}):** " + (cp.stderr.strip().splitlines() or ["no output"])[-1]
+    return cp.stdout.strip()
 
 
 def chart(results: list[DeviceResult], path: Path) -> Path:
@@ -330,7 +349,8 @@ def write_outputs(results: list[DeviceResult], meta: dict, out: Path) -> str:
     return report
 
 
-def run_all(out: Path, seconds: float = 5.0, only: tuple[str, ...] = DEVICES, smp: int | None = None) -> int:
+def run_all(out: Path, seconds: float = 5.0, only: tuple[str, ...] = DEVICES, smp: int | None = None,
+            recovery_repeats: int = 0) -> int:
     unknown = [d for d in only if d not in RUNNERS]
     if unknown:
         raise UdrvError(f"unknown device {unknown[0]!r} for udrv bench: choose from {', '.join(DEVICES)}")
@@ -344,6 +364,11 @@ def run_all(out: Path, seconds: float = 5.0, only: tuple[str, ...] = DEVICES, sm
     out.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "seconds": seconds, "host_cpus": os.cpu_count(),
             "load_before": round(os.getloadavg()[0], 2)}
+    if recovery_repeats:
+        print("udrv bench: recovery latency on the embedded models (host, ~2 min)", file=sys.stderr)
+        meta["model_recovery_load"] = round(os.getloadavg()[0], 2)
+        meta["model_recovery_repeats"] = recovery_repeats
+        meta["model_recovery"] = model_recovery(recovery_repeats)
     results = []
     for dev in only:
         print(f"udrv bench: {dev} vs {KERNEL_DRIVER[dev]} (one guest boot, a few minutes)", file=sys.stderr)

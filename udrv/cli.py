@@ -298,6 +298,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .benchall import DEVICES, run_all
         only = tuple(args.only.split(",")) if args.only else DEVICES
         return run_all(Path(args.out), seconds=args.seconds, only=only if args.what == "sidebyside" else (args.what,),
+                       recovery_repeats=args.repeats if args.what == "sidebyside" and not args.no_model_recovery else 0,
                        smp=args.smp)
     if args.what == "e1000":
         from pathlib import Path
@@ -409,7 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "latency (root, QEMU); ring: the C e1000 ring vs the Python ring, TX and RX, device side "
                         "stubbed; tap: frames read from a TAP and written back to it through udrv's C path vs a bare C "
                         "loop (root)")
-    b.add_argument("--repeats", type=int, default=10, help="injections per fault (recovery)")
+    b.add_argument("--repeats", type=int, default=10, help="injections per fault (recovery; sidebyside's model-tier "
+                                                               "recovery section)")
+    b.add_argument("--no-model-recovery", action="store_true",
+                   help="sidebyside: leave out the model-tier recovery latency section (~2 min on the host)")
     b.add_argument("--fault", action="append", default=None, metavar="ENTRY:KIND")
     b.add_argument("--ifname", default="udrv0")
     b.add_argument("--frames", type=int, default=20000,
