@@ -1,5 +1,6 @@
 /* RX coalescing into GSO super-frames (see gro.h for the contract). */
 #include "gro.h"
+#include "csum.h"
 
 #include <errno.h>
 #include <string.h>
@@ -25,54 +26,6 @@ static inline uint32_t rd32be(const uint8_t *p)
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 static inline void wr16be(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
-
-/* RFC 1071 sum of p[0..len) as big-endian words plus `seed`, folded, not complemented. Summed
- * as native 64-bit words with the carries kept in a 128-bit accumulator (the ones' complement
- * sum commutes with byte order: one swap at the end): 2 instructions per 8 bytes, which is
- * what makes checking every TCP segment cheap, the more so under an emulated CPU. */
-static uint32_t csum16(const uint8_t *p, uint32_t len, uint32_t seed)
-{
-    unsigned __int128 a = 0;
-    for (; len >= 32; p += 32, len -= 32) {
-        uint64_t w[4];
-        memcpy(w, p, 32);
-        a += w[0];
-        a += w[1];
-        a += w[2];
-        a += w[3];
-    }
-    for (; len >= 8; p += 8, len -= 8) {
-        uint64_t w;
-        memcpy(&w, p, 8);
-        a += w;
-    }
-    uint64_t lo = (uint64_t)a, hi = (uint64_t)(a >> 64);
-    uint64_t s = lo + hi;
-    s += s < lo;                        /* end-around carry */
-    s = (s & 0xFFFFFFFF) + (s >> 32);   /* < 2^33 */
-    if (len >= 4) {
-        uint32_t w;
-        memcpy(&w, p, 4);
-        s += w;
-        p += 4;
-        len -= 4;
-    }
-    if (len >= 2) {
-        uint16_t w;
-        memcpy(&w, p, 2);
-        s += w;
-        p += 2;
-        len -= 2;
-    }
-    if (len)
-        s += *p;                        /* the high byte of a big-endian word, swapped */
-    while (s >> 16)
-        s = (s & 0xFFFF) + (s >> 16);
-    s = ((s & 0xFF) << 8 | s >> 8) + seed;
-    while (s >> 16)
-        s = (s & 0xFFFF) + (s >> 16);
-    return (uint32_t)s;
-}
 
 void udrv_tap_write(int fd, uint32_t vnet_hdr, const uint8_t *frame, uint32_t len, uint64_t *errors)
 {
@@ -129,10 +82,10 @@ static int gro_parse(struct udrv_gro *g, const uint8_t *f, uint32_t len, uint32_
         return 0;                       /* no payload, reserved bits, or SYN/FIN/RST/URG/ECE/CWR */
     int ip_ok = l3len == 40 || (hw_ok & UDRV_GRO_IP_OK);
     int tcp_ok = hw_ok & UDRV_GRO_TCP_OK;
-    uint32_t pseudo = l3len == 20 ? csum16(f + 26, 8, IPPROTO_TCP + l4len)
-                                  : csum16(f + 22, 32, IPPROTO_TCP + l4len);
-    if ((!ip_ok && csum16(f + ETH_HLEN, 20, 0) != 0xFFFF)
-        || (!tcp_ok && csum16(th, l4len, pseudo) != 0xFFFF)) {
+    uint32_t pseudo = l3len == 20 ? udrv_csum16(f + 26, 8, IPPROTO_TCP + l4len)
+                                  : udrv_csum16(f + 22, 32, IPPROTO_TCP + l4len);
+    if ((!ip_ok && udrv_csum16(f + ETH_HLEN, 20, 0) != 0xFFFF)
+        || (!tcp_ok && udrv_csum16(th, l4len, pseudo) != 0xFFFF)) {
         (*g->c.csum_bad)++;
         return 0;
     }
@@ -202,11 +155,11 @@ void udrv_gro_flush(struct udrv_gro *g)
     if (l3 == 20) {
         wr16be(h + 16, (uint16_t)(20 + l4len));
         h[24] = h[25] = 0;
-        wr16be(h + 24, (uint16_t)~csum16(h + ETH_HLEN, 20, 0));
-        pseudo = csum16(h + 26, 8, IPPROTO_TCP + l4len);
+        wr16be(h + 24, (uint16_t)~udrv_csum16(h + ETH_HLEN, 20, 0));
+        pseudo = udrv_csum16(h + 26, 8, IPPROTO_TCP + l4len);
     } else {
         wr16be(h + 18, (uint16_t)l4len);
-        pseudo = csum16(h + 22, 32, IPPROTO_TCP + l4len);
+        pseudo = udrv_csum16(h + 22, 32, IPPROTO_TCP + l4len);
     }
     h[ETH_HLEN + l3 + 13] = g->flags;
     wr16be(h + ETH_HLEN + l3 + 16, (uint16_t)pseudo);

@@ -1,6 +1,8 @@
 /* The USB transfer ring (see usb_ring.h for the contract). */
 #include "usb_ring.h"
 #include "gro.h"
+#include "gso.h"
+#include "tapread.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -15,7 +17,6 @@
 #include <unistd.h>
 
 #define MAX_POLLFDS 64
-#define TAP_SCRATCH 65536 /* a TAP frame never exceeds 64 KiB */
 
 enum xfer_kind { KIND_RX, KIND_TX, KIND_STATUS };
 
@@ -28,6 +29,7 @@ struct xfer {
     uint8_t in_flight;
     uint8_t dev_mem;    /* buf is usbfs-mapped memory (libusb_dev_mem_alloc) */
     uint32_t frame_len; /* TX: bytes of the frame (for tx_bytes) */
+    uint8_t last;       /* TX: carries the last wire frame of its journal entry */
     uint64_t seq;       /* TX: journal sequence number */
 };
 
@@ -56,7 +58,16 @@ struct udrv_ring {
      * change while Python is inside a ring call. */
     int confirm_pending;
     uint64_t confirm_seq;
+    uint64_t confirm_frames;
     uint64_t confirm_bytes;
+
+    /* the journal entry being cut into wire frames (gso.h): its seq, plan and next segment;
+     * `sent` moves past it when its last segment is submitted */
+    int seg_active;
+    uint64_t seg_seq;
+    uint32_t seg_next;
+    struct udrv_gso seg;
+    uint8_t seg_buf[UDRV_TAPREAD_BUF]; /* one wire frame, built before the framing encodes it */
 
     uint32_t flags;       /* UDRV_PUMP_RX / TX_DONE since the last pump */
     uint32_t completions; /* since the last pump */
@@ -73,8 +84,7 @@ struct udrv_ring {
     uint8_t statq[UDRV_STATQ][UDRV_STATUS_MAX];
     uint32_t statq_len[UDRV_STATQ];
     uint32_t stat_first, stat_count;
-    uint8_t scratch[TAP_SCRATCH]; /* the part of an oversize TAP frame that missed the slot */
-    uint8_t vnet_scratch[UDRV_GRO_VNET_MAX]; /* the virtio-net header of a TAP read (ignored) */
+    struct udrv_tapread tap;   /* TAP -> journal, with tapread.h's rules for the vnet header */
 
     /* RX coalescing: a batch opens at the first RX completion and is flushed (written, then
      * its held transfers resubmitted) when the ring call that handled the events is done */
@@ -326,12 +336,14 @@ static void LIBUSB_CALL tx_done(struct libusb_transfer *t)
     case LIBUSB_TRANSFER_COMPLETED:
         /* OUT transfers on one endpoint complete in submission order, so the newest OK
          * completion confirms everything before it. */
-        if (!r->tx_blocked && (!r->confirm_pending || x->seq > r->confirm_seq)) {
+        if (r->tx_blocked)
+            return;
+        if (x->last && (!r->confirm_pending || x->seq > r->confirm_seq)) {
             r->confirm_pending = 1;
             r->confirm_seq = x->seq;
         }
-        if (!r->tx_blocked)
-            r->confirm_bytes += x->frame_len;
+        r->confirm_frames++;
+        r->confirm_bytes += x->frame_len;
         return;
     case LIBUSB_TRANSFER_CANCELLED:
         return; /* still in the journal as sent: the recovery's rewind re-issues it */
@@ -350,22 +362,82 @@ static void LIBUSB_CALL tx_done(struct libusb_transfer *t)
     }
 }
 
+/* Counted per wire frame the device took (a TSO entry is many); the journal is confirmed
+ * through the newest entry whose last frame went out. */
 static void apply_confirm(struct udrv_ring *r)
 {
+    if (r->confirm_frames) {
+        r->st.tx_packets += r->confirm_frames;
+        r->st.tx_bytes += r->confirm_bytes;
+        r->flags |= UDRV_PUMP_TX_DONE;
+        r->confirm_frames = r->confirm_bytes = 0;
+    }
     if (!r->confirm_pending)
         return;
     r->confirm_pending = 0;
-    int64_t n = udrv_journal_confirm_through(&r->j, r->confirm_seq);
-    if (n < 0) {
+    if (udrv_journal_confirm_through(&r->j, r->confirm_seq) < 0) {
         /* Someone rewound the journal under us: stop and let Python recover. */
         r->tx_blocked = 1;
         push_error(r, UDRV_DIR_TX, UDRV_XS_JOURNAL_CORRUPT, r->cfg.ep_out, 0, r->confirm_seq);
-    } else if (n > 0) {
-        r->st.tx_packets += (uint64_t)n;
-        r->st.tx_bytes += r->confirm_bytes;
-        r->flags |= UDRV_PUMP_TX_DONE;
     }
-    r->confirm_bytes = 0;
+}
+
+/* The next wire frame: the next segment of the entry being cut, or the next unsent entry.
+ * 1 = frame, len, seq and last set, 0 = nothing to send, -1 = journal corrupt (error queued). */
+static int next_wire_frame(struct udrv_ring *r, const uint8_t **frame, uint32_t *len, uint64_t *seq,
+                           uint8_t *last)
+{
+    for (;;) {
+        const uint8_t *vnet, *f;
+        uint32_t vlen, flen;
+        int rc = udrv_journal_peek_unsent(&r->j, seq, &vnet, &vlen, &f, &flen);
+        if (rc == 0) {
+            r->seg_active = 0;
+            return 0;
+        }
+        if (rc < 0) {
+            r->tx_blocked = 1;
+            push_error(r, UDRV_DIR_TX, UDRV_XS_JOURNAL_CORRUPT, r->cfg.ep_out, 0, *seq);
+            return -1;
+        }
+        if (!vlen) {                            /* a finished frame: as it is */
+            r->seg_active = 0;
+            udrv_journal_mark_sent(&r->j, *seq);
+            *frame = f;
+            *len = flen;
+            *last = 1;
+            return 1;
+        }
+        if (!r->seg_active || r->seg_seq != *seq) {  /* a new entry (or the journal was rewound) */
+            if (vlen < UDRV_GRO_VNET_MIN || udrv_gso_plan(vnet, f, flen, &r->seg) != UDRV_GSO_OK) {
+                /* tapread checks less than the plan: this request cannot be carried out */
+                r->seg_active = 0;
+                udrv_journal_mark_sent(&r->j, *seq);
+                r->st.tap_bad_offload++;
+                continue;
+            }
+            r->seg_active = 1;
+            r->seg_seq = *seq;
+            r->seg_next = 0;
+        }
+        int64_t n = udrv_gso_build(&r->seg, f, flen, r->seg_next, r->seg_buf, sizeof r->seg_buf);
+        if (n < 0) {
+            r->seg_active = 0;
+            udrv_journal_mark_sent(&r->j, *seq);
+            r->st.tap_bad_offload++;
+            continue;
+        }
+        if (r->seg.tso)
+            r->st.tx_segments++;
+        *frame = r->seg_buf;
+        *len = (uint32_t)n;
+        *last = ++r->seg_next == r->seg.nseg;
+        if (*last) {
+            r->seg_active = 0;
+            udrv_journal_mark_sent(&r->j, *seq);
+        }
+        return 1;
+    }
 }
 
 static uint32_t tx_fill(struct udrv_ring *r)
@@ -375,15 +447,9 @@ static uint32_t tx_fill(struct udrv_ring *r)
         uint64_t seq;
         const uint8_t *frame;
         uint32_t len;
-        int rc = udrv_journal_take_unsent(&r->j, &seq, &frame, &len);
-        if (rc == 0)
+        uint8_t last;
+        if (next_wire_frame(r, &frame, &len, &seq, &last) <= 0)
             break;
-        if (rc < 0) {
-            r->tx_blocked = 1;
-            push_error(r, UDRV_DIR_TX, UDRV_XS_JOURNAL_CORRUPT, r->cfg.ep_out, 0,
-                       udrv_journal_sent(&r->j) - 1);
-            break;
-        }
         struct xfer *x = r->tx_idle[--r->n_tx_idle];
         /* Copy into the transfer's own buffer: the framing adds a header and maybe a pad
          * byte, and the journal slot may be rewritten once confirmed. ~1 us per 1500 B. */
@@ -398,8 +464,9 @@ static uint32_t tx_fill(struct udrv_ring *r)
                                   x, 0);
         x->t->flags = r->cfg.zero_packet ? LIBUSB_TRANSFER_ADD_ZERO_PACKET : 0;
         x->seq = seq;
+        x->last = last;
         x->frame_len = len;
-        rc = libusb_submit_transfer(x->t);
+        int rc = libusb_submit_transfer(x->t);
         if (rc < 0) {
             /* The frame stays in the journal as sent; the recovery's rewind re-issues it. */
             r->tx_idle[r->n_tx_idle++] = x;
@@ -418,49 +485,16 @@ static uint32_t tx_fill(struct udrv_ring *r)
 
 static uint32_t tap_to_journal(struct udrv_ring *r, int budget, uint32_t *flags)
 {
-    uint32_t moved = 0;
-    while ((int)moved < budget) {
-        uint32_t cap;
-        uint8_t *slot = udrv_journal_reserve(&r->j, &cap);
-        if (!slot) {
-            *flags |= UDRV_PUMP_JOURNAL_FULL; /* leave frames in the kernel's queue */
-            break;
-        }
-        /* Read straight into the slot; the scratch iovec catches the tail of a frame longer
-         * than a slot, so such a frame is seen whole (and dropped) rather than truncated. */
-        /* With a virtio-net header (asked for RX coalescing only, no offloads) the kernel sends
-         * finished frames behind a zeroed header: read it aside. */
-        uint32_t vlen = r->cfg.tap_vnet_hdr;
-        struct iovec iov[3] = {{r->vnet_scratch, vlen}, {slot, cap}, {r->scratch, sizeof r->scratch}};
-        ssize_t got = readv(r->cfg.tap_fd, vlen ? iov : iov + 1, vlen ? 3 : 2);
-        if (got < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK)
-                r->st.tap_read_errors++;
-            break;
-        }
-        if (got == 0)
-            break;
-        if (vlen) {
-            if ((uint64_t)got < vlen) {
-                r->st.tap_read_errors++;   /* shorter than its header: nothing to send */
-                continue;
-            }
-            got -= vlen;
-        }
-        r->st.tap_frames_in++;
-        uint32_t limit = r->cfg.tx_max_frame && r->cfg.tx_max_frame < cap ? r->cfg.tx_max_frame : cap;
-        if ((uint64_t)got > limit) {
-            r->st.tap_oversize++;
-            continue;
-        }
-        udrv_journal_commit(&r->j, (uint32_t)got);
-        moved++;
-    }
-    if (moved)
+    if (budget <= 0)
+        return 0;
+    int64_t moved = udrv_tapread_to_journal(&r->tap, &r->j, (uint32_t)budget);
+    if (moved > 0)
         *flags |= UDRV_PUMP_TAP_IN;
-    return moved;
+    if (r->tap.deferred_len)
+        *flags |= UDRV_PUMP_DEFERRED;     /* reading stops until Python takes it */
+    else if (!udrv_journal_space(&r->j))
+        *flags |= UDRV_PUMP_JOURNAL_FULL; /* leave frames in the kernel's queue */
+    return moved > 0 ? (uint32_t)moved : 0;
 }
 
 /* --- event handling ------------------------------------------------------------------------------ */
@@ -472,7 +506,7 @@ static int wait_events(struct udrv_ring *r, int timeout_ms, int tap_budget, int 
     struct pollfd fds[MAX_POLLFDS];
     nfds_t n = r->n_usb_fds;
     memcpy(fds, r->usb_fds, n * sizeof *fds);
-    if (tap_budget > 0 && udrv_journal_space(&r->j) > 0) {
+    if (tap_budget > 0 && udrv_journal_space(&r->j) > 0 && !r->tap.deferred_len) {
         fds[n].fd = r->cfg.tap_fd;
         fds[n].events = POLLIN;
         fds[n].revents = 0;
@@ -596,6 +630,13 @@ static void drop_buf(struct udrv_ring *r, struct xfer *x)
     x->dev_mem = 0;
 }
 
+/* The longest frame an OUT transfer carries: a wire frame, never a 64 KiB TSO entry. */
+static uint32_t wire_max(const struct udrv_ring *r)
+{
+    uint32_t n = r->cfg.tx_wire_max;
+    return n && n < r->j.max_frame ? n : r->j.max_frame;
+}
+
 static int alloc_xfer(struct udrv_ring *r, struct xfer *x, enum xfer_kind kind, uint32_t cap)
 {
     x->ring = r;
@@ -695,6 +736,13 @@ struct udrv_ring *udrv_ring_new(void *ctx, void *handle, const struct udrv_ring_
         free(r);
         return NULL;
     }
+    if (udrv_tapread_init(&r->tap, cfg->tap_fd, cfg->tap_vnet_hdr,
+                          cfg->tx_max_frame ? cfg->tx_max_frame : r->j.max_frame) < 0) {
+        set_err(err, errlen, "tap_fd %d: %s", cfg->tap_fd, strerror(errno));
+        udrv_journal_unmap(&r->j);
+        free(r);
+        return NULL;
+    }
     r->rx = calloc(cfg->n_rx, sizeof *r->rx);
     r->tx = calloc(cfg->n_tx, sizeof *r->tx);
     r->tx_idle = calloc(cfg->n_tx, sizeof *r->tx_idle);
@@ -702,7 +750,7 @@ struct udrv_ring *udrv_ring_new(void *ctx, void *handle, const struct udrv_ring_
     int bad = !r->rx || !r->tx || !r->tx_idle || !r->held;
     for (uint32_t i = 0; !bad && i < cfg->n_rx; i++)
         bad = alloc_xfer(r, &r->rx[i], KIND_RX, f->rx_size);
-    uint32_t tx_cap = udrv_tx_encoded_max(f, r->j.max_frame);
+    uint32_t tx_cap = udrv_tx_encoded_max(f, wire_max(r));
     for (uint32_t i = 0; !bad && i < cfg->n_tx; i++) {
         bad = alloc_xfer(r, &r->tx[i], KIND_TX, tx_cap);
         r->tx_idle[r->n_tx_idle++] = &r->tx[i];
@@ -723,7 +771,7 @@ int udrv_ring_set_framing(struct udrv_ring *r, const struct udrv_framing *f)
     if (in_flight(r) || udrv_framing_check(f) < 0 || f->rx_size < 1 || f->rx_size > (1u << 20))
         return -1;
     rx_flush(r);              /* held frames point into the buffers replaced below */
-    uint32_t tx_cap = udrv_tx_encoded_max(f, r->j.max_frame);
+    uint32_t tx_cap = udrv_tx_encoded_max(f, wire_max(r));
     /* nothing is in flight: the buffers may be replaced (their contents do not matter) */
     for (uint32_t i = 0; i < r->cfg.n_rx; i++)
         if (r->rx[i].cap < f->rx_size) {
@@ -744,6 +792,7 @@ int udrv_ring_set_framing(struct udrv_ring *r, const struct udrv_framing *f)
 void udrv_ring_set_tx_max_frame(struct udrv_ring *r, uint32_t n)
 {
     r->cfg.tx_max_frame = n;
+    r->tap.mtu_max = n ? n : r->j.max_frame;
 }
 
 int udrv_ring_start(struct udrv_ring *r)
@@ -756,7 +805,8 @@ int udrv_ring_start(struct udrv_ring *r)
     /* A new epoch: the recovery that restarts us has dealt with the old errors. */
     r->tx_blocked = r->rx_stalled = r->status_stalled = r->no_device = 0;
     r->confirm_pending = 0;
-    r->confirm_bytes = 0;
+    r->confirm_frames = r->confirm_bytes = 0;
+    r->seg_active = 0;        /* the journal may have been rewound: cut entries from the start */
     r->err_first = r->err_count = 0;
     fetch_usb_fds(r);
     r->running = 1;
@@ -817,7 +867,8 @@ int udrv_ring_run(struct udrv_ring *r, int timeout_ms, int tap_budget, int wake_
 {
     /* Pump in C until the time is up or Python has something to do: a Python round trip
      * per turn costs more than the turn itself (milliseconds in a TCG guest). */
-    const uint32_t python_needed = UDRV_PUMP_STATUS | UDRV_PUMP_ERROR | UDRV_PUMP_NO_DEVICE;
+    const uint32_t python_needed = UDRV_PUMP_STATUS | UDRV_PUMP_ERROR | UDRV_PUMP_NO_DEVICE |
+                                   UDRV_PUMP_DEFERRED;
     uint64_t deadline = now_ms() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0);
     struct udrv_pump_result step;
     memset(out, 0, sizeof *out);
@@ -862,6 +913,7 @@ int udrv_ring_cancel_all_and_wait(struct udrv_ring *r, int timeout_ms)
     }
     rx_flush(r);      /* frames received before the cancel reach the TAP (running = 0: no resubmit) */
     apply_confirm(r); /* frames that made it before the cancel are confirmed, not re-sent */
+    r->seg_active = 0; /* an entry cut in part goes out whole again (duplicates, nothing lost) */
     r->rx_stalled = r->status_stalled = 0;
     r->completions = 0;
     return (int)in_flight(r);
@@ -870,6 +922,14 @@ int udrv_ring_cancel_all_and_wait(struct udrv_ring *r, int timeout_ms)
 void udrv_ring_stats(const struct udrv_ring *r, struct udrv_ring_stats *out)
 {
     *out = r->st;
+    const struct udrv_tapread_stats *t = &r->tap.st;
+    out->tap_frames_in = t->frames_in;
+    out->tap_oversize = t->oversize;
+    out->tap_read_errors = t->read_errors;
+    out->tap_offload_frames = t->offload_frames;
+    out->tap_bad_offload += t->bad_offload_request;   /* + what the plan refused at send time */
+    out->tap_short_vnet = t->short_vnet_header;
+    out->tap_deferred = t->deferred;
     out->running = (uint32_t)r->running;
     out->rx_coalesce = r->cfg.rx_coalesce;
 }
@@ -882,6 +942,18 @@ int udrv_ring_next_error(struct udrv_ring *r, struct udrv_ring_error *out)
     r->err_first = (r->err_first + 1) % UDRV_ERRQ;
     r->err_count--;
     return 1;
+}
+
+int udrv_ring_take_deferred(struct udrv_ring *r, uint8_t *buf, uint32_t cap)
+{
+    uint32_t n = r->tap.deferred_len;
+    if (!n)
+        return -1;
+    if (n > cap)
+        return -2;
+    memcpy(buf, r->tap.deferred, n);
+    r->tap.deferred_len = 0;
+    return (int)n;
 }
 
 int udrv_ring_next_status(struct udrv_ring *r, uint8_t *buf, uint32_t cap)

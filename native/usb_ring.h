@@ -6,9 +6,14 @@
  *                        (rx_coalesce: TCP segments completed in one event-handling pass go out
  *                        as one GSO super-frame, native/gro.h; their transfers are resubmitted
  *                        after that write, before the ring call returns)
- *   TAP fd readable   -> read frames straight into TX journal slots (while there is space)
- *                     -> encode -> submit bulk OUT (up to n_tx in flight)
- *   OUT transfer done -> confirm the journal through its seq
+ *   TAP fd readable   -> read frames straight into TX journal slots (while there is space;
+ *                        native/tapread.h's rules: a virtio-net header that asks for a
+ *                        checksum or TCP segmentation stays with its frame)
+ *                     -> finish in software (native/gso.h: checksum, one 64 KiB TCP frame
+ *                        cut into MTU-sized segments) -> encode -> submit bulk OUT, up to
+ *                        n_tx in flight (one transfer per wire frame)
+ *   OUT transfer done -> confirm the journal through its seq (the transfer of an entry's last
+ *                        segment: an entry is confirmed only once all of it went out)
  *   interrupt packet  -> copied to a small queue that Python drains (driver.on_status)
  * Errors are counted per reason and queued for Python; the ring never recovers by itself
  * (beyond clearing an RX STALL, as UsbNetEngine does): Python's guard cancels, restores,
@@ -55,6 +60,7 @@
 #define UDRV_PUMP_TAP_IN 0x20       /* frames were read from the TAP into the journal */
 #define UDRV_PUMP_JOURNAL_FULL 0x40 /* the journal is full: the TAP is not read (backpressure) */
 #define UDRV_PUMP_WOKEN 0x80        /* run: wake_fd became readable */
+#define UDRV_PUMP_DEFERRED 0x100    /* a TAP frame only Python finishes waits: udrv_ring_take_deferred */
 
 #define UDRV_ERRQ 16
 #define UDRV_STATQ 16
@@ -75,9 +81,13 @@ struct udrv_ring_config {
     uint32_t journal_nslots;
     uint32_t journal_slot_size;
     uint32_t tap_vnet_hdr;  /* bytes of virtio-net header on every TAP read and write (0 = none):
-                               read ones are skipped (no offloads asked), written ones zeroed */
+                               a read one that asks for TX offload work stays in the journal and
+                               the ring does the work (native/gso.h), others are dropped;
+                               written ones are zeroed or describe a coalesced super-frame */
     uint32_t rx_coalesce;   /* merge RX TCP segments into GSO super-frames (native/gro.h; needs
                                tap_vnet_hdr >= 10); cleared if the TAP refuses one */
+    uint32_t tx_wire_max;   /* longest wire frame the ring may send (the driver's max MTU + 18):
+                               sizes the OUT buffers; 0 = a journal slot */
 };
 
 struct udrv_ring_stats {
@@ -100,6 +110,10 @@ struct udrv_ring_stats {
     /* RX coalescing (gro.h): segments inside super-frames, super-frames, frames left alone
      * for a wrong checksum, super-frames the TAP refused */
     uint64_t rx_coalesced, rx_super, rx_csum_bad, rx_super_refused;
+    /* TX offloads (tapread.h, gso.h): TAP frames that asked for checksum/TSO work, frames whose
+     * request was malformed (dropped), frames shorter than their vnet header (dropped), frames
+     * handed to Python (udrv_ring_take_deferred), wire frames cut from TCP GSO frames */
+    uint64_t tap_offload_frames, tap_bad_offload, tap_short_vnet, tap_deferred, tx_segments;
     uint32_t rx_inflight;
     uint32_t tx_inflight;
     uint32_t status_inflight;
@@ -151,6 +165,10 @@ int udrv_ring_cancel_all_and_wait(struct udrv_ring *r, int timeout_ms);
 void udrv_ring_stats(const struct udrv_ring *r, struct udrv_ring_stats *out);
 /* Pop the oldest queued error: 1 = *out set, 0 = queue empty. */
 int udrv_ring_next_error(struct udrv_ring *r, struct udrv_ring_error *out);
+/* The TAP frame (with its virtio-net header) the ring could not finish itself (a GSO kind
+ * native/gso.h does not do): copied into buf, its length returned, and the ring reads the TAP
+ * again; -1 = none waits, -2 = buf too small. Python journals it (Nic.enqueue). */
+int udrv_ring_take_deferred(struct udrv_ring *r, uint8_t *buf, uint32_t cap);
 /* Pop the oldest interrupt packet into buf: its length, or -1 = queue empty. */
 int udrv_ring_next_status(struct udrv_ring *r, uint8_t *buf, uint32_t cap);
 /* Free the ring. Returns -1 (and frees nothing) while transfers are in flight: libusb still

@@ -32,13 +32,13 @@ def frame(dst: bytes, n: int, size: int = 60, src: bytes = PEER) -> bytes:
 
 
 class EcmRig:
-    def __init__(self, model: EcmModel | None = None, watchdog=None, **opts):
+    def __init__(self, model: EcmModel | None = None, watchdog=None, cls: type = CdcEcm, **opts):
         self.model = model or EcmModel()
         self.transport = ModelUsbTransport(self.model)
         self.host_rx: list[bytes] = []
         self.wire_tx: list[bytes] = []
         self.model.on_transmit = self.wire_tx.append
-        self.nic = Nic(CdcEcm, self.transport, self.host_rx.append, NicOptions(**opts), watchdog=watchdog)
+        self.nic = Nic(cls, self.transport, self.host_rx.append, NicOptions(**opts), watchdog=watchdog)
 
     def up(self) -> "EcmRig":
         self.nic.bring_up()
@@ -384,6 +384,64 @@ def test_unplug_and_replug(wrig):
     assert wrig.nic.state == "up" and wrig.model.data_alt == 1
     wrig.send([frame(PEER, 3)])
     assert wrig.wire_tx == [frame(PEER, 3)]
+
+
+# --- TX offloads in software: what the C ring leaves in the journal, sent by the Python engine --------------
+
+def tso_entry(n_payload: int, mss: int = 1448, seq: int = 7000):
+    from test_offload import gso_tcp, payload_bytes
+    return gso_tcp(payload_bytes(n_payload, salt=n_payload), mss=mss, seq=seq)
+
+
+def test_the_c_ring_variant_declares_software_tx_offloads_the_python_engine_none():
+    from udrv.drivers.pegasus import Pegasus
+    from udrv.usbnet import native_variant
+    for cls in (CdcEcm, Pegasus):
+        assert native_variant(cls).offloads == {"csum", "tso4", "tso6"}
+        assert not getattr(cls, "offloads", frozenset())
+
+
+@pytest.fixture
+def trig(watchdog):
+    """The Python engine where the C ring's variant ran before (its journal, 64 KiB slots)."""
+    from udrv.usbnet import SOFTWARE_TX_OFFLOADS
+    cls = type("CdcEcmAfterSwap", (CdcEcm,), {"offloads": SOFTWARE_TX_OFFLOADS})
+    r = EcmRig(watchdog=watchdog, cls=cls, config_deadline=0.15, datapath_deadline=0.15).up()
+    yield r
+    r.nic.close()
+
+
+def test_a_tso_entry_left_by_the_c_ring_goes_out_as_wire_frames_from_the_python_engine(trig):
+    from udrv import offload
+    rig = trig
+    h, f = tso_entry(20000)
+    want = offload.resolve(h, f)
+    assert len(want) == 14
+    rig.nic.journal.append(f, h.pack())
+    rig.nic.journal.append(frame(PEER, 1))
+    rig.pump()
+    assert rig.wire_tx == want + [frame(PEER, 1)]        # cut in order, the plain frame after it
+    assert rig.nic.journal.unconfirmed() == 0
+    assert rig.nic.engine.counters.tx_packets == 15      # wire frames, not journal entries
+
+
+@pytest.mark.parametrize("kind", ["raise", "stall"])
+def test_a_fault_in_the_middle_of_a_tso_entry_re_sends_it_whole(trig, kind):
+    from udrv import offload
+    wrig = trig
+    h, f = tso_entry(30000)
+    want = offload.resolve(h, f)
+    engine = wrig.nic.engine
+    engine.n_tx = 4                                      # the entry cannot go out in one xmit
+    wrig.nic.journal.append(f, h.pack())
+    wrig.nic.xmit()
+    assert engine._pieces and wrig.nic.journal.unsent() == 1    # not "sent" until its last piece is
+    wrig.nic.inject("poll", kind)
+    wrig.pump(60)
+    assert wrig.nic.journal.unconfirmed() == 0
+    assert wrig.nic.recoveries and wrig.nic.recoveries[-1].outcome == "recovered"
+    assert wrig.wire_tx[-len(want):] == want              # the whole entry after the recovery
+    assert set(want) <= set(wrig.wire_tx)
 
 
 # --- RX coalescing opt-in: a TAP with a virtio-net header but no offloads (root) ---------------------------

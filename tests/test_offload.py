@@ -783,3 +783,70 @@ def test_real_kernel_tcp_stream_through_tso(cls) -> None:
         transport.close()
         peer.close()
         tap.close()
+
+
+# --- the C software offloads of the USB rings (native/gso.c) against udrv.offload -------------------------
+C_ONLY = pytest.mark.skipif(not native.available(), reason=f"C fast path not built: {native.why_unavailable()}")
+
+
+def c_gso(h: VnetHdr, f: bytes) -> tuple[int, list[bytes]]:
+    """(plan result, wire frames) from native/gso.c."""
+    ffi, lib = native.ffi, native.lib
+    g = ffi.new("struct udrv_gso *")
+    rc = lib.udrv_gso_plan(h.pack(), f, len(f), g)
+    if rc != lib.UDRV_GSO_OK:
+        return rc, []
+    out = ffi.new("uint8_t[]", 70000)
+    wire = []
+    for i in range(g.nseg):
+        n = lib.udrv_gso_build(g, f, len(f), i, out, len(out))
+        assert n > 0 and n <= g.wire_max
+        wire.append(bytes(ffi.buffer(out, n)))
+    assert lib.udrv_gso_build(g, f, len(f), g.nseg, out, len(out)) == -1
+    return rc, wire
+
+
+@C_ONLY
+@pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("size,mss", [(64000, 1448), (1448 * 3, 1448), (1449, 1448), (100, 1448), (9001, 536),
+                                      (0, 1448)])
+@pytest.mark.parametrize("vlan", [False, True], ids=["untagged", "vlan"])
+def test_c_segmentation_is_byte_for_byte_the_software_one(ipv6: bool, size: int, mss: int, vlan: bool) -> None:
+    data = payload_bytes(size, salt=size)
+    h, f = gso_tcp(data, mss=mss, ipv6=ipv6, flags=ACK | PSH | FIN, seq=0xFFFFF000, ident=0xFFFE, vlan=vlan)
+    rc, wire = c_gso(h, f)
+    assert rc == native.lib.UDRV_GSO_OK
+    assert wire == offload.resolve(h, f)
+    if size:
+        check_segmentation(wire, data, mss, 0xFFFFF000, 0xFFFE, ACK | PSH | FIN, ipv6=ipv6)
+
+
+@C_ONLY
+@pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "ipv6"])
+def test_c_checksum_fill_is_the_software_one(ipv6: bool) -> None:
+    for n in (0, 1, 2, 3, 7, 8, 17, 31, 32, 33, 1400, 1472):
+        h, f = csum_udp(payload_bytes(n, salt=n), ipv6=ipv6)
+        rc, wire = c_gso(h, f)
+        assert rc == native.lib.UDRV_GSO_OK and wire == offload.resolve(h, f), n
+    h, f = csum_tcp(payload_bytes(999))
+    assert c_gso(h, f)[1] == offload.resolve(h, f)
+    plain = f[:200]
+    assert c_gso(VnetHdr(0, GSO_NONE, 0, 0, 0, 0), plain)[1] == [plain]      # asks for nothing
+
+
+@C_ONLY
+def test_c_plan_refuses_what_it_cannot_carry_out() -> None:
+    lib = native.lib
+    h, f = gso_tcp(payload_bytes(5000))
+    bad = [VnetHdr(F_NEEDS_CSUM, GSO_NONE, 0, 0, len(f), 6),                # checksum start past the end
+           VnetHdr(F_NEEDS_CSUM, GSO_NONE, 0, 0, 34, len(f)),                # field past the end
+           VnetHdr(h.flags, h.gso_type, h.hdr_len, 0, h.csum_start, 16),     # gso_size 0
+           VnetHdr(h.flags, h.gso_type, h.hdr_len, h.gso_size, h.csum_start + 4, 16),   # not the TCP header
+           VnetHdr(h.flags, GSO_TCPV6, h.hdr_len, h.gso_size, h.csum_start, 16)]        # v6 GSO on IPv4
+    for b in bad:
+        assert c_gso(b, f)[0] == lib.UDRV_GSO_BAD, b
+    assert c_gso(h, f[:50])[0] == lib.UDRV_GSO_BAD                           # ends inside the TCP header
+    for other in (VnetHdr(h.flags, h.gso_type | GSO_ECN, h.hdr_len, h.gso_size, h.csum_start, 16),
+                  VnetHdr(h.flags, GSO_UDP, h.hdr_len, h.gso_size, h.csum_start, 16),
+                  VnetHdr(0, h.gso_type, h.hdr_len, h.gso_size, h.csum_start, 16)):
+        assert c_gso(other, f)[0] == lib.UDRV_GSO_UNSUPPORTED, other        # Python's software does these

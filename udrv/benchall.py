@@ -114,6 +114,7 @@ def e1000_rows(result: dict) -> list[Row]:
 # tools/bench_cdc_ecm.py's names: both are `udrv run`; "native" as it runs by default (the C
 # transfer ring, when the extension is built), "python" with UDRV_DATAPATH=python
 CDC_VARIANTS = {"native": "C ring (udrv run)", "native-nocoalesce": "C ring, RX coalescing off",
+                "native-nooffload": "C ring, software TX offloads off",
                 "python": "Python engine"}
 
 

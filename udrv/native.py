@@ -305,9 +305,16 @@ class NativeUsbRing:
     poll(timeout): wait up to timeout for USB/TAP events, RX -> TAP, OUT completions -> journal,
     interrupt packets -> driver.on_status; raises DatapathError / DeviceGone on the errors the
     C ring queued, so the guard runs its recovery (reset: cancel, clear halts, rewind, start).
+
+    TX offloads in software (native/gso.h): with TUN_F_CSUM/TSO4/TSO6 on the TAP, the ring keeps
+    a frame's virtio-net header in the journal and fills the checksum / cuts the 64 KiB TCP frame
+    into MTU-sized segments as it submits them. A request only Python knows how to finish (UFO,
+    ECN) goes to `tap_enqueue` (Nic.enqueue, which resolves it with udrv.offload: this ring does
+    not declare `handles_vnet`, so frames Nic journals are finished ones).
     """
 
     owns_tap: bool
+    handles_vnet = False
 
     def __init__(self, driver: Any, journal: TxJournal, tap_fd: int, n_rx: int = 4, n_tx: int = 8,
                  on_progress: Callable[[], None] | None = None, *, read_tap: bool = True,
@@ -323,6 +330,9 @@ class NativeUsbRing:
         self.n_tx = n_tx
         self.on_progress = on_progress
         self.owns_tap = read_tap
+        self.tap_enqueue: Callable[[list[bytes]], int] | None = None   # set by Nic
+        self._tap_py_in = 0
+        self._tap_py_drops: dict[str, int] = {}
         self.tap_budget = tap_budget if read_tap else 0
         self.stop_timeout = stop_timeout
         self.running = False
@@ -340,6 +350,9 @@ class NativeUsbRing:
         cfg.zero_packet = int(zero_packet)
         self._tx_max = self._tx_limit()
         cfg.tx_max_frame = self._tx_max
+        # OUT buffers hold one wire frame: the largest MTU the driver allows + header + VLAN tag
+        max_mtu = getattr(driver, "max_mtu", None)
+        cfg.tx_wire_max = max_mtu + 18 if isinstance(max_mtu, int) else 0
         cfg.tap_fd = tap_fd
         cfg.journal_fd = journal.fd
         cfg.journal_nslots, cfg.journal_slot_size = journal.nslots, journal.slot_size
@@ -360,6 +373,7 @@ class NativeUsbRing:
         self._xs_names = _xfer_status_names()
         self._flag_work = lib.UDRV_PUMP_RX | lib.UDRV_PUMP_TX_DONE
         self._flag_bad = lib.UDRV_PUMP_ERROR | lib.UDRV_PUMP_NO_DEVICE
+        self._deferred_buf = ffi.new("uint8_t[]", 65536 + 512)
 
     # --- helpers ------------------------------------------------------------------------------
     def _tx_limit(self) -> int:
@@ -460,6 +474,8 @@ class NativeUsbRing:
         self._sync_tx_limit()
         flags = lib.udrv_ring_xmit(self._ring, self.tap_budget, self._res)
         self.journal.sync()
+        if flags & lib.UDRV_PUMP_DEFERRED:
+            self._take_deferred()
         if flags & self._flag_bad:
             self._raise_queued(flags)
         return self._res.tx_submitted
@@ -478,10 +494,26 @@ class NativeUsbRing:
         ms = math.ceil(timeout * 1000) if timeout > 0 else 0
         return self._after(lib.udrv_ring_run(self._ring, ms, self.tap_budget, wake_fd, self._res))
 
+    def _take_deferred(self) -> None:
+        """The TAP frame the ring left for Python (Nic.enqueue finishes it in software)."""
+        n = lib.udrv_ring_take_deferred(self._ring, self._deferred_buf, len(self._deferred_buf))
+        if n < 0:
+            return
+        raw = ffi.buffer(self._deferred_buf, n)[:]
+        if self.tap_enqueue is not None:
+            self.tap_enqueue([raw])
+            self.journal.sync()
+        else:                                   # no Nic behind this ring: count and drop
+            self._tap_py_in += 1
+            self._tap_py_drops["unhandled_offload"] = self._tap_py_drops.get("unhandled_offload", 0) + 1
+        lib.udrv_ring_xmit(self._ring, 0, self._res)    # what Nic journaled goes out now
+
     def _after(self, flags: int) -> int:
         self.journal.sync()
         if flags < 0:
             raise self._usb_error(flags, "handling USB events")
+        if flags & lib.UDRV_PUMP_DEFERRED:
+            self._take_deferred()
         if flags & lib.UDRV_PUMP_STATUS:
             buf = self._status_buf
             while (n := lib.udrv_ring_next_status(self._ring, buf, len(buf))) >= 0:
@@ -520,6 +552,18 @@ class NativeUsbRing:
         return {"tap_frames_in": s.tap_frames_in, "tx_dropped_oversize": s.tap_oversize,
                 "tap_read_errors": s.tap_read_errors, "tap_write_errors": s.tap_write_errors,
                 "status_overflow": s.status_overflow, "errors_lost": s.errors_lost}
+
+    def tap_stats(self) -> dict[str, Any]:
+        """What C counted on the TAP side, in Nic.status()'s terms (as E1000Native.tap_stats);
+        deferred frames are counted by whoever took them (Nic.enqueue)."""
+        s = self._read_stats()
+        drops = {k: v for k, v in (("oversize", s.tap_oversize), ("short_vnet_header", s.tap_short_vnet),
+                                   ("bad_offload_request", s.tap_bad_offload)) if v}
+        for k, v in self._tap_py_drops.items():
+            drops[k] = drops.get(k, 0) + v
+        return {"tap_frames_in": s.tap_frames_in + self._tap_py_in, "offload_frames": s.tap_offload_frames,
+                "tap_read_errors": s.tap_read_errors, "tap_deferred": s.tap_deferred,
+                "tx_segments": s.tx_segments, "tx_dropped": drops}
 
     def rx_coalesce_counts(self) -> dict[str, int] | None:
         """RX coalescing (as E1000Native's): on/off, segments written inside super-frames,

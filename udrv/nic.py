@@ -504,6 +504,8 @@ class Nic:
             "last_fault": self.last_error,
             "last_recovery": self.recoveries[-1].as_dict() if self.recoveries else None,
             "driver_stats": st.extra,
+            # TX wire frames cut in software from TSO frames, when the datapath does that
+            "tx_segments": (getattr(self.engine, "tap_stats", None) or (lambda: {}))().get("tx_segments"),
             # RX coalescing (GRO in the driver), when the datapath does it
             "rx_coalesce": (self.engine.rx_coalesce_counts()
                             if hasattr(self.engine, "rx_coalesce_counts") else None),

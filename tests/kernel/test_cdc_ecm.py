@@ -151,6 +151,46 @@ def tcp_receive(report: dict, host_ip: str) -> None:
     report["status_text"] = udrv("status", "--ifname", IFNAME)
 
 
+def tcp_recv(host: str, port: int) -> str:
+    """The peer's side of tcp_transmit: accept one connection, hash all it carries."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, port))
+    srv.listen(1)
+    srv.settimeout(60)
+    print("listening", flush=True)
+    conn, _ = srv.accept()
+    h, got = hashlib.sha256(), 0
+    with conn:
+        conn.settimeout(60)
+        while chunk := conn.recv(1 << 16):
+            h.update(chunk)
+            got += len(chunk)
+    return f"{got} {h.hexdigest()}"
+
+
+def tcp_transmit(report: dict, peer_ip: str) -> None:
+    """TCP from udrv0 to the peer (udrv's TX): the host's stack hands the TAP 64 KiB TSO frames
+    (the C ring declares CSUM/TSO4/TSO6), the ring cuts them into MTU-sized segments with their
+    checksums, and every byte arrives, in order, at the peer."""
+    s0 = udrv_status()
+    rcv = subprocess.Popen(["ip", "netns", "exec", PEER_NS, sys.executable, str(Path(__file__).resolve()),
+                            "tcp-recv", peer_ip, str(TCP_PORT + 1)], stdout=subprocess.PIPE, text=True)
+    assert rcv.stdout is not None
+    rcv.stdout.readline()                         # "listening"
+    data = tcp_payload(TCP_BYTES)
+    t0 = time.monotonic()
+    with socket.create_connection((peer_ip, TCP_PORT + 1), timeout=30) as c:
+        c.sendall(data)
+    got = rcv.communicate(timeout=60)[0].split()
+    report["tcp_tx_seconds"] = round(time.monotonic() - t0, 2)
+    report["tcp_tx_intact"] = got == [str(TCP_BYTES), hashlib.sha256(data).hexdigest()]
+    s1 = udrv_status()
+    report["tcp_tx"] = {k: (s1.get(k) or 0) - (s0.get(k) or 0)
+                        for k in ("tap_frames_in", "offload_frames", "tx_segments", "tx_packets")}
+    report["tcp_tx"]["tx_dropped"] = s1.get("tx_dropped")
+
+
 def start_udrv(device: str, log: Path) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-m", "udrv.cli", "run", device, "--ifname", IFNAME,
                           "--duration", "150"], stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -250,6 +290,7 @@ def guest_fecm(out: Path) -> None:
 
         report["stage"] = "tcp"
         tcp_receive(report, HOST_IP)
+        tcp_transmit(report, PEER_IP)
 
         report["stage"] = "faults"
         inject_faults(report, PEER_IP)
@@ -436,6 +477,15 @@ if pytest is not None:
         assert g["super_frames"] > 0 and g["segments"] >= 2 * g["super_frames"], g
         assert "rx coalescing on:" in fecm["status_text"], fecm["status_text"]
 
+    def test_fecm_tcp_tx_is_cut_from_tso_frames_in_the_ring_and_intact(fecm):
+        _ok(fecm)
+        assert fecm["tcp_tx_intact"], fecm
+        t = fecm["tcp_tx"]
+        # 2 MiB in 1448-byte segments is >= 1449 wire frames; far fewer TAP reads carried them
+        assert t["tx_segments"] >= 1000 and t["offload_frames"] > 0, t
+        assert t["tx_packets"] >= 1449 and t["tap_frames_in"] < t["tx_packets"] // 4, t
+        assert not t["tx_dropped"], t
+
     def test_fecm_injected_faults_are_recovered_mid_traffic(fecm):
         _ok(fecm)
         f = fecm["faults"]
@@ -482,5 +532,7 @@ if __name__ == "__main__":
         print(echo(sys.argv[2], [18, 470, 1472] * 4, int(sys.argv[3])))
     elif sys.argv[1] == "tcp-send":               # the peer namespace's side of tcp_receive
         print(tcp_send(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+    elif sys.argv[1] == "tcp-recv":               # the peer namespace's side of tcp_transmit
+        print(tcp_recv(sys.argv[2], int(sys.argv[3])))
     else:
         {"fecm": guest_fecm, "usbnet": guest_usbnet}[sys.argv[1]](Path(sys.argv[2]))
