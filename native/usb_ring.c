@@ -8,6 +8,9 @@
 #include <fcntl.h>
 #include <libusb.h>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/eventfd.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,16 +45,32 @@ struct udrv_ring {
     struct xfer *rx;
     struct xfer *tx;
     struct xfer status;
-    struct xfer **tx_idle; /* stack of OUT transfers not in flight */
+    struct xfer **tx_idle; /* stack of OUT transfers not in flight (under `lock`) */
     uint32_t n_tx_idle;
 
-    int running;
-    int tx_blocked;     /* after a TX error nothing more is confirmed or sent until restart:
-                           a later completion must not confirm the frame that failed */
+    /* Set by completions, read by the TX thread too: volatile, no ordering needed. */
+    volatile int running;
+    volatile int tx_blocked; /* after a TX error nothing more is confirmed or sent until restart:
+                                a later completion must not confirm the frame that failed */
     int rx_stalled;     /* pump clears the halt and resubmits (outside the callback, where a
                            synchronous libusb call would be unsafe) */
     int status_stalled;
-    int no_device;
+    volatile int no_device;
+
+    /* The TX thread (udrv_ring_set_tx_thread): during udrv_ring_run the TAP -> journal -> OUT
+     * half runs on a thread of its own, so it can use a second CPU while this one reaps
+     * completions and writes RX frames; it is parked whenever run() is not running, so Python
+     * only ever sees a quiescent ring. `lock` guards tx_idle, tx_inflight, the error queue and
+     * txt_flags; the journal's head/sent (the TX thread's) and tail (confirmations) are atomic. */
+    int txt_wanted;
+    int txt_started, txt_go, txt_parked, txt_quit;
+    pthread_t txt;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int txt_evfd;             /* wakes the TX thread: completions freed transfers or slots, park */
+    int main_evfd;            /* wakes run(): the TX thread needs Python (deferred frame, error) */
+    int txt_budget;
+    uint32_t txt_flags;       /* UDRV_PUMP_* the TX thread raised, merged by run() */
 
     /* OUT completions are only noted in the callback and applied to the journal in pump:
      * callbacks may also run inside Python's own control transfers, and the journal must only
@@ -70,6 +89,7 @@ struct udrv_ring {
     uint8_t seg_buf[UDRV_TAPREAD_BUF]; /* one wire frame, built before the framing encodes it */
 
     uint32_t flags;       /* UDRV_PUMP_RX / TX_DONE since the last pump */
+    uint32_t tx_completions; /* OUT completions since the TX thread was last woken */
     uint32_t completions; /* since the last pump */
 
     /* libusb's poll fds, fetched at start: libusb_get_pollfds allocates and locks on every
@@ -123,16 +143,18 @@ static uint32_t xs_of(enum libusb_transfer_status s)
 static void push_error(struct udrv_ring *r, uint32_t dir, uint32_t status, uint32_t ep, int code,
                        uint64_t seq)
 {
+    pthread_mutex_lock(&r->lock);
     if (r->err_count == UDRV_ERRQ) {
         r->st.errors_lost++; /* Python sees the first ones; recovery handles them all alike */
-        return;
+    } else {
+        struct udrv_ring_error *e = &r->errq[(r->err_first + r->err_count++) % UDRV_ERRQ];
+        e->dir = dir;
+        e->status = status;
+        e->endpoint = ep;
+        e->code = code;
+        e->seq = seq;
     }
-    struct udrv_ring_error *e = &r->errq[(r->err_first + r->err_count++) % UDRV_ERRQ];
-    e->dir = dir;
-    e->status = status;
-    e->endpoint = ep;
-    e->code = code;
-    e->seq = seq;
+    pthread_mutex_unlock(&r->lock);
 }
 
 static uint32_t in_flight(const struct udrv_ring *r)
@@ -328,9 +350,12 @@ static void LIBUSB_CALL tx_done(struct libusb_transfer *t)
 {
     struct xfer *x = t->user_data;
     struct udrv_ring *r = x->ring;
+    pthread_mutex_lock(&r->lock);
     x->in_flight = 0;
     r->st.tx_inflight--;
     r->tx_idle[r->n_tx_idle++] = x;
+    pthread_mutex_unlock(&r->lock);
+    r->tx_completions++;
     r->completions++;
     switch (t->status) {
     case LIBUSB_TRANSFER_COMPLETED:
@@ -450,12 +475,16 @@ static uint32_t tx_fill(struct udrv_ring *r)
         uint8_t last;
         if (next_wire_frame(r, &frame, &len, &seq, &last) <= 0)
             break;
+        pthread_mutex_lock(&r->lock);   /* completions push transfers back from the other thread */
         struct xfer *x = r->tx_idle[--r->n_tx_idle];
+        pthread_mutex_unlock(&r->lock);
         /* Copy into the transfer's own buffer: the framing adds a header and maybe a pad
          * byte, and the journal slot may be rewritten once confirmed. ~1 us per 1500 B. */
         int64_t n = udrv_encode_tx(&r->fr, frame, len, x->buf, x->cap);
         if (n < 0) {
+            pthread_mutex_lock(&r->lock);
             r->tx_idle[r->n_tx_idle++] = x;
+            pthread_mutex_unlock(&r->lock);
             r->tx_blocked = 1;
             push_error(r, UDRV_DIR_TX, UDRV_XS_JOURNAL_CORRUPT, r->cfg.ep_out, 0, seq);
             break;
@@ -466,16 +495,23 @@ static uint32_t tx_fill(struct udrv_ring *r)
         x->seq = seq;
         x->last = last;
         x->frame_len = len;
+        /* in flight before the submit: its completion may run on the other thread at once */
+        pthread_mutex_lock(&r->lock);
+        x->in_flight = 1;
+        r->st.tx_inflight++;
+        pthread_mutex_unlock(&r->lock);
         int rc = libusb_submit_transfer(x->t);
         if (rc < 0) {
             /* The frame stays in the journal as sent; the recovery's rewind re-issues it. */
+            pthread_mutex_lock(&r->lock);
+            x->in_flight = 0;
+            r->st.tx_inflight--;
             r->tx_idle[r->n_tx_idle++] = x;
+            pthread_mutex_unlock(&r->lock);
             r->tx_blocked = 1;
             submit_failed(r, UDRV_DIR_TX, r->cfg.ep_out, rc, seq);
             break;
         }
-        x->in_flight = 1;
-        r->st.tx_inflight++;
         sent++;
     }
     return sent;
@@ -501,7 +537,7 @@ static uint32_t tap_to_journal(struct udrv_ring *r, int budget, uint32_t *flags)
 
 /* Sleep until a libusb fd, the TAP (if we read it and the journal has room) or wake_fd is
  * readable, or timeout. Returns 1 if wake_fd became readable. */
-static int wait_events(struct udrv_ring *r, int timeout_ms, int tap_budget, int wake_fd)
+static int wait_events(struct udrv_ring *r, int timeout_ms, int tap_budget, int wake_fd, int alt_fd)
 {
     struct pollfd fds[MAX_POLLFDS];
     nfds_t n = r->n_usb_fds;
@@ -515,6 +551,12 @@ static int wait_events(struct udrv_ring *r, int timeout_ms, int tap_budget, int 
     nfds_t wake = n;
     if (wake_fd >= 0) {
         fds[n].fd = wake_fd;
+        fds[n].events = POLLIN;
+        fds[n].revents = 0;
+        n++;
+    }
+    if (alt_fd >= 0) {          /* readable = the TX thread needs Python: just return */
+        fds[n].fd = alt_fd;
         fds[n].events = POLLIN;
         fds[n].revents = 0;
         n++;
@@ -653,8 +695,17 @@ static void free_xfer(struct udrv_ring *r, struct xfer *x)
     x->t = NULL;
 }
 
+static void txt_stop(struct udrv_ring *r);
+
 static void free_all(struct udrv_ring *r)
 {
+    txt_stop(r);
+    if (r->txt_evfd >= 0)
+        close(r->txt_evfd);
+    if (r->main_evfd >= 0)
+        close(r->main_evfd);
+    pthread_mutex_destroy(&r->lock);
+    pthread_cond_destroy(&r->cond);
     if (r->rx)
         for (uint32_t i = 0; i < r->cfg.n_rx; i++)
             free_xfer(r, &r->rx[i]);
@@ -719,6 +770,9 @@ struct udrv_ring *udrv_ring_new(void *ctx, void *handle, const struct udrv_ring_
         set_err(err, errlen, "out of memory for the USB ring");
         return NULL;
     }
+    pthread_mutex_init(&r->lock, NULL);
+    pthread_cond_init(&r->cond, NULL);
+    r->txt_evfd = r->main_evfd = -1;
     r->ctx = ctx;
     r->h = handle;
     r->cfg = *cfg;
@@ -842,7 +896,7 @@ static int pump_once(struct udrv_ring *r, int timeout_ms, int tap_budget, int wa
     out->tx_submitted = tx_fill(r);
     if (timeout_ms > 0 && out->tap_in == 0 && r->completions == 0 && !r->confirm_pending &&
         !level_flags(r))
-        *woken = wait_events(r, timeout_ms, tap_budget, wake_fd);
+        *woken = wait_events(r, timeout_ms, tap_budget, wake_fd, -1);
     int rc = handle_events_now(r);
     rx_flush(r);          /* the pass's frames to the TAP, their transfers back to the device */
     after_events(r);
@@ -862,13 +916,175 @@ int udrv_ring_pump(struct udrv_ring *r, int timeout_ms, int tap_budget, struct u
     return pump_once(r, timeout_ms, tap_budget, -1, out, &woken);
 }
 
+/* --- the TX thread ------------------------------------------------------------------------------ */
+
+static const uint32_t python_needed = UDRV_PUMP_STATUS | UDRV_PUMP_ERROR | UDRV_PUMP_NO_DEVICE |
+                                      UDRV_PUMP_DEFERRED;
+
+static void evfd_signal(int fd)
+{
+    uint64_t one = 1;
+    ssize_t w = write(fd, &one, sizeof one);
+    (void)w;                    /* a full counter still wakes the reader */
+}
+
+static void evfd_drain(int fd)
+{
+    uint64_t v;
+    ssize_t n = read(fd, &v, sizeof v);
+    (void)n;
+}
+
+/* TAP -> journal -> OUT while run() lets it, asleep on the TAP or on txt_evfd otherwise. */
+static void *txt_main(void *arg)
+{
+    struct udrv_ring *r = arg;
+    for (;;) {
+        pthread_mutex_lock(&r->lock);
+        while (!r->txt_go && !r->txt_quit) {
+            r->txt_parked = 1;
+            pthread_cond_broadcast(&r->cond);
+            pthread_cond_wait(&r->cond, &r->lock);
+        }
+        r->txt_parked = 0;
+        int quit = r->txt_quit;
+        pthread_mutex_unlock(&r->lock);
+        if (quit)
+            return NULL;
+        uint32_t fl = 0;
+        uint32_t moved = tap_to_journal(r, r->txt_budget, &fl);
+        uint32_t sent = tx_fill(r);
+        if (fl || r->err_count) {
+            pthread_mutex_lock(&r->lock);
+            r->txt_flags |= fl;
+            pthread_mutex_unlock(&r->lock);
+            if ((fl & UDRV_PUMP_DEFERRED) || r->err_count)
+                evfd_signal(r->main_evfd);  /* Python's turn: run() returns */
+        }
+        if (moved || sent)
+            continue;
+        struct pollfd fds[2] = {{r->txt_evfd, POLLIN, 0}, {r->cfg.tap_fd, POLLIN, 0}};
+        int tap = udrv_journal_space(&r->j) > 0 && !r->tap.deferred_len && !r->tx_blocked;
+        if (poll(fds, tap ? 2 : 1, 50) > 0 && fds[0].revents)
+            evfd_drain(r->txt_evfd);
+    }
+}
+
+static int txt_start(struct udrv_ring *r)
+{
+    if (r->txt_started)
+        return 0;
+    if (r->txt_evfd < 0)
+        r->txt_evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (r->main_evfd < 0)
+        r->main_evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (r->txt_evfd < 0 || r->main_evfd < 0)
+        return -1;
+    /* signals stay with the threads Python knows (its handlers run in the main thread) */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    r->txt_parked = 0;
+    r->txt_go = 0;
+    int rc = pthread_create(&r->txt, NULL, txt_main, r);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0)
+        return -1;
+    r->txt_started = 1;
+    return 0;
+}
+
+static void txt_set_go(struct udrv_ring *r, int go)
+{
+    pthread_mutex_lock(&r->lock);
+    r->txt_go = go;
+    pthread_cond_broadcast(&r->cond);
+    if (!go) {
+        evfd_signal(r->txt_evfd);          /* out of its poll */
+        while (!r->txt_parked)
+            pthread_cond_wait(&r->cond, &r->lock);
+    }
+    pthread_mutex_unlock(&r->lock);
+}
+
+static void txt_stop(struct udrv_ring *r)
+{
+    if (!r->txt_started)
+        return;
+    pthread_mutex_lock(&r->lock);
+    r->txt_quit = 1;
+    pthread_cond_broadcast(&r->cond);
+    pthread_mutex_unlock(&r->lock);
+    evfd_signal(r->txt_evfd);
+    pthread_join(r->txt, NULL);
+    r->txt_started = 0;
+    r->txt_quit = 0;
+}
+
+void udrv_ring_set_tx_thread(struct udrv_ring *r, int on)
+{
+    r->txt_wanted = on;
+}
+
+/* udrv_ring_run with the TX half on the TX thread: this thread waits for USB events (and
+ * wake_fd), reaps, writes RX frames, confirms, and wakes the TX thread when OUT transfers or
+ * journal slots came free. The TX thread is parked again before returning. */
+static int run_threaded(struct udrv_ring *r, int timeout_ms, int tap_budget, int wake_fd,
+                        struct udrv_pump_result *out)
+{
+    memset(out, 0, sizeof *out);
+    if (txt_start(r) < 0) {
+        r->txt_wanted = 0;                 /* no thread here: the one-thread loop does it all */
+        return udrv_ring_run(r, timeout_ms, tap_budget, wake_fd, out);
+    }
+    evfd_drain(r->main_evfd);
+    r->txt_budget = tap_budget;
+    r->tx_completions = 0;
+    txt_set_go(r, 1);
+    uint64_t deadline = now_ms() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0);
+    int rc = 0;
+    for (;;) {
+        r->st.pumps++;
+        rx_flush(r);
+        uint64_t now = now_ms();
+        int left = now < deadline ? (int)(deadline - now) : 0;
+        int woken = 0;
+        if (left > 0 && r->completions == 0 && !r->confirm_pending && !level_flags(r))
+            woken = wait_events(r, left, 0, wake_fd, r->main_evfd);
+        rc = handle_events_now(r);
+        rx_flush(r);
+        after_events(r);
+        if (r->tx_completions) {           /* transfers and slots came free: the TX thread's turn */
+            r->tx_completions = 0;
+            evfd_signal(r->txt_evfd);
+        }
+        out->completions += r->completions;
+        r->completions = 0;
+        out->flags |= r->flags | level_flags(r);
+        r->flags = 0;
+        pthread_mutex_lock(&r->lock);
+        out->flags |= r->txt_flags;
+        r->txt_flags = 0;
+        pthread_mutex_unlock(&r->lock);
+        if (woken)
+            out->flags |= UDRV_PUMP_WOKEN;
+        if (rc < 0 || (out->flags & python_needed) || woken || left == 0)
+            break;
+    }
+    txt_set_go(r, 0);
+    /* what the TX thread did after the last look, and what its last submissions completed */
+    out->flags |= r->txt_flags | level_flags(r);
+    r->txt_flags = 0;
+    return rc < 0 ? rc : (int)out->flags;
+}
+
 int udrv_ring_run(struct udrv_ring *r, int timeout_ms, int tap_budget, int wake_fd,
                   struct udrv_pump_result *out)
 {
     /* Pump in C until the time is up or Python has something to do: a Python round trip
      * per turn costs more than the turn itself (milliseconds in a TCG guest). */
-    const uint32_t python_needed = UDRV_PUMP_STATUS | UDRV_PUMP_ERROR | UDRV_PUMP_NO_DEVICE |
-                                   UDRV_PUMP_DEFERRED;
+    if (r->txt_wanted && tap_budget > 0 && r->running)
+        return run_threaded(r, timeout_ms, tap_budget, wake_fd, out);
     uint64_t deadline = now_ms() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0);
     struct udrv_pump_result step;
     memset(out, 0, sizeof *out);

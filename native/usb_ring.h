@@ -157,6 +157,9 @@ int udrv_ring_pump(struct udrv_ring *r, int timeout_ms, int tap_budget, struct u
  * of all turns are summed into out. */
 int udrv_ring_run(struct udrv_ring *r, int timeout_ms, int tap_budget, int wake_fd,
                   struct udrv_pump_result *out);
+/* 1: udrv_ring_run moves TAP -> journal -> OUT on a thread of its own (parked whenever run
+ * is not running), to use a second CPU; 0 (default): one thread does everything. */
+void udrv_ring_set_tx_thread(struct udrv_ring *r, int on);
 /* Only TAP -> journal -> OUT (no event handling). Returns UDRV_PUMP_* level flags. */
 int udrv_ring_xmit(struct udrv_ring *r, int tap_budget, struct udrv_pump_result *out);
 /* Stop: cancel every transfer and handle events until all completed or timeout_ms passed.

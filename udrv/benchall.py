@@ -115,6 +115,7 @@ def e1000_rows(result: dict) -> list[Row]:
 # transfer ring, when the extension is built), "python" with UDRV_DATAPATH=python
 CDC_VARIANTS = {"native": "C ring (udrv run)", "native-nocoalesce": "C ring, RX coalescing off",
                 "native-nooffload": "C ring, software TX offloads off",
+                "native-1thread": "C ring, TX on the daemon's thread",
                 "python": "Python engine"}
 
 

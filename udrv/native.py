@@ -296,6 +296,12 @@ def rx_coalesce_allowed(tap_vnet_hdr: int) -> bool:
     return tap_vnet_hdr >= 10 and os.environ.get("UDRV_RX_COALESCE", "1") != "0"
 
 
+def tx_thread_allowed() -> bool:
+    """Does a USB ring's run() move TX on a second thread? Only where a second CPU can run it,
+    and the operator can say no: UDRV_TX_THREAD=0 in the environment (to compare)."""
+    return (os.cpu_count() or 1) > 1 and os.environ.get("UDRV_TX_THREAD", "1") != "0"
+
+
 # --- the USB ring -------------------------------------------------------------------------------------
 
 class NativeUsbRing:
@@ -367,6 +373,10 @@ class NativeUsbRing:
             raise UdrvError(f"cannot set up the native USB ring: {ffi.string(err).decode()}")
         # udrv_ring_free refuses (and leaks) while transfers are in flight: never a use-after-free
         self._ring = ffi.gc(ring, lib.udrv_ring_free)
+        # the TX half on a thread of its own inside run() (a second CPU for TAP reads, the
+        # software TSO cut and the submissions); UDRV_TX_THREAD=0 keeps one thread (to compare)
+        self.tx_thread = tx_thread_allowed()
+        lib.udrv_ring_set_tx_thread(self._ring, int(self.tx_thread))
         self._res = ffi.new("struct udrv_pump_result *")
         self._err = ffi.new("struct udrv_ring_error *")
         self._status_buf = ffi.new("uint8_t[]", lib.UDRV_STATUS_MAX)
