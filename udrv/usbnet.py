@@ -313,7 +313,9 @@ def native_variant(cls: type[UsbNetDriver]) -> type[UsbNetDriver]:
     # (rx_vnet_hdr, read by Nic) so the ring can write GSO super-frames.
     # TX offloads are the ring's, in software (native/gso.h), whatever the device: the host's
     # stack hands the TAP 64 KiB TCP frames and leaves the checksums, one TAP read for ~44 frames.
-    return type(f"{cls.__name__}Native", (cls,), {"make_datapath": make_datapath, "default_rings": (64, 64),
+    # A driver may ask for other depths for the C ring (native_rings).
+    return type(f"{cls.__name__}Native", (cls,), {"make_datapath": make_datapath,
+                                                   "default_rings": getattr(cls, "native_rings", (64, 64)),
                                                    "rx_vnet_hdr": bool(getattr(cls, "coalesce_rx", False)),
                                                    "offloads": SOFTWARE_TX_OFFLOADS,
                                                    "__doc__": f"{cls.__name__} with the C transfer ring."})
