@@ -535,8 +535,8 @@ static uint32_t tap_to_journal(struct udrv_ring *r, int budget, uint32_t *flags)
 
 /* --- event handling ------------------------------------------------------------------------------ */
 
-/* Sleep until a libusb fd, the TAP (if we read it and the journal has room) or wake_fd is
- * readable, or timeout. Returns 1 if wake_fd became readable. */
+/* Sleep until a libusb fd, the TAP (if we read it and the journal has room), wake_fd or alt_fd
+ * (the TX thread asking for Python) is readable, or timeout. Returns 1 if wake_fd became readable. */
 static int wait_events(struct udrv_ring *r, int timeout_ms, int tap_budget, int wake_fd, int alt_fd)
 {
     struct pollfd fds[MAX_POLLFDS];

@@ -19,8 +19,11 @@
  * (beyond clearing an RX STALL, as UsbNetEngine does): Python's guard cancels, restores,
  * rewinds the journal and restarts.
  *
- * Threading: one thread at a time. Completions run inside libusb event handling, i.e. inside
- * udrv_ring_pump / udrv_ring_cancel_all_and_wait or inside any synchronous libusb call Python
+ * Threading: one caller at a time. With udrv_ring_set_tx_thread(r, 1), udrv_ring_run hands the
+ * TAP -> journal -> OUT half to a thread of its own for as long as it runs (the thread is parked
+ * before run returns, so every other call, and Python, sees one thread). Completions run
+ * inside libusb event handling, i.e. inside udrv_ring_pump / udrv_ring_run /
+ * udrv_ring_cancel_all_and_wait or inside any synchronous libusb call Python
  * makes on the same context (a control transfer). Callbacks only touch the ring and the TAP;
  * every journal change happens inside pump/xmit/cancel, so Python's cached journal indices are
  * stale only while one of those calls runs (TxJournal.sync() after each).

@@ -504,6 +504,8 @@ class Nic:
             "last_fault": self.last_error,
             "last_recovery": self.recoveries[-1].as_dict() if self.recoveries else None,
             "driver_stats": st.extra,
+            # a USB C ring with its TX half on a thread of its own (None: no such ring)
+            "tx_thread": getattr(self.engine, "tx_thread", None),
             # TX wire frames cut in software from TSO frames, when the datapath does that
             "tx_segments": (getattr(self.engine, "tap_stats", None) or (lambda: {}))().get("tx_segments"),
             # RX coalescing (GRO in the driver), when the datapath does it

@@ -189,6 +189,7 @@ def tcp_transmit(report: dict, peer_ip: str) -> None:
     report["tcp_tx"] = {k: (s1.get(k) or 0) - (s0.get(k) or 0)
                         for k in ("tap_frames_in", "offload_frames", "tx_segments", "tx_packets")}
     report["tcp_tx"]["tx_dropped"] = s1.get("tx_dropped")
+    report["tcp_tx"]["tx_thread"] = s1.get("tx_thread")
 
 
 def start_udrv(device: str, log: Path) -> subprocess.Popen:
@@ -485,6 +486,7 @@ if pytest is not None:
         assert t["tx_segments"] >= 1000 and t["offload_frames"] > 0, t
         assert t["tx_packets"] >= 1449 and t["tap_frames_in"] < t["tx_packets"] // 4, t
         assert not t["tx_dropped"], t
+        assert t["tx_thread"] is True, t                   # 2 vCPUs: the ring's TX half had its own thread
 
     def test_fecm_injected_faults_are_recovered_mid_traffic(fecm):
         _ok(fecm)
