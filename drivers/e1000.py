@@ -1730,8 +1730,7 @@ class E1000NativeRing(E1000Ring):
         self._tr = None
         self.owns_tap = False
         self.tap_enqueue: Callable[[list[bytes]], int] | None = None
-        self._tap_py_drops: dict[str, int] = {}
-        self._tap_py_in = 0
+        self._handoff = native.TapHandoff()     # frames only Python finishes; TAP-side counts
         if fd is not None:
             tr = ffi.new("struct udrv_tapread *")
             mtu = getattr(getattr(driver, "soft", None), "mtu", 1500)
@@ -1851,11 +1850,7 @@ class E1000NativeRing(E1000Ring):
             tr.deferred_len = 0
             left -= 1
             self.journal.sync()
-            if self.tap_enqueue is not None:
-                total += self.tap_enqueue([raw])
-            else:                                   # no Nic behind this ring: count and drop
-                self._tap_py_in += 1
-                self._tap_py_drops["unhandled_offload"] = self._tap_py_drops.get("unhandled_offload", 0) + 1
+            total += self._handoff.hand(self.tap_enqueue, raw)
         if total:
             self.journal.sync()
         return total
@@ -1869,13 +1864,8 @@ class E1000NativeRing(E1000Ring):
             return getattr(self, "_tap_closed", None) or {"tap_frames_in": 0, "offload_frames": 0,
                                                           "tap_read_errors": 0, "tx_dropped": {}}
         st = self._tr.st
-        drops = {k: v for k, v in (("oversize", st.oversize), ("short_vnet_header", st.short_vnet_header),
-                                   ("bad_offload_request", st.bad_offload_request)) if v}
-        for k, v in self._tap_py_drops.items():
-            drops[k] = drops.get(k, 0) + v
-        return {"tap_frames_in": st.frames_in + self._tap_py_in, "offload_frames": st.offload_frames,
-                "tap_read_errors": st.read_errors, "tap_deferred": st.deferred,
-                "tap_journal_full": st.journal_full, "tx_dropped": drops}
+        return self._handoff.stats(st.frames_in, st.offload_frames, st.read_errors, st.deferred, st.oversize,
+                                   st.short_vnet_header, st.bad_offload_request, tap_journal_full=st.journal_full)
 
     # --- hot paths ------------------------------------------------------------------------------------
     def xmit(self) -> int:

@@ -296,6 +296,33 @@ def rx_coalesce_allowed(tap_vnet_hdr: int) -> bool:
     return tap_vnet_hdr >= 10 and os.environ.get("UDRV_RX_COALESCE", "1") != "0"
 
 
+class TapHandoff:
+    """The TAP side of a C ring that reads the TAP itself (the e1000 ring, the USB ring): a frame
+    only Python can finish goes to the ring's `tap_enqueue` (Nic.enqueue, which counts it) or,
+    with no Nic behind the ring, is counted here and dropped; stats() puts C's counts in
+    Nic.status()'s terms."""
+
+    def __init__(self) -> None:
+        self.frames_in = 0
+        self.drops: dict[str, int] = {}
+
+    def hand(self, enqueue: Callable[[list[bytes]], int] | None, raw: bytes) -> int:
+        if enqueue is not None:
+            return enqueue([raw])
+        self.frames_in += 1
+        self.drops["unhandled_offload"] = self.drops.get("unhandled_offload", 0) + 1
+        return 0
+
+    def stats(self, frames_in: int, offload_frames: int, read_errors: int, deferred: int, oversize: int,
+              short_vnet_header: int, bad_offload_request: int, **extra: int) -> dict[str, Any]:
+        drops = {k: v for k, v in (("oversize", oversize), ("short_vnet_header", short_vnet_header),
+                                   ("bad_offload_request", bad_offload_request)) if v}
+        for k, v in self.drops.items():
+            drops[k] = drops.get(k, 0) + v
+        return {"tap_frames_in": frames_in + self.frames_in, "offload_frames": offload_frames,
+                "tap_read_errors": read_errors, "tap_deferred": deferred, **extra, "tx_dropped": drops}
+
+
 def tx_thread_allowed() -> bool:
     """Does a USB ring's run() move TX on a second thread? Only where a second CPU can run it,
     and the operator can say no: UDRV_TX_THREAD=0 in the environment (to compare)."""
@@ -337,8 +364,7 @@ class NativeUsbRing:
         self.on_progress = on_progress
         self.owns_tap = read_tap
         self.tap_enqueue: Callable[[list[bytes]], int] | None = None   # set by Nic
-        self._tap_py_in = 0
-        self._tap_py_drops: dict[str, int] = {}
+        self._handoff = TapHandoff()
         self.tap_budget = tap_budget if read_tap else 0
         self.stop_timeout = stop_timeout
         self.running = False
@@ -509,13 +535,8 @@ class NativeUsbRing:
         n = lib.udrv_ring_take_deferred(self._ring, self._deferred_buf, len(self._deferred_buf))
         if n < 0:
             return
-        raw = ffi.buffer(self._deferred_buf, n)[:]
-        if self.tap_enqueue is not None:
-            self.tap_enqueue([raw])
-            self.journal.sync()
-        else:                                   # no Nic behind this ring: count and drop
-            self._tap_py_in += 1
-            self._tap_py_drops["unhandled_offload"] = self._tap_py_drops.get("unhandled_offload", 0) + 1
+        self._handoff.hand(self.tap_enqueue, ffi.buffer(self._deferred_buf, n)[:])
+        self.journal.sync()
         lib.udrv_ring_xmit(self._ring, 0, self._res)    # what Nic journaled goes out now
 
     def _after(self, flags: int) -> int:
@@ -567,13 +588,8 @@ class NativeUsbRing:
         """What C counted on the TAP side, in Nic.status()'s terms (as E1000Native.tap_stats);
         deferred frames are counted by whoever took them (Nic.enqueue)."""
         s = self._read_stats()
-        drops = {k: v for k, v in (("oversize", s.tap_oversize), ("short_vnet_header", s.tap_short_vnet),
-                                   ("bad_offload_request", s.tap_bad_offload)) if v}
-        for k, v in self._tap_py_drops.items():
-            drops[k] = drops.get(k, 0) + v
-        return {"tap_frames_in": s.tap_frames_in + self._tap_py_in, "offload_frames": s.tap_offload_frames,
-                "tap_read_errors": s.tap_read_errors, "tap_deferred": s.tap_deferred,
-                "tx_segments": s.tx_segments, "tx_dropped": drops}
+        return self._handoff.stats(s.tap_frames_in, s.tap_offload_frames, s.tap_read_errors, s.tap_deferred,
+                                   s.tap_oversize, s.tap_short_vnet, s.tap_bad_offload, tx_segments=s.tx_segments)
 
     def rx_coalesce_counts(self) -> dict[str, int] | None:
         """RX coalescing (as E1000Native's): on/off, segments written inside super-frames,
