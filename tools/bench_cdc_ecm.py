@@ -12,8 +12,9 @@ runs its turns in a C loop). TX = host -> gadget, RX = gadget -> host (-R).
 With --compare-no-coalesce the C ring also runs with RX coalescing off (UDRV_RX_COALESCE=0),
 before the default one, in the same boot; --compare-no-offload likewise with the ring's software
 TX offloads off (UDRV_OFFLOADS=none: one TAP read per wire frame), --compare-one-thread with the
-ring's TX half on the daemon's own thread (UDRV_TX_THREAD=0); --skip-python leaves the Python
-engine out.
+ring's TX half on the daemon's own thread (UDRV_TX_THREAD=0), --compare-no-placement with the
+daemon left where the scheduler puts it (UDRV_CPU_PLACEMENT=0, udrv/placement.py); --skip-python
+leaves the Python engine out.
 """
 from __future__ import annotations
 
@@ -147,7 +148,7 @@ def wait(pred, timeout: float, what: str) -> None:
 
 
 def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool = True,
-                no_offload: bool = False, one_thread: bool = False) -> None:
+                no_offload: bool = False, one_thread: bool = False, no_placement: bool = False) -> None:
     from udrv.gadget.configfs import ecm_gadget, interface_netdevs, modprobe, wait_host_device
     res: dict = {"seconds": seconds}
     try:
@@ -183,6 +184,8 @@ def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool
                     variants.append(("native-nooffload", run, {"UDRV_OFFLOADS": "none"}))
                 if one_thread:
                     variants.append(("native-1thread", run, {"UDRV_TX_THREAD": "0"}))
+                if no_placement:
+                    variants.append(("native-noplacement", run, {"UDRV_CPU_PLACEMENT": "0"}))
                 variants.append(("native", run, {}))
             else:
                 res["native_unavailable"] = native.why_unavailable()
@@ -226,7 +229,7 @@ def report(res: dict) -> str:
     k = res["kernel"]
     lines = [f"iperf3 over the kernel's f_ecm gadget on dummy_hcd, {res['seconds']} s per direction, one guest boot",
              f"  kernel cdc_ether : TX {k['tx']:8.1f} Mbit/s   RX {k['rx']:8.1f} Mbit/s"]
-    for name in ("python", "native-nocoalesce", "native-nooffload", "native-1thread", "native"):
+    for name in ("python", "native-nocoalesce", "native-nooffload", "native-1thread", "native-noplacement", "native"):
         r = res.get(name)
         if r is None:
             continue
@@ -248,7 +251,7 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "guest":
         guest_bench(int(sys.argv[2]), Path(sys.argv[3]), no_coalesce="--no-coalesce" in sys.argv[4:],
                     python="--skip-python" not in sys.argv[4:], no_offload="--no-offload" in sys.argv[4:],
-                    one_thread="--one-thread" in sys.argv[4:])
+                    one_thread="--one-thread" in sys.argv[4:], no_placement="--no-placement" in sys.argv[4:])
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=5)
@@ -261,6 +264,8 @@ def main() -> int:
                     help="also run the C ring without its software TX offloads (UDRV_OFFLOADS=none)")
     ap.add_argument("--compare-one-thread", action="store_true",
                     help="also run the C ring with its TX half on the daemon's thread (UDRV_TX_THREAD=0)")
+    ap.add_argument("--compare-no-placement", action="store_true",
+                    help="also run the C ring without CPU placement (UDRV_CPU_PLACEMENT=0)")
     ap.add_argument("--skip-python", action="store_true", help="leave the Python engine out")
     a = ap.parse_args()
     from tools import guest
@@ -270,7 +275,8 @@ def main() -> int:
         out = Path(tmp) / "bench.json"
         extra = ((["--no-coalesce"] if a.compare_no_coalesce else []) + (["--skip-python"] if a.skip_python else [])
                  + (["--no-offload"] if a.compare_no_offload else [])
-                 + (["--one-thread"] if a.compare_one_thread else []))
+                 + (["--one-thread"] if a.compare_one_thread else [])
+                 + (["--no-placement"] if a.compare_no_placement else []))
         r = guest.run([sys.executable, str(Path(__file__).resolve()), "guest", str(a.seconds), str(out), *extra],
                       guest.GuestDevices(smp=a.smp), timeout=600, cwd=ROOT, out_dir=tmp)
         if not out.exists():

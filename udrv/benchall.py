@@ -116,6 +116,7 @@ def e1000_rows(result: dict) -> list[Row]:
 CDC_VARIANTS = {"native": "C ring (udrv run)", "native-nocoalesce": "C ring, RX coalescing off",
                 "native-nooffload": "C ring, software TX offloads off",
                 "native-1thread": "C ring, TX on the daemon's thread",
+                "native-noplacement": "C ring, no CPU placement",
                 "python": "Python engine"}
 
 

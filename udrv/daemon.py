@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from .driver import RxMode
 from .errors import UdrvError
+from .placement import SoftirqAvoider
 from .nic import Nic
 from .tap import HostConfig, Tap
 
@@ -59,6 +60,8 @@ class Daemon:
         self._tap_registered = False
         # one fd that is readable when any fd Python serves is: the wake fd of the C ring loop
         self._wake = select.epoll()
+        # off the CPUs busy with the kernel's interrupt work for the device (udrv/placement.py)
+        self._placement = SoftirqAvoider()
 
     # --- setup -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -169,6 +172,7 @@ class Daemon:
             if now >= next_link:
                 next_link = now + self.timers.link_check
                 self._link_watchdog()
+                self._placement.tick()
             if self.on_tick:
                 self.on_tick()
 
@@ -334,6 +338,7 @@ class Daemon:
         return {"ok": True}
 
     def close(self) -> None:
+        self._placement.restore()
         self._wake.close()
         if self._ctrl is not None:
             path = control_path(self.tap.name)
