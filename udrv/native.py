@@ -326,7 +326,7 @@ class TapHandoff:
 def tx_thread_allowed() -> bool:
     """Does a USB ring's run() move TX on a second thread? Only where a second CPU can run it,
     and the operator can say no: UDRV_TX_THREAD=0 in the environment (to compare)."""
-    return (os.cpu_count() or 1) > 1 and os.environ.get("UDRV_TX_THREAD", "1") != "0"
+    return len(os.sched_getaffinity(0)) > 1 and os.environ.get("UDRV_TX_THREAD", "1") != "0"
 
 
 # --- the USB ring -------------------------------------------------------------------------------------
@@ -409,7 +409,7 @@ class NativeUsbRing:
         self._xs_names = _xfer_status_names()
         self._flag_work = lib.UDRV_PUMP_RX | lib.UDRV_PUMP_TX_DONE
         self._flag_bad = lib.UDRV_PUMP_ERROR | lib.UDRV_PUMP_NO_DEVICE
-        self._deferred_buf = ffi.new("uint8_t[]", 65536 + 512)
+        self._deferred_buf = ffi.new("uint8_t[]", lib.UDRV_TAPREAD_BUF)   # what tapread can hold
 
     # --- helpers ------------------------------------------------------------------------------
     def _tx_limit(self) -> int:
