@@ -28,6 +28,7 @@ device or a bug scribbling over descriptor memory cannot make us point the NIC e
 """
 from __future__ import annotations
 
+import os
 import struct
 import time
 from dataclasses import dataclass, field
@@ -1695,6 +1696,12 @@ class E1000NativeRing(E1000Ring):
     this class does the one MMIO write per batch, so it runs on the model and on VFIO alike.
     Lifecycle, resets and checks are the Python ring's (same rings, same indices).
 
+    Where C can reach BAR0 itself (VFIO: `pci.mmio_region()`), run() goes further: the whole
+    turn (harvest, reclaim, TAP read, fill and the RDT/TDT writes) loops in C
+    (native/e1000_loop.c) for up to a timeout, sleeping between empty turns, and comes back to
+    Python only for what Python decides (a frame C cannot finish, a head register out of range,
+    a journal error). On the in-process model the daemon's Python loop calls poll() instead.
+
     With a TAP fd the ring also reads the TAP (native/tapread.c, Nic.enqueue's rules) at the
     start of xmit(), so the runtime must not (`owns_tap`); the few frames only udrv.offload can
     judge go back to `tap_enqueue` (Nic.enqueue). Counts: tap_stats(), merged by Nic.status()."""
@@ -1731,6 +1738,9 @@ class E1000NativeRing(E1000Ring):
         self.owns_tap = False
         self.tap_enqueue: Callable[[list[bytes]], int] | None = None
         self._handoff = native.TapHandoff()     # frames only Python finishes; TAP-side counts
+        self._mmio: Any = None                  # struct e1000_mmio, opened by run() on first use
+        self._mmio_key: tuple[int, int, int] | None = None
+        self._loop = ffi.new("struct e1000_loop_result *")
         if fd is not None:
             tr = ffi.new("struct udrv_tapread *")
             mtu = getattr(getattr(driver, "soft", None), "mtu", 1500)
@@ -1823,6 +1833,7 @@ class E1000NativeRing(E1000Ring):
 
     def close(self) -> None:
         self.running = False
+        self._close_mmio()
         if self._tr is not None:
             self._tap_closed = self.tap_stats()     # the counts survive; the TAP is no longer read
             self._tr = None
@@ -1945,6 +1956,73 @@ class E1000NativeRing(E1000Ring):
     def _tx_reclaim(self) -> int:
         n = self._lib.e1000_tx_reclaim(self._r)
         return self._after_tx(n)
+
+    # --- the loop in C (native/e1000_loop.c) ------------------------------------------------------
+    poll_interval = 0.001        # an empty turn sleeps this long: the device offers no event fd
+    # a turn that caught up is followed by the next this long after it began (interrupt
+    # moderation: see native/e1000_loop.h)
+    turn_gap = float(os.environ.get("UDRV_TURN_GAP_US", "1000")) / 1e6
+
+    def _region(self) -> Any:
+        f = getattr(self.pci, "mmio_region", None)
+        return f() if f is not None else None
+
+    @property
+    def can_run(self) -> bool:
+        """run() needs C to reach BAR0 (VFIO); on a model the daemon's Python loop polls.
+        UDRV_E1000_LOOP=0 in the environment keeps the Python loop (to compare)."""
+        return (self._tr is not None and self._r.tap_fd >= 0 and self._region() is not None
+                and os.environ.get("UDRV_E1000_LOOP", "1") != "0")
+
+    def _mmio_for(self, region: Any) -> Any:
+        key = (region.fd, region.offset, region.size)
+        if self._mmio_key != key:           # first use, or the transport was reopened
+            self._close_mmio()
+            m = self._ffi.new("struct e1000_mmio *")
+            if self._lib.e1000_mmio_open(m, region.fd, region.offset, region.size, int(region.mappable)) < 0:
+                raise E1000Error(f"BAR0 is {region.size} bytes: too small for the e1000's ring registers")
+            self._mmio, self._mmio_key = m, key
+        return self._mmio
+
+    def _close_mmio(self) -> None:
+        if self._mmio is not None:
+            self._lib.e1000_mmio_close(self._mmio)
+        self._mmio, self._mmio_key = None, None
+
+    def loop_counts(self) -> dict[str, int]:
+        """The C loop's turns, sleeps and what moved in them (all runs of this ring)."""
+        lp = self._loop
+        return {"turns": lp.turns, "sleeps": lp.sleeps, "rx": lp.rx, "reclaimed": lp.reclaimed,
+                "tap_in": lp.tap_in, "filled": lp.filled, "idle_checks": lp.idle_checks}
+
+    def run(self, timeout: float, wake_fd: int = -1) -> int:
+        """Turns in C for up to timeout seconds (see the class notes); back early when wake_fd is
+        readable or Python must act. A frame C left to Python waits for the caller's next
+        xmit() (the daemon calls it after every run). Returns frames and completions moved."""
+        region = self._region() if self.running else None
+        if region is None or self._tr is None:
+            return self.poll(timeout)       # closed transport or no TAP: Python's own turn
+        m = self._mmio_for(region)
+        r, lib, lp = self._r, self._lib, self._loop
+        self._tr.mtu_max = self.driver.soft.mtu + 18
+        before = lp.rx + lp.reclaimed + lp.filled + lp.tap_in
+        checks = lp.idle_checks
+        flags = lib.E1000L_YIELD | (0 if self._pending else lib.E1000L_TX)
+        rc = lib.e1000_ring_run(r, self._tr, m, wake_fd, max(0, int(timeout * 1e6)),
+                                int(self.poll_interval * 1e6), self.tap_budget, int(self.turn_gap * 1e6), flags, lp)
+        self.journal.sync()
+        self.idle_checks += lp.idle_checks - checks
+        if rc & lib.E1000L_EJOURNAL:
+            raise UdrvError("the TX journal refused an operation from the C ring: journal corrupted")
+        if rc & lib.E1000L_MMIO_ERROR:
+            m.errors = 0
+            self.driver.rd(STATUS)              # DeviceGone if the device is; else say what failed
+            raise DriverFault("poll", "device", "a register access through the VFIO device fd failed")
+        if rc & lib.E1000L_CHECK:
+            self._idle_check()                  # raises what Python's checks raise
+        if rc & lib.E1000L_WORK and self.on_progress:
+            self.on_progress()
+        return lp.rx + lp.reclaimed + lp.filled + lp.tap_in - before
 
     def _after_tx(self, n: int) -> int:
         self.journal.sync()

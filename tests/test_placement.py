@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from udrv.placement import SoftirqAvoider, read_cpu_times
+from udrv.placement import Priority, SoftirqAvoider, read_cpu_times
 
 
 def stat(rows: dict[int, tuple[int, int, int]]) -> str:
@@ -87,3 +87,43 @@ def test_really_moves_every_thread_and_restores():
     finally:
         ev.set()
         t.join()
+
+
+# --- the daemon's priority ----------------------------------------------------------------------
+
+def test_priority_raises_every_thread_and_gives_it_back(caplog):
+    import threading
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, daemon=True)
+    t.start()
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    other_before = os.getpriority(os.PRIO_PROCESS, t.native_id)
+    p = Priority(nice=min(before, other_before) - 2)
+    try:
+        changed = p.apply()
+        if os.geteuid() != 0:
+            assert not changed and "CAP_SYS_NICE" in caplog.text   # said once, in one sentence
+            assert os.getpriority(os.PRIO_PROCESS, 0) == before
+            return
+        assert changed
+        assert os.getpriority(os.PRIO_PROCESS, 0) == p.nice
+        assert os.getpriority(os.PRIO_PROCESS, t.native_id) == p.nice
+    finally:
+        p.restore()
+        stop.set()
+        t.join()
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before
+
+
+def test_priority_zero_leaves_the_threads_alone():
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    p = Priority(nice=0)
+    assert not p.apply()
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before
+
+
+def test_priority_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("UDRV_NICE", "0")
+    assert Priority().nice == 0
+    monkeypatch.delenv("UDRV_NICE")
+    assert Priority().nice == -2

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from .driver import RxMode
 from .errors import UdrvError
-from .placement import SoftirqAvoider
+from .placement import Priority, SoftirqAvoider
 from .nic import Nic
 from .tap import HostConfig, Tap
 
@@ -62,10 +62,12 @@ class Daemon:
         self._wake = select.epoll()
         # off the CPUs busy with the kernel's interrupt work for the device (udrv/placement.py)
         self._placement = SoftirqAvoider()
+        self._priority = Priority()
 
     # --- setup -------------------------------------------------------------------------------
     def start(self) -> None:
         """Bring the device up and make the TAP look like it (MAC, MTU, carrier)."""
+        self._priority.apply()
         self.nic.bring_up()
         self.tap.set_mac(self.nic.mac)
         self.tap.set_mtu(self.nic.driver.soft.mtu)
@@ -151,6 +153,8 @@ class Daemon:
                 nic.xmit()
                 busy = nic.poll(0.0) > 0
                 nic.xmit()
+                if busy:
+                    self._priority.batch_done()
             if nic.state != state:
                 state = nic.state
                 if state != "up":             # the host learns at once, not at the next link check
@@ -339,6 +343,7 @@ class Daemon:
 
     def close(self) -> None:
         self._placement.restore()
+        self._priority.restore()
         self._wake.close()
         if self._ctrl is not None:
             path = control_path(self.tap.name)

@@ -196,6 +196,10 @@ class ModelPciTransport:
         self.model.function_reset()
         return True
 
+    def mmio_region(self) -> None:
+        """The model's registers exist only as Python calls: no C loop on them."""
+        return None
+
     def fds(self) -> dict[str, int]:
         return {}
 

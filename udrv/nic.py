@@ -331,8 +331,10 @@ class Nic:
             return 0
 
     def runs_in_c(self) -> bool:
-        """The datapath can run turns in a C loop (`run`): it reads the TAP itself and has run()."""
-        return getattr(self.engine, "owns_tap", False) and callable(getattr(self.engine, "run", None))
+        """The datapath can run turns in a C loop (`run`): it reads the TAP itself, has run() and
+        (`can_run`, where it depends on the transport) can use it here."""
+        e = self.engine
+        return getattr(e, "owns_tap", False) and callable(getattr(e, "run", None)) and getattr(e, "can_run", True)
 
     def run(self, timeout: float, wake_fd: int = -1) -> int:
         """Datapath turns in the engine's C loop for up to timeout seconds, back early when
@@ -506,6 +508,8 @@ class Nic:
             "driver_stats": st.extra,
             # a USB C ring with its TX half on a thread of its own (None: no such ring)
             "tx_thread": getattr(self.engine, "tx_thread", None),
+            # a datapath whose whole turn loops in C (the e1000 ring on VFIO): its turns and sleeps
+            "c_loop": self.engine.loop_counts() if hasattr(self.engine, "loop_counts") and self.runs_in_c() else None,
             # TX wire frames cut in software from TSO frames, when the datapath does that
             "tx_segments": (getattr(self.engine, "tap_stats", None) or (lambda: {}))().get("tx_segments"),
             # RX coalescing (GRO in the driver), when the datapath does it

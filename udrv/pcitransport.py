@@ -78,6 +78,16 @@ class DmaBuffer:
         return DmaExport(self.fd, self.offset, self.mapped_size or self.size, self.iova)
 
 
+@dataclass(frozen=True)
+class MmioRegion:
+    """BAR0 as C code reaches it without Python: the VFIO device fd, BAR0's offset in it, its
+    size, and whether the region may be mapped (else pread/pwrite at the offset)."""
+    fd: int
+    offset: int
+    size: int
+    mappable: bool
+
+
 class PciTransport(Protocol):
     """What a PCI driver may do with its device."""
 
@@ -100,6 +110,7 @@ class PciTransport(Protocol):
     # --- lifecycle ---------------------------------------------------------------------------
     def reset(self) -> bool: ...          # False: the device offers no reset (bus mastering is off anyway)
     def fds(self) -> dict[str, int]: ...  # {"container", "group", "device"}; {} for in-process models
+    def mmio_region(self) -> MmioRegion | None: ...   # None: BAR0 only through read32/write32 (models)
     def close(self) -> None: ...
 
 

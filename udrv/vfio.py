@@ -22,7 +22,7 @@ from .dma import PAGE, DmaMemory, DmaPool, IovaAllocator, round_up
 from .errors import (DeviceBusy, DeviceGone, DeviceNotBound, DmaError, HostSetupError,
                      PermissionDeniedError, UdrvError)
 from .pcibind import Sysfs, describe_nonviable, group_members, pci_info
-from .pcitransport import (DmaBuffer, DmaExport, DmaMapping, PciInfo, check_config, check_mmio,
+from .pcitransport import (DmaBuffer, DmaExport, DmaMapping, MmioRegion, PciInfo, check_config, check_mmio,
                            update_bus_master)
 
 # --- the ioctl layer ---------------------------------------------------------------------------
@@ -362,6 +362,12 @@ class VfioTransport:
 
     def fds(self) -> dict[str, int]:
         return {"container": self._container, "group": self._group, "device": self._device}
+
+    def mmio_region(self) -> MmioRegion | None:
+        if self._closed:
+            return None
+        return MmioRegion(fd=self._device, offset=self._bar.offset, size=self._bar.size,
+                          mappable=bool(self._bar.flags & REGION_INFO_FLAG_MMAP))
 
     def close(self) -> None:
         if self._closed:

@@ -146,6 +146,7 @@ def guest_scenario(model: str, host_ip: str, guest_ip: str, out: Path) -> None:
         inject_faults(report, host_ip)
         st1 = json.loads(collect(status_cli))
         report["status_delta"] = {k: st1[k] - st0[k] for k in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes")}
+        report["c_loop"] = st1.get("c_loop")
         report["echo_after_faults"] = echo(host_ip, [100, 1472] * 5)
         report["dmar_faults"] = dmar_faults()
 
@@ -238,6 +239,10 @@ if pytest is not None:
         assert d["tx_bytes"] > sum([18, 100, 470, 1000, 1472] * 6), d
         peer = run["_peer"]       # the TAP's own counters: its rx is what the guest sent
         assert peer["rx_packets"] >= run["echo_sent"] and peer["tx_packets"] >= run["echo_back"], peer
+        if native.available():    # the whole turn looped in C on vfio-pci (native/e1000_loop.c)
+            loop = run["c_loop"]
+            assert loop and loop["rx"] >= run["echo_sent"] and loop["tap_in"] >= run["echo_sent"], loop
+            assert loop["sleeps"] > 0 and loop["turns"] > loop["sleeps"], loop
 
     def test_faults_injected_mid_traffic_are_recovered(run):
         _ok(run)
