@@ -393,6 +393,7 @@ class NativeUsbRing:
         cfg.tap_vnet_hdr = tap_vnet_hdr
         cfg.rx_coalesce = int(rx_coalesce and rx_coalesce_allowed(tap_vnet_hdr))
         err = ffi.new("char[]", 512)
+        self._final_stats = ffi.new("struct udrv_ring_stats *")     # what _read_stats gives once closed
         ring = lib.udrv_ring_new(ffi.cast("void *", ctx_p), ffi.cast("void *", handle_p), cfg,
                                  self._nframing.cstruct, err, len(err))
         if ring == ffi.NULL:
@@ -497,10 +498,12 @@ class NativeUsbRing:
         return again
 
     def close(self) -> None:
-        """Stop and free the ring (its memory stays allocated if transfers never came back)."""
+        """Stop and free the ring (its memory stays allocated if transfers never came back).
+        Its counts stay readable: a restart absorbs them after the close."""
         if self._ring is None:
             return
         self.stop()
+        self._final_stats = self._read_stats()
         ffi.release(self._ring)
         self._ring = None
 
@@ -557,7 +560,9 @@ class NativeUsbRing:
 
     # --- counters -----------------------------------------------------------------------------------
     def _read_stats(self) -> Any:
-        """A fresh snapshot of the C counters (struct udrv_ring_stats)."""
+        """A fresh snapshot of the C counters (struct udrv_ring_stats); after close(), the last."""
+        if self._ring is None:
+            return self._final_stats
         out = ffi.new("struct udrv_ring_stats *")
         lib.udrv_ring_stats(self._ring, out)
         return out
