@@ -136,3 +136,25 @@ def test_the_model_tier_recovery_section_follows_the_devices(tmp_path: Path):
     assert "Recovery latency, every driver" not in benchall.write_outputs([c], {"seconds": 5}, tmp_path)
     args = build_parser().parse_args(["bench", "--no-model-recovery"])
     assert args.no_model_recovery and args.repeats == 10
+
+
+def test_cdc_ecm_details_compare_checkpoint_with_full_restart_on_the_gadget():
+    def run(mode, gaps, recovery_ms):
+        return {"mode": mode, "impl": "c", "sent": 1000, "received": 990, "duplicates": 0, "baseline_gap_ms": 3.0,
+                "gaps_ms": {"xmit:raise": gaps}, "per_fault": {"xmit:raise": {"recovery_ms": recovery_ms,
+                                                                                "silent_ms": [], "outcomes": []}},
+                "spacing_s": {"xmit:raise": 0.7}, "recoveries": 3, "escalations": 0, "restarts": 0,
+                "implementation": "CdcEcmNative"}
+    raw = {"recovery": [run("checkpoint", [10.0, 20.0, 30.0], [5.0, 6.0, 7.0]),
+                        run("restart", [200.0, 200.0, 200.0], [1.0, 1.0, 1.0]),
+                        {"mode": "other", "error": "UdrvError: the daemon did not come up"}]}
+    text = "\n".join(benchall.cdc_ecm_details(raw))
+    assert "| xmit:raise | 3 | 20.0 | 30.0 | 200.0 | 200.0 | 90% | 6.0 | - |" in text
+    assert "other run failed: UdrvError: the daemon did not come up" in text
+    assert "--swap-after 0" in text
+
+
+def test_udrv_run_swap_after_zero_never_swaps():
+    args = build_parser().parse_args(["run", "model:cdc_ecm", "--swap-after", "0"])
+    assert args.swap_after == 0
+    assert build_parser().parse_args(["run"]).swap_after == 3

@@ -14,7 +14,10 @@ before the default one, in the same boot; --compare-no-offload likewise with the
 TX offloads off (UDRV_OFFLOADS=none: one TAP read per wire frame), --compare-one-thread with the
 ring's TX half on the daemon's own thread (UDRV_TX_THREAD=0), --compare-no-placement with the
 daemon left where the scheduler puts it (UDRV_CPU_PLACEMENT=0, udrv/placement.py); --skip-python
-leaves the Python engine out.
+leaves the Python engine out. Then (C ring) recovery latency on the real gadget: a 1 ms UDP probe
+from the host side to an echo behind usb0 while faults are injected into the running daemon,
+recovered by checkpoint, then by a full restart (`udrv run --recovery restart`), 10 of each
+(--no-recovery skips it).
 """
 from __future__ import annotations
 
@@ -147,8 +150,65 @@ def wait(pred, timeout: float, what: str) -> None:
     raise RuntimeError(f"timed out waiting for {what}")
 
 
+class _RunningDaemon:
+    """`udrv run` in a child process, as sidebyside.recovery_run drives it (inject, status)."""
+
+    def __init__(self, proc: subprocess.Popen, recovery: str):
+        self.proc, self.recovery, self.impl = proc, recovery, "c"
+
+    def inject(self, entry: str, kind: str) -> None:
+        from udrv.daemon import request
+        r = request("udrv0", {"cmd": "inject", "entry": entry, "kind": kind, "count": 1}, timeout=10.0)
+        if not r.get("ok"):
+            raise RuntimeError(f"udrv inject {entry} {kind}: {r.get('error')}")
+
+    def status(self) -> dict:
+        from udrv.daemon import request
+        return request("udrv0", {"cmd": "status"}, timeout=10.0)["status"]
+
+
+RECOVERY_FAULTS = ("xmit:raise", "poll:stall", "poll:timeout")
+
+
+def recovery_runs(run: list[str], gif: str, out: Path, repeats: int) -> list[dict]:
+    """The 1 ms probe from the host side across udrv0 to an echo on the gadget's side, with
+    faults injected into the running daemon: checkpoint recovery, then every fault by a full
+    restart (close, re-probe, re-open), in the same boot (sidebyside.recovery_run)."""
+    from udrv.sidebyside import ECHO_PORT, GuestConfig, recovery_run
+    echo = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, "-m", "udrv.echo", "--port", str(ECHO_PORT)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cfg = GuestConfig(host_ip=PEER_IP, guest_ip=HOST_IP, faults=RECOVERY_FAULTS, repeats=repeats, ifname="udrv0")
+    runs = []
+    try:
+        for mode in ("checkpoint", "restart"):
+            log = out.parent / f"bench-recovery-{mode}.log"
+            # one implementation throughout (no swap to the Python engine after 3 escalations)
+            p = subprocess.Popen(run + ["--recovery", mode, "--swap-after", "0"], stdout=log.open("w"),
+                                 stderr=subprocess.STDOUT)
+            try:
+                wait(lambda: os.path.exists("/run/udrv/udrv0.sock") and p.poll() is None, 90, f"udrv ({mode})")
+                sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", "udrv0")
+                time.sleep(1)
+                wait_reachable(f"the gadget to answer through udrv ({mode})", "udrv0", gif)
+                runs.append(recovery_run(cfg, _RunningDaemon(p, mode)))
+            except Exception as e:
+                runs.append({"mode": mode, "error": f"{type(e).__name__}: {e}", "log": log.read_text()[-2000:]})
+            finally:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                wait(lambda: not os.path.exists("/sys/class/net/udrv0"), 20, "udrv0 to go away")
+    finally:
+        echo.terminate()
+        echo.wait(10)
+    return runs
+
+
 def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool = True,
-                no_offload: bool = False, one_thread: bool = False, no_placement: bool = False) -> None:
+                no_offload: bool = False, one_thread: bool = False, no_placement: bool = False,
+                recovery_repeats: int = 10) -> None:
     from udrv.gadget.configfs import ecm_gadget, interface_netdevs, modprobe, wait_host_device
     res: dict = {"seconds": seconds}
     try:
@@ -212,6 +272,8 @@ def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool
                 except subprocess.TimeoutExpired:
                     p.kill()
                 wait(lambda: not os.path.exists("/sys/class/net/udrv0"), 20, "udrv0 to go away")
+        if recovery_repeats and "native" in res and "error" not in res["native"]:
+            res["recovery"] = recovery_runs(run, gif, out, recovery_repeats)
         # the kernel again, now that udrv gave cdc_ether its interface back: the host is shared,
         # so the kernel's runs bracket udrv's and the ratios use their mean
         wait(lambda: interface_netdevs(dev, 0), 20, "cdc_ether to take the device back")
@@ -244,6 +306,9 @@ def report(res: dict) -> str:
                          f"{gro['super_frames']} super-frames, {gro['bad_checksum']} bad checksums")
     if "native_unavailable" in res:
         lines.append(f"  native ring not measured: {res['native_unavailable']}")
+    if res.get("recovery"):
+        from udrv.sidebyside import recovery_table
+        lines += ["", *recovery_table(res["recovery"])]
     return "\n".join(lines)
 
 
@@ -251,7 +316,8 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "guest":
         guest_bench(int(sys.argv[2]), Path(sys.argv[3]), no_coalesce="--no-coalesce" in sys.argv[4:],
                     python="--skip-python" not in sys.argv[4:], no_offload="--no-offload" in sys.argv[4:],
-                    one_thread="--one-thread" in sys.argv[4:], no_placement="--no-placement" in sys.argv[4:])
+                    one_thread="--one-thread" in sys.argv[4:], no_placement="--no-placement" in sys.argv[4:],
+                    recovery_repeats=0 if "--no-recovery" in sys.argv[4:] else 10)
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=5)
@@ -267,6 +333,7 @@ def main() -> int:
     ap.add_argument("--compare-no-placement", action="store_true",
                     help="also run the C ring without CPU placement (UDRV_CPU_PLACEMENT=0)")
     ap.add_argument("--skip-python", action="store_true", help="leave the Python engine out")
+    ap.add_argument("--no-recovery", action="store_true", help="skip the recovery-latency runs")
     a = ap.parse_args()
     from tools import guest
     import tempfile
@@ -276,7 +343,8 @@ def main() -> int:
         extra = ((["--no-coalesce"] if a.compare_no_coalesce else []) + (["--skip-python"] if a.skip_python else [])
                  + (["--no-offload"] if a.compare_no_offload else [])
                  + (["--one-thread"] if a.compare_one_thread else [])
-                 + (["--no-placement"] if a.compare_no_placement else []))
+                 + (["--no-placement"] if a.compare_no_placement else [])
+                 + (["--no-recovery"] if a.no_recovery else []))
         r = guest.run([sys.executable, str(Path(__file__).resolve()), "guest", str(a.seconds), str(out), *extra],
                       guest.GuestDevices(smp=a.smp), timeout=600, cwd=ROOT, out_dir=tmp)
         if not out.exists():

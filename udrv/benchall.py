@@ -217,6 +217,16 @@ def cdc_ecm_details(raw: dict) -> list[str]:
                     f"| {c.get('daemon_sys') if c.get('daemon_sys') is not None else '-'} |"
                     for name, per in cpu for way, c in per.items()]
         details.append("")
+    if raw.get("recovery"):
+        from .sidebyside import recovery_table
+        details += ["Recovery latency on the real gadget (C ring): a UDP packet every 1 ms from the host side "
+                    "across udrv0 to an echo behind the gadget's usb0; per injected fault the interruption is the "
+                    "largest gap between replies (ms). Checkpoint = rollback + device restore (halts cleared, "
+                    "transfers resubmitted, journal re-issued) + one retry; full restart = `udrv run --recovery "
+                    "restart`: a fresh driver instance, the device opened and configured again, the journal "
+                    "re-issued. Both runs keep the C ring "
+                    "(`--swap-after 0`: no swap to the Python engine after repeated escalations).", ""]
+        details += recovery_table(raw["recovery"])
     return details
 
 

@@ -160,7 +160,8 @@ def cmd_run(args: argparse.Namespace, scenario: Any = None) -> int:
     nic = Nic(driver_cls, transport, tap.write,
               NicOptions(guards=not args.no_guards, recovery=getattr(args, "recovery", "checkpoint"),
                          config_deadline=getattr(args, "config_deadline", 1.0),
-                         datapath_deadline=getattr(args, "datapath_deadline", 1.0)),
+                         datapath_deadline=getattr(args, "datapath_deadline", 1.0),
+                         swap_after=getattr(args, "swap_after", 3) or 1 << 30),
               watchdog=Watchdog(), on_recovery=lambda r: logging.getLogger("udrv").warning("%s", r.line()),
               reopen=reopen)
     daemon = Daemon(nic, tap, extra_fds=extra, model=model)
@@ -360,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--recovery", choices=["checkpoint", "restart"], default="checkpoint",
                    help="how a fault is recovered: restore the device checkpoint (default) or restart the "
                         "driver (close, re-probe, re-open; for comparison)")
+    r.add_argument("--swap-after", type=int, default=3, metavar="N",
+                   help="escalations of one implementation (C datapath, Python) before swapping to the next "
+                        "(default 3; 0 never swaps: to measure one implementation's full restarts)")
     r.add_argument("--config-deadline", type=float, default=1.0, metavar="S",
                    help="a configuration call running longer is a hang (default 1 s; raised automatically "
                         "above 4x the call's running average on slow machines)")

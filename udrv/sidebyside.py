@@ -953,41 +953,29 @@ def render_where_time_goes(result: dict) -> list[str]:
     return L
 
 
-def render_recovery(result: dict) -> list[str]:
-    runs = {r["mode"]: r for r in result.get("recovery", [])}
+def recovery_table(recovery: list[dict]) -> list[str]:
+    """Checkpoint vs full restart per fault (the gap the 1 ms probe saw), then each run's
+    baseline and counts; a run that failed says why."""
+    runs = {r["mode"]: r for r in recovery if "error" not in r}
+    L = [f"- {r['mode']} run failed: {r['error']}" for r in recovery if "error" in r]
     if not runs:
-        return []
+        return L
     ck, rs = runs.get("checkpoint"), runs.get("restart")
 
     def pct(r: dict | None, f: str, p: float, key: str = "gaps_ms") -> str:
         xs = (r or {}).get(key, {}).get(f, []) if key == "gaps_ms" else (r or {}).get("per_fault", {}).get(f, {}).get(key, [])
         return f"{percentile(xs, p):.1f}" if xs else "-"
 
-    L = ["## Recovery latency", "",
-         "A UDP packet every 1 ms from the guest across udrv0 to the peer's echo (`udrv.probe`, its own "
-         "process); per injected fault the interruption is the largest gap between consecutive probe replies in "
-         "the window after the injection (ms). Checkpoint = in-process rollback + device restore + one retry "
-         "(FGFT); full restart = `NicOptions(recovery=\"restart\")`: every fault escalates to a fresh driver "
-         "instance, probe, config replay and journal re-issue. Both runs use the C ring alone (no implementation "
-         "swap). `daemon recovery` and `silent` are the daemon's own records (`udrv status`: time to roll back and "
-         "restore; time until the datapath moved again).", "",
-         "| fault | n | checkpoint p50 | checkpoint p99 | full restart p50 | full restart p99 | checkpoint shorter by "
-         "| daemon recovery p50 (checkpoint) | silent p50 (checkpoint) |",
-         "|---|---|---|---|---|---|---|---|---|"]
+    L += ["| fault | n | checkpoint p50 | checkpoint p99 | full restart p50 | full restart p99 | checkpoint shorter by "
+          "| daemon recovery p50 (checkpoint) | silent p50 (checkpoint) |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for f in list((ck or rs)["gaps_ms"]):
         g = ck["gaps_ms"].get(f, []) if ck else []
         h = rs["gaps_ms"].get(f, []) if rs else []
         shorter = f"{(1 - percentile(g, 50) / percentile(h, 50)) * 100:.0f}%" if g and h and percentile(h, 50) else "-"
         L.append(f"| {f} | {len(g) or len(h)} | {pct(ck, f, 50)} | {pct(ck, f, 99)} | {pct(rs, f, 50)} | "
                  f"{pct(rs, f, 99)} | {shorter} | {pct(ck, f, 50, 'recovery_ms')} | {pct(ck, f, 50, 'silent_ms')} |")
-    L += ["",
-          f"- `{PROMISC_CONTROL}` is the control for `set_rx_mode:raise`: the same `ip link set udrv0 promisc "
-          "on/off` with no fault. QEMU's e1000 model refuses RX for 1 s after every RCTL write (its "
-          "flush_queue_timer), so there a promiscuous toggle costs ~1 s of RX through any driver; a full restart "
-          "re-programs RCTL and pays it every time, a checkpoint restore rewrites RCTL only when it differs.",
-          "- `link_check:hang` is caught by the guard's watchdog at the 1 s configuration deadline; the daemon's "
-          "single loop serves no frames while the hung entry point runs, so the gap is about the deadline.",
-          "- seconds between injections, so that one interruption never runs into the next: "
+    L += ["", "- seconds between injections, so that one interruption never runs into the next: "
           + "; ".join(f"{r['mode']}: " + ", ".join(f"{f.split(':')[0]} {v}" for f, v in r.get("spacing_s", {}).items())
                       for r in (ck, rs) if r) + "."]
     for r in (ck, rs):
@@ -999,6 +987,27 @@ def render_recovery(result: dict) -> list[str]:
                      f"escalations {r['escalations']}, restarts {r['restarts']}, implementation at the end "
                      f"{r['implementation']}")
     L.append("")
+    return L
+
+
+def render_recovery(result: dict) -> list[str]:
+    if not result.get("recovery"):
+        return []
+    L = ["## Recovery latency", "",
+         "A UDP packet every 1 ms from the guest across udrv0 to the peer's echo (`udrv.probe`, its own "
+         "process); per injected fault the interruption is the largest gap between consecutive probe replies in "
+         "the window after the injection (ms). Checkpoint = in-process rollback + device restore + one retry "
+         "(FGFT); full restart = `NicOptions(recovery=\"restart\")`: every fault escalates to a fresh driver "
+         "instance, probe, config replay and journal re-issue. Both runs use the C ring alone (no implementation "
+         "swap). `daemon recovery` and `silent` are the daemon's own records (`udrv status`: time to roll back and "
+         "restore; time until the datapath moved again).", ""]
+    L += recovery_table(result["recovery"])
+    L += [f"- `{PROMISC_CONTROL}` is the control for `set_rx_mode:raise`: the same `ip link set udrv0 promisc "
+          "on/off` with no fault. QEMU's e1000 model refuses RX for 1 s after every RCTL write (its "
+          "flush_queue_timer), so there a promiscuous toggle costs ~1 s of RX through any driver; a full restart "
+          "re-programs RCTL and pays it every time, a checkpoint restore rewrites RCTL only when it differs.",
+          "- `link_check:hang` is caught by the guard's watchdog at the 1 s configuration deadline; the daemon's "
+          "single loop serves no frames while the hung entry point runs, so the gap is about the deadline.", ""]
     return L
 
 
