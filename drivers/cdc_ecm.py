@@ -30,7 +30,7 @@ import logging
 from dataclasses import dataclass, field
 
 from udrv.driver import DriverStats, LinkState, RxMode
-from udrv.errors import Stall, UdrvError
+from udrv.errors import DeviceGone, Stall, TransportError, UdrvError
 from udrv.framing import Framing, Shape
 from udrv.usbnet import CONTROL_TIMEOUT, UsbNetDriver, claim_interface
 from udrv.usbtransport import DeviceInfo, EpType, InterfaceInfo
@@ -52,6 +52,8 @@ MC_FILTERS_IMPERFECT = 0x8000                # wNumberMCFilters bit 15: filterin
 
 # --- standard requests ------------------------------------------------------------------------
 REQT_STANDARD_IN = 0x80                      # device-to-host, standard, device
+REQT_STANDARD_IN_INTERFACE = 0x81            # device-to-host, standard, interface
+GET_INTERFACE = 0x0A
 GET_DESCRIPTOR = 0x06
 GET_CONFIGURATION = 0x08
 DT_STRING = 0x03
@@ -286,6 +288,16 @@ class CdcEcm(UsbNetDriver):
         self._class_out(SET_ETHERNET_MULTICAST_FILTERS, len(addrs), b"".join(addrs))
         self.soft.mc_list = addrs
 
+    def data_alt_now(self) -> int | None:
+        """The data interface's alt setting as the device reports it (None: it would not say)."""
+        try:
+            got = self.usb.control_in(REQT_STANDARD_IN_INTERFACE, GET_INTERFACE, 0, self.fn.data, 1, CONTROL_TIMEOUT)
+        except DeviceGone:
+            raise
+        except TransportError:               # a STALL, a timeout: it will not say
+            return None
+        return got[0] if len(got) == 1 else None
+
     def select_data_alt(self, alt: int) -> None:
         self.usb.set_alt_setting(self.fn.data, alt)
         self.soft.data_alt = alt
@@ -449,9 +461,15 @@ class CdcEcm(UsbNetDriver):
         return EcmCheckpoint(s.data_alt, s.packet_filter, s.mc_list, s.filter_supported)
 
     def restore(self, cp: EcmCheckpoint) -> None:
-        """Re-select the data interface's alt (alt 0 first: the ECM reset) and re-send the filters."""
+        """Re-send the filters; re-select the data interface's alt (alt 0 first: the ECM reset)
+        only when the device is not in the checkpoint's alt. GET_INTERFACE tells: one control
+        transfer where the reset costs two SET_INTERFACEs, each making the device tear down and
+        rebuild its data path (about half of a recovery on f_ecm). A device that will not say
+        gets the reset."""
         fn = self.fn
-        if fn.data_alt != DATA_ALT_IDLE:
+        if self.data_alt_now() == cp.data_alt:
+            self.soft.data_alt = cp.data_alt
+        elif fn.data_alt != DATA_ALT_IDLE:
             self.select_data_alt(DATA_ALT_IDLE)
             if cp.data_alt != DATA_ALT_IDLE:
                 self.select_data_alt(cp.data_alt)

@@ -503,3 +503,28 @@ def test_real_tap_vnet_header_without_offloads_carries_frames_both_ways():
         sock.close()
         nic.close()
         tap.close()
+
+
+def test_restore_skips_the_ecm_reset_when_the_device_is_in_the_checkpoints_alt():
+    r = EcmRig(EcmModel(mc_filters=4)).up()
+    r.nic.set_rx_mode(RxMode(multicast=MCAST))
+    before = device_config(r.model)
+    cp = r.driver.checkpoint()
+    resets = r.model.counters.set_interface
+    r.model.packet_filter = 0                      # something the device lost; its alt is intact
+    r.driver.restore(cp)
+    assert device_config(r.model) == before
+    assert r.model.counters.set_interface == resets   # asked (GET_INTERFACE), no SET_INTERFACE
+    r.model._set_interface(r.model.DATA, 0)        # now the alt is wrong: the full ECM reset
+    resets = r.model.counters.set_interface
+    r.driver.restore(cp)
+    assert device_config(r.model) == before and r.model.counters.set_interface == resets + 2   # 0, then 1
+
+
+def test_restore_resets_a_device_that_will_not_say_its_alt():
+    r = EcmRig(EcmModel(mc_filters=4)).up()
+    cp = r.driver.checkpoint()
+    resets = r.model.counters.set_interface
+    r.model._stall_control = 1                     # GET_INTERFACE stalls
+    r.driver.restore(cp)
+    assert r.model.counters.set_interface == resets + 2 and r.model.data_alt == 1   # alt 0, then 1

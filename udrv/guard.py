@@ -39,6 +39,8 @@ class Recovery:
     reissued: int = 0
     at: float = field(default_factory=time.time)
     recovery_ms: float = 0.0
+    restore_ms: float = 0.0          # of which: the device restored from the checkpoint
+    datapath_ms: float = 0.0         # ... and the datapath recycled (transfers / rings, re-issue)
     silent_ms: float | None = None   # fault -> first frame moving again (None: no traffic yet)
     _t0: float = field(default=0.0, repr=False)
 
@@ -47,7 +49,8 @@ class Recovery:
         return (f"recovery: entry={self.entry} fault={self.fault} ({self.detail}) outcome={self.outcome} "
                 f"rolled_back={self.rolled_back or '-'} soft_state_restored={self.soft_state_restored} "
                 f"device_restored={self.device_restored} reissued={self.reissued} "
-                f"recovery={self.recovery_ms:.2f} ms silent={silent}")
+                f"recovery={self.recovery_ms:.2f} ms (restore {self.restore_ms:.2f}, datapath "
+                f"{self.datapath_ms:.2f}) silent={silent}")
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
@@ -320,10 +323,13 @@ class Guard:
             raise Escalation(DriverFault(entry, rec.fault, rec.detail)) from exc
         try:
             with self._deadline("restore", self.config_deadline):
+                t1 = time.monotonic()
                 if self.checkpoint is not None:
                     self.driver.restore(self.checkpoint)
                 rec.device_restored = True
+                t2 = time.monotonic()
                 rec.reissued = self.reset_datapath()
+                rec.restore_ms, rec.datapath_ms = (t2 - t1) * 1000, (time.monotonic() - t2) * 1000
                 rec.rolled_back = ["in-flight transfers recycled"]
         except Exception as rexc:
             rec.outcome = "escalated"

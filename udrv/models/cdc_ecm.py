@@ -165,6 +165,11 @@ class EcmModel:
             return b"\x01"
         if rt == 0x01 and rq == 0x0B:                              # SET_INTERFACE
             return self._set_interface(s.index, s.value)
+        if rt == 0x81 and rq == 0x0A:                              # GET_INTERFACE: the alt in use
+            itf = s.index & 0xFF
+            if itf not in (self.CONTROL, self.DATA):
+                self._stall(f"no interface {itf}")
+            return bytes((self.data_alt if itf == self.DATA else 0,))[:s.length]
         if rt == 0x02 and rq == 0x01 and s.value == 0:            # CLEAR_FEATURE(ENDPOINT_HALT)
             self._stalled.discard(s.index & 0xFF)
             self.counters.clear_halts += 1
