@@ -1782,7 +1782,8 @@ class E1000NativeRing(E1000Ring):
         left alone for a wrong checksum, super-frames the TAP refused."""
         r, st = self._r, self._r.st
         return {"on": int(r.rx_coalesce), "segments": st.rx_coalesced, "super_frames": st.rx_super,
-                "bad_checksum": st.rx_csum_bad, "refused": st.rx_super_refused}
+                "bad_checksum": st.rx_csum_bad, "refused": st.rx_super_refused,
+                "acks_merged": st.rx_acks_merged}
 
     @property
     def counters(self) -> DatapathCounters:

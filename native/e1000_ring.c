@@ -165,7 +165,8 @@ int e1000_rx_harvest(struct e1000_ring *r, uint32_t budget, uint8_t *out, uint32
     *out_used = 0;
     struct udrv_gro g;
     const struct udrv_gro_counters gc = {&r->st.rx_coalesced, &r->st.rx_super, &r->st.rx_csum_bad,
-                                         &r->st.rx_super_refused, &r->st.tap_write_errors};
+                                         &r->st.rx_super_refused, &r->st.tap_write_errors,
+                                         &r->st.rx_acks_merged};
     int coalesce = udrv_gro_begin(&g, r->tap_fd, r->tap_vnet_hdr, &r->rx_coalesce, &gc);
     while (done < limit) {
         uint8_t *d = r->rx_ring + (uint64_t)i * DESC;

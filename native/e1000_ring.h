@@ -71,7 +71,7 @@ struct e1000_ring_stats {
     /* RX coalescing (rx_coalesce): TCP segments written inside super-frames, super-frames
      * written, frames not merged because a checksum (IPv4 header or TCP) was wrong,
      * super-frames the TAP refused (coalescing then turns itself off) */
-    uint64_t rx_coalesced, rx_super, rx_csum_bad, rx_super_refused;
+    uint64_t rx_coalesced, rx_super, rx_csum_bad, rx_super_refused, rx_acks_merged;
 };
 
 struct e1000_ring {

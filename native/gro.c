@@ -45,6 +45,7 @@ int udrv_gro_begin(struct udrv_gro *g, int tap_fd, uint32_t vnet_hdr, uint32_t *
                    const struct udrv_gro_counters *c)
 {
     g->n = 0;
+    g->ack = NULL;
     g->tap_fd = tap_fd;
     g->vnet_hdr = vnet_hdr;
     g->enable = enable;
@@ -129,8 +130,72 @@ static void write_plain(struct udrv_gro *g, const uint8_t *f, uint32_t len)
     udrv_tap_write(g->tap_fd, g->vnet_hdr, f, len, g->c.tap_write_errors);
 }
 
+/* A plain cumulative ACK (see gro.h): 1 and its L3 header length and ack number, or 0. */
+static int pure_ack(struct udrv_gro *g, const uint8_t *f, uint32_t len, uint32_t hw_ok, uint32_t *l3,
+                    uint32_t *ack_no)
+{
+    uint32_t l3len, l4len;
+    if (len >= ETH_HLEN + 40 && f[12] == 0x08 && f[13] == 0x00 && f[14] == 0x45 && f[23] == IPPROTO_TCP) {
+        uint32_t tot = rd16be(f + 16);
+        if ((rd16be(f + 20) & 0x3FFF) || (f[15] & 3) == 3 || tot < 40 || ETH_HLEN + tot > len)
+            return 0;                   /* a fragment, a CE mark, or lengths that do not fit */
+        l3len = 20;
+        l4len = tot - 20;
+    } else if (len >= ETH_HLEN + 60 && f[12] == 0x86 && f[13] == 0xDD && f[14] >> 4 == 6
+               && f[20] == IPPROTO_TCP) {
+        if (((f[14] << 8 | f[15]) >> 4 & 3) == 3)
+            return 0;                   /* CE */
+        l3len = 40;
+        l4len = rd16be(f + 18);
+        if (ETH_HLEN + 40 + l4len > len)
+            return 0;
+    } else {
+        return 0;
+    }
+    const uint8_t *th = f + ETH_HLEN + l3len;
+    uint32_t thl = (uint32_t)(th[12] >> 4) * 4;
+    if (th[13] != TCP_ACK || (th[12] & 0x0F) || l4len != thl)
+        return 0;                       /* other flags, reserved bits, or a payload */
+    if (thl == 32) {                    /* NOP NOP TIMESTAMP only */
+        if (th[20] != 1 || th[21] != 1 || th[22] != 8 || th[23] != 10)
+            return 0;
+    } else if (thl != 20) {
+        return 0;
+    }
+    int ip_ok = l3len == 40 || (hw_ok & UDRV_GRO_IP_OK);
+    int tcp_ok = hw_ok & UDRV_GRO_TCP_OK;
+    uint32_t pseudo = l3len == 20 ? udrv_csum16(f + 26, 8, IPPROTO_TCP + l4len)
+                                  : udrv_csum16(f + 22, 32, IPPROTO_TCP + l4len);
+    if ((!ip_ok && udrv_csum16(f + ETH_HLEN, 20, 0) != 0xFFFF)
+        || (!tcp_ok && udrv_csum16(th, l4len, pseudo) != 0xFFFF))
+        return 0;                       /* the host judges it (and drops it) */
+    *l3 = l3len;
+    *ack_no = rd32be(th + 8);
+    return 1;
+}
+
+/* Same flow as the held ACK: MACs, EtherType, addresses, ports. */
+static int same_ack_flow(const struct udrv_gro *g, const uint8_t *f, uint32_t l3)
+{
+    const uint8_t *h = g->ack;
+    if (l3 != g->ack_l3 || memcmp(f, h, ETH_HLEN))
+        return 0;
+    if (l3 == 20 ? memcmp(f + 26, h + 26, 8) : memcmp(f + 22, h + 22, 32))
+        return 0;
+    return !memcmp(f + ETH_HLEN + l3, h + ETH_HLEN + l3, 4);
+}
+
+static void flush_ack(struct udrv_gro *g)
+{
+    if (g->ack) {
+        write_plain(g, g->ack, g->ack_len);
+        g->ack = NULL;
+    }
+}
+
 void udrv_gro_flush(struct udrv_gro *g)
 {
+    flush_ack(g);
     uint32_t n = g->n;
     g->n = 0;
     if (n == 0)
@@ -186,6 +251,21 @@ void udrv_gro_flush(struct udrv_gro *g)
 int udrv_gro_frame(struct udrv_gro *g, const uint8_t *f, uint32_t len, uint32_t hw_ok)
 {
     struct gro_seg s;
+    uint32_t l3, ack_no;
+    if (*g->enable && pure_ack(g, f, len, hw_ok, &l3, &ack_no)) {
+        if (g->n)
+            udrv_gro_flush(g);          /* the data before it goes first */
+        if (g->ack && same_ack_flow(g, f, l3) && (int32_t)(ack_no - g->ack_no) > 0)
+            (*g->c.acks_merged)++;      /* the newer ACK says all the held one did */
+        else
+            flush_ack(g);
+        g->ack = f;
+        g->ack_len = len;
+        g->ack_l3 = l3;
+        g->ack_no = ack_no;
+        return 1;
+    }
+    flush_ack(g);
     if (!*g->enable || !gro_parse(g, f, len, hw_ok, &s)) {
         udrv_gro_flush(g);
         write_plain(g, f, len);

@@ -14,6 +14,14 @@
  * Frames that cannot merge are written at once, with a zeroed virtio-net header.
  * If the TAP refuses a super-frame (EINVAL) coalescing turns itself off (*enable = 0) and the
  * held segments are written one by one: nothing is lost.
+ *
+ * Pure ACKs are thinned the same way (ACK filtering, RFC 3449 5.2.2; Linux's cake qdisc does
+ * it with ack-filter): of consecutive pure ACKs of one flow in a batch, each newer one making
+ * the one before it redundant (cumulative ACK strictly ahead), only the newest goes to the host.
+ * A sender bound by ACK processing (a userspace driver's TAP write and the TCP work behind each
+ * ACK) then runs that work once per batch. Only plain cumulative ACKs: flags exactly ACK, no
+ * payload, no TCP option but timestamps (no SACK), no ECN CE mark, checksums right;
+ * duplicate ACKs (fast retransmit counts them) and anything else go through untouched.
  */
 #ifndef UDRV_GRO_H
 #define UDRV_GRO_H
@@ -36,6 +44,7 @@ struct udrv_gro_counters {
     uint64_t *csum_bad;          /* frames not merged because a checksum was wrong */
     uint64_t *refused;           /* super-frames the TAP refused */
     uint64_t *tap_write_errors;  /* frames the TAP write lost (queue full, interface down) */
+    uint64_t *acks_merged;       /* pure ACKs not written: a newer one of the same flow followed */
 };
 
 struct udrv_gro {
@@ -52,6 +61,10 @@ struct udrv_gro {
     const uint8_t *frame[UDRV_GRO_MAX_SEGS];  /* whole frames (the first one's headers are the template) */
     uint32_t flen[UDRV_GRO_MAX_SEGS];
     struct iovec iov[UDRV_GRO_MAX_SEGS + 1];  /* [0]: vnet header + headers, then each payload */
+    /* the pure ACK held (ack != NULL): written at the next other frame or flush, or dropped
+     * for a newer one of its flow */
+    const uint8_t *ack;
+    uint32_t ack_len, ack_l3, ack_no;
 };
 
 /* Ready for a batch: 1 if coalescing is usable (enabled, a TAP fd, a vnet header of a size
@@ -59,7 +72,7 @@ struct udrv_gro {
 int udrv_gro_begin(struct udrv_gro *g, int tap_fd, uint32_t vnet_hdr, uint32_t *enable,
                    const struct udrv_gro_counters *c);
 /* One good frame in arrival order: 1 = held (keep its buffer until udrv_gro_flush), 0 = written
- * now (the buffer is free again). Writing it may first flush the aggregate before it. */
+ * now (the buffer is free again). Writing it may first flush the aggregate (or ACK) before it. */
 int udrv_gro_frame(struct udrv_gro *g, const uint8_t *f, uint32_t len, uint32_t hw_ok);
 /* Write what is held. After it every buffer handed to udrv_gro_frame is free. */
 void udrv_gro_flush(struct udrv_gro *g);

@@ -226,7 +226,8 @@ static int deliver(struct udrv_ring *r, struct xfer *x, uint32_t n)
     r->flags |= UDRV_PUMP_RX;
     if (!r->batch_open) {
         const struct udrv_gro_counters c = {&r->st.rx_coalesced, &r->st.rx_super, &r->st.rx_csum_bad,
-                                            &r->st.rx_super_refused, &r->st.tap_write_errors};
+                                            &r->st.rx_super_refused, &r->st.tap_write_errors,
+                                         &r->st.rx_acks_merged};
         r->batch_gro = udrv_gro_begin(&r->gro, r->cfg.tap_fd, r->cfg.tap_vnet_hdr,
                                       &r->cfg.rx_coalesce, &c);
         r->batch_open = 1;

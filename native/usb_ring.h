@@ -112,7 +112,7 @@ struct udrv_ring_stats {
     uint64_t wait_timeouts;   /* ... and woke only because the timeout passed */
     /* RX coalescing (gro.h): segments inside super-frames, super-frames, frames left alone
      * for a wrong checksum, super-frames the TAP refused */
-    uint64_t rx_coalesced, rx_super, rx_csum_bad, rx_super_refused;
+    uint64_t rx_coalesced, rx_super, rx_csum_bad, rx_super_refused, rx_acks_merged;
     /* TX offloads (tapread.h, gso.h): TAP frames that asked for checksum/TSO work, frames whose
      * request was malformed (dropped), frames shorter than their vnet header (dropped), frames
      * handed to Python (udrv_ring_take_deferred), wire frames cut from TCP GSO frames */

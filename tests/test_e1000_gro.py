@@ -442,3 +442,78 @@ def test_the_operator_can_turn_rx_coalescing_off(monkeypatch):
     assert rx_coalesce_allowed(12) and not rx_coalesce_allowed(0)      # no vnet header: nothing to say GSO with
     monkeypatch.setenv("UDRV_RX_COALESCE", "0")
     assert not rx_coalesce_allowed(12)
+
+
+# --- ACK filtering: of consecutive cumulative ACKs of one flow, the newest goes up ----------------------
+
+def acks(n: int, *, ack0: int = 5_000_000, step: int = 2 * MSS, **kw) -> list[bytes]:
+    """n pure ACKs of one flow, each acknowledging two more segments (a receiver's delayed ACKs)."""
+    return [tcp4(777, b"", ip_id=300 + k, ack=(ack0 + k * step) & 0xFFFFFFFF, **kw) for k in range(n)]
+
+
+def test_consecutive_acks_of_a_flow_go_up_as_the_newest_one(rig):
+    sent = acks(20)
+    assert rig.receive(sent) == [(bytes(12), sent[-1])]
+    assert rig.counts()["acks_merged"] == 19
+    assert rig.nic.status()["rx_packets"] == 20           # every frame was received and counted
+
+
+def test_acks_without_timestamps_and_ipv4_wraparound_merge(rig):
+    sent = acks(3, ack0=0xFFFFFFFF - MSS, opts=b"")       # the ack number wraps past 2**32
+    assert rig.receive(sent) == [(bytes(12), sent[-1].ljust(60, b"\0"))]   # as the wire padded it
+    assert rig.counts()["acks_merged"] == 2
+
+
+def test_duplicate_acks_all_go_up(rig):
+    first = acks(2)
+    dup = [tcp4(777, b"", ip_id=400 + k, ack=5_000_000 + 2 * MSS) for k in range(3)]   # fast retransmit's cue
+    sent = first + dup
+    got = rig.receive(sent)
+    assert [f for _, f in got] == [first[1]] + dup        # the ACK they repeat and every repeat
+    assert rig.counts()["acks_merged"] == 1
+
+
+@pytest.mark.parametrize("what", ["sack", "flags", "payload", "ce", "bad_csum", "window_only"])
+def test_acks_that_carry_more_than_a_cumulative_ack_are_kept(rig, what):
+    older = tcp4(777, b"", ip_id=500, ack=5_000_000)
+    newer_ack = 5_000_000 + 2 * MSS
+    if what == "sack":
+        sack = b"\x01\x01\x05\x0a" + (6_000_000).to_bytes(4, "big") + (6_001_448).to_bytes(4, "big")
+        newer = tcp4(777, b"", ip_id=501, ack=newer_ack, opts=sack)
+    elif what == "flags":
+        newer = tcp4(777, b"", ip_id=501, ack=newer_ack, flags=ACK | FIN)
+    elif what == "payload":
+        newer = tcp4(777, bytes(10), ip_id=501, ack=newer_ack)
+    elif what == "ce":
+        f = bytearray(tcp4(777, b"", ip_id=501, ack=newer_ack))
+        f[15] |= 3                                         # ECN CE in the IPv4 TOS byte
+        f[24:26] = b"\0\0"
+        f[24:26] = (~csum(bytes(f[14:34])) & 0xFFFF).to_bytes(2, "big")
+        newer = bytes(f)
+    elif what == "bad_csum":
+        newer = tcp4(777, b"", ip_id=501, ack=newer_ack, bad_tcp_csum=True)
+    else:                                                  # same ack number, a larger window: a window update
+        newer = tcp4(777, b"", ip_id=501, ack=5_000_000, window=900)
+    got = rig.receive([older, newer])
+    assert [f for _, f in got] == [older, newer]
+    assert rig.counts()["acks_merged"] == 0
+
+
+def test_acks_of_other_flows_or_between_data_keep_their_place(rig):
+    a = acks(2)
+    b = acks(2, sport=40001)
+    data = stream(2, seq0=9_000_000, id0=900, sport=40002)
+    sent = [a[0], b[0], a[1], b[1]] + data + acks(2, ack0=7_000_000)
+    got = [f for _, f in rig.receive(sent)]
+    assert got[:4] == [a[0], b[0], a[1], b[1]]             # alternating flows: nothing merged
+    assert got[-1] == acks(2, ack0=7_000_000)[-1] and len(got) == 6   # data as one super-frame, then one ACK
+
+
+def test_operator_switch_turns_ack_filtering_off_with_coalescing(monkeypatch):
+    monkeypatch.setenv("UDRV_RX_COALESCE", "0")
+    r = TapRig()
+    try:
+        sent = acks(5)
+        assert [f for _, f in r.receive(sent)] == sent
+    finally:
+        r.close()

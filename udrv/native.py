@@ -604,7 +604,8 @@ class NativeUsbRing:
             return None
         s = self._read_stats()
         return {"on": int(s.rx_coalesce), "segments": s.rx_coalesced, "super_frames": s.rx_super,
-                "bad_checksum": s.rx_csum_bad, "refused": s.rx_super_refused}
+                "bad_checksum": s.rx_csum_bad, "refused": s.rx_super_refused,
+                "acks_merged": s.rx_acks_merged}
 
     @property
     def tx_inflight(self) -> int:
