@@ -303,7 +303,8 @@ def report(res: dict) -> str:
         gro = res.get(f"{name}_rx_coalesce")
         if gro:
             lines.append(f"      rx coalescing {'on' if gro['on'] else 'off'}: {gro['segments']} segments in "
-                         f"{gro['super_frames']} super-frames, {gro['bad_checksum']} bad checksums")
+                         f"{gro['super_frames']} super-frames, {gro['bad_checksum']} bad checksums, "
+                         f"{gro.get('acks_merged', 0)} ACKs merged")
     if "native_unavailable" in res:
         lines.append(f"  native ring not measured: {res['native_unavailable']}")
     if res.get("recovery"):

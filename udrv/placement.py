@@ -109,8 +109,8 @@ class Priority:
     the reader never gets the CPU to drain. Measured in the QEMU guest (1 vCPU, e1000 through
     vfio-pci, iperf3 UDP 64 B peer -> guest, kpps the reader received; the kernel's own driver
     12.0-16.5 in the same boots): nice 0 6.2-8.3 (13k context switches in 5.7 s), -1 10.8,
-    -2 10.7-11.7 (2.3k), -3 9.0, -5 6.6-7.9, -10 2.3-2.9. So -2, and the loops yield after each
-    batch of received frames (`batch_done`). `UDRV_NICE` sets the value (0 keeps the
+    -2 10.7-11.7 (2.3k), -3 9.0, -5 6.6-7.9, -10 2.3-2.9. So -2, and the e1000 loops (C and
+    Python) yield after each batch of received frames (`batch_done`). `UDRV_NICE` sets the value (0 keeps the
     applications' priority). Raising it needs CAP_SYS_NICE; without it the daemon says so once
     and runs at the priority it was given."""
     nice: int = field(default_factory=lambda: int(os.environ.get("UDRV_NICE", "-2")))

@@ -889,7 +889,8 @@ def render_report(result: dict) -> str:
             L.append(f"- {cases[n].get('_label', n)}, RX coalescing over all measurements: {gro['segments']} TCP "
                      f"segments written as {gro['super_frames']} GSO super-frames "
                      f"({gro['segments'] / gro['super_frames']:.1f} per super-frame), "
-                     f"{gro['bad_checksum']} bad checksums left alone, {gro['refused']} refused by the TAP")
+                     f"{gro['bad_checksum']} bad checksums left alone, {gro['refused']} refused by the TAP, "
+                     f"{gro.get('acks_merged', 0)} pure ACKs merged into a newer one of their flow")
     L.append("")
     if any(v < 1 for r in rat.values() for v in r.values()):
         L += render_where_time_goes(result)
