@@ -150,6 +150,30 @@ def wait(pred, timeout: float, what: str) -> None:
     raise RuntimeError(f"timed out waiting for {what}")
 
 
+def udrv_up(cmd: list[str], log: Path, what: str, gif: str, env: dict | None = None) -> subprocess.Popen:
+    """`udrv run` in a child process, up and addressed, the gadget answering through udrv0."""
+    p = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    try:
+        wait(lambda: os.path.exists("/run/udrv/udrv0.sock") and p.poll() is None, 90, f"udrv ({what})")
+        sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", "udrv0")
+        time.sleep(1)
+        wait_reachable(f"the gadget to answer through udrv ({what})", "udrv0", gif)
+    except BaseException:
+        udrv_down(p)
+        raise
+    return p
+
+
+def udrv_down(p: subprocess.Popen) -> None:
+    """SIGTERM (the daemon gives the device back), then wait for udrv0 to go."""
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+    wait(lambda: not os.path.exists("/sys/class/net/udrv0"), 20, "udrv0 to go away")
+
+
 class _RunningDaemon:
     """`udrv run` in a child process, as sidebyside.recovery_run drives it (inject, status)."""
 
@@ -182,24 +206,16 @@ def recovery_runs(run: list[str], gif: str, out: Path, repeats: int) -> list[dic
     try:
         for mode in ("checkpoint", "restart"):
             log = out.parent / f"bench-recovery-{mode}.log"
-            # one implementation throughout (no swap to the Python engine after 3 escalations)
-            p = subprocess.Popen(run + ["--recovery", mode, "--swap-after", "0"], stdout=log.open("w"),
-                                 stderr=subprocess.STDOUT)
+            p = None
             try:
-                wait(lambda: os.path.exists("/run/udrv/udrv0.sock") and p.poll() is None, 90, f"udrv ({mode})")
-                sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", "udrv0")
-                time.sleep(1)
-                wait_reachable(f"the gadget to answer through udrv ({mode})", "udrv0", gif)
+                # one implementation throughout (no swap to the Python engine after 3 escalations)
+                p = udrv_up(run + ["--recovery", mode, "--swap-after", "0"], log, mode, gif)
                 runs.append(recovery_run(cfg, _RunningDaemon(p, mode)))
             except Exception as e:
                 runs.append({"mode": mode, "error": f"{type(e).__name__}: {e}", "log": log.read_text()[-2000:]})
             finally:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                wait(lambda: not os.path.exists("/sys/class/net/udrv0"), 20, "udrv0 to go away")
+                if p is not None:
+                    udrv_down(p)
     finally:
         echo.terminate()
         echo.wait(10)
@@ -253,12 +269,9 @@ def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool
             res["native_unavailable"] = str(e)
         for name, cmd, env in variants:
             log = out.parent / f"bench-{name}.log"
-            p = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **env})
+            p = None
             try:
-                wait(lambda: os.path.exists("/run/udrv/udrv0.sock") and p.poll() is None, 90, f"udrv ({name})")
-                sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", "udrv0")
-                time.sleep(1)
-                wait_reachable(f"the gadget to answer through udrv ({name})", "udrv0", gif)
+                p = udrv_up(cmd, log, name, gif, env)
                 res[name], res[f"{name}_cpu"] = iperf_cpu(seconds, p.pid)
                 from udrv.daemon import request
                 st = request("udrv0", {"cmd": "status"})
@@ -266,12 +279,8 @@ def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool
             except Exception as e:
                 res[name] = {"error": f"{type(e).__name__}: {e}", "log": log.read_text()[-2000:]}
             finally:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                wait(lambda: not os.path.exists("/sys/class/net/udrv0"), 20, "udrv0 to go away")
+                if p is not None:
+                    udrv_down(p)
         if recovery_repeats and "native" in res and "error" not in res["native"]:
             res["recovery"] = recovery_runs(run, gif, out, recovery_repeats)
         # the kernel again, now that udrv gave cdc_ether its interface back: the host is shared,
