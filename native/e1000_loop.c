@@ -99,6 +99,24 @@ static int idle_check(struct e1000_ring *r, struct e1000_mmio *m, struct e1000_l
     return out;
 }
 
+/* Sleep up to wait_us on wake_fd and tap_fd (either < 0: not watched). Returns E1000L_WAKE when
+ * wake_fd became readable, -1 on a signal (Python's handlers should run) or an error, else 0. */
+static int sleep_on(int wake_fd, int tap_fd, int64_t wait_us, struct e1000_loop_result *res)
+{
+    struct pollfd fds[2];
+    int nfds = 0;
+    if (wake_fd >= 0)
+        fds[nfds++] = (struct pollfd){.fd = wake_fd, .events = POLLIN};
+    if (tap_fd >= 0)
+        fds[nfds++] = (struct pollfd){.fd = tap_fd, .events = POLLIN};
+    struct timespec ts = {wait_us / 1000000, (wait_us % 1000000) * 1000};
+    res->sleeps++;
+    int p = ppoll(fds, (nfds_t)nfds, &ts, NULL);
+    if (p < 0)
+        return -1;
+    return p > 0 && wake_fd >= 0 && fds[0].revents ? E1000L_WAKE : 0;
+}
+
 int e1000_ring_run(struct e1000_ring *r, struct udrv_tapread *tr, struct e1000_mmio *m, int wake_fd,
                    uint32_t timeout_us, uint32_t poll_us, uint32_t tap_budget, uint32_t gap_us,
                    uint32_t flags, struct e1000_loop_result *res)
@@ -170,19 +188,10 @@ int e1000_ring_run(struct e1000_ring *r, struct udrv_tapread *tr, struct e1000_m
             int64_t wait = turn_start + gap_us - now;
             if (wait > left)
                 wait = left;
-            if (wait > 0 && wake_fd >= 0) {
-                struct pollfd wf = {.fd = wake_fd, .events = POLLIN};
-                struct timespec ts = {wait / 1000000, (wait % 1000000) * 1000};
-                res->sleeps++;
-                int p = ppoll(&wf, 1, &ts, NULL);
-                if (p < 0)
-                    return out;
-                if (p > 0)
-                    return out | E1000L_WAKE;
-            } else if (wait > 0) {
-                struct timespec ts = {wait / 1000000, (wait % 1000000) * 1000};
-                res->sleeps++;
-                nanosleep(&ts, NULL);
+            if (wait > 0) {             /* the TAP is not watched: its frames gather meanwhile */
+                int w = sleep_on(wake_fd, -1, wait, res);
+                if (w)
+                    return w < 0 ? out : out | w;
             }
             now = now_us();
             continue;
@@ -195,20 +204,11 @@ int e1000_ring_run(struct e1000_ring *r, struct udrv_tapread *tr, struct e1000_m
             continue;
         if (left <= 0)
             return out;
-        struct pollfd fds[2];
-        int nfds = 0;
-        if (wake_fd >= 0)
-            fds[nfds++] = (struct pollfd){.fd = wake_fd, .events = POLLIN};
         int64_t wait = left < (int64_t)poll_us ? left : (int64_t)poll_us;
-        if (tr && tap_budget && udrv_journal_space(&r->journal) > 0)
-            fds[nfds++] = (struct pollfd){.fd = tr->fd, .events = POLLIN};
-        struct timespec ts = {wait / 1000000, (wait % 1000000) * 1000};
-        res->sleeps++;
-        int p = ppoll(fds, (nfds_t)nfds, &ts, NULL);
-        if (p < 0)
-            return out;                 /* a signal (Python's handlers run now), or no wait */
-        if (p > 0 && wake_fd >= 0 && fds[0].revents)
-            return out | E1000L_WAKE;
+        int tap_fd = tr && tap_budget && udrv_journal_space(&r->journal) > 0 ? tr->fd : -1;
+        int w = sleep_on(wake_fd, tap_fd, wait, res);
+        if (w)
+            return w < 0 ? out : out | w;   /* a signal: Python's handlers run now */
         now = now_us();
     }
 }
