@@ -1151,6 +1151,11 @@ void udrv_ring_stats(const struct udrv_ring *r, struct udrv_ring_stats *out)
     out->rx_coalesce = r->cfg.rx_coalesce;
 }
 
+int udrv_ring_healthy(const struct udrv_ring *r)
+{
+    return r->running && !r->no_device && !r->err_count && !r->tx_blocked;
+}
+
 int udrv_ring_next_error(struct udrv_ring *r, struct udrv_ring_error *out)
 {
     if (!r->err_count)

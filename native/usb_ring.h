@@ -169,6 +169,9 @@ int udrv_ring_xmit(struct udrv_ring *r, int tap_budget, struct udrv_pump_result 
  * Returns the transfers still in flight (0 = none leaked). */
 int udrv_ring_cancel_all_and_wait(struct udrv_ring *r, int timeout_ms);
 void udrv_ring_stats(const struct udrv_ring *r, struct udrv_ring_stats *out);
+/* 1: running, the device present, no error queued, TX not blocked: the transfers in flight can
+ * be kept across a recovery from a fault outside the ring. 0: recycle them (cancel_all_and_wait). */
+int udrv_ring_healthy(const struct udrv_ring *r);
 /* Pop the oldest queued error: 1 = *out set, 0 = queue empty. */
 int udrv_ring_next_error(struct udrv_ring *r, struct udrv_ring_error *out);
 /* The TAP frame (with its virtio-net header) the ring could not finish itself (a GSO kind

@@ -528,3 +528,87 @@ def test_restore_resets_a_device_that_will_not_say_its_alt():
     r.model._stall_control = 1                     # GET_INTERFACE stalls
     r.driver.restore(cp)
     assert r.model.counters.set_interface == resets + 2 and r.model.data_alt == 1   # alt 0, then 1
+
+
+# --- keeping transfers in flight across a recovery -------------------------------------------------
+
+class KeepingEngine:
+    """The Python engine behind the C ring's extra entry point (resume: keep the transfers when
+    nothing reset the device's endpoints since they went out), recording what Nic asked of it.
+    The engine's own state is whole here because the fault fires at the call's exit."""
+
+    def __init__(self, engine, usb):
+        self._engine, self._usb = engine, usb
+        self.epoch = usb.endpoint_resets
+        self.calls: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def resume(self) -> bool:
+        self.calls.append("resume")
+        return self._usb.endpoint_resets == self.epoch
+
+    def reset(self) -> int:
+        self.calls.append("reset")
+        again = self._engine.reset()
+        self.epoch = self._usb.endpoint_resets
+        return again
+
+
+@pytest.fixture
+def krig(watchdog):
+    r = EcmRig(watchdog=watchdog, config_deadline=0.15, datapath_deadline=0.15).up()
+    r.nic.engine = KeepingEngine(r.nic.engine, r.transport)     # Nic._reset_datapath asks nic.engine
+    yield r
+    r.nic.close()
+
+
+def _inject_at_exit(r, entry: str, kind: str) -> None:
+    # no device operation inside the call: the fault fires as the call returns, engine state whole
+    r.nic.inject(entry, kind)
+    r.nic.xmit() if entry == "xmit" else r.nic.poll(0.0)
+
+
+def test_a_fault_of_the_drivers_own_keeps_the_transfers_in_flight(krig):
+    krig.send([frame(PEER, i) for i in range(5)])
+    in_flight = krig.transport.in_flight()
+    assert in_flight >= krig.nic.engine.n_rx
+    _inject_at_exit(krig, "xmit", "raise")
+    rec = krig.nic.recoveries[-1]
+    assert rec.outcome == "recovered" and rec.device_restored and rec.fault == "exception"
+    assert krig.nic.engine.calls == ["resume"] and rec.rolled_back == ["in-flight transfers kept"]
+    assert krig.transport.in_flight() == in_flight          # nothing cancelled, nothing resubmitted
+    krig.send([frame(PEER, 10)])
+    krig.model.wire_receive(frame(krig.nic.mac, 11))
+    krig.pump()
+    assert krig.wire_tx[-1] == frame(PEER, 10) and krig.host_rx[-1] == frame(krig.nic.mac, 11)
+
+
+@pytest.mark.parametrize("kind, fault", [("stall", "stall"), ("timeout", "device_timeout")])
+def test_a_fault_the_device_reported_recycles_the_transfers(krig, kind, fault):
+    _inject_at_exit(krig, "poll", kind)
+    rec = krig.nic.recoveries[-1]
+    assert rec.fault == fault and rec.outcome == "recovered"
+    assert krig.nic.engine.calls == ["reset"] and rec.rolled_back == ["in-flight transfers recycled"]
+
+
+def test_a_restore_that_reset_the_endpoints_recycles_the_transfers(krig):
+    krig.model._set_interface(krig.model.DATA, 0)          # the device lost its alt: restore re-selects it
+    _inject_at_exit(krig, "xmit", "raise")
+    rec = krig.nic.recoveries[-1]
+    assert krig.model.data_alt == 1 and rec.outcome == "recovered"
+    assert krig.nic.engine.calls == ["resume", "reset"] and rec.rolled_back == ["in-flight transfers recycled"]
+    krig.model.wire_receive(frame(krig.nic.mac, 12))
+    krig.pump()
+    assert krig.host_rx[-1] == frame(krig.nic.mac, 12)
+
+
+def test_endpoint_resets_count_what_flushes_endpoint_queues():
+    t = ModelUsbTransport(EcmModel())
+    t.control_out(0x21, SET_ETHERNET_PACKET_FILTER, DIRECTED, 0, b"", 1.0)   # class request: no
+    assert t.endpoint_resets == 0
+    t.set_alt_setting(1, 1)
+    t.clear_halt(0x81)
+    t.control_out(0x01, SET_INTERFACE, 1, 1, b"", 1.0)     # the same request, sent raw
+    assert t.endpoint_resets == 3

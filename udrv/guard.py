@@ -8,7 +8,10 @@ mark, restore the device from the checkpoint — so the failed call leaves no pa
 
 Datapath entry points run millions of times: the guard is a try/except plus one tuple store
 for the watchdog. On a fault it restores the last checkpoint, recycles the datapath's
-buffers and re-issues the unconfirmed TX journal.
+buffers and re-issues the unconfirmed TX journal — unless the fault was the driver's own
+(an exception, a deadline: nothing the device reported) and the datapath can show its
+buffers are intact, in which case they stay in flight (the shadow-driver split: the
+framework's transfers are not the driver's state to roll back).
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import DeviceGone, DriverFault, EntryTimeout, Escalation, InjectedFault, Stall, TransferTimeout
+from .errors import (DeviceGone, DriverFault, EntryTimeout, Escalation, InjectedFault, Stall, TransferTimeout,
+                     TransportError)
 from .faults import FaultInjector
 
 log = logging.getLogger("udrv.guard")
@@ -70,6 +74,13 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, InjectedFault):
         return "exception"
     return "exception"
+
+
+def driver_side(exc: BaseException) -> bool:
+    """A fault of the driver's own making: nothing the device or the transport reported
+    (those — STALL, timeouts, a failed transfer, a vanished device — mean the device's
+    queues need the full recycle)."""
+    return not isinstance(exc, TransportError)
 
 
 class Watchdog:
@@ -147,7 +158,7 @@ class Watchdog:
 class Guard:
     def __init__(self, driver: Any, injector: FaultInjector | None = None, *,
                  on_recovery: Callable[[Recovery], None] | None = None,
-                 reset_datapath: Callable[[], int] | None = None,
+                 reset_datapath: Callable[[bool], tuple[int, bool]] | None = None,
                  sync_datapath: Callable[[], None] | None = None,
                  config_deadline: float = 1.0, datapath_deadline: float = 1.0,
                  enabled: bool = True, watchdog: Watchdog | None = None,
@@ -155,7 +166,8 @@ class Guard:
         self.driver = driver
         self.injector = injector or FaultInjector()
         self.on_recovery = on_recovery or (lambda r: None)
-        self.reset_datapath = reset_datapath or (lambda: 0)
+        # reset_datapath(driver_side) -> (TX entries re-issued, buffers kept in flight)
+        self.reset_datapath = reset_datapath or (lambda driver_side: (0, False))
         self.sync_datapath = sync_datapath or (lambda: None)
         self.config_deadline = config_deadline
         self.datapath_deadline = datapath_deadline
@@ -328,9 +340,9 @@ class Guard:
                     self.driver.restore(self.checkpoint)
                 rec.device_restored = True
                 t2 = time.monotonic()
-                rec.reissued = self.reset_datapath()
+                rec.reissued, kept = self.reset_datapath(driver_side(exc))
                 rec.restore_ms, rec.datapath_ms = (t2 - t1) * 1000, (time.monotonic() - t2) * 1000
-                rec.rolled_back = ["in-flight transfers recycled"]
+                rec.rolled_back = ["in-flight transfers kept" if kept else "in-flight transfers recycled"]
         except Exception as rexc:
             rec.outcome = "escalated"
             rec.detail += f"; restore failed: {rexc}"

@@ -16,7 +16,8 @@ import usb1
 from .actions import ActionList
 from .guard import Watchdog
 from .errors import DeviceBusy, DeviceGone, DeviceNotFound, PermissionDeniedError, Stall, TransferTimeout, TransportError
-from .usbtransport import (Completion, DeviceInfo, EndpointInfo, EpType, InterfaceInfo, XferStatus)
+from .usbtransport import (Completion, DeviceInfo, EndpointInfo, EpType, InterfaceInfo, XferStatus,
+                           resets_endpoints)
 
 _STATUS = {
     usb1.TRANSFER_COMPLETED: XferStatus.OK,
@@ -117,6 +118,7 @@ class LibusbTransport:
         self._free: list[Any] = []
         self._inflight: dict[int, Any] = {}     # id(transfer) -> transfer
         self._done: list[Completion] = []
+        self.endpoint_resets = 0
 
     # --- errors ------------------------------------------------------------------------------
     def _raise(self, e: Exception, what: str) -> None:
@@ -158,6 +160,7 @@ class LibusbTransport:
             pass
 
     def set_alt_setting(self, interface: int, alt: int) -> None:
+        self.endpoint_resets += 1
         try:
             self.handle.setInterfaceAltSetting(interface, alt)
         except usb1.USBError as e:
@@ -175,12 +178,15 @@ class LibusbTransport:
             raise
 
     def control_out(self, request_type, request, value, index, data, timeout) -> None:
+        if resets_endpoints(request_type, request):
+            self.endpoint_resets += 1
         try:
             self.handle.controlWrite(request_type, request, value, index, bytes(data), int(timeout * 1000))
         except usb1.USBError as e:
             self._raise(e, f"control request 0x{request:02x}")
 
     def clear_halt(self, endpoint: int) -> None:
+        self.endpoint_resets += 1
         try:
             self.handle.clearHalt(endpoint)
         except usb1.USBError as e:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 from .errors import DeviceGone, Stall, TransferTimeout
-from .usbtransport import Completion, DeviceInfo, EndpointInfo, XferStatus
+from .usbtransport import Completion, DeviceInfo, EndpointInfo, XferStatus, resets_endpoints
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ class ModelUsbTransport:
         self._done: deque[Completion] = deque()
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._closed = False
+        self.endpoint_resets = 0
         model.set_notify(self._wake)
 
     # --- helpers --------------------------------------------------------------------------
@@ -101,6 +102,7 @@ class ModelUsbTransport:
         self._claimed.discard(number)
 
     def set_alt_setting(self, interface: int, alt: int) -> None:
+        self.endpoint_resets += 1
         self._call(self.model.control, Setup(0x01, 0x0B, alt, interface, 0), b"")
 
     def endpoint(self, address: int) -> EndpointInfo:
@@ -116,9 +118,12 @@ class ModelUsbTransport:
         return bytes(data[:length])
 
     def control_out(self, request_type, request, value, index, data, timeout) -> None:
+        if resets_endpoints(request_type, request):
+            self.endpoint_resets += 1
         self._call(self.model.control, Setup(request_type & 0x7F, request, value, index, len(data)), bytes(data))
 
     def clear_halt(self, endpoint: int) -> None:
+        self.endpoint_resets += 1
         self._call(self.model.control, Setup(0x02, 0x01, 0, endpoint, 0), b"")
 
     # --- async -----------------------------------------------------------------------------

@@ -411,6 +411,7 @@ class NativeUsbRing:
         self._flag_work = lib.UDRV_PUMP_RX | lib.UDRV_PUMP_TX_DONE
         self._flag_bad = lib.UDRV_PUMP_ERROR | lib.UDRV_PUMP_NO_DEVICE
         self._deferred_buf = ffi.new("uint8_t[]", lib.UDRV_TAPREAD_BUF)   # what tapread can hold
+        self._epoch: int | None = None      # the transport's endpoint_resets when the transfers went out
 
     # --- helpers ------------------------------------------------------------------------------
     def _tx_limit(self) -> int:
@@ -466,6 +467,7 @@ class NativeUsbRing:
             raise UdrvError(f"{self.in_flight()} USB transfers of the last run never came back: the device or "
                             "host controller is stuck; reset or replug the device")
         self.running = True           # even after a partial start: stop() cancels what went out
+        self._epoch = getattr(self.driver.usb, "endpoint_resets", None)
         self._action = self.driver.actions.record("native usb ring transfers", self.stop)
         if rc < 0:
             raise self._usb_error(rc, "starting the USB transfers")
@@ -496,6 +498,20 @@ class NativeUsbRing:
         again = self.journal.rewind()
         self.start()
         return again
+
+    def resume(self) -> bool:
+        """After a fault of the driver's own (not one the device or a transfer reported): keep the
+        transfers in flight — True — when they can be trusted: the ring's state changes only inside
+        its C calls, which a Python exception or the watchdog's signal cannot interrupt, so it is
+        whole; and nothing reset the device's endpoints since they were queued (a restore that
+        re-selected an alt setting flushed them: False, and the caller recycles). Cancelling and
+        resubmitting every transfer is most of a recovery on a real USB device."""
+        if not self.running or self._ring is None:
+            return False
+        epoch = getattr(self.driver.usb, "endpoint_resets", None)
+        if epoch is None or epoch != self._epoch:
+            return False
+        return bool(lib.udrv_ring_healthy(self._ring))
 
     def close(self) -> None:
         """Stop and free the ring (its memory stays allocated if transfers never came back).

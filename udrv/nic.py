@@ -137,7 +137,7 @@ class Nic:
             # a ring that reads the TAP in C hands back the frames only Python can judge
             self.engine.tap_enqueue = self.enqueue
         self.guard = Guard(self.driver, self.injector, on_recovery=self._on_recovery,
-                           reset_datapath=self.engine.reset, sync_datapath=self._sync_datapath,
+                           reset_datapath=self._reset_datapath, sync_datapath=self._sync_datapath,
                            config_deadline=self.opts.config_deadline,
                            datapath_deadline=self.opts.datapath_deadline,
                            enabled=self.opts.guards, watchdog=self.watchdog,
@@ -167,6 +167,16 @@ class Nic:
         if self.vnet_hdr_len:
             log.info("event=offloads tap=%s offloads=%s vnet_hdr=%d", getattr(self.tap, "name", "?"),
                      ",".join(sorted(self.offloads)) or "none", self.vnet_hdr_len)
+
+    def _reset_datapath(self, driver_side: bool) -> tuple[int, bool]:
+        """After a datapath fault and the device's restore: (TX entries re-issued, transfers kept).
+        A datapath whose state the driver cannot tear (the C ring: it changes only inside its own
+        calls) keeps its transfers after a fault of the driver's own when nothing reset the
+        device's endpoints; everything else is recycled."""
+        resume = getattr(self.engine, "resume", None)
+        if driver_side and resume is not None and resume():
+            return 0, True
+        return self.engine.reset(), False
 
     def _sync_datapath(self) -> None:
         """After a restore: transfers in flight iff the restored driver is open."""

@@ -88,10 +88,23 @@ class Completion:
     length: int = 0          # bytes actually transferred
 
 
+def resets_endpoints(request_type: int, request: int) -> bool:
+    """A standard request after which the device's endpoint queues and data toggles start over
+    (SET_CONFIGURATION, SET_INTERFACE, CLEAR_FEATURE(ENDPOINT_HALT)): transfers queued before
+    it may have been flushed on either side."""
+    if request_type & 0x60:                     # class or vendor: the device's own business
+        return False
+    return request in (0x09, 0x0B) or (request == 0x01 and request_type & 0x1F == 0x02)
+
+
 class UsbTransport(Protocol):
     """What a USB driver may do with its device. All timeouts are seconds (float)."""
 
     info: DeviceInfo
+    # bumps on every request that resets endpoint state (set_alt_setting, clear_halt, or one
+    # resets_endpoints() names sent through control_out): a datapath compares it with the
+    # value when it queued its transfers to know whether they can still be trusted
+    endpoint_resets: int
 
     # --- ownership --------------------------------------------------------------------
     def claim_interface(self, number: int) -> None: ...
