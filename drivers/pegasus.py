@@ -220,6 +220,10 @@ class Pegasus(UsbNetDriver):
     EP_STATUS = 0x83
     max_mtu = 1500
     mii_mode: ClassVar[bool] = False
+    # the C ring writes in-order TCP segments received together as one GSO super-frame, and
+    # keeps only the newest of a run of pure ACKs (native/gro.h): one frame per bulk IN transfer
+    # here too, so a TAP write per frame is what it saves
+    coalesce_rx = True
 
     def __init__(self, usb, actions):
         super().__init__(usb, actions)

@@ -139,17 +139,18 @@ def test_the_model_tier_recovery_section_follows_the_devices(tmp_path: Path):
 
 
 def test_cdc_ecm_details_compare_checkpoint_with_full_restart_on_the_gadget():
-    def run(mode, gaps, recovery_ms):
+    def run(mode, gaps, recovery_ms, daemon_ms):
         return {"mode": mode, "impl": "c", "sent": 1000, "received": 990, "duplicates": 0, "baseline_gap_ms": 3.0,
-                "gaps_ms": {"xmit:raise": gaps}, "per_fault": {"xmit:raise": {"recovery_ms": recovery_ms,
-                                                                                "silent_ms": [], "outcomes": []}},
+                "gaps_ms": {"xmit:raise": gaps}, "per_fault": {"xmit:raise": {
+                    "recovery_ms": recovery_ms, "daemon_ms": daemon_ms, "restore_ms": [1.0, 2.0, 3.0],
+                    "datapath_ms": [4.0, 4.0, 4.0], "silent_ms": [], "outcomes": []}},
                 "spacing_s": {"xmit:raise": 0.7}, "recoveries": 3, "escalations": 0, "restarts": 0,
                 "implementation": "CdcEcmNative"}
-    raw = {"recovery": [run("checkpoint", [10.0, 20.0, 30.0], [5.0, 6.0, 7.0]),
-                        run("restart", [200.0, 200.0, 200.0], [1.0, 1.0, 1.0]),
+    raw = {"recovery": [run("checkpoint", [10.0, 20.0, 30.0], [5.0, 6.0, 7.0], [5.0, 6.0, 7.0]),
+                        run("restart", [200.0, 200.0, 200.0], [1.0, 1.0, 1.0], [101.0, 101.0, 101.0]),
                         {"mode": "other", "error": "UdrvError: the daemon did not come up"}]}
     text = "\n".join(benchall.cdc_ecm_details(raw))
-    assert "| xmit:raise | 3 | 20.0 | 30.0 | 200.0 | 200.0 | 90% | 6.0 | - |" in text
+    assert "| xmit:raise | 3 | 20.0 | 30.0 | 200.0 | 200.0 | 90% | 6.0 (2.0 + 4.0) / 101.0 | 94% |" in text
     assert "other run failed: UdrvError: the daemon did not come up" in text
     assert "--swap-after 0" in text
 

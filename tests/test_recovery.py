@@ -72,6 +72,8 @@ def test_config_persistent_fault_leaves_no_partial_effect(wrig, entry, kind):
     assert [r.outcome for r in wrig.nic.recoveries] == ["retried", "escalated"]
     assert wrig.nic.counters.escalations == 1 and wrig.nic.counters.restarts == 1
     assert wrig.nic.state == "up"
+    # the escalation's record carries what the restart after it cost (the bench's daemon-side time)
+    assert wrig.nic.recoveries[0].restart_ms is None and wrig.nic.recoveries[1].restart_ms > 0
     # and the NIC still works after the restart
     wrig.send([frame_to(PEER_MAC, 1)])
     assert len(wrig.wire_tx) == 1

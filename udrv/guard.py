@@ -46,6 +46,7 @@ class Recovery:
     restore_ms: float = 0.0          # of which: the device restored from the checkpoint
     datapath_ms: float = 0.0         # ... and the datapath recycled (transfers / rings, re-issue)
     silent_ms: float | None = None   # fault -> first frame moving again (None: no traffic yet)
+    restart_ms: float | None = None  # escalated: the full restart that followed (Nic.restart)
     _t0: float = field(default=0.0, repr=False)
 
     def line(self) -> str:
