@@ -549,9 +549,9 @@ class KeepingEngine:
         self.calls.append("resume")
         return self._usb.endpoint_resets == self.epoch
 
-    def reset(self) -> int:
-        self.calls.append("reset")
-        again = self._engine.reset()
+    def recycle(self, clear_halts: bool) -> int:
+        self.calls.append("recycle" if clear_halts else "recycle, halts left alone")
+        again = self._engine.recycle(clear_halts)
         self.epoch = self._usb.endpoint_resets
         return again
 
@@ -585,12 +585,18 @@ def test_a_fault_of_the_drivers_own_keeps_the_transfers_in_flight(krig):
     assert krig.wire_tx[-1] == frame(PEER, 10) and krig.host_rx[-1] == frame(krig.nic.mac, 11)
 
 
-@pytest.mark.parametrize("kind, fault", [("stall", "stall"), ("timeout", "device_timeout")])
-def test_a_fault_the_device_reported_recycles_the_transfers(krig, kind, fault):
+@pytest.mark.parametrize("kind, fault, call, clears", [("stall", "stall", "recycle", 2),
+                                                       ("timeout", "device_timeout", "recycle, halts left alone", 0)])
+def test_a_fault_the_device_reported_recycles_the_transfers(krig, kind, fault, call, clears):
+    halts = krig.model.counters.clear_halts
     _inject_at_exit(krig, "poll", kind)
     rec = krig.nic.recoveries[-1]
     assert rec.fault == fault and rec.outcome == "recovered"
-    assert krig.nic.engine.calls == ["reset"] and rec.rolled_back == ["in-flight transfers recycled"]
+    assert krig.nic.engine.calls == [call] and rec.rolled_back == ["in-flight transfers recycled"]
+    assert krig.model.counters.clear_halts - halts == clears     # CLEAR_FEATURE(HALT) on IN and OUT
+    krig.model.wire_receive(frame(krig.nic.mac, 13))
+    krig.pump()
+    assert krig.host_rx[-1] == frame(krig.nic.mac, 13)
 
 
 def test_a_restore_that_reset_the_endpoints_recycles_the_transfers(krig):
@@ -598,7 +604,7 @@ def test_a_restore_that_reset_the_endpoints_recycles_the_transfers(krig):
     _inject_at_exit(krig, "xmit", "raise")
     rec = krig.nic.recoveries[-1]
     assert krig.model.data_alt == 1 and rec.outcome == "recovered"
-    assert krig.nic.engine.calls == ["resume", "reset"] and rec.rolled_back == ["in-flight transfers recycled"]
+    assert krig.nic.engine.calls == ["resume", "recycle"] and rec.rolled_back == ["in-flight transfers recycled"]
     krig.model.wire_receive(frame(krig.nic.mac, 12))
     krig.pump()
     assert krig.host_rx[-1] == frame(krig.nic.mac, 12)

@@ -489,12 +489,18 @@ class NativeUsbRing:
 
     def reset(self) -> int:
         """Recycle after a fault: drop in-flight transfers, clear halts, re-issue unconfirmed TX."""
+        return self.recycle(clear_halts=True)
+
+    def recycle(self, clear_halts: bool) -> int:
+        """reset(), the halts cleared or not (a timeout leaves none; each clear is a control
+        transfer, milliseconds on a real bus). Returns the TX entries re-issued."""
         self.stop()
-        for ep in (self.driver.EP_IN, self.driver.EP_OUT):
-            try:
-                self.driver.usb.clear_halt(ep)
-            except TransportError:
-                pass
+        if clear_halts:
+            for ep in (self.driver.EP_IN, self.driver.EP_OUT):
+                try:
+                    self.driver.usb.clear_halt(ep)
+                except TransportError:
+                    pass
         again = self.journal.rewind()
         self.start()
         return again

@@ -25,9 +25,9 @@ from typing import Any, Callable, Sequence
 from .actions import ActionList
 from .configlog import ConfigLog
 from .driver import LinkState, RxMode
-from .errors import DeviceGone, DriverFault, Escalation, UdrvError
+from .errors import DeviceGone, DriverFault, Escalation, TransferTimeout, UdrvError
 from .faults import FaultInjector, FaultSpec
-from .guard import Guard, Recovery, Watchdog
+from .guard import Guard, Recovery, Watchdog, driver_side
 from .journal import JournalFull, TxJournal
 from .driver import NetDriver
 from . import offload
@@ -168,14 +168,18 @@ class Nic:
             log.info("event=offloads tap=%s offloads=%s vnet_hdr=%d", getattr(self.tap, "name", "?"),
                      ",".join(sorted(self.offloads)) or "none", self.vnet_hdr_len)
 
-    def _reset_datapath(self, driver_side: bool) -> tuple[int, bool]:
+    def _reset_datapath(self, fault: BaseException) -> tuple[int, bool]:
         """After a datapath fault and the device's restore: (TX entries re-issued, transfers kept).
         A datapath whose state the driver cannot tear (the C ring: it changes only inside its own
         calls) keeps its transfers after a fault of the driver's own when nothing reset the
-        device's endpoints; everything else is recycled."""
+        device's endpoints; everything else is recycled — without clearing halts after a timeout,
+        which leaves none (Linux usbnet's tx_timeout likewise only unlinks)."""
         resume = getattr(self.engine, "resume", None)
-        if driver_side and resume is not None and resume():
+        if driver_side(fault) and resume is not None and resume():
             return 0, True
+        recycle = getattr(self.engine, "recycle", None)
+        if recycle is not None:
+            return recycle(clear_halts=not isinstance(fault, TransferTimeout)), False
         return self.engine.reset(), False
 
     def _sync_datapath(self) -> None:
