@@ -1136,6 +1136,42 @@ int udrv_ring_cancel_all_and_wait(struct udrv_ring *r, int timeout_ms)
     return (int)in_flight(r);
 }
 
+int udrv_ring_recycle_tx(struct udrv_ring *r, int timeout_ms, int clear_halts)
+{
+    for (uint32_t i = 0; i < r->cfg.n_tx; i++)
+        if (r->tx[i].in_flight)
+            libusb_cancel_transfer(r->tx[i].t); /* NOT_FOUND = already completing: fine */
+    uint64_t deadline = now_ms() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0);
+    while (r->st.tx_inflight && now_ms() < deadline) {
+        struct timeval tv = {0, 10000};
+        int rc = libusb_handle_events_timeout_completed(r->ctx, &tv, NULL);
+        if (rc < 0 && rc != LIBUSB_ERROR_INTERRUPTED) {
+            struct timespec ms = {0, 1000000};
+            nanosleep(&ms, NULL);
+        }
+    }
+    if (r->st.tx_inflight)
+        return (int)r->st.tx_inflight;
+    rx_flush(r);          /* IN completions handled above reach the TAP */
+    apply_confirm(r);     /* frames that made it before the cancel are confirmed, not re-sent */
+    r->seg_active = 0;    /* an entry cut in part goes out whole again (duplicates, nothing lost) */
+    r->tx_blocked = 0;
+    r->confirm_pending = 0;
+    r->confirm_frames = r->confirm_bytes = 0;
+    r->err_first = r->err_count = 0;   /* Python has read them: this recovery deals with them */
+    if (clear_halts) {
+        uint8_t eps[2] = {(uint8_t)r->cfg.ep_out, (uint8_t)r->cfg.ep_in};
+        for (int k = 0; k < 2; k++) {
+            int rc = libusb_clear_halt(r->h, eps[k]);
+            if (rc == LIBUSB_ERROR_NO_DEVICE) {
+                r->no_device = 1;
+                push_error(r, k ? UDRV_DIR_RX : UDRV_DIR_TX, UDRV_XS_NO_DEVICE, eps[k], rc, 0);
+            }
+        }
+    }
+    return 0;
+}
+
 void udrv_ring_stats(const struct udrv_ring *r, struct udrv_ring_stats *out)
 {
     *out = r->st;

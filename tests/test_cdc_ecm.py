@@ -549,11 +549,11 @@ class KeepingEngine:
         self.calls.append("resume")
         return self._usb.endpoint_resets == self.epoch
 
-    def recycle(self, clear_halts: bool) -> int:
+    def recycle(self, clear_halts: bool) -> tuple[int, str]:
         self.calls.append("recycle" if clear_halts else "recycle, halts left alone")
-        again = self._engine.recycle(clear_halts)
+        done = self._engine.recycle(clear_halts)
         self.epoch = self._usb.endpoint_resets
-        return again
+        return done
 
 
 @pytest.fixture

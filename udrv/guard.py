@@ -159,7 +159,7 @@ class Watchdog:
 class Guard:
     def __init__(self, driver: Any, injector: FaultInjector | None = None, *,
                  on_recovery: Callable[[Recovery], None] | None = None,
-                 reset_datapath: Callable[[BaseException], tuple[int, bool]] | None = None,
+                 reset_datapath: Callable[[BaseException], tuple[int, str]] | None = None,
                  sync_datapath: Callable[[], None] | None = None,
                  config_deadline: float = 1.0, datapath_deadline: float = 1.0,
                  enabled: bool = True, watchdog: Watchdog | None = None,
@@ -167,8 +167,8 @@ class Guard:
         self.driver = driver
         self.injector = injector or FaultInjector()
         self.on_recovery = on_recovery or (lambda r: None)
-        # reset_datapath(the fault) -> (TX entries re-issued, buffers kept in flight)
-        self.reset_datapath = reset_datapath or (lambda exc: (0, False))
+        # reset_datapath(the fault) -> (TX entries re-issued, what became of the buffers in flight)
+        self.reset_datapath = reset_datapath or (lambda exc: (0, "nothing in flight"))
         self.sync_datapath = sync_datapath or (lambda: None)
         self.config_deadline = config_deadline
         self.datapath_deadline = datapath_deadline
@@ -341,9 +341,9 @@ class Guard:
                     self.driver.restore(self.checkpoint)
                 rec.device_restored = True
                 t2 = time.monotonic()
-                rec.reissued, kept = self.reset_datapath(exc)
+                rec.reissued, what = self.reset_datapath(exc)
                 rec.restore_ms, rec.datapath_ms = (t2 - t1) * 1000, (time.monotonic() - t2) * 1000
-                rec.rolled_back = ["in-flight transfers kept" if kept else "in-flight transfers recycled"]
+                rec.rolled_back = [what]
         except Exception as rexc:
             rec.outcome = "escalated"
             rec.detail += f"; restore failed: {rexc}"

@@ -489,11 +489,27 @@ class NativeUsbRing:
 
     def reset(self) -> int:
         """Recycle after a fault: drop in-flight transfers, clear halts, re-issue unconfirmed TX."""
-        return self.recycle(clear_halts=True)
+        self.stop()
+        for ep in (self.driver.EP_IN, self.driver.EP_OUT):
+            try:
+                self.driver.usb.clear_halt(ep)
+            except TransportError:
+                pass
+        again = self.journal.rewind()
+        self.start()
+        return again
 
-    def recycle(self, clear_halts: bool) -> int:
-        """reset(), the halts cleared or not (a timeout leaves none; each clear is a control
-        transfer, milliseconds on a real bus). Returns the TX entries re-issued."""
+    def recycle(self, clear_halts: bool) -> tuple[int, str]:
+        """After a fault the device reported: (TX entries re-issued, what was recycled).
+        The OUT side always (cancel, confirm what made it, rewind the journal); the IN transfers
+        stay queued while the ring runs and nothing reset the endpoints (udrv_ring_recycle_tx:
+        cancelling them costs a host-controller round trip each, and a failed IN side heals in
+        the ring). Otherwise, or if OUT transfers never come back: everything, as reset()."""
+        epoch = getattr(self.driver.usb, "endpoint_resets", None)
+        if (self.running and self._ring is not None and epoch is not None and epoch == self._epoch
+                and lib.udrv_ring_recycle_tx(self._ring, int(self.stop_timeout * 1000), int(clear_halts)) == 0):
+            self.journal.sync()
+            return self.journal.rewind(), "OUT transfers recycled, IN transfers kept"
         self.stop()
         if clear_halts:
             for ep in (self.driver.EP_IN, self.driver.EP_OUT):
@@ -503,7 +519,7 @@ class NativeUsbRing:
                     pass
         again = self.journal.rewind()
         self.start()
-        return again
+        return again, "in-flight transfers recycled"
 
     def resume(self) -> bool:
         """After a fault of the driver's own (not one the device or a transfer reported): keep the

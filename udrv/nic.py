@@ -168,19 +168,20 @@ class Nic:
             log.info("event=offloads tap=%s offloads=%s vnet_hdr=%d", getattr(self.tap, "name", "?"),
                      ",".join(sorted(self.offloads)) or "none", self.vnet_hdr_len)
 
-    def _reset_datapath(self, fault: BaseException) -> tuple[int, bool]:
-        """After a datapath fault and the device's restore: (TX entries re-issued, transfers kept).
+    def _reset_datapath(self, fault: BaseException) -> tuple[int, str]:
+        """After a datapath fault and the device's restore: (TX entries re-issued, what happened
+        to the transfers in flight).
         A datapath whose state the driver cannot tear (the C ring: it changes only inside its own
         calls) keeps its transfers after a fault of the driver's own when nothing reset the
         device's endpoints; everything else is recycled — without clearing halts after a timeout,
         which leaves none (Linux usbnet's tx_timeout likewise only unlinks)."""
         resume = getattr(self.engine, "resume", None)
         if driver_side(fault) and resume is not None and resume():
-            return 0, True
+            return 0, "in-flight transfers kept"
         recycle = getattr(self.engine, "recycle", None)
         if recycle is not None:
-            return recycle(clear_halts=not isinstance(fault, TransferTimeout)), False
-        return self.engine.reset(), False
+            return recycle(clear_halts=not isinstance(fault, TransferTimeout))
+        return self.engine.reset(), "in-flight transfers recycled"
 
     def _sync_datapath(self) -> None:
         """After a restore: transfers in flight iff the restored driver is open."""

@@ -163,11 +163,12 @@ class UsbNetEngine:
 
     def reset(self) -> int:
         """Recycle after a fault: drop in-flight transfers, clear halts, re-issue unconfirmed TX."""
-        return self.recycle(clear_halts=True)
+        return self.recycle(clear_halts=True)[0]
 
-    def recycle(self, clear_halts: bool) -> int:
+    def recycle(self, clear_halts: bool) -> tuple[int, str]:
         """reset(), the halts cleared or not (a timeout leaves none; each clear is a control
-        transfer, milliseconds on a real bus). Returns the TX entries re-issued."""
+        transfer). Always every transfer: an exception inside this engine's own calls can leave
+        its bookkeeping half-updated. Returns (TX entries re-issued, what was recycled)."""
         self.stop()
         if clear_halts:
             for ep in (self.driver.EP_IN, self.driver.EP_OUT):
@@ -177,7 +178,7 @@ class UsbNetEngine:
                     pass
         again = self.journal.rewind()
         self.start()
-        return again
+        return again, "in-flight transfers recycled"
 
     # --- datapath entry points ----------------------------------------------------------------
     def xmit(self) -> int:

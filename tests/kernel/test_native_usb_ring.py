@@ -8,7 +8,7 @@ and to the TAP, byte-exact and in order, including lengths that are a multiple o
 packet size (the ring asks for a ZLP there); the ring's counters, the netdevs' statistics and
 the TX journal must agree; ECM notifications arrive through the interrupt-endpoint queue; a
 reset (cancel, clear halts, rewind, restart) with OUT transfers in flight loses nothing and
-leaks no transfer; an unplug under a running ring surfaces as DeviceGone.
+leaks no transfer, nor does the OUT-only recycle (the IN transfers stay queued); an unplug under a running ring surfaces as DeviceGone.
 
 The guest side is this file run as a script inside the guest; it prints one JSON report line.
 """
@@ -100,10 +100,11 @@ def _exchange(ring: Any, tap_sock: socket.socket, gad_sock: socket.socket, tap_m
 
 
 def _reset_with_frames_in_flight(ring: Any, tap_sock: socket.socket, gad_sock: socket.socket,
-                                 tap_mac: bytes, gad_mac: bytes, usb0: str, count: int = 60) -> dict[str, Any]:
-    """Invariant 2 on a real device: a reset while OUT transfers are in flight re-issues them;
-    every frame arrives, at most the re-issued ones twice."""
-    frames = [_frame(gad_mac, tap_mac, i, SIZES[i % len(SIZES)], 3) for i in range(count)]
+                                 tap_mac: bytes, gad_mac: bytes, usb0: str, count: int = 60,
+                                 tag: int = 3, how: str = "reset") -> dict[str, Any]:
+    """Invariant 2 on a real device: a reset (or the OUT-only recycle) while OUT transfers are
+    in flight re-issues them; every frame arrives, at most the re-issued ones twice."""
+    frames = [_frame(gad_mac, tap_mac, i, SIZES[i % len(SIZES)], tag) for i in range(count)]
     os.system(f"ip link set {usb0} down")    # the gadget queues no OUT requests: transfers wait
     for f in frames:
         tap_sock.send(f)
@@ -112,7 +113,12 @@ def _reset_with_frames_in_flight(ring: Any, tap_sock: socket.socket, gad_sock: s
     for _ in range(20):
         ring.poll(0.005)
     in_device = ring.journal.in_device()
-    reissued = ring.reset()                  # ... and are cancelled before the device took them
+    rx_before = ring.rx_inflight
+    if how == "reset":                       # ... and are cancelled before the device took them
+        reissued, what = ring.reset(), "reset"
+    else:
+        reissued, what = ring.recycle(clear_halts=True)
+    rx_after = ring.rx_inflight
     os.system(f"ip link set {usb0} up")
     got: list[bytes] = []
     end = time.monotonic() + 30
@@ -128,11 +134,12 @@ def _reset_with_frames_in_flight(ring: Any, tap_sock: socket.socket, gad_sock: s
                 if e.errno != errno.ENETDOWN:
                     raise
                 continue
-            if addr[2] != socket.PACKET_OUTGOING and len(data) > 14 and data[14] == 3:
+            if addr[2] != socket.PACKET_OUTGOING and len(data) > 14 and data[14] == tag:
                 got.append(data)
     for _ in range(50):
         ring.poll(0.01)
-    return {"submitted": submitted, "in_device": in_device, "reissued": reissued,
+    return {"submitted": submitted, "in_device": in_device, "reissued": reissued, "what": what,
+            "rx_inflight_before": rx_before, "rx_inflight_after": rx_after,
             "received": len(got), "unique": len(set(got)), "all_arrived": set(got) == set(frames),
             "in_order_after_dedup": list(dict.fromkeys(got)) == frames}
 
@@ -202,6 +209,12 @@ def guest_main() -> dict[str, Any]:
     for _ in range(50):
         ring.poll(0.01)
     report["phase3"] = _reset_with_frames_in_flight(ring, tap_sock, gad_sock, tap_mac, gad_mac, usb0)
+    # the recovery after a fault the device reported: OUT recycled, IN transfers left queued
+    report["phase4"] = _reset_with_frames_in_flight(ring, tap_sock, gad_sock, tap_mac, gad_mac, usb0,
+                                                    tag=4, how="recycle")
+    report["phase5"] = _exchange(ring, tap_sock, gad_sock, tap_mac, gad_mac, 50, tag=5)
+    for _ in range(50):
+        ring.poll(0.01)
     journal.sync()
     c = ring.counters
     report["counters"] = {"rx_packets": c.rx_packets, "tx_packets": c.tx_packets, "rx_bytes": c.rx_bytes,
@@ -235,7 +248,7 @@ def guest_main() -> dict[str, Any]:
     before_close = ring.tap_stats()
     ring.close()
     # a restart absorbs the counts of the ring it just closed (Nic._absorb_tap_stats)
-    report["tap_stats_kept_after_close"] = ring.tap_stats() == before_close and ring.counters.rx_packets == 2 * 200
+    report["tap_stats_kept_after_close"] = ring.tap_stats() == before_close and ring.counters.rx_packets == 2 * 200 + 50
     t.close()
     tap.close()
     gadget.remove()
@@ -265,24 +278,29 @@ def test_native_ring_moves_frames_both_ways_on_a_real_usb_device(guest) -> None:
         p = r[phase]
         assert p["to_gadget"] == n and p["to_gadget_ok"], (phase, p)     # TAP -> bulk OUT -> usb0
         assert p["to_host"] == n and p["to_host_ok"], (phase, p)         # usb0 -> bulk IN -> TAP
-    p3 = r["phase3"]
-    m = 60                                   # frames of the reset-in-flight phase
-    assert p3["submitted"] == 8 and p3["in_device"] == 8, p3
-    assert p3["all_arrived"] and p3["in_order_after_dedup"], p3           # nothing lost
-    assert p3["reissued"] == 8, p3                                      # the 8 cancelled OUT transfers
-    assert p3["received"] - p3["unique"] <= p3["reissued"], p3           # duplicates only from re-issue
+    m, k = 2 * 60, 50                        # frames of the two in-flight phases, of phase 5
+    for p in (r["phase3"], r["phase4"]):
+        assert p["submitted"] == 8 and p["in_device"] == 8, p
+        assert p["all_arrived"] and p["in_order_after_dedup"], p          # nothing lost
+        assert p["reissued"] == 8, p                                    # the 8 cancelled OUT transfers
+        assert p["received"] - p["unique"] <= p["reissued"], p           # duplicates only from re-issue
+    p4 = r["phase4"]
+    assert p4["what"] == "OUT transfers recycled, IN transfers kept", p4
+    assert p4["rx_inflight_before"] == p4["rx_inflight_after"] == 8, p4  # the IN side untouched
+    p5 = r["phase5"]                                                     # and both ways after it
+    assert p5["to_gadget"] == k and p5["to_gadget_ok"] and p5["to_host"] == k and p5["to_host_ok"], p5
     c = r["counters"]
-    assert c["tx_packets"] == 2 * n + m and c["rx_packets"] == 2 * n, c
+    assert c["tx_packets"] == 2 * n + m + k and c["rx_packets"] == 2 * n + k, c
     assert c["rx_dropped"] == {} and c["tx_errors"] == {}, c
     # the netdevs saw the same frames the ring counted
-    dups = p3["received"] - p3["unique"]
-    assert r["usb0"]["rx_packets"] == 2 * n + m + dups and r["usb0"]["tx_packets"] == 2 * n, r["usb0"]
-    assert r["tap"]["rx_packets"] == 2 * n and r["tap"]["tx_packets"] == 2 * n + m, r["tap"]
-    assert r["tap_counters"]["tap_frames_in"] == 2 * n + m
+    dups = sum(p["received"] - p["unique"] for p in (r["phase3"], r["phase4"]))
+    assert r["usb0"]["rx_packets"] == 2 * n + m + k + dups and r["usb0"]["tx_packets"] == 2 * n + k, r["usb0"]
+    assert r["tap"]["rx_packets"] == 2 * n + k and r["tap"]["tx_packets"] == 2 * n + m + k, r["tap"]
+    assert r["tap_counters"]["tap_frames_in"] == 2 * n + m + k
     # every frame read from the TAP is confirmed by the device: nothing left in the journal
     j = r["journal"]
-    assert j["head"] == j["sent"] == j["tail"] == 2 * n + m, j
-    assert j["reissued"] == p3["reissued"], j
+    assert j["head"] == j["sent"] == j["tail"] == 2 * n + m + k, j
+    assert j["reissued"] == r["phase3"]["reissued"] + p4["reissued"], j
     assert r["journal_after_phase1"] == {"head": n, "sent": n, "tail": n}
     assert r["reissued_by_reset"] == 0
     # ECM notifications (NETWORK_CONNECTION, SPEED_CHANGE) came through the interrupt queue
