@@ -7,10 +7,23 @@ import socket
 import threading
 import time
 
+import pytest
+
 from udrv.probe import GapProbe
 
 
-def test_probe_counts_a_second_answer_as_a_duplicate_not_as_a_reply():
+@pytest.fixture(params=["c", "python"])
+def probe_loop(request, monkeypatch):
+    if request.param == "c":
+        from udrv import native
+        if not native.available():
+            pytest.skip(f"the C fast path is not built: {native.why_unavailable()}")
+    else:
+        monkeypatch.setenv("UDRV_PROBE_LOOP", "python")
+    return request.param
+
+
+def test_probe_counts_a_second_answer_as_a_duplicate_not_as_a_reply(probe_loop):
     srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     srv.bind(("127.0.0.1", 0))
     srv.settimeout(0.2)
@@ -41,3 +54,35 @@ def test_probe_counts_a_second_answer_as_a_duplicate_not_as_a_reply():
     assert res.received >= answered[0] - 2                # every probe the echo saw (bar the last in flight)
     assert res.duplicates >= answered[0] // 3 - 2 and res.duplicates > 10
     assert len(probe.times) == res.received
+    assert res.loop == probe_loop
+
+
+def test_probe_sees_a_silence_of_the_echo_as_one_gap_and_the_echo_server_answers(probe_loop):
+    """udrv.echo's server (in C when built) answers; 150 ms in which it is stopped are one gap of
+    about that length; answers resume after it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    port = 20000 + os.getpid() % 20000
+    srv = subprocess.Popen([sys.executable, "-m", "udrv.echo", "--port", str(port)])
+    try:
+        from udrv.echo import roundtrips
+        deadline = time.monotonic() + 20
+        while roundtrips("127.0.0.1", [8], port=port, timeout=0.2) != 1:
+            assert time.monotonic() < deadline, "the echo server never answered"
+        probe = GapProbe("127.0.0.1", port, interval=0.001).start()
+        time.sleep(0.4)
+        srv.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        time.sleep(0.15)
+        srv.send_signal(signal.SIGCONT)
+        time.sleep(0.4)
+        res = probe.stop()
+    finally:
+        srv.kill()
+        srv.wait()
+    gap = probe.max_gap_ms(t0, t0 + 0.1)
+    assert 140 <= gap < 1000, gap
+    assert res.received > 300 and res.loop == probe_loop
+    assert probe.times[-1] > t0 + 0.2                      # answers came back after the silence
