@@ -97,7 +97,8 @@ int udrv_echo_turn(int fd, int max_ms)
                     return -1;
                 break;
             }
-            if (sendto(fd, buf, (size_t)n, MSG_DONTWAIT, (struct sockaddr *)&from, fl) == n)
+            /* blocking, as a Python echo would: a full socket buffer waits, it does not drop */
+            if (sendto(fd, buf, (size_t)n, 0, (struct sockaddr *)&from, fl) == n)
                 echoed++;
         }
         uint64_t now = mono_ns();

@@ -90,6 +90,11 @@ struct udrv_ring {
 
     uint32_t flags;       /* UDRV_PUMP_RX / TX_DONE since the last pump */
     uint32_t tx_completions; /* OUT completions since the TX thread was last woken */
+    /* while OUT transfers are being cancelled: the lowest journal seq that came back cancelled.
+     * Cancels go out in slot order, not submission order, so a later transfer may still
+     * complete after an earlier one was cancelled: nothing at or past it is confirmed. */
+    int cancel_seen;
+    uint64_t cancel_min;
     uint32_t completions; /* since the last pump */
 
     /* libusb's poll fds, fetched at start: libusb_get_pollfds allocates and locks on every
@@ -372,7 +377,12 @@ static void LIBUSB_CALL tx_done(struct libusb_transfer *t)
         r->confirm_bytes += x->frame_len;
         return;
     case LIBUSB_TRANSFER_CANCELLED:
-        return; /* still in the journal as sent: the recovery's rewind re-issues it */
+        /* still in the journal as sent: the recovery's rewind re-issues it */
+        if (!r->cancel_seen || x->seq < r->cancel_min) {
+            r->cancel_seen = 1;
+            r->cancel_min = x->seq;
+        }
+        return;
     case LIBUSB_TRANSFER_NO_DEVICE:
         r->no_device = 1;
         r->tx_blocked = 1;
@@ -401,6 +411,11 @@ static void apply_confirm(struct udrv_ring *r)
     if (!r->confirm_pending)
         return;
     r->confirm_pending = 0;
+    if (r->cancel_seen && r->confirm_seq >= r->cancel_min) {
+        if (r->cancel_min == 0)
+            return;
+        r->confirm_seq = r->cancel_min - 1;   /* the cancelled entry and what follows go again */
+    }
     if (udrv_journal_confirm_through(&r->j, r->confirm_seq) < 0) {
         /* Someone rewound the journal under us: stop and let Python recover. */
         r->tx_blocked = 1;
@@ -861,6 +876,7 @@ int udrv_ring_start(struct udrv_ring *r)
     r->tx_blocked = r->rx_stalled = r->status_stalled = r->no_device = 0;
     r->confirm_pending = 0;
     r->confirm_frames = r->confirm_bytes = 0;
+    r->cancel_seen = 0;
     r->seg_active = 0;        /* the journal may have been rewound: cut entries from the start */
     r->err_first = r->err_count = 0;
     fetch_usb_fds(r);
@@ -1111,6 +1127,7 @@ int udrv_ring_run(struct udrv_ring *r, int timeout_ms, int tap_budget, int wake_
 int udrv_ring_cancel_all_and_wait(struct udrv_ring *r, int timeout_ms)
 {
     r->running = 0;
+    r->cancel_seen = 0;
     for (uint32_t i = 0; i < r->cfg.n_rx; i++)
         if (r->rx[i].in_flight)
             libusb_cancel_transfer(r->rx[i].t); /* NOT_FOUND = already completing: fine */
@@ -1136,8 +1153,11 @@ int udrv_ring_cancel_all_and_wait(struct udrv_ring *r, int timeout_ms)
     return (int)in_flight(r);
 }
 
-int udrv_ring_recycle_tx(struct udrv_ring *r, int timeout_ms, int clear_halts)
+int udrv_ring_recycle_tx(struct udrv_ring *r, int timeout_ms, int clear_halt)
 {
+    /* the errors queued so far are the ones this recovery deals with (Python raised them) */
+    r->err_first = r->err_count = 0;
+    r->cancel_seen = 0;
     for (uint32_t i = 0; i < r->cfg.n_tx; i++)
         if (r->tx[i].in_flight)
             libusb_cancel_transfer(r->tx[i].t); /* NOT_FOUND = already completing: fine */
@@ -1153,22 +1173,27 @@ int udrv_ring_recycle_tx(struct udrv_ring *r, int timeout_ms, int clear_halts)
     if (r->st.tx_inflight)
         return (int)r->st.tx_inflight;
     rx_flush(r);          /* IN completions handled above reach the TAP */
+    r->tx_blocked = 0;    /* before apply_confirm: what completed OK above is confirmed */
     apply_confirm(r);     /* frames that made it before the cancel are confirmed, not re-sent */
-    r->seg_active = 0;    /* an entry cut in part goes out whole again (duplicates, nothing lost) */
-    r->tx_blocked = 0;
-    r->confirm_pending = 0;
+    r->cancel_seen = 0;
     r->confirm_frames = r->confirm_bytes = 0;
-    r->err_first = r->err_count = 0;   /* Python has read them: this recovery deals with them */
-    if (clear_halts) {
-        uint8_t eps[2] = {(uint8_t)r->cfg.ep_out, (uint8_t)r->cfg.ep_in};
-        for (int k = 0; k < 2; k++) {
-            int rc = libusb_clear_halt(r->h, eps[k]);
-            if (rc == LIBUSB_ERROR_NO_DEVICE) {
-                r->no_device = 1;
-                push_error(r, k ? UDRV_DIR_RX : UDRV_DIR_TX, UDRV_XS_NO_DEVICE, eps[k], rc, 0);
-            }
+    r->seg_active = 0;    /* an entry cut in part goes out whole again (duplicates, nothing lost) */
+    if (r->err_count || r->no_device)
+        return -1;        /* something new went wrong meanwhile (a journal out of step): full path */
+    if (clear_halt) {
+        int rc = libusb_clear_halt(r->h, (unsigned char)r->cfg.ep_out);
+        if (rc == LIBUSB_ERROR_NO_DEVICE) {
+            r->no_device = 1;
+            return -1;
         }
     }
+    /* an IN transfer lost on the way (a resubmission that failed) is queued again */
+    if (!r->rx_stalled)
+        for (uint32_t i = 0; i < r->cfg.n_rx; i++)
+            if (!r->rx[i].in_flight && submit_rx(r, &r->rx[i]) < 0)
+                return -1;
+    if (r->cfg.ep_status && !r->status.in_flight && !r->status_stalled && submit_status(r) < 0)
+        return -1;
     return 0;
 }
 
@@ -1189,7 +1214,9 @@ void udrv_ring_stats(const struct udrv_ring *r, struct udrv_ring_stats *out)
 
 int udrv_ring_healthy(const struct udrv_ring *r)
 {
-    return r->running && !r->no_device && !r->err_count && !r->tx_blocked;
+    return r->running && !r->no_device && !r->err_count && !r->tx_blocked &&
+           r->st.rx_inflight + r->n_held == r->cfg.n_rx &&
+           (!r->cfg.ep_status || r->status.in_flight);
 }
 
 int udrv_ring_next_error(struct udrv_ring *r, struct udrv_ring_error *out)

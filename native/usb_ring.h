@@ -170,17 +170,20 @@ int udrv_ring_xmit(struct udrv_ring *r, int tap_budget, struct udrv_pump_result 
 int udrv_ring_cancel_all_and_wait(struct udrv_ring *r, int timeout_ms);
 /* Recycle the OUT side only, the ring running: cancel the OUT transfers in flight and handle
  * events until they are back (IN completions meanwhile are delivered and resubmitted as
- * always), confirm what made it, forget the entry cut in part, unblock TX and clear the error
- * queue; with clear_halts, CLEAR_FEATURE(HALT) on both bulk endpoints (the IN transfers stay
- * queued, as Linux usbnet clears an IN halt). The IN transfers are not cancelled: each cancel
- * is a usb_kill_urb that waits for the host controller (~0.2 ms apiece on dummy_hcd), and an
- * IN side that failed heals in the ring itself (a STALL: cleared and resubmitted; an error:
- * resubmitted). Python rewinds the journal after. Returns the OUT transfers still in flight
- * (0 = all back; otherwise the caller falls back to cancel_all_and_wait + start). */
-int udrv_ring_recycle_tx(struct udrv_ring *r, int timeout_ms, int clear_halts);
+ * always), confirm what made it (never past an entry that came back cancelled), forget the
+ * entry cut in part, unblock TX; with clear_halt, CLEAR_FEATURE(HALT) on the OUT endpoint
+ * (nothing is queued on it by then); IN transfers lost on the way are queued again. The IN
+ * transfers are not cancelled: each cancel is a usb_kill_urb that waits for the host
+ * controller (~0.2 ms apiece on dummy_hcd), and an IN side that fails heals in the ring itself
+ * (a STALL: its halt cleared once the transfers are back, then resubmitted; an error:
+ * resubmitted). Clears the error queue on entry (the errors this recovery deals with). Python
+ * rewinds the journal after. Returns 0; the OUT transfers still in flight (> 0); or -1 when
+ * something new went wrong meanwhile: the caller falls back to cancel_all_and_wait + start. */
+int udrv_ring_recycle_tx(struct udrv_ring *r, int timeout_ms, int clear_halt);
 void udrv_ring_stats(const struct udrv_ring *r, struct udrv_ring_stats *out);
-/* 1: running, the device present, no error queued, TX not blocked: the transfers in flight can
- * be kept across a recovery from a fault outside the ring. 0: recycle them (cancel_all_and_wait). */
+/* 1: running, the device present, no error queued, TX not blocked, every IN transfer queued (or
+ * held by the coalescer) and the interrupt transfer too: the transfers in flight can be kept
+ * across a recovery from a fault outside the ring. 0: recycle them (cancel_all_and_wait). */
 int udrv_ring_healthy(const struct udrv_ring *r);
 /* Pop the oldest queued error: 1 = *out set, 0 = queue empty. */
 int udrv_ring_next_error(struct udrv_ring *r, struct udrv_ring_error *out);

@@ -112,6 +112,8 @@ def main() -> None:
         from ._native import lib
     except ImportError:
         lib = None
+    if not hasattr(lib, "udrv_echo_turn"):            # none, or a build from before the echo loop
+        lib = None
     if os.environ.get("UDRV_PROBE_LOOP") == "python":      # the probe's switch covers its echo too
         lib = None
     while lib is not None:               # in C (native/probe.h): cheap enough not to be measured

@@ -501,12 +501,15 @@ class NativeUsbRing:
 
     def recycle(self, clear_halts: bool) -> tuple[int, str]:
         """After a fault the device reported: (TX entries re-issued, what was recycled).
-        The OUT side always (cancel, confirm what made it, rewind the journal); the IN transfers
-        stay queued while the ring runs and nothing reset the endpoints (udrv_ring_recycle_tx:
-        cancelling them costs a host-controller round trip each, and a failed IN side heals in
-        the ring). Otherwise, or if OUT transfers never come back: everything, as reset()."""
+        The OUT side always (cancel, confirm what made it, clear its halt, rewind the journal);
+        the IN transfers stay queued while the ring runs, its framing is current and nothing
+        reset the endpoints (udrv_ring_recycle_tx: cancelling them costs a host-controller round
+        trip each, and a failed IN side heals in the ring: its halt is cleared there once its
+        transfers are back, never under queued ones). Otherwise, or if OUT transfers never come
+        back: everything, as reset()."""
         epoch = getattr(self.driver.usb, "endpoint_resets", None)
         if (self.running and self._ring is not None and epoch is not None and epoch == self._epoch
+                and self.driver.framing_now() == self._framing
                 and lib.udrv_ring_recycle_tx(self._ring, int(self.stop_timeout * 1000), int(clear_halts)) == 0):
             self.journal.sync()
             return self.journal.rewind(), "OUT transfers recycled, IN transfers kept"
@@ -531,7 +534,7 @@ class NativeUsbRing:
         if not self.running or self._ring is None:
             return False
         epoch = getattr(self.driver.usb, "endpoint_resets", None)
-        if epoch is None or epoch != self._epoch:
+        if epoch is None or epoch != self._epoch or self.driver.framing_now() != self._framing:
             return False
         return bool(lib.udrv_ring_healthy(self._ring))
 

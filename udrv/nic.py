@@ -411,9 +411,9 @@ class Nic:
             self.counters.swaps += 1
         if e.fault.kind == "disconnect" and "injected" not in e.fault.detail:
             self._transport_dead = True
+        last = self.recoveries[-1] if self.recoveries else None     # before the restart adds any
         try:
             ms = self.restart()
-            last = self.recoveries[-1] if self.recoveries else None
             if last is not None and last.outcome == "escalated" and last.restart_ms is None:
                 last.restart_ms = ms       # what the escalation cost in all: recovery_ms + this
         except UdrvError as err:

@@ -96,6 +96,8 @@ def _probe_main_c(host: str, port: int, interval: float) -> bool:
         from ._native import ffi, lib
     except ImportError:
         return False
+    if not hasattr(lib, "udrv_probe_turn"):          # a build from before the probe loop
+        return False
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.connect((host, port))
     sock.setblocking(False)

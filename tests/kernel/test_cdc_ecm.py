@@ -495,7 +495,7 @@ if pytest is not None:
         entries = {(e, fault) for e, fault, outcome in f["entries"] if outcome == "recovered"}
         assert {("xmit", "exception"), ("poll", "stall"), ("set_rx_mode", "exception")} <= entries, f
         # the driver's own exception leaves the C ring's transfers in flight; a STALL recycles the
-        # OUT side (the IN transfers stay queued: the halts are cleared under them, as usbnet does)
+        # OUT side (the IN transfers stay queued; an IN side that fails heals in the ring)
         undone = {(e, fault): tuple(rb) for e, fault, rb in f["rolled_back"]}
         assert undone[("xmit", "exception")] == ("in-flight transfers kept",), f
         assert undone[("poll", "stall")] == ("OUT transfers recycled, IN transfers kept",), f
