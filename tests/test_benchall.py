@@ -159,3 +159,18 @@ def test_udrv_run_swap_after_zero_never_swaps():
     args = build_parser().parse_args(["run", "model:cdc_ecm", "--swap-after", "0"])
     assert args.swap_after == 0
     assert build_parser().parse_args(["run"]).swap_after == 3
+
+
+def test_cdc_ecm_rounds_compare_medians_of_alternating_runs():
+    res = {"kernel": {"tx": 100.0, "rx": 100.0}, "kernel_more": [{"tx": 200.0, "rx": 100.0}, {"tx": 150.0, "rx": 100.0}],
+           "kernel_after": {"tx": 400.0, "rx": 100.0},
+           "native": {"tx": 90.0, "rx": 50.0}, "native_more": [{"tx": 180.0, "rx": 300.0}, {"tx": 120.0, "rx": 90.0}],
+           "python": {"tx": 10.0, "rx": 10.0}}
+    rows = cdc_ecm_rows(res)
+    got = {(r.variant, r.measurement): (r.kernel, r.udrv) for r in rows}
+    assert got[("C ring (udrv run)", "TCP host -> peer")] == (175.0, 120.0)    # medians of 4 and of 3 runs
+    assert got[("C ring (udrv run)", "TCP peer -> host")] == (100.0, 90.0)
+    assert got[("Python engine", "TCP host -> peer")] == (175.0, 10.0)          # one run: itself
+    text = "\n".join(benchall.cdc_ecm_details(res))
+    assert "| cdc_ether, round 2 | 200.0 | 100.0 |" in text and "| C ring (udrv run), round 3 | 120.0 | 90.0 |" in text
+    assert text.index("cdc_ether, round 3") < text.index("cdc_ether, again at the end")

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -120,20 +121,36 @@ CDC_VARIANTS = {"native": "C ring (udrv run)", "native-nocoalesce": "C ring, RX 
                 "python": "Python engine"}
 
 
+CDC_ROUNDS = 3        # C ring runs, each after a kernel run (tools/bench_cdc_ecm.py --rounds)
+
+
+def cdc_runs(res: dict, name: str) -> list[dict]:
+    """The measured runs of one datapath in tools/bench_cdc_ecm.py's result, in order: the
+    kernel's before, between (kernel_more) and after udrv's; a variant's first run and, for the
+    C ring, its further rounds (native_more)."""
+    if name == "kernel":
+        found = [res.get("kernel"), *res.get("kernel_more", []), res.get("kernel_after")]
+    else:
+        found = [res.get(name), *res.get(f"{name}_more", [])]
+    return [r for r in found if isinstance(r, dict) and "tx" in r]
+
+
 def cdc_ecm_rows(res: dict) -> list[Row]:
-    """udrv against the mean of the kernel's runs before and after udrv's (the host is shared)."""
-    runs = [res[n] for n in ("kernel", "kernel_after") if isinstance(res.get(n), dict) and "tx" in res[n]]
+    """udrv against the kernel's runs before, between and after udrv's (the host is shared and
+    TCG speed drifts): the median of each side's runs (of two: their mean)."""
+    runs = cdc_runs(res, "kernel")
     if not runs:
         return []
-    k = {way: sum(r[way] for r in runs) / len(runs) for way in ("tx", "rx")}
+    k = {way: statistics.median(r[way] for r in runs) for way in ("tx", "rx")}
     rows = []
     for name, variant in CDC_VARIANTS.items():
         r = res.get(name)
         if r is None:
             continue
+        mine = cdc_runs(res, name)
         for way, label in (("tx", "TCP host -> peer"), ("rx", "TCP peer -> host")):
-            rows.append(Row("cdc_ecm", label, "Mbit/s", k[way], None if "error" in r else r[way], variant,
-                            r.get("error", "")))
+            value = None if "error" in r or not mine else statistics.median(x[way] for x in mine)
+            rows.append(Row("cdc_ecm", label, "Mbit/s", k[way], value, variant, r.get("error", "")))
     return rows
 
 
@@ -199,11 +216,13 @@ def cdc_ecm_details(raw: dict) -> list[str]:
         details.append(f"C transfer ring not measured: {raw['native_unavailable']}")
     details += ["iperf3 between the host side (the kernel's cdc_ether netdev, then udrv0, then cdc_ether "
                "again) and the gadget's usb0 in a network namespace; the gadget is the kernel's own f_ecm "
-               "(configfs) on dummy_hcd, so the device side costs the same for both drivers. Ratios are "
-               "against the mean of the kernel's two runs.", ""]
+               "(configfs) on dummy_hcd, so the device side costs the same for both drivers. The C ring's "
+               "runs alternate with the kernel's (rounds); ratios are of the medians of each side's runs.", ""]
     names = {"kernel": KERNEL_DRIVER["cdc_ecm"], "kernel_after": f"{KERNEL_DRIVER['cdc_ecm']}, again at the end",
              **CDC_VARIANTS}
     runs = [(label, raw[n]) for n, label in names.items() if isinstance(raw.get(n), dict) and "tx" in raw[n]]
+    runs[1:1] = [(f"{KERNEL_DRIVER['cdc_ecm']}, round {i + 2}", r) for i, r in enumerate(raw.get("kernel_more", []))]
+    runs += [(f"{CDC_VARIANTS['native']}, round {i + 2}", r) for i, r in enumerate(raw.get("native_more", []))]
     if runs:
         details += ["| run | TX Mbit/s | RX Mbit/s |", "|---|---|---|"]
         details += [f"| {label} | {r['tx']:.1f} | {r['rx']:.1f} |" for label, r in runs]
@@ -221,8 +240,9 @@ def cdc_ecm_details(raw: dict) -> list[str]:
         from .sidebyside import recovery_table
         details += ["Recovery latency on the real gadget (C ring): a UDP packet every 1 ms from the host side "
                     "across udrv0 to an echo behind the gadget's usb0; per injected fault the interruption is the "
-                    "largest gap between replies (ms). Checkpoint = rollback + device restore (halts cleared, "
-                    "transfers resubmitted, journal re-issued) + one retry; full restart = `udrv run --recovery "
+                    "largest gap between replies (ms). Checkpoint = rollback + device restore + one retry; the "
+                    "C ring's transfers stay in flight after a fault of the driver's own, after one the device "
+                    "reported (STALL, timeout) its OUT side is recycled and the journal re-issued; full restart = `udrv run --recovery "
                     "restart`: a fresh driver instance, the device opened and configured again, the journal "
                     "re-issued. Both runs keep the C ring "
                     "(`--swap-after 0`: no swap to the Python engine after repeated escalations).", ""]
@@ -232,7 +252,8 @@ def cdc_ecm_details(raw: dict) -> list[str]:
 
 def bench_cdc_ecm(out: Path, seconds: float, smp: int) -> DeviceResult:
     d = DeviceResult("cdc_ecm")
-    raw, err, d.guest_seconds = _run_tool("bench_cdc_ecm.py", ["guest", str(max(1, round(seconds))), "{OUT}"],
+    raw, err, d.guest_seconds = _run_tool("bench_cdc_ecm.py", ["guest", str(max(1, round(seconds))), "{OUT}",
+                                                           f"--rounds={CDC_ROUNDS}"],
                                           out, smp, "cdc_ecm")
     d.raw, d.error = raw or {}, err or (raw or {}).get("error", "")
     d.rows = cdc_ecm_rows(d.raw)
