@@ -174,3 +174,14 @@ def test_cdc_ecm_rounds_compare_medians_of_alternating_runs():
     text = "\n".join(benchall.cdc_ecm_details(res))
     assert "| cdc_ether, round 2 | 200.0 | 100.0 |" in text and "| C ring (udrv run), round 3 | 120.0 | 90.0 |" in text
     assert text.index("cdc_ether, round 3") < text.index("cdc_ether, again at the end")
+
+
+def test_pegasus_rows_compare_the_medians_of_alternating_rounds():
+    runs = [{"path": "pegasus.ko", "direction": "host->peer (TX)", "mbit_s": x, "round": n}
+            for n, x in ((1, 20.0), (2, 40.0), (3, 30.0))]
+    runs += [{"path": "udrv", "direction": "host->peer (TX)", "mbit_s": x, "round": n} for n, x in ((1, 30.0), (2, 36.0))]
+    runs += [{"path": "udrv", "direction": "peer->host (RX)", "error": "iperf3 failed", "round": 1},
+             {"path": "pegasus.ko", "direction": "peer->host (RX)", "mbit_s": 10.0, "round": 1}]
+    tx, rx = pegasus_rows({"runs": runs})
+    assert (tx.kernel, tx.udrv, round(tx.ratio, 2)) == (30.0, 33.0, 1.1)    # one row per direction: medians
+    assert rx.udrv is None and rx.error == "iperf3 failed"
