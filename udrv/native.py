@@ -489,30 +489,9 @@ class NativeUsbRing:
 
     def reset(self) -> int:
         """Recycle after a fault: drop in-flight transfers, clear halts, re-issue unconfirmed TX."""
-        self.stop()
-        for ep in (self.driver.EP_IN, self.driver.EP_OUT):
-            try:
-                self.driver.usb.clear_halt(ep)
-            except TransportError:
-                pass
-        again = self.journal.rewind()
-        self.start()
-        return again
+        return self._recycle_all(clear_halts=True)
 
-    def recycle(self, clear_halts: bool) -> tuple[int, str]:
-        """After a fault the device reported: (TX entries re-issued, what was recycled).
-        The OUT side always (cancel, confirm what made it, clear its halt, rewind the journal);
-        the IN transfers stay queued while the ring runs, its framing is current and nothing
-        reset the endpoints (udrv_ring_recycle_tx: cancelling them costs a host-controller round
-        trip each, and a failed IN side heals in the ring: its halt is cleared there once its
-        transfers are back, never under queued ones). Otherwise, or if OUT transfers never come
-        back: everything, as reset()."""
-        epoch = getattr(self.driver.usb, "endpoint_resets", None)
-        if (self.running and self._ring is not None and epoch is not None and epoch == self._epoch
-                and self.driver.framing_now() == self._framing
-                and lib.udrv_ring_recycle_tx(self._ring, int(self.stop_timeout * 1000), int(clear_halts)) == 0):
-            self.journal.sync()
-            return self.journal.rewind(), "OUT transfers recycled, IN transfers kept"
+    def _recycle_all(self, clear_halts: bool) -> int:
         self.stop()
         if clear_halts:
             for ep in (self.driver.EP_IN, self.driver.EP_OUT):
@@ -522,7 +501,29 @@ class NativeUsbRing:
                     pass
         again = self.journal.rewind()
         self.start()
-        return again, "in-flight transfers recycled"
+        return again
+
+    def _queued_still_valid(self) -> bool:
+        """The transfers in flight were queued under the endpoints and framing there are now:
+        running, nothing reset the device's endpoints since start(), the framing unchanged."""
+        if not self.running or self._ring is None:
+            return False
+        epoch = getattr(self.driver.usb, "endpoint_resets", None)
+        return epoch is not None and epoch == self._epoch and self.driver.framing_now() == self._framing
+
+    def recycle(self, clear_halts: bool) -> tuple[int, str]:
+        """After a fault the device reported: (TX entries re-issued, what was recycled).
+        The OUT side always (cancel, confirm what made it, clear its halt, rewind the journal);
+        the IN transfers stay queued while the ring runs, its framing is current and nothing
+        reset the endpoints (udrv_ring_recycle_tx: cancelling them costs a host-controller round
+        trip each, and a failed IN side heals in the ring: its halt is cleared there once its
+        transfers are back, never under queued ones). Otherwise, or if OUT transfers never come
+        back: everything, as reset()."""
+        if (self._queued_still_valid()
+                and lib.udrv_ring_recycle_tx(self._ring, int(self.stop_timeout * 1000), int(clear_halts)) == 0):
+            self.journal.sync()
+            return self.journal.rewind(), "OUT transfers recycled, IN transfers kept"
+        return self._recycle_all(clear_halts), "in-flight transfers recycled"
 
     def resume(self) -> bool:
         """After a fault of the driver's own (not one the device or a transfer reported): keep the
@@ -531,12 +532,7 @@ class NativeUsbRing:
         whole; and nothing reset the device's endpoints since they were queued (a restore that
         re-selected an alt setting flushed them: False, and the caller recycles). Cancelling and
         resubmitting every transfer is most of a recovery on a real USB device."""
-        if not self.running or self._ring is None:
-            return False
-        epoch = getattr(self.driver.usb, "endpoint_resets", None)
-        if epoch is None or epoch != self._epoch or self.driver.framing_now() != self._framing:
-            return False
-        return bool(lib.udrv_ring_healthy(self._ring))
+        return self._queued_still_valid() and bool(lib.udrv_ring_healthy(self._ring))
 
     def close(self) -> None:
         """Stop and free the ring (its memory stays allocated if transfers never came back).
