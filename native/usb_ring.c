@@ -1124,6 +1124,20 @@ int udrv_ring_run(struct udrv_ring *r, int timeout_ms, int tap_budget, int wake_
     return (int)out->flags;
 }
 
+/* Handle events until the cancelled transfers are back (OUT only, or all) or timeout_ms passed. */
+static void wait_cancelled(struct udrv_ring *r, int timeout_ms, int out_only)
+{
+    uint64_t deadline = now_ms() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0);
+    while ((out_only ? r->st.tx_inflight : in_flight(r)) && now_ms() < deadline) {
+        struct timeval tv = {0, 10000};
+        int rc = libusb_handle_events_timeout_completed(r->ctx, &tv, NULL);
+        if (rc < 0 && rc != LIBUSB_ERROR_INTERRUPTED) {
+            struct timespec ms = {0, 1000000};
+            nanosleep(&ms, NULL); /* don't spin on a broken context */
+        }
+    }
+}
+
 int udrv_ring_cancel_all_and_wait(struct udrv_ring *r, int timeout_ms)
 {
     r->running = 0;
@@ -1136,15 +1150,7 @@ int udrv_ring_cancel_all_and_wait(struct udrv_ring *r, int timeout_ms)
             libusb_cancel_transfer(r->tx[i].t);
     if (r->status.in_flight)
         libusb_cancel_transfer(r->status.t);
-    uint64_t deadline = now_ms() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0);
-    while (in_flight(r) && now_ms() < deadline) {
-        struct timeval tv = {0, 10000};
-        int rc = libusb_handle_events_timeout_completed(r->ctx, &tv, NULL);
-        if (rc < 0 && rc != LIBUSB_ERROR_INTERRUPTED) {
-            struct timespec ms = {0, 1000000};
-            nanosleep(&ms, NULL); /* don't spin on a broken context */
-        }
-    }
+    wait_cancelled(r, timeout_ms, 0);
     rx_flush(r);      /* frames received before the cancel reach the TAP (running = 0: no resubmit) */
     apply_confirm(r); /* frames that made it before the cancel are confirmed, not re-sent */
     r->seg_active = 0; /* an entry cut in part goes out whole again (duplicates, nothing lost) */
@@ -1161,15 +1167,7 @@ int udrv_ring_recycle_tx(struct udrv_ring *r, int timeout_ms, int clear_halt)
     for (uint32_t i = 0; i < r->cfg.n_tx; i++)
         if (r->tx[i].in_flight)
             libusb_cancel_transfer(r->tx[i].t); /* NOT_FOUND = already completing: fine */
-    uint64_t deadline = now_ms() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0);
-    while (r->st.tx_inflight && now_ms() < deadline) {
-        struct timeval tv = {0, 10000};
-        int rc = libusb_handle_events_timeout_completed(r->ctx, &tv, NULL);
-        if (rc < 0 && rc != LIBUSB_ERROR_INTERRUPTED) {
-            struct timespec ms = {0, 1000000};
-            nanosleep(&ms, NULL);
-        }
-    }
+    wait_cancelled(r, timeout_ms, 1);
     if (r->st.tx_inflight)
         return (int)r->st.tx_inflight;
     rx_flush(r);          /* IN completions handled above reach the TAP */
