@@ -150,9 +150,29 @@ def test_cdc_ecm_details_compare_checkpoint_with_full_restart_on_the_gadget():
                         run("restart", [200.0, 200.0, 200.0], [1.0, 1.0, 1.0], [101.0, 101.0, 101.0]),
                         {"mode": "other", "error": "UdrvError: the daemon did not come up"}]}
     text = "\n".join(benchall.cdc_ecm_details(raw))
-    assert "| xmit:raise | 3 | 20.0 | 30.0 | 200.0 | 200.0 | 90% | 6.0 (2.0 + 4.0) / 101.0 | 94% |" in text
+    # no idle:none row in these runs: nothing to take off, so no above-the-floor figure
+    assert "| xmit:raise | 3 | 20.0 | 30.0 | 200.0 | 200.0 | 90% | - | 6.0 (2.0 + 4.0) / 101.0 | 94% |" in text
     assert "other run failed: UdrvError: the daemon did not come up" in text
     assert "--swap-after 0" in text
+
+
+def test_recovery_rows_also_compare_what_each_fault_added_above_the_idle_floor():
+    from udrv.sidebyside import IDLE_CONTROL, recovery_table, shorter_above_floor
+
+    def run(mode, idle, gaps):
+        return {"mode": mode, "sent": 10, "received": 10, "baseline_gap_ms": 1.0, "recoveries": 3,
+                "escalations": 0, "restarts": 0, "implementation": "X", "per_fault": {},
+                "gaps_ms": {IDLE_CONTROL: idle, "poll:stall": gaps}}
+    # checkpoint 9 over an idle 7 adds 2; the restart 47 over an idle 7 adds 40: 95% shorter,
+    # where the raw p50s (9 vs 47) give 81%
+    text = "\n".join(recovery_table([run("checkpoint", [7.0, 7.0, 8.0], [9.0, 9.0, 12.0]),
+                                     run("restart", [6.0, 7.0, 7.0], [40.0, 47.0, 50.0])]))
+    assert "| poll:stall | 3 | 9.0 | 12.0 | 47.0 | 50.0 | 81% | 95% | - | - |" in text
+    assert f"| {IDLE_CONTROL} | 3 | 7.0 | 8.0 | 7.0 | 7.0 | - | - |" in text
+    # a checkpoint gap under its floor adds nothing (100%); a restart that adds nothing gives no figure
+    assert shorter_above_floor([5.0], [30.0], [6.0], [6.0]) == "100%"
+    assert shorter_above_floor([5.0], [6.0], [6.0], [6.0]) == "-"
+    assert shorter_above_floor([5.0], [30.0], [], [6.0]) == "-"
 
 
 def test_udrv_run_swap_after_zero_never_swaps():

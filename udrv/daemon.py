@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from .driver import RxMode
 from .errors import UdrvError
+from .hostwatch import HostWatch
 from .placement import Priority, SoftirqAvoider
 from .nic import Nic
 from .tap import HostConfig, Tap
@@ -102,8 +103,6 @@ class Daemon:
         p = self._poller
         self._register_tap(self._python_reads_tap())
         self._transport_fds = self._register_transport(set(), -1)
-        generation = self.nic.transport_generation
-        state = self.nic.state
         if self._ctrl is not None:
             p.register(self._ctrl.fileno(), select.POLLIN)
             self._wake_on(self._ctrl.fileno())
@@ -111,14 +110,27 @@ class Daemon:
             p.register(fd, select.POLLIN)
             self._wake_on(fd)
         t = time.monotonic()
-        next_link, next_sync, next_tx = t + self.timers.link_check, t + self.timers.host_sync, t
-        nic, tap = self.nic, self.tap
+        next_link, next_tx = t + self.timers.link_check, t
+        # TAP configuration and CPU placement are read on a thread of their own (udrv/hostwatch.py):
+        # the datapath does not stand still for them; a changed configuration is applied here
+        watch = HostWatch(lambda: self.tap.host_config(), self._placement.tick, period=self.timers.host_sync,
+                          tick_every=max(1, round(self.timers.link_check / self.timers.host_sync))).start()
+        try:
+            self._loop(end, watch, next_link, next_tx)
+        finally:
+            watch.stop()
+
+    def _loop(self, end: float | None, watch: HostWatch, next_link: float, next_tx: float) -> None:
+        p, nic, tap = self._poller, self.nic, self.tap
+        applied_seq = 0              # the first look is compared with what start() applied
+        generation = self.nic.transport_generation
+        state = self.nic.state
         busy = False
         while self.running:
             now = time.monotonic()
             if end is not None and now >= end:
                 break
-            wait = min(next_link, next_sync, next_tx) - now
+            wait = min(next_link, next_tx) - now
             in_c = nic.state == "up" and nic.runs_in_c()
             if in_c:
                 # the ring sleeps in C on USB, the TAP and the wake fd (control socket, extra
@@ -170,13 +182,12 @@ class Daemon:
                 next_tx = now + self.timers.tx_progress
                 if nic.state == "up":
                     nic.check_tx_progress(now)
-            if now >= next_sync:
-                next_sync = now + self.timers.host_sync
-                self._sync_host_config()
+            if watch.seq != applied_seq and nic.state == "up":   # down: applied once the device is back
+                applied_seq = watch.seq
+                self._sync_host_config(cur=watch.latest)
             if now >= next_link:
                 next_link = now + self.timers.link_check
                 self._link_watchdog()
-                self._placement.tick()
             if self.on_tick:
                 self.on_tick()
 
@@ -241,14 +252,16 @@ class Daemon:
                      "full" if link.full_duplex else "half")
         self.tap.set_carrier(link.up)
 
-    def _sync_host_config(self, force_mode: bool = False) -> None:
-        """Mirror what the host configured on the TAP into the driver (and log it for replay)."""
+    def _sync_host_config(self, force_mode: bool = False, cur: HostConfig | None = None) -> None:
+        """Mirror what the host configured on the TAP (`cur`, else read now) into the driver (and
+        log it for replay)."""
         if self.nic.state != "up":
             return          # picked up once the device is back (the comparison is against _applied)
-        try:
-            cur = self.tap.host_config()
-        except OSError:
-            return
+        if cur is None:
+            try:
+                cur = self.tap.host_config()
+            except OSError:
+                return
         old = self._applied
         assert old is not None
         try:
