@@ -205,3 +205,13 @@ def test_pegasus_rows_compare_the_medians_of_alternating_rounds():
     tx, rx = pegasus_rows({"runs": runs})
     assert (tx.kernel, tx.udrv, round(tx.ratio, 2)) == (30.0, 33.0, 1.1)    # one row per direction: medians
     assert rx.udrv is None and rx.error == "iperf3 failed"
+
+
+def test_the_model_tier_table_has_the_above_the_floor_column_too():
+    from udrv.bench import RecoveryLatency, recovery_report
+    ck = RecoveryLatency("checkpoint", "e1000", gaps={"none (control)": [1.5, 1.6, 1.7], "set_rx_mode:raise": [2.2, 2.2, 2.4]})
+    rs = RecoveryLatency("restart", "e1000", gaps={"none (control)": [1.7, 1.7, 1.8], "set_rx_mode:raise": [21.1, 21.1, 21.6]})
+    text = recovery_report([ck, rs])
+    # raw: 1 - 2.2/21.1 = 90%; above each run's control p50: 1 - 0.6/19.4 = 97%
+    assert "| set_rx_mode:raise | 3 | 2.2 ms | 2.4 ms | 21.1 ms | 21.6 ms | 90% | 97% |" in text
+    assert "| none (control) | 3 | 1.6 ms | 1.7 ms | 1.7 ms | 1.8 ms | - | - |" in text

@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .bench import percentile, shorter_above_floor
 from .errors import UdrvError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -819,13 +820,6 @@ LABELS = {"tcp_tx": "TCP guest -> peer (Mbit/s)", "tcp_rx": "TCP peer -> guest (
           "udp64_tx": "UDP 64 B guest -> peer (kpps received)", "udp64_rx": "UDP 64 B peer -> guest (kpps received)"}
 
 
-def percentile(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    return xs[min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))]
-
-
 KERNEL_CASES = ("kernel", "kernel_after")
 
 
@@ -960,17 +954,6 @@ def render_where_time_goes(result: dict) -> list[str]:
                 L.append(f"| {s[1]}% | `{s[0]}` | | {c[1]}% | `{c[0]}` |")
             L.append("")
     return L
-
-
-def shorter_above_floor(ck: list[float], rs: list[float], ck_idle: list[float], rs_idle: list[float]) -> str:
-    """How much shorter the checkpoint's p50 gap is than the restart's once each run's idle p50
-    (the gap with nothing injected) is taken off: '-' without an idle row or when the restart
-    adds nothing above its floor."""
-    if not (ck and rs and ck_idle and rs_idle):
-        return "-"
-    extra_ck = max(0.0, percentile(ck, 50) - percentile(ck_idle, 50))
-    extra_rs = percentile(rs, 50) - percentile(rs_idle, 50)
-    return f"{(1 - extra_ck / extra_rs) * 100:.0f}%" if extra_rs > 0 else "-"
 
 
 def recovery_table(recovery: list[dict]) -> list[str]:
