@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from udrv.daemon import Daemon, DaemonTimers
+from udrv.errors import UdrvError
 from udrv.hostwatch import HostWatch
 from udrv.tap import HostConfig
 
@@ -28,6 +29,8 @@ class RingNic:
         self.transport = object()
         self.runs = 0
         self.rx_modes: list[tuple[Any, int]] = []
+        self.mtus: list[int] = []
+        self.last_error = ""
         self.driver = type("D", (), {"soft": type("S", (), {"mtu": 1500})()})()
 
     def runs_in_c(self) -> bool:
@@ -41,11 +44,18 @@ class RingNic:
     def xmit(self) -> int:
         return 0
 
+    def poll(self, timeout: float = 0.0) -> int:   # the Python turn, in a turn that began while down
+        return 0
+
     def check_tx_progress(self, now: float | None = None) -> bool:
         return True
 
     def set_rx_mode(self, mode: Any) -> None:
         self.rx_modes.append((mode, threading.get_ident()))
+
+    def set_mtu(self, mtu: int) -> None:
+        self.mtus.append(mtu)
+        raise UdrvError(f"MTU {mtu}: this device takes 1500 at most")
 
 
 class SlowTap:
@@ -60,11 +70,28 @@ class SlowTap:
         self.reading = threading.Event()
         self.readers: set[int] = set()
 
+        self.loop_thread: int | None = None
+        self.turns = threading.Semaphore(0)   # with `stepped`: each release lets one watch read through
+        self.stepped = False
+        self.carrier: list[bool] = []
+
     def host_config(self) -> HostConfig:
-        self.readers.add(threading.get_ident())
+        me = threading.get_ident()
+        if me == self.loop_thread:             # the loop's own re-read after a refusal: never held
+            return self.config
+        self.readers.add(me)
         self.reading.set()
-        self.gate.wait(10)
+        if self.stepped:
+            self.turns.acquire(timeout=10)
+        else:
+            self.gate.wait(10)
         return self.config
+
+    def set_mtu(self, mtu: int) -> None:       # the loop setting the TAP back after a refusal
+        self.config = HostConfig(**{**self.config.__dict__, "mtu": mtu})
+
+    def set_carrier(self, up: bool) -> None:
+        self.carrier.append(up)
 
     def close(self) -> None:
         os.close(self.rfd)
@@ -77,7 +104,66 @@ def run_daemon(nic: RingNic, tap: SlowTap) -> tuple[Daemon, threading.Thread]:
     d._applied = BASE
     t = threading.Thread(target=d.run, args=(20.0,), daemon=True)
     t.start()
+    tap.loop_thread = t.ident
     return d, t
+
+
+def wait_until(pred, what: str) -> None:
+    end = time.monotonic() + 5
+    while not pred():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def stop(d: Daemon, t: threading.Thread, tap: SlowTap) -> None:
+    tap.gate.set()
+    for _ in range(100):
+        tap.turns.release()
+    d.stop()
+    t.join(10)
+    d._wake.close()
+    tap.close()
+    assert not t.is_alive()
+
+
+def test_a_value_the_host_sets_again_after_a_refusal_is_applied_again():
+    nic, tap = RingNic(), SlowTap()
+    tap.stepped = True
+    tap.config = HostConfig(**{**BASE.__dict__, "mtu": 9000})
+    d, t = run_daemon(nic, tap)
+    try:
+        tap.turns.release()                     # the watch reads MTU 9000
+        wait_until(lambda: nic.mtus == [9000], "the driver to be asked for MTU 9000")
+        # refused: the loop set the TAP back to 1500 and took that as applied
+        wait_until(lambda: tap.config.mtu == 1500 and d._applied is tap.config, "the TAP set back")
+        # the host asks for 9000 again before the watch saw the 1500: its read equals its last one
+        tap.config = HostConfig(**{**BASE.__dict__, "mtu": 9000})
+        tap.turns.release()
+        wait_until(lambda: nic.mtus == [9000, 9000], "the second request to reach the driver")
+    finally:
+        stop(d, t, tap)
+
+
+def test_a_change_made_while_the_device_is_down_is_applied_once_it_is_back():
+    nic, tap = RingNic(), SlowTap()
+    tap.stepped = True
+    d, t = run_daemon(nic, tap)
+    try:
+        wait_until(lambda: nic.runs > 0, "the loop's first turn")
+        nic.state = "down"
+        wait_until(lambda: tap.carrier == [False], "the loop to see the device down")
+        tap.config = HostConfig(**{**BASE.__dict__, "promisc": True})
+        tap.turns.release()
+        tap.turns.release()                     # two reads: the loop had its turns meanwhile
+        wait_until(lambda: tap.turns._value == 0, "the watch to read twice")
+        time.sleep(0.1)
+        assert nic.rx_modes == []               # nothing sent to a device that is not there
+        nic.state = "up"
+        tap.turns.release()
+        wait_until(lambda: len(nic.rx_modes) == 1, "the change to reach the driver")
+        assert nic.rx_modes[0][0].promisc
+    finally:
+        stop(d, t, tap)
 
 
 def test_a_blocked_read_of_the_tap_leaves_the_ring_turning_and_a_change_is_applied_by_the_loop():
@@ -100,16 +186,11 @@ def test_a_blocked_read_of_the_tap_leaves_the_ring_turning_and_a_change_is_appli
             time.sleep(0.01)
         assert nic.rx_modes and nic.rx_modes[0][0].promisc and nic.rx_modes[0][1] == t.ident
     finally:
-        tap.gate.set()
-        d.stop()
-        t.join(10)
-        d._wake.close()
-        tap.close()
-    assert not t.is_alive()
+        stop(d, t, tap)
     assert len(nic.rx_modes) == 1          # applied once, not on every look
 
 
-def test_hostwatch_counts_changes_skips_failed_reads_and_ticks_every_n_looks():
+def test_hostwatch_counts_reads_skips_failed_ones_and_ticks_on_its_own_period():
     values: list[Any] = [1, 1, OSError("gone"), 2, 2, ValueError("a bug"), 3]
     ticks = []
     done = threading.Event()
@@ -122,13 +203,13 @@ def test_hostwatch_counts_changes_skips_failed_reads_and_ticks_every_n_looks():
             raise v
         return v
 
-    w = HostWatch(read, lambda: ticks.append(1), period=0.005, tick_every=2).start()
+    w = HostWatch(read, lambda: ticks.append(1), read_period=0.005, tick_period=0.01).start()
     try:
         assert done.wait(5)
         time.sleep(0.05)
     finally:
         w.stop()
-    # 1 -> 2 -> 3: three changes; the failed read and the raising one changed nothing and did
-    # not end the thread (it went on to read 3)
-    assert w.latest == 3 and w.seq == 3
+    # every read that returned counts (5 of the first 7); the failed read and the raising one
+    # did not end the thread (it went on to read 3 and more)
+    assert w.latest == 3 and w.reads >= 5
     assert ticks

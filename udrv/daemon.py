@@ -14,6 +14,7 @@ import os
 import select
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -69,6 +70,9 @@ class Daemon:
     def start(self) -> None:
         """Bring the device up and make the TAP look like it (MAC, MTU, carrier)."""
         self._priority.apply()
+        # the loop, back from a C ring turn, waits for the interpreter lock while the housekeeping
+        # thread runs Python: by default up to 5 ms of a datapath standing still, 1 ms at most here
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         self.nic.bring_up()
         self.tap.set_mac(self.nic.mac)
         self.tap.set_mtu(self.nic.driver.soft.mtu)
@@ -113,8 +117,8 @@ class Daemon:
         next_link, next_tx = t + self.timers.link_check, t
         # TAP configuration and CPU placement are read on a thread of their own (udrv/hostwatch.py):
         # the datapath does not stand still for them; a changed configuration is applied here
-        watch = HostWatch(lambda: self.tap.host_config(), self._placement.tick, period=self.timers.host_sync,
-                          tick_every=max(1, round(self.timers.link_check / self.timers.host_sync))).start()
+        watch = HostWatch(lambda: self.tap.host_config(), self._placement.tick, read_period=self.timers.host_sync,
+                          tick_period=self.timers.link_check).start()
         try:
             self._loop(end, watch, next_link, next_tx)
         finally:
@@ -122,7 +126,8 @@ class Daemon:
 
     def _loop(self, end: float | None, watch: HostWatch, next_link: float, next_tx: float) -> None:
         p, nic, tap = self._poller, self.nic, self.tap
-        applied_seq = 0              # the first look is compared with what start() applied
+        seen = 0                     # the watch's reads the loop has looked at
+        next_sync = time.monotonic() + self.timers.host_sync
         generation = self.nic.transport_generation
         state = self.nic.state
         busy = False
@@ -130,7 +135,7 @@ class Daemon:
             now = time.monotonic()
             if end is not None and now >= end:
                 break
-            wait = min(next_link, next_tx) - now
+            wait = min(next_link, next_tx, next_sync) - now
             in_c = nic.state == "up" and nic.runs_in_c()
             if in_c:
                 # the ring sleeps in C on USB, the TAP and the wake fd (control socket, extra
@@ -182,9 +187,13 @@ class Daemon:
                 next_tx = now + self.timers.tx_progress
                 if nic.state == "up":
                     nic.check_tx_progress(now)
-            if watch.seq != applied_seq and nic.state == "up":   # down: applied once the device is back
-                applied_seq = watch.seq
-                self._sync_host_config(cur=watch.latest)
+            if now >= next_sync:         # the loop wakes this often to look at what the watch read
+                next_sync = now + self.timers.host_sync
+            if watch.reads != seen and nic.state == "up":   # down: applied once the device is back
+                seen = watch.reads
+                cur = watch.latest
+                if cur is not None and cur != self._applied:
+                    self._sync_host_config(cur=cur)
             if now >= next_link:
                 next_link = now + self.timers.link_check
                 self._link_watchdog()

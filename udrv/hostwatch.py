@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Generic, TypeVar
 
@@ -22,15 +23,16 @@ T = TypeVar("T")
 
 @dataclass
 class HostWatch(Generic[T]):
-    """Every `period` s: `read()` into `latest` (with `seq` bumped when it changed) and, every
-    `tick_every` periods, `tick()`. A read that raises OSError is skipped (the TAP going away is
-    the loop's business)."""
+    """`read()` into `latest` every `read_period` s (`reads` counts the successful ones: the loop
+    compares `latest` with what it applied whenever the count moved, so a value the host sets
+    again after the loop refused and reverted it is not lost), `tick()` every `tick_period` s.
+    A read that raises OSError is skipped (the TAP going away is the loop's business)."""
     read: Callable[[], T]
     tick: Callable[[], object]
-    period: float = 0.25
-    tick_every: int = 4
+    read_period: float = 0.25
+    tick_period: float = 1.0
     latest: T | None = None
-    seq: int = 0                  # bumped on every change: the loop compares it with the one it applied
+    reads: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -44,24 +46,27 @@ class HostWatch(Generic[T]):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():      # kept: a later stop() can still wait for it
+                log.warning("event=hostwatch-stuck waited=%.1fs: a TAP read or placement look has not "
+                            "returned", timeout)
+                return
             self._thread = None
 
-    def _look(self) -> None:
-        try:
-            cur = self.read()
-        except OSError:
-            return
-        if cur != self.latest:
-            self.latest = cur
-            self.seq += 1
-
     def _main(self) -> None:
-        n = 0
-        while not self._stop.wait(self.period):
+        now = time.monotonic()
+        next_read, next_tick = now + self.read_period, now + self.tick_period
+        while not self._stop.wait(max(0.0, min(next_read, next_tick) - time.monotonic())):
+            now = time.monotonic()
             try:
-                self._look()
-                n += 1
-                if n % self.tick_every == 0:
+                if now >= next_read:
+                    next_read = now + self.read_period
+                    try:
+                        self.latest = self.read()
+                        self.reads += 1          # after latest: the loop reads reads, then latest
+                    except OSError:
+                        pass
+                if now >= next_tick:
+                    next_tick = now + self.tick_period
                     self.tick()
             except Exception:            # a bug here must not end the housekeeping silently
                 log.exception("event=hostwatch-error")
