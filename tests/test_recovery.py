@@ -303,3 +303,23 @@ def test_deadline_adapts_to_a_slow_machine(wrig):
         wrig.nic.set_mtu(mtu)
     assert g.budget("set_mtu") >= 4 * 0.03
     assert wrig.nic.recoveries == []
+
+
+def test_a_hung_link_check_is_caught_at_a_quarter_of_the_configuration_deadline(watchdog):
+    """The daemon's loop serves no frames while a link check runs: its hang must not cost traffic
+    the whole configuration deadline."""
+    r = Rig(watchdog=watchdog, config_deadline=1.2, datapath_deadline=1.2).up()
+    try:
+        g = r.nic.guard
+        assert g.budget("link_check") == 0.3 and g.budget("set_mtu") == 1.2
+        r.nic.inject("link_check", "hang", count=1)
+        t0 = time.monotonic()
+        r.nic.link_check()
+        took = time.monotonic() - t0
+        rec = r.nic.recoveries[-1]
+        assert (rec.entry, rec.fault, rec.outcome) == ("link_check", "timeout", "recovered")
+        # caught at its own deadline, not the configuration one (a bound, not a speed claim:
+        # the hang itself would last 30 s)
+        assert took < 1.0
+    finally:
+        r.nic.close()

@@ -178,8 +178,10 @@ class Guard:
         self.escalate_window = escalate_window
         # retry=False: no in-process recovery, every fault escalates (the "full restart" baseline)
         self.retry = retry
-        # bring-up may legitimately take long (PHY scans, chip settle times); nothing else should
-        self.deadlines: dict[str, float] = {"bind": 5.0, "probe": 10.0}
+        # bring-up may legitimately take long (PHY scans, chip settle times); nothing else should.
+        # A link check reads a register or two, once a second from the daemon's loop, which serves
+        # no frames while it runs: a hung one costs traffic its whole deadline, so it gets a quarter
+        self.deadlines: dict[str, float] = {"bind": 5.0, "probe": 10.0, "link_check": config_deadline / 4}
         self._avg: dict[str, float] = {}        # running average duration per entry point
         self.checkpoint: Any = None
         self.recoveries: list[Recovery] = []

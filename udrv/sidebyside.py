@@ -519,11 +519,11 @@ IDLE_CONTROL = "idle:none"                 # the same windows with nothing done:
 
 def spacing_for(mode: str, entry: str) -> float:
     """Seconds between injections, so that one injection's interruption never runs into the next:
-    link_check runs once a second and its hang lasts the 1 s deadline; every RCTL write (a
+    link_check runs once a second and its hang lasts its 0.25 s deadline; every RCTL write (a
     promiscuous toggle; every full restart re-programs RCTL) makes QEMU's e1000 refuse RX for
     1 s (its flush_queue_timer)."""
     if entry == "link_check":
-        return 2.6
+        return 2.6 if mode == "restart" else 1.6
     if entry == "idle":
         return 0.7
     if mode == "restart" or entry in ("set_rx_mode", "promisc-toggle"):
@@ -1025,8 +1025,9 @@ def render_recovery(result: dict) -> list[str]:
           "on/off` with no fault. QEMU's e1000 model refuses RX for 1 s after every RCTL write (its "
           "flush_queue_timer), so there a promiscuous toggle costs ~1 s of RX through any driver; a full restart "
           "re-programs RCTL and pays it every time, a checkpoint restore rewrites RCTL only when it differs.",
-          "- `link_check:hang` is caught by the guard's watchdog at the 1 s configuration deadline; the daemon's "
-          "single loop serves no frames while the hung entry point runs, so the gap is about the deadline.", ""]
+          "- `link_check:hang` is caught by the guard's watchdog at the link check's deadline (a quarter of the "
+          "1 s configuration deadline); the daemon's single loop serves no frames while the hung entry point runs, "
+          "so the gap is about that deadline.", ""]
     return L
 
 

@@ -90,7 +90,7 @@ def inject_faults(report: dict, peer_ip: str) -> None:
         if entry == "set_rx_mode":                # the daemon mirrors the host's flags within 0.25 s
             sh("ip", "link", "set", IFNAME, "promisc", "on")
 
-    # link_check runs once a second and its hang lasts the 1 s deadline
+    # link_check runs once a second and its hang lasts its 0.25 s deadline
     report["faults"] = faults_under_flood(IFNAME, peer_ip, FAULTS, inject,
                                           settle=lambda entry: 2.5 if entry == "link_check" else 0.8)
 
