@@ -357,7 +357,13 @@ def test_datapath_fault_loses_no_tx_frame(wrig, entry, kind):
     assert set(frames) <= set(wrig.wire_tx), "a frame was lost"
     assert 0 <= len(wrig.wire_tx) - len(frames) <= wrig.nic.journal.reissued
     rec = wrig.nic.recoveries[-1]
-    assert rec.entry == entry and rec.device_restored and rec.outcome == "recovered"
+    assert rec.entry == entry and rec.outcome == "recovered"
+    # a fault of the driver's own, with nothing written to the device since the checkpoint,
+    # needs no restore; one the device reported does
+    if kind in ("raise", "hang"):
+        assert rec.device_untouched and not rec.device_restored
+    else:
+        assert rec.device_restored and not rec.device_untouched
     assert wrig.model.packet_filter == DIRECTED | BROADCAST | ALL_MULTI    # the filter survived
     wrig.model.wire_receive(frame(wrig.nic.mac, 7))
     wrig.pump()
@@ -570,13 +576,34 @@ def _inject_at_exit(r, entry: str, kind: str) -> None:
     r.nic.xmit() if entry == "xmit" else r.nic.poll(0.0)
 
 
+def test_a_write_to_the_device_since_the_checkpoint_means_a_driver_side_fault_is_restored(wrig):
+    wrig.nic.set_rx_mode(RxMode(allmulti=True))
+    before = wrig.transport.device_writes
+    # a driver that, outside any configuration call, told the device to take promiscuous frames
+    wrig.transport.control_out(0x21, 0x43, PROMISC | DIRECTED | BROADCAST, 0, b"", 1.0)
+    assert wrig.transport.device_writes == before + 1
+    assert wrig.model.packet_filter == PROMISC | DIRECTED | BROADCAST
+    wrig.nic.inject("xmit", "raise")
+    wrig.send([frame(PEER, 1)])
+    rec = wrig.nic.recoveries[-1]
+    assert rec.entry == "xmit" and rec.device_restored and not rec.device_untouched
+    assert wrig.model.packet_filter == DIRECTED | BROADCAST | ALL_MULTI     # the checkpoint's filter
+    # restored, the device is the checkpoint's again: the next fault of the driver's own skips it
+    sets = wrig.model.counters.set_interface
+    wrig.nic.inject("xmit", "raise")
+    wrig.send([frame(PEER, 2)])
+    rec = wrig.nic.recoveries[-1]
+    assert rec.device_untouched and not rec.device_restored
+    assert wrig.model.counters.set_interface == sets and wrig.wire_tx[-1] == frame(PEER, 2)
+
+
 def test_a_fault_of_the_drivers_own_keeps_the_transfers_in_flight(krig):
     krig.send([frame(PEER, i) for i in range(5)])
     in_flight = krig.transport.in_flight()
     assert in_flight >= krig.nic.engine.n_rx
     _inject_at_exit(krig, "xmit", "raise")
     rec = krig.nic.recoveries[-1]
-    assert rec.outcome == "recovered" and rec.device_restored and rec.fault == "exception"
+    assert rec.outcome == "recovered" and rec.device_untouched and rec.fault == "exception"
     assert krig.nic.engine.calls == ["resume"] and rec.rolled_back == ["in-flight transfers kept"]
     assert krig.transport.in_flight() == in_flight          # nothing cancelled, nothing resubmitted
     krig.send([frame(PEER, 10)])
@@ -600,7 +627,9 @@ def test_a_fault_the_device_reported_recycles_the_transfers(krig, kind, fault, c
 
 
 def test_a_restore_that_reset_the_endpoints_recycles_the_transfers(krig):
-    krig.model._set_interface(krig.model.DATA, 0)          # the device lost its alt: restore re-selects it
+    # the driver (outside any configuration call) put the data interface in alt 0: a write since
+    # the checkpoint, so the restore runs, re-selects alt 1, and that resets the endpoints
+    krig.transport.set_alt_setting(krig.model.DATA, 0)
     _inject_at_exit(krig, "xmit", "raise")
     rec = krig.nic.recoveries[-1]
     assert krig.model.data_alt == 1 and rec.outcome == "recovered"

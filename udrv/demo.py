@@ -87,8 +87,10 @@ class DemoScenario:
                   f"escalations {st['escalations']}, TX journal {st['tx_journal']}")
         for rec in st["recent_recoveries"]:
             silent = "no traffic" if rec["silent_ms"] is None else f"{rec['silent_ms']:.2f} ms"
+            device = ("device as checkpointed, not restored" if rec.get("device_untouched")
+                      else f"device restored {rec['device_restored']}")
             self._say(f"  recovered {rec['entry']} from {rec['fault']} ({rec['detail']}): {rec['outcome']}; "
-                      f"rolled back {rec['rolled_back'] or '-'}; device restored {rec['device_restored']}; "
+                      f"rolled back {rec['rolled_back'] or '-'}; {device}; "
                       f"re-issued {rec['reissued']} frames; recovery {rec['recovery_ms']:.2f} ms; silent {silent}")
         self._say(f"probe: {res.received}/{res.sent} answered, longest gap {res.max_gap_ms:.1f} ms")
         ok = res.received > 0 and st["recoveries"] >= 1

@@ -40,6 +40,7 @@ class Recovery:
     rolled_back: list[str] = field(default_factory=list)
     soft_state_restored: bool = False
     device_restored: bool = False
+    device_untouched: bool = False   # driver-side fault, no device write since the checkpoint: no restore needed
     reissued: int = 0
     at: float = field(default_factory=time.time)
     recovery_ms: float = 0.0
@@ -53,7 +54,8 @@ class Recovery:
         silent = "n/a (no traffic)" if self.silent_ms is None else f"{self.silent_ms:.2f} ms"
         return (f"recovery: entry={self.entry} fault={self.fault} ({self.detail}) outcome={self.outcome} "
                 f"rolled_back={self.rolled_back or '-'} soft_state_restored={self.soft_state_restored} "
-                f"device_restored={self.device_restored} reissued={self.reissued} "
+                f"device_restored={self.device_restored} device_untouched={self.device_untouched} "
+                f"reissued={self.reissued} "
                 f"recovery={self.recovery_ms:.2f} ms (restore {self.restore_ms:.2f}, datapath "
                 f"{self.datapath_ms:.2f}) silent={silent}")
 
@@ -163,8 +165,15 @@ class Guard:
                  sync_datapath: Callable[[], None] | None = None,
                  config_deadline: float = 1.0, datapath_deadline: float = 1.0,
                  enabled: bool = True, watchdog: Watchdog | None = None,
-                 escalate_after: int = 3, escalate_window: float = 1.0, retry: bool = True):
+                 escalate_after: int = 3, escalate_window: float = 1.0, retry: bool = True,
+                 device_writes: Callable[[], object] | None = None):
         self.driver = driver
+        # device_writes() -> a token that changes whenever the device may have been told to change
+        # state (USB: every control OUT, alt setting, clear halt), or None where that is not known
+        # (PCI: every MMIO write counts, the datapath's included): with an unchanged token a
+        # fault of the driver's own left the device as the checkpoint describes it
+        self.device_writes = device_writes or (lambda: None)
+        self._writes_at_checkpoint: object = None
         self.injector = injector or FaultInjector()
         self.on_recovery = on_recovery or (lambda r: None)
         # reset_datapath(the fault) -> (TX entries re-issued, what became of the buffers in flight)
@@ -190,6 +199,14 @@ class Guard:
     # --- checkpoints ------------------------------------------------------------------------
     def take_checkpoint(self) -> None:
         self.checkpoint = self.driver.checkpoint()
+        self._writes_at_checkpoint = self.device_writes()
+
+    def device_as_checkpointed(self, exc: BaseException) -> bool:
+        """No restore needed: the fault was the driver's own and nothing was written to the
+        device since the checkpoint (so the device's state is the checkpoint's)."""
+        token = self._writes_at_checkpoint
+        return (self.checkpoint is not None and token is not None and driver_side(exc)
+                and self.device_writes() == token)
 
     # --- configuration entry points -------------------------------------------------------
     def config(self, entry: str, *args: Any) -> Any:
@@ -237,7 +254,7 @@ class Guard:
                 rec.outcome = "escalated"
                 self._report(rec)
                 raise Escalation(DriverFault(entry, rec.fault, rec.detail)) from exc
-            self.checkpoint = self.driver.checkpoint()
+            self.take_checkpoint()
             if first is None:
                 self._learn(entry, time.monotonic() - t0)
             else:
@@ -339,11 +356,19 @@ class Guard:
         try:
             with self._deadline("restore", self.config_deadline):
                 t1 = time.monotonic()
-                if self.checkpoint is not None:
-                    self.driver.restore(self.checkpoint)
-                rec.device_restored = True
+                if self.device_as_checkpointed(exc):
+                    # FGFT restores what the failed call may have changed; this one changed nothing
+                    # on the device (each control transfer of a restore costs ~1.5 ms on dummy_hcd)
+                    rec.device_untouched = True
+                else:
+                    if self.checkpoint is not None:
+                        self.driver.restore(self.checkpoint)
+                    rec.device_restored = True
                 t2 = time.monotonic()
                 rec.reissued, what = self.reset_datapath(exc)
+                # the device is the checkpoint's again (the datapath reset's own requests, clear
+                # halts and the like, touch no configured state)
+                self._writes_at_checkpoint = self.device_writes()
                 rec.restore_ms, rec.datapath_ms = (t2 - t1) * 1000, (time.monotonic() - t2) * 1000
                 rec.rolled_back = [what]
         except Exception as rexc:

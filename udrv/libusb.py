@@ -119,6 +119,7 @@ class LibusbTransport:
         self._inflight: dict[int, Any] = {}     # id(transfer) -> transfer
         self._done: list[Completion] = []
         self.endpoint_resets = 0
+        self.device_writes = 0
 
     # --- errors ------------------------------------------------------------------------------
     def _raise(self, e: Exception, what: str) -> None:
@@ -161,6 +162,7 @@ class LibusbTransport:
 
     def set_alt_setting(self, interface: int, alt: int) -> None:
         self.endpoint_resets += 1
+        self.device_writes += 1
         try:
             self.handle.setInterfaceAltSetting(interface, alt)
         except usb1.USBError as e:
@@ -178,6 +180,7 @@ class LibusbTransport:
             raise
 
     def control_out(self, request_type, request, value, index, data, timeout) -> None:
+        self.device_writes += 1
         if resets_endpoints(request_type, request):
             self.endpoint_resets += 1
         try:
@@ -187,6 +190,7 @@ class LibusbTransport:
 
     def clear_halt(self, endpoint: int) -> None:
         self.endpoint_resets += 1
+        self.device_writes += 1
         try:
             self.handle.clearHalt(endpoint)
         except usb1.USBError as e:

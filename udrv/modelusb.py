@@ -71,6 +71,7 @@ class ModelUsbTransport:
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._closed = False
         self.endpoint_resets = 0
+        self.device_writes = 0
         model.set_notify(self._wake)
 
     # --- helpers --------------------------------------------------------------------------
@@ -103,6 +104,7 @@ class ModelUsbTransport:
 
     def set_alt_setting(self, interface: int, alt: int) -> None:
         self.endpoint_resets += 1
+        self.device_writes += 1
         self._call(self.model.control, Setup(0x01, 0x0B, alt, interface, 0), b"")
 
     def endpoint(self, address: int) -> EndpointInfo:
@@ -118,12 +120,14 @@ class ModelUsbTransport:
         return bytes(data[:length])
 
     def control_out(self, request_type, request, value, index, data, timeout) -> None:
+        self.device_writes += 1
         if resets_endpoints(request_type, request):
             self.endpoint_resets += 1
         self._call(self.model.control, Setup(request_type & 0x7F, request, value, index, len(data)), bytes(data))
 
     def clear_halt(self, endpoint: int) -> None:
         self.endpoint_resets += 1
+        self.device_writes += 1
         self._call(self.model.control, Setup(0x02, 0x01, 0, endpoint, 0), b"")
 
     # --- async -----------------------------------------------------------------------------

@@ -141,7 +141,14 @@ class Nic:
                            config_deadline=self.opts.config_deadline,
                            datapath_deadline=self.opts.datapath_deadline,
                            enabled=self.opts.guards, watchdog=self.watchdog,
-                           retry=self.opts.recovery == "checkpoint")
+                           retry=self.opts.recovery == "checkpoint", device_writes=self._device_writes)
+
+    def _device_writes(self) -> object:
+        """The transport's count of state-changing requests (None where it keeps none), with the
+        transport's identity: a reopened device starts counting again."""
+        t = self.transport
+        n = getattr(t, "device_writes", None)
+        return None if n is None else (id(t), n)
 
     def _setup_tap(self) -> None:
         """Once, before the first datapath is built (the C ring takes the TAP's fd and header

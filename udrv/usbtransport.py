@@ -105,6 +105,10 @@ class UsbTransport(Protocol):
     # resets_endpoints() names sent through control_out): a datapath compares it with the
     # value when it queued its transfers to know whether they can still be trusted
     endpoint_resets: int
+    # bumps on every request that may change the device's state (control_out, set_alt_setting,
+    # clear_halt; bulk data does not count): unchanged since a checkpoint, the device is still
+    # as the checkpoint describes it (Guard.device_as_checkpointed)
+    device_writes: int
 
     # --- ownership --------------------------------------------------------------------
     def claim_interface(self, number: int) -> None: ...
