@@ -172,6 +172,9 @@ def test_recovery_rows_also_compare_what_each_fault_added_above_the_idle_floor()
     # a checkpoint gap under its floor adds nothing (100%); a restart that adds nothing gives no figure
     assert shorter_above_floor([5.0], [30.0], [6.0], [6.0]) == "100%"
     assert shorter_above_floor([5.0], [6.0], [6.0], [6.0]) == "-"
+    # a restart that adds under a millisecond to its floor is noise: no ratio of it
+    assert shorter_above_floor([2.5], [2.3], [1.8], [1.6]) == "-"
+    assert shorter_above_floor([2.0], [3.0], [1.8], [1.6]) == "86%"
     assert shorter_above_floor([5.0], [30.0], [], [6.0]) == "-"
 
 

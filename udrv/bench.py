@@ -127,15 +127,16 @@ def percentile(xs: list[float], p: float) -> float:
     return xs[k]
 
 
-def shorter_above_floor(ck: list[float], rs: list[float], ck_idle: list[float], rs_idle: list[float]) -> str:
+def shorter_above_floor(ck: list[float], rs: list[float], ck_idle: list[float], rs_idle: list[float],
+                        min_extra_ms: float = 1.0) -> str:
     """How much shorter the checkpoint's p50 gap is than the restart's once each run's idle p50
     (the gap with nothing injected) is taken off: '-' without an idle row or when the restart
-    adds nothing above its floor."""
+    adds less than `min_extra_ms` above its floor (a ratio of two noise-sized numbers says nothing)."""
     if not (ck and rs and ck_idle and rs_idle):
         return "-"
     extra_ck = max(0.0, percentile(ck, 50) - percentile(ck_idle, 50))
     extra_rs = percentile(rs, 50) - percentile(rs_idle, 50)
-    return f"{(1 - extra_ck / extra_rs) * 100:.0f}%" if extra_rs > 0 else "-"
+    return f"{(1 - extra_ck / extra_rs) * 100:.0f}%" if extra_rs >= min_extra_ms else "-"
 
 
 @dataclass
@@ -215,7 +216,7 @@ def recovery_report(results: list[RecoveryLatency]) -> str:
     lines = ["recovery latency: each driver on its embedded device model, 1 ms UDP probe across the TAP; "
              "interruption = largest gap between replies in the window after each injected fault; "
              "'none (control)' = the same windows with nothing injected (what the machine's scheduling alone "
-             "costs); 'above the idle floor' takes each run's control p50 off both p50s first"]
+             "costs); 'above the idle floor' takes each run's control p50 off both p50s first ('-' when the restart adds under 1 ms above its floor)"]
     for driver in dict.fromkeys(r.driver for r in results):
         ck = next(r for r in results if r.driver == driver and r.mode == "checkpoint")
         rs = next((r for r in results if r.driver == driver and r.mode == "restart"), None)

@@ -991,7 +991,7 @@ def recovery_table(recovery: list[dict]) -> list[str]:
     L += ["", f"- `{IDLE_CONTROL}`: the same windows with nothing injected — the largest gap the guest's own "
           "scheduling (TCG) puts between replies, the floor under every row. `above the idle floor`: the same "
           f"p50s with each run's own `{IDLE_CONTROL}` p50 taken off first (what the fault added to the gap the "
-          "guest leaves anyway; a checkpoint gap at the floor counts as 0). Daemon-side: the daemon's own "
+          "guest leaves anyway; a checkpoint gap at the floor counts as 0; '-' when the restart adds under 1 ms). Daemon-side: the daemon's own "
           "records (`udrv status`), fault caught -> datapath re-armed, for a restart until the fresh driver is up; "
           "no probe, so no scheduling floor.",
           "- seconds between injections, so that one interruption never runs into the next: "
