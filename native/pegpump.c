@@ -592,6 +592,7 @@ int udrv_pegpump_start(struct udrv_pegpump *p)
         errno = e;
         return -1;
     }
+    pthread_setname_np(p->thread, "udrv-pegpump");
     p->started = 1;
     return 0;
 }

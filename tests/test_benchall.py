@@ -98,11 +98,13 @@ def test_report_and_chart_from_all_three_and_a_failed_device(tmp_path: Path):
 
 def test_cdc_ecm_details_show_where_the_cpu_went():
     raw = {"kernel_cpu": {"tx": {"guest_busy": 0.97, "daemon_user": None, "daemon_sys": None}},
-           "native_cpu": {"tx": {"guest_busy": 0.99, "daemon_user": 0.12, "daemon_sys": 0.55}},
+           "native_cpu": {"tx": {"guest_busy": 0.99, "vcpus": 2, "daemon_user": 0.12, "daemon_sys": 0.55,
+                                 "daemon_threads": {"udrv-ring-tx": 0.41, "main": 0.26}}},
            "native_unavailable": "udrv._native is not built"}
     text = "\n".join(benchall.cdc_ecm_details(raw))
-    assert "| cdc_ether | tx | 0.97 | - | - |" in text
-    assert "| C ring (udrv run) | tx | 0.99 | 0.12 | 0.55 |" in text
+    assert "| cdc_ether | tx | 0.97 | - | - | - |" in text
+    assert "| C ring (udrv run) | tx | 0.99 | 0.12 | 0.55 | udrv-ring-tx 0.41, main 0.26 |" in text
+    assert "all the guest's 2 vCPUs" in text
     assert "C transfer ring not measured: udrv._native is not built" in text
 
 

@@ -90,17 +90,40 @@ def _proc_cpu(pid: int | None) -> tuple[float, float]:
     return int(f[11]) / tck, int(f[12]) / tck
 
 
+def _thread_cpu(pid: int | None) -> dict[str, float]:
+    """user+system CPU seconds per thread of a process, keyed 'main' (the loop) or by the
+    thread's name (the C ring's TX half is 'udrv-ring-tx'); same-named threads add up."""
+    out: dict[str, float] = {}
+    if not pid:
+        return out
+    tck = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            head, rest = task.joinpath("stat").read_text().rsplit(")", 1)
+        except OSError:                     # the thread ended meanwhile
+            continue
+        name = "main" if task.name == str(pid) else head.split("(", 1)[1]
+        f = rest.split()
+        out[name] = out.get(name, 0.0) + (int(f[11]) + int(f[12])) / tck
+    return out
+
+
 def iperf_cpu(seconds: int, pid: int | None) -> tuple[dict, dict]:
-    """Both directions, with where the CPU went: the whole guest busy share and udrv's daemon
-    user/system seconds per wall second (1.0 = one vCPU)."""
+    """Both directions, with where the CPU went: the share of all the guest's vCPUs that was
+    busy, udrv's daemon user/system seconds per wall second (1.0 = one vCPU) and the same per
+    thread (a thread near 1.0 sets the pace whatever the rest of the guest does)."""
     vals, cpu = {}, {}
     for way, rev in (("tx", False), ("rx", True)):
-        b0, c0, t0 = _busy(), _proc_cpu(pid), time.monotonic()
+        b0, c0, t0, th0 = _busy(), _proc_cpu(pid), time.monotonic(), _thread_cpu(pid)
         vals[way] = iperf(seconds, rev)
-        b1, c1, wall = _busy(), _proc_cpu(pid), time.monotonic() - t0
+        b1, c1, wall, th1 = _busy(), _proc_cpu(pid), time.monotonic() - t0, _thread_cpu(pid)
         cpu[way] = {"guest_busy": round((b1[0] - b0[0]) / max(1, b1[1] - b0[1]), 2),
+                    "vcpus": os.cpu_count(),
                     "daemon_user": round((c1[0] - c0[0]) / wall, 2) if pid else None,
-                    "daemon_sys": round((c1[1] - c0[1]) / wall, 2) if pid else None}
+                    "daemon_sys": round((c1[1] - c0[1]) / wall, 2) if pid else None,
+                    "daemon_threads": {k: round((v - th0.get(k, 0.0)) / wall, 2)
+                                       for k, v in sorted(th1.items(), key=lambda kv: -kv[1])
+                                       if v - th0.get(k, 0.0) > 0.005 * wall} if pid else None}
     return vals, cpu
 
 

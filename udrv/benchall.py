@@ -221,6 +221,10 @@ def _run_tool(script: str, args: list[str], out: Path, smp: int, what: str) -> t
     return json.loads(res_path.read_text()), "", res.seconds
 
 
+def _threads(per_thread: dict[str, float] | None) -> str:
+    return ", ".join(f"{k} {v}" for k, v in per_thread.items()) if per_thread else "-"
+
+
 def cdc_ecm_details(raw: dict) -> list[str]:
     details: list[str] = []
     if "native_unavailable" in raw:
@@ -240,11 +244,15 @@ def cdc_ecm_details(raw: dict) -> list[str]:
         details.append("")
     cpu = [(label, raw[f"{n}_cpu"]) for n, label in names.items() if f"{n}_cpu" in raw]
     if cpu:
-        details += ["Where the time goes: the whole guest's busy share and udrv's daemon CPU (seconds per wall "
-                    "second, 1.0 = one vCPU) during each iperf3 run.", "",
-                    "| driver | direction | guest busy | daemon user | daemon sys |", "|---|---|---|---|---|"]
+        vcpus = next((c["vcpus"] for _, per in cpu for c in per.values() if c.get("vcpus")), None)
+        details += ["Where the time goes during each iperf3 run: guest busy = the share of all the guest's "
+                    f"{vcpus or ''} vCPUs that was busy (1.0 = every vCPU); udrv's daemon CPU in seconds per wall "
+                    "second (1.0 = one vCPU), in all and per thread (`main` = the daemon's loop, "
+                    "`udrv-ring-tx` = the C ring's TX half; a thread near 1.0 sets the pace).", "",
+                    "| driver | direction | guest busy | daemon user | daemon sys | daemon per thread |",
+                    "|---|---|---|---|---|---|"]
         details += [f"| {name} | {way} | {c.get('guest_busy')} | {c.get('daemon_user') if c.get('daemon_user') is not None else '-'} "
-                    f"| {c.get('daemon_sys') if c.get('daemon_sys') is not None else '-'} |"
+                    f"| {c.get('daemon_sys') if c.get('daemon_sys') is not None else '-'} | {_threads(c.get('daemon_threads'))} |"
                     for name, per in cpu for way, c in per.items()]
         details.append("")
     if raw.get("recovery"):
@@ -285,7 +293,8 @@ def bench_pegasus(out: Path, seconds: float, smp: int) -> DeviceResult:
                       "rows above compare the medians of each side's runs. Where the time goes: CPU seconds per "
                       "wall second (1.0 = one vCPU) of the gadget process (the device side, udrv's pegasus model "
                       "over FunctionFS) and of udrv's daemon; when the gadget sits near one vCPU it, not the "
-                      "driver, sets the pace.", "",
+                      "driver, sets the pace. Guest busy: the share of all the guest's vCPUs that was busy "
+                      "(1.0 = every vCPU).", "",
                       "| round | driver | measurement | rate | gadget CPU | udrv CPU | guest busy |",
                       "|---|---|---|---|---|---|---|"]
         d.details += [f"| {r.get('round', 1)} | {r['path']} | {r['direction']} | {r['mbit_s']} | {r['gadget_cpu']} | "
