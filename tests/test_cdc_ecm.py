@@ -4,6 +4,7 @@ emulation, checkpoint/restore and fault recovery at every entry point through ud
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 
@@ -346,6 +347,7 @@ def test_persistent_fault_leaves_no_partial_effect(wrig, kind):
 @pytest.mark.parametrize("entry", ["xmit", "poll"])
 def test_datapath_fault_loses_no_tx_frame(wrig, entry, kind):
     wrig.nic.set_rx_mode(RxMode(allmulti=True))
+    writes = wrig.transport.device_writes
     frames = [frame(PEER, i) for i in range(300)]
     for k in range(0, 300, 30):
         if k == 120:
@@ -362,8 +364,10 @@ def test_datapath_fault_loses_no_tx_frame(wrig, entry, kind):
     # needs no restore; one the device reported does
     if kind in ("raise", "hang"):
         assert rec.device_untouched and not rec.device_restored
+        assert wrig.transport.device_writes == writes      # not one request the restore would send
     else:
         assert rec.device_restored and not rec.device_untouched
+        assert wrig.transport.device_writes > writes
     assert wrig.model.packet_filter == DIRECTED | BROADCAST | ALL_MULTI    # the filter survived
     wrig.model.wire_receive(frame(wrig.nic.mac, 7))
     wrig.pump()
@@ -589,12 +593,33 @@ def test_a_write_to_the_device_since_the_checkpoint_means_a_driver_side_fault_is
     assert rec.entry == "xmit" and rec.device_restored and not rec.device_untouched
     assert wrig.model.packet_filter == DIRECTED | BROADCAST | ALL_MULTI     # the checkpoint's filter
     # restored, the device is the checkpoint's again: the next fault of the driver's own skips it
-    sets = wrig.model.counters.set_interface
+    writes, requests = wrig.transport.device_writes, wrig.model.counters.class_requests
     wrig.nic.inject("xmit", "raise")
     wrig.send([frame(PEER, 2)])
     rec = wrig.nic.recoveries[-1]
     assert rec.device_untouched and not rec.device_restored
-    assert wrig.model.counters.set_interface == sets and wrig.wire_tx[-1] == frame(PEER, 2)
+    assert wrig.transport.device_writes == writes and wrig.model.counters.class_requests == requests
+    assert wrig.wire_tx[-1] == frame(PEER, 2)
+
+
+def test_a_tx_hang_restores_what_the_device_lost_behind_the_hosts_back(watchdog):
+    r = EcmRig(watchdog=watchdog, tx_timeout=0.05).up()
+    r.nic.set_rx_mode(RxMode(allmulti=True))
+    r.model.hold_tx(True)
+    frames = [frame(PEER, i) for i in range(8)]
+    r.send(frames)
+    r.model.function_reset()          # a firmware hiccup: filters at defaults, data interface idle
+    assert r.model.data_alt == 0 and r.model.packet_filter != DIRECTED | BROADCAST | ALL_MULTI
+    r.nic.check_tx_progress()
+    time.sleep(0.08)
+    assert not r.nic.check_tx_progress()
+    rec = r.nic.recoveries[-1]
+    assert rec.fault == "tx_timeout" and rec.outcome == "recovered" and rec.device_restored
+    assert r.model.data_alt == 1 and r.model.packet_filter == DIRECTED | BROADCAST | ALL_MULTI
+    r.model.hold_tx(False)
+    r.pump(50)
+    assert set(frames) <= set(r.wire_tx) and r.nic.journal.unconfirmed() == 0
+    r.nic.close()
 
 
 def test_a_fault_of_the_drivers_own_keeps_the_transfers_in_flight(krig):

@@ -92,6 +92,7 @@ def test_partial_effect_of_a_faulting_call_is_undone(wrig):
 @pytest.mark.parametrize("kind", ["raise", "hang", "stall", "timeout", "disconnect"])
 @pytest.mark.parametrize("entry", ["xmit", "poll"])
 def test_datapath_fault_loses_no_tx_frame(wrig, entry, kind):
+    writes = wrig.transport.device_writes
     frames = [frame_to(PEER_MAC, i) for i in range(300)]
     for k in range(0, 300, 30):
         if k == 120:
@@ -109,6 +110,8 @@ def test_datapath_fault_loses_no_tx_frame(wrig, entry, kind):
     # the driver's own fault (raise, hang), nothing written to the device since the checkpoint:
     # no restore; a fault the device reported: restored
     assert (rec.device_untouched, rec.device_restored) == ((True, False) if kind in ("raise", "hang") else (False, True))
+    # and the device saw it: no register written when untouched, the restore's writes otherwise
+    assert (wrig.transport.device_writes == writes) == (kind in ("raise", "hang"))
     assert rec.silent_ms is not None                       # traffic resumed, silence measured
     # the RX side survived too
     wrig.model.wire_receive(frame_to(wrig.nic.mac, 7))
@@ -131,6 +134,47 @@ def test_tx_hang_is_detected_by_progress_timeout():
     r.model.hold_tx(False)
     r.pump(50)
     assert set(frames) <= set(r.wire_tx) and r.nic.journal.unconfirmed() == 0
+
+
+def test_frames_received_do_not_hide_a_tx_hang():
+    r = Rig(tx_timeout=0.05).up()
+    r.model.hold_tx(True)
+    r.nic.enqueue([frame_to(PEER_MAC, i) for i in range(5)])
+    r.pump()
+    deadline = time.monotonic() + 0.12
+    while time.monotonic() < deadline:                    # RX keeps flowing while TX is stuck
+        r.model.wire_receive(frame_to(r.nic.mac, 1))
+        r.pump(2)
+        r.nic.check_tx_progress()
+        time.sleep(0.01)
+    assert r.host_rx and r.nic.recoveries and r.nic.recoveries[0].fault == "tx_timeout"
+    r.nic.close()
+
+
+def test_a_tx_hang_restores_the_device_and_a_second_one_restarts_the_driver():
+    r = Rig(tx_timeout=0.05).up()
+    writes = r.transport.device_writes
+    r.model.hold_tx(True)
+    frames = [frame_to(PEER_MAC, i) for i in range(10)]
+    r.nic.enqueue(frames)
+    r.pump()
+    r.nic.check_tx_progress()
+    time.sleep(0.08)
+    assert not r.nic.check_tx_progress()
+    rec = r.nic.recoveries[-1]
+    # a hang is the device's: restored (registers written), the OUT side recycled, no restart
+    assert rec.fault == "tx_timeout" and rec.outcome == "recovered" and rec.device_restored
+    assert r.transport.device_writes > writes and r.nic.counters.restarts == 0
+    r.pump()
+    time.sleep(0.08)
+    assert not r.nic.check_tx_progress()                  # still nothing confirmed: restart
+    rec = r.nic.recoveries[-1]
+    assert rec.fault == "tx_timeout" and rec.outcome == "escalated" and "still hung" in rec.detail
+    assert r.nic.counters.restarts == 1 and r.nic.state == "up"
+    r.model.hold_tx(False)
+    r.pump(50)
+    assert set(frames) <= set(r.wire_tx) and r.nic.journal.unconfirmed() == 0
+    r.nic.close()
 
 
 def test_config_replay_after_restart(wrig):

@@ -24,6 +24,11 @@ class TransferTimeout(TransportError):
     """The device did not answer within the timeout."""
 
 
+class TxHang(TransferTimeout):
+    """Frames handed to the device and no TX completion for the hang detector's timeout: the
+    device stopped taking frames without reporting anything (Xen's and usbnet's TX watchdog)."""
+
+
 class DeviceNotFound(UdrvError):
     pass
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import (DeviceGone, DriverFault, EntryTimeout, Escalation, InjectedFault, Stall, TransferTimeout,
-                     TransportError)
+                     TransportError, TxHang)
 from .faults import FaultInjector
 
 log = logging.getLogger("udrv.guard")
@@ -64,6 +64,8 @@ class Recovery:
 
 
 def classify(exc: BaseException) -> str:
+    if isinstance(exc, TxHang):
+        return "tx_timeout"
     if isinstance(exc, EntryTimeout):
         return "timeout"
     if isinstance(exc, Stall):
@@ -341,15 +343,19 @@ class Guard:
             self.recover_datapath(entry, exc)
             return 0
 
-    def recover_datapath(self, entry: str, exc: Exception) -> None:
+    def recover_datapath(self, entry: str, exc: Exception, escalate: str = "") -> None:
+        """Roll back, restore the device (unless it is as checkpointed), reset the datapath and
+        re-issue the journal; `escalate` (a reason) goes straight to a full restart."""
         t0 = time.monotonic()
         rec = Recovery(entry, classify(exc), str(exc), _t0=t0)
         now = time.monotonic()
         self._recent_dp_faults = [t for t in self._recent_dp_faults if now - t < self.escalate_window]
         self._recent_dp_faults.append(now)
         if len(self._recent_dp_faults) >= self.escalate_after or not self.retry:
+            escalate = f"{len(self._recent_dp_faults)} datapath faults within {self.escalate_window}s"
+        if escalate:
             rec.outcome = "escalated"
-            rec.detail += f"; {len(self._recent_dp_faults)} datapath faults within {self.escalate_window}s"
+            rec.detail += f"; {escalate}"
             self._report(rec)
             self._recent_dp_faults.clear()
             raise Escalation(DriverFault(entry, rec.fault, rec.detail)) from exc

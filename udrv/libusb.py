@@ -189,8 +189,7 @@ class LibusbTransport:
             self._raise(e, f"control request 0x{request:02x}")
 
     def clear_halt(self, endpoint: int) -> None:
-        self.endpoint_resets += 1
-        self.device_writes += 1
+        self.endpoint_resets += 1      # a data toggle reset, no configured state: not a device write
         try:
             self.handle.clearHalt(endpoint)
         except usb1.USBError as e:

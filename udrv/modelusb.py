@@ -126,8 +126,7 @@ class ModelUsbTransport:
         self._call(self.model.control, Setup(request_type & 0x7F, request, value, index, len(data)), bytes(data))
 
     def clear_halt(self, endpoint: int) -> None:
-        self.endpoint_resets += 1
-        self.device_writes += 1
+        self.endpoint_resets += 1      # a data toggle reset, no configured state: not a device write
         self._call(self.model.control, Setup(0x02, 0x01, 0, endpoint, 0), b"")
 
     # --- async -----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 from .actions import ActionList
 from .configlog import ConfigLog
 from .driver import LinkState, RxMode
-from .errors import DeviceGone, DriverFault, Escalation, TransferTimeout, UdrvError
+from .errors import DeviceGone, DriverFault, Escalation, TransferTimeout, TxHang, UdrvError
 from .faults import FaultInjector, FaultSpec
 from .guard import Guard, Recovery, Watchdog, driver_side
 from .journal import JournalFull, TxJournal
@@ -120,6 +120,8 @@ class Nic:
         self.last_error = ""
         self._awaiting_traffic: list[tuple[Recovery, float]] = []
         self._last_tx_progress = time.monotonic()
+        self._tx_tail_seen = 0            # the journal's confirmed count at the last progress check
+        self._tx_hangs = 0                # hang recoveries since TX last moved
         self._transport_dead = False
         self.transport_generation = 0     # bumps when the transport is replaced (poll fds change)
         self._make_driver()
@@ -369,24 +371,34 @@ class Nic:
             return 0
 
     def check_tx_progress(self, now: float | None = None) -> bool:
-        """Xen's hang detector: frames in the device but no TX completion for tx_timeout."""
+        """Xen's hang detector: frames in the device but no TX completion for tx_timeout. Only
+        confirmed TX counts as progress (frames received say nothing about the OUT side). A hang
+        is the device's (TxHang): it is restored and its OUT transfers recycled; a second hang
+        with no TX completion since the first recovery restarts the driver."""
         now = time.monotonic() if now is None else now
-        if self.journal.in_device() == 0:
-            self._last_tx_progress = now
+        tail = self.journal.tail
+        if self.journal.in_device() == 0 or tail != self._tx_tail_seen:
+            self._tx_tail_seen, self._last_tx_progress, self._tx_hangs = tail, now, 0
             return True
         if now - self._last_tx_progress <= self.opts.tx_timeout:
             return True
         self._last_tx_progress = now
-        fault = DriverFault("xmit", "tx_timeout",
-                            f"{self.journal.in_device()} frames unconfirmed for > {self.opts.tx_timeout}s")
+        self._tx_hangs += 1
+        fault = TxHang(f"{self.journal.in_device()} frames unconfirmed for > {self.opts.tx_timeout}s: "
+                       "the device takes no frames")
+        again = (f"TX still hung after {self._tx_hangs - 1} recovery: nothing confirmed since"
+                 if self._tx_hangs > 1 else "")
         try:
-            self.guard.recover_datapath("xmit", fault)
+            self.guard.recover_datapath("xmit", fault, escalate=again)
         except Escalation as e:
+            self._tx_hangs = 0
             self._restart_after(e)
         return False
 
     def _progress(self) -> None:
-        self._last_tx_progress = time.monotonic()
+        tail = self.journal.tail
+        if tail != self._tx_tail_seen:       # TX confirmed: the hang clock starts again
+            self._tx_tail_seen, self._last_tx_progress, self._tx_hangs = tail, time.monotonic(), 0
         if self._awaiting_traffic:
             now = time.monotonic()
             for rec, t0 in self._awaiting_traffic:

@@ -105,8 +105,9 @@ class UsbTransport(Protocol):
     # resets_endpoints() names sent through control_out): a datapath compares it with the
     # value when it queued its transfers to know whether they can still be trusted
     endpoint_resets: int
-    # bumps on every request that may change the device's state (control_out, set_alt_setting,
-    # clear_halt; bulk data does not count): unchanged since a checkpoint, the device is still
+    # bumps on every request that may change the device's configured state (control_out,
+    # set_alt_setting; bulk data and clear_halt — a data toggle reset, also sent by the C ring
+    # straight through libusb — do not count): unchanged since a checkpoint, the device is still
     # as the checkpoint describes it (Guard.device_as_checkpointed)
     device_writes: int
 
