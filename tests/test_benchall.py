@@ -220,3 +220,16 @@ def test_the_model_tier_table_has_the_above_the_floor_column_too():
     # raw: 1 - 2.2/21.1 = 90%; above each run's control p50: 1 - 0.6/19.4 = 97%
     assert "| set_rx_mode:raise | 3 | 2.2 ms | 2.4 ms | 21.1 ms | 21.6 ms | 90% | 97% |" in text
     assert "| none (control) | 3 | 1.6 ms | 1.7 ms | 1.7 ms | 1.8 ms | - | - |" in text
+
+
+def test_the_usbfs_floor_is_set_beside_the_daemons_cost_per_frame():
+    raw = {"native": {"tx": 121.1, "rx": 150.0},
+           "native_cpu": {"tx": {"guest_busy": 0.8, "daemon_user": 0.25, "daemon_sys": 0.55}},
+           "usbfs_floor": {"frames": 60000, "errors": 0, "seconds": 4.0, "frames_per_s": 15000.0, "mbit_s": 181.7,
+                           "us_per_frame_user": 8.0, "us_per_frame_sys": 32.0}}
+    text = "\n".join(benchall.cdc_ecm_details(raw))
+    # 121.1 Mbit/s = 10000 frames/s of 1514 bytes; 0.8 s of CPU per second = 80 us per frame
+    assert "15000 frames/s (182 Mbit/s), 40.0 µs of CPU per frame (8.0 user + 32.0 system)" in text
+    assert "80.0 µs per 1514-byte frame sent" in text and "usbfs alone is 50% of it" in text
+    failed = "\n".join(benchall.cdc_ecm_details({"usbfs_floor": {"error": "UdrvError: no device"}}))
+    assert "usbfs floor not measured: UdrvError: no device" in failed

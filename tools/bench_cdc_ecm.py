@@ -248,6 +248,30 @@ def recovery_runs(run: list[str], gif: str, out: Path, repeats: int) -> list[dic
     return runs
 
 
+def usbfs_floor(seconds: int) -> dict:
+    """The usbfs floor on this gadget (udrv.native.usb_floor): 1514-byte frames, 64 bulk OUT
+    transfers queued, one thread, nothing else. The frames go to a MAC nobody has, so the
+    gadget's stack drops them early: the device side costs less than under iperf3, and the
+    figure is a lower bound on what submit + reap cost any usbfs driver per frame."""
+    import usb1
+    from udrv import native
+    control, data = -1, None
+    with usb1.USBContext() as ctx:
+        dev = ctx.getByVendorIDAndProductID(VID, PID)
+        for cfg in dev.iterConfigurations():
+            for itf in cfg:
+                for st in itf:
+                    if st.getClass() == 0x02 and st.getSubClass() == 0x06:
+                        control = st.getNumber()
+                    outs = [e.getAddress() for e in st if e.getAttributes() & 3 == 2 and not e.getAddress() & 0x80]
+                    if st.getClass() == 0x0A and outs and data is None:
+                        data = (st.getNumber(), st.getAlternateSetting(), outs[0])
+    if data is None:
+        raise RuntimeError("the gadget shows no CDC data interface with a bulk OUT endpoint")
+    frame = bytes.fromhex("020000000099" "020000000098") + b"\x88\xb5" + bytes(1500)
+    return native.usb_floor(VID, PID, control, *data, frame, 64, float(seconds))
+
+
 def kernel_again(dev: Path, gif: str, seconds: int) -> tuple[dict, dict]:
     """cdc_ether once udrv gave the device back: rebound, addressed, measured both ways."""
     from udrv.gadget.configfs import interface_netdevs
@@ -334,6 +358,11 @@ def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool
                     res.setdefault("native_more", []).append(iperf_cpu(seconds, p.pid)[0])
                 finally:
                     udrv_down(p)
+        if "native" in res and "error" not in res["native"]:
+            try:
+                res["usbfs_floor"] = usbfs_floor(seconds)
+            except Exception as e:
+                res["usbfs_floor"] = {"error": f"{type(e).__name__}: {e}"}
         if recovery_repeats and "native" in res and "error" not in res["native"]:
             res["recovery"] = recovery_runs(run, gif, out, recovery_repeats)
         # the kernel again, now that udrv gave cdc_ether its interface back: the host is shared,
@@ -369,6 +398,8 @@ def report(res: dict) -> str:
                          f"{gro.get('acks_merged', 0)} ACKs merged")
     if "native_unavailable" in res:
         lines.append(f"  native ring not measured: {res['native_unavailable']}")
+    from udrv.benchall import usbfs_floor_lines
+    lines += usbfs_floor_lines(res)[:1]
     if res.get("recovery"):
         from udrv.sidebyside import recovery_table
         lines += ["", *recovery_table(res["recovery"])]

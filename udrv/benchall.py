@@ -225,6 +225,30 @@ def _threads(per_thread: dict[str, float] | None) -> str:
     return ", ".join(f"{k} {v}" for k, v in per_thread.items()) if per_thread else "-"
 
 
+ETH_FRAME = 1514    # a full-MSS TCP segment on the wire (1448 + 66 bytes of headers)
+
+
+def usbfs_floor_lines(raw: dict) -> list[str]:
+    """The usbfs floor next to what udrv's daemon spent per TX frame in the same boot."""
+    fl = raw.get("usbfs_floor")
+    if not fl:
+        return []
+    if "error" in fl:
+        return [f"usbfs floor not measured: {fl['error']}", ""]
+    floor = fl["us_per_frame_user"] + fl["us_per_frame_sys"]
+    line = (f"usbfs floor (submit + reap and nothing else: one thread, 64 bulk OUT transfers of {ETH_FRAME} "
+            f"bytes queued, the gadget dropping them early): {fl['frames_per_s']:.0f} frames/s "
+            f"({fl['mbit_s']:.0f} Mbit/s), {floor:.1f} µs of CPU per frame ({fl['us_per_frame_user']:.1f} user + "
+            f"{fl['us_per_frame_sys']:.1f} system).")
+    tx, cpu = raw.get("native", {}).get("tx"), raw.get("native_cpu", {}).get("tx", {})
+    if tx and cpu.get("daemon_user") is not None:
+        per_frame = (cpu["daemon_user"] + cpu["daemon_sys"]) / (tx * 1e6 / 8 / ETH_FRAME) * 1e6
+        line += (f" udrv's daemon during TCP TX: {per_frame:.1f} µs per {ETH_FRAME}-byte frame sent (its CPU over "
+                 f"the TX rate; the ACKs it receives are in it too), so usbfs alone is {floor / per_frame:.0%} "
+                 "of it; the kernel's cdc_ether pays no system call per frame.")
+    return [line, ""]
+
+
 def cdc_ecm_details(raw: dict) -> list[str]:
     details: list[str] = []
     if "native_unavailable" in raw:
@@ -255,6 +279,7 @@ def cdc_ecm_details(raw: dict) -> list[str]:
                     f"| {c.get('daemon_sys') if c.get('daemon_sys') is not None else '-'} | {_threads(c.get('daemon_threads'))} |"
                     for name, per in cpu for way, c in per.items()]
         details.append("")
+    details += usbfs_floor_lines(raw)
     if raw.get("recovery"):
         from .sidebyside import recovery_table
         details += ["Recovery latency on the real gadget (C ring): a UDP packet every 1 ms from the host side "

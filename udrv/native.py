@@ -664,3 +664,24 @@ def make_usb_datapath(driver: Any, journal: TxJournal, tap_fd: int, n_rx: int = 
     ring = NativeUsbRing(driver, journal, tap_fd, n_rx, n_tx, on_progress, **kw)
     driver.datapath = ring
     return ring
+
+
+# --- the usbfs floor (benchmarks) ---------------------------------------------------------------
+
+def usb_floor(vid: int, pid: int, control: int, interface: int, alt: int, ep_out: int, frame: bytes,
+              n_inflight: int = 64, seconds: float = 3.0) -> dict[str, float]:
+    """What submit + reap through usbfs alone cost per frame here: bulk OUT transfers of `frame`,
+    n_inflight queued and resubmitted from their completions, on this thread, for `seconds`
+    (native/usbfloor.h); `control` (or -1) is claimed too. The device must not be in use by
+    another process."""
+    require()
+    res = ffi.new("struct udrv_usb_floor *")
+    buf = ffi.from_buffer(frame)
+    if lib.udrv_usb_floor_run(vid, pid, control, interface, alt, ep_out, buf, len(frame), n_inflight, seconds, res) < 0:
+        raise UdrvError(f"usbfs floor on {vid:04x}:{pid:04x}: {ffi.string(res.what).decode()}")
+    frames = max(1, res.frames)
+    return {"frames": int(res.frames), "errors": int(res.errors), "seconds": round(res.seconds, 3),
+            "frames_per_s": round(res.frames / res.seconds, 1) if res.seconds else 0.0,
+            "mbit_s": round(res.frames * len(frame) * 8 / res.seconds / 1e6, 1) if res.seconds else 0.0,
+            "us_per_frame_user": round(res.cpu_user / frames * 1e6, 2),
+            "us_per_frame_sys": round(res.cpu_sys / frames * 1e6, 2)}
