@@ -302,6 +302,18 @@ def guest_fecm(out: Path) -> None:
         report["udrv0_gone"] = not Path(f"/sys/class/net/{IFNAME}").exists()
         wait(lambda: interface0_driver(dev) == "cdc_ether", 10, "cdc_ether to re-attach")
         report["kernel_driver_after"] = interface0_driver(dev)
+
+        # the usbfs floor the benches measure: real OUT transfers, counted by the gadget's netdev
+        report["stage"] = "usbfs floor"
+        from udrv import native
+        if native.available():
+            rx0 = netdev_stat(gif, "rx_packets", PEER_NS)
+            from tools.bench_cdc_ecm import VID, PID, usbfs_floor
+            assert (VID, PID) == (GADGET_VID, GADGET_PID)
+            report["floor"] = usbfs_floor(0.5, n_inflight=16)
+            report["floor_peer_rx"] = netdev_stat(gif, "rx_packets", PEER_NS) - rx0
+            wait(lambda: interface0_driver(dev) == "cdc_ether", 10, "cdc_ether to re-attach after the floor")
+            report["kernel_driver_after_floor"] = interface0_driver(dev)
         echo_srv.kill()
         report["stage"] = "done"
     except Exception as e:
@@ -461,6 +473,16 @@ if pytest is not None:
         assert fecm["mac"] == "02:00:00:00:ec:01"          # the gadget's host_addr = iMACAddress
         assert fecm["mtu"] == 1500                          # wMaxSegmentSize 1514
         assert fecm["link"]["up"] and fecm["link"]["speed"] > 0   # NETWORK_CONNECTION + SPEED_CHANGE
+
+    def test_fecm_usbfs_floor_sends_real_frames_and_gives_the_device_back(fecm):
+        _ok(fecm)
+        fl = fecm.get("floor")
+        if fl is None:
+            pytest.fail("udrv._native is not built in the guest's view of the tree: run `pip install -e .`")
+        assert fl["frames"] > 100 and fl["errors"] == 0, fl
+        assert fecm["floor_peer_rx"] >= fl["frames"], fecm       # every one reached the gadget's netdev
+        assert fl["us_per_frame_user"] + fl["us_per_frame_sys"] > 0
+        assert fecm["kernel_driver_after_floor"] == "cdc_ether"
 
     def test_fecm_traffic_both_ways_counted_at_the_peer(fecm):
         _ok(fecm)
