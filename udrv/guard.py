@@ -171,7 +171,7 @@ class Guard:
                  device_writes: Callable[[], object] | None = None):
         self.driver = driver
         # device_writes() -> a token that changes whenever the device may have been told to change
-        # state (USB: every control OUT, alt setting, clear halt), or None where that is not known
+        # state (USB: every control OUT and alt setting), or None where that is not known
         # (PCI: every MMIO write counts, the datapath's included): with an unchanged token a
         # fault of the driver's own left the device as the checkpoint describes it
         self.device_writes = device_writes or (lambda: None)
