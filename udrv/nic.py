@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 from .actions import ActionList
 from .configlog import ConfigLog
 from .driver import LinkState, RxMode
-from .errors import DeviceGone, DriverFault, Escalation, TransferTimeout, TxHang, UdrvError
+from .errors import DeviceGone, Escalation, TransferTimeout, TxHang, UdrvError
 from .faults import FaultInjector, FaultSpec
 from .guard import Guard, Recovery, Watchdog, driver_side
 from .journal import JournalFull, TxJournal
