@@ -376,9 +376,8 @@ class Nic:
         is the device's (TxHang): it is restored and its OUT transfers recycled; a second hang
         with no TX completion since the first recovery restarts the driver."""
         now = time.monotonic() if now is None else now
-        tail = self.journal.tail
-        if self.journal.in_device() == 0 or tail != self._tx_tail_seen:
-            self._tx_tail_seen, self._last_tx_progress, self._tx_hangs = tail, now, 0
+        if self._tx_moved(now) or self.journal.in_device() == 0:
+            self._last_tx_progress, self._tx_hangs = now, 0
             return True
         if now - self._last_tx_progress <= self.opts.tx_timeout:
             return True
@@ -395,10 +394,16 @@ class Nic:
             self._restart_after(e)
         return False
 
-    def _progress(self) -> None:
+    def _tx_moved(self, now: float) -> bool:
+        """TX confirmed since the last look: the hang clock starts again at `now`."""
         tail = self.journal.tail
-        if tail != self._tx_tail_seen:       # TX confirmed: the hang clock starts again
-            self._tx_tail_seen, self._last_tx_progress, self._tx_hangs = tail, time.monotonic(), 0
+        if tail == self._tx_tail_seen:
+            return False
+        self._tx_tail_seen, self._last_tx_progress, self._tx_hangs = tail, now, 0
+        return True
+
+    def _progress(self) -> None:
+        self._tx_moved(time.monotonic())
         if self._awaiting_traffic:
             now = time.monotonic()
             for rec, t0 in self._awaiting_traffic:
