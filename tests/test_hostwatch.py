@@ -213,3 +213,17 @@ def test_hostwatch_counts_reads_skips_failed_ones_and_ticks_on_its_own_period():
     # did not end the thread (it went on to read 3 and more)
     assert w.latest == 3 and w.reads >= 5
     assert ticks
+
+
+def test_the_housekeeping_thread_carries_its_name_in_the_kernel() -> None:
+    """top and the benches' CPU per thread tell it from the loop by the kernel's name."""
+    seen: list[str] = []
+    watch = HostWatch(lambda: seen.append(open(f"/proc/self/task/{threading.get_native_id()}/comm").read().strip()),
+                      lambda: None, read_period=0.01).start()
+    try:
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        watch.stop()
+    assert seen and seen[0] == "udrv-hostwatch"

@@ -26,6 +26,7 @@ from typing import Any, Callable
 from .errors import (DeviceGone, DriverFault, EntryTimeout, Escalation, InjectedFault, Stall, TransferTimeout,
                      TransportError, TxHang)
 from .faults import FaultInjector
+from .threadname import name_this_thread
 
 log = logging.getLogger("udrv.guard")
 
@@ -139,6 +140,7 @@ class Watchdog:
         raise EntryTimeout(f"{cur[0]} overran its deadline")
 
     def _run(self) -> None:
+        name_this_thread("udrv-watchdog")
         wait = self.tick
         while not self._stop.wait(wait):
             cur = self.current

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Generic, TypeVar
 
+from .threadname import name_this_thread
+
 log = logging.getLogger("udrv")
 
 T = TypeVar("T")
@@ -53,6 +55,7 @@ class HostWatch(Generic[T]):
             self._thread = None
 
     def _main(self) -> None:
+        name_this_thread("udrv-hostwatch")
         now = time.monotonic()
         next_read, next_tick = now + self.read_period, now + self.tick_period
         while not self._stop.wait(max(0.0, min(next_read, next_tick) - time.monotonic())):
