@@ -98,6 +98,11 @@ struct udrv_ring {
     uint64_t cancel_min;
     uint32_t completions; /* since the last pump */
 
+    /* the TX hang clock (udrv_ring_set_tx_stall): st.tx_done_ms is set by confirmations on
+     * this thread, tx_busy_ms by the TX thread when the OUT side goes from idle to busy */
+    uint32_t tx_stall_ms;
+    volatile uint64_t tx_busy_ms;
+
     /* libusb's poll fds, fetched at start: libusb_get_pollfds allocates and locks on every
      * call, and a turn that sleeps would pay that each time. Only our device handle's fd and
      * the context's own fds matter here, and they do not change while the ring runs. */
@@ -404,6 +409,7 @@ static void LIBUSB_CALL tx_done(struct libusb_transfer *t)
 static void apply_confirm(struct udrv_ring *r)
 {
     if (r->confirm_frames) {
+        r->st.tx_done_ms = now_ms();
         r->st.tx_packets += r->confirm_frames;
         r->st.tx_bytes += r->confirm_bytes;
         r->flags |= UDRV_PUMP_TX_DONE;
@@ -515,6 +521,8 @@ static uint32_t tx_fill(struct udrv_ring *r)
         /* in flight before the submit: its completion may run on the other thread at once */
         pthread_mutex_lock(&r->lock);
         x->in_flight = 1;
+        if (!r->st.tx_inflight)
+            r->tx_busy_ms = now_ms();      /* the hang clock starts with the first frame waiting */
         r->st.tx_inflight++;
         pthread_mutex_unlock(&r->lock);
         int rc = libusb_submit_transfer(x->t);
@@ -651,6 +659,35 @@ static uint32_t level_flags(struct udrv_ring *r)
     if (r->no_device)
         f |= UDRV_PUMP_NO_DEVICE;
     return f;
+}
+
+static uint64_t tx_waiting_since(const struct udrv_ring *r)
+{
+    uint64_t done = r->st.tx_done_ms, busy = r->tx_busy_ms;
+    return done > busy ? done : busy;
+}
+
+/* ms until the OUT transfers in flight count as stalled (0: they do now), -1: nothing to watch */
+static int64_t stall_in(const struct udrv_ring *r, uint64_t now)
+{
+    if (!r->tx_stall_ms || !r->st.tx_inflight || r->tx_blocked || !r->running)
+        return -1;
+    uint64_t at = tx_waiting_since(r) + r->tx_stall_ms;
+    return at > now ? (int64_t)(at - now) : 0;
+}
+
+/* The time a run loop may still wait: until its deadline or until TX would count as stalled;
+ * -1 when TX is stalled now (UDRV_PUMP_TX_STALL is set in *flags). */
+static int turn_left(const struct udrv_ring *r, uint64_t deadline, uint32_t *flags)
+{
+    uint64_t now = now_ms();
+    int left = now < deadline ? (int)(deadline - now) : 0;
+    int64_t stall = stall_in(r, now);
+    if (stall == 0) {
+        *flags |= UDRV_PUMP_TX_STALL;
+        return -1;
+    }
+    return stall > 0 && stall < left ? (int)stall : left;
 }
 
 /* --- public API ------------------------------------------------------------------------------------ */
@@ -880,6 +917,7 @@ int udrv_ring_start(struct udrv_ring *r)
     r->cancel_seen = 0;
     r->seg_active = 0;        /* the journal may have been rewound: cut entries from the start */
     r->err_first = r->err_count = 0;
+    r->tx_busy_ms = now_ms();  /* a hang clock that starts again with the ring */
     fetch_usb_fds(r);
     r->running = 1;
     for (uint32_t i = 0; i < r->cfg.n_rx; i++) {
@@ -937,7 +975,7 @@ int udrv_ring_pump(struct udrv_ring *r, int timeout_ms, int tap_budget, struct u
 /* --- the TX thread ------------------------------------------------------------------------------ */
 
 static const uint32_t python_needed = UDRV_PUMP_STATUS | UDRV_PUMP_ERROR | UDRV_PUMP_NO_DEVICE |
-                                      UDRV_PUMP_DEFERRED;
+                                      UDRV_PUMP_DEFERRED | UDRV_PUMP_TX_STALL;
 
 static void evfd_signal(int fd)
 {
@@ -1045,6 +1083,11 @@ void udrv_ring_set_tx_thread(struct udrv_ring *r, int on)
     r->txt_wanted = on;
 }
 
+void udrv_ring_set_tx_stall(struct udrv_ring *r, uint32_t ms)
+{
+    r->tx_stall_ms = ms;
+}
+
 /* udrv_ring_run with the TX half on the TX thread: this thread waits for USB events (and
  * wake_fd), reaps, writes RX frames, confirms, and wakes the TX thread when OUT transfers or
  * journal slots came free. The TX thread is parked again before returning. */
@@ -1065,8 +1108,9 @@ static int run_threaded(struct udrv_ring *r, int timeout_ms, int tap_budget, int
     for (;;) {
         r->st.pumps++;
         rx_flush(r);
-        uint64_t now = now_ms();
-        int left = now < deadline ? (int)(deadline - now) : 0;
+        int left = turn_left(r, deadline, &out->flags);
+        if (left < 0)
+            break;
         int woken = 0;
         if (left > 0 && r->completions == 0 && !r->confirm_pending && !level_flags(r))
             woken = wait_events(r, left, 0, wake_fd, r->main_evfd);
@@ -1108,8 +1152,9 @@ int udrv_ring_run(struct udrv_ring *r, int timeout_ms, int tap_budget, int wake_
     struct udrv_pump_result step;
     memset(out, 0, sizeof *out);
     for (;;) {
-        uint64_t now = now_ms();
-        int left = now < deadline ? (int)(deadline - now) : 0;
+        int left = turn_left(r, deadline, &out->flags);
+        if (left < 0)
+            break;
         int woken;
         int rc = pump_once(r, left, tap_budget, wake_fd, &step, &woken);
         out->flags |= step.flags;
@@ -1180,6 +1225,7 @@ int udrv_ring_recycle_tx(struct udrv_ring *r, int timeout_ms, int clear_halt)
     r->seg_active = 0;    /* an entry cut in part goes out whole again (duplicates, nothing lost) */
     if (r->err_count || r->no_device)
         return -1;        /* something new went wrong meanwhile (a journal out of step): full path */
+    r->tx_busy_ms = now_ms();  /* the re-issued frames get the whole stall time again */
     if (clear_halt) {
         int rc = libusb_clear_halt(r->h, (unsigned char)r->cfg.ep_out);
         if (rc == LIBUSB_ERROR_NO_DEVICE) {
@@ -1209,6 +1255,8 @@ void udrv_ring_stats(const struct udrv_ring *r, struct udrv_ring_stats *out)
     out->tap_short_vnet = t->short_vnet_header;
     out->tap_deferred = t->deferred;
     out->running = (uint32_t)r->running;
+    out->tx_waiting = r->st.tx_inflight > 0;
+    out->tx_waiting_since_ms = tx_waiting_since(r);
     out->rx_coalesce = r->cfg.rx_coalesce;
 }
 

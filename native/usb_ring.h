@@ -64,6 +64,7 @@
 #define UDRV_PUMP_JOURNAL_FULL 0x40 /* the journal is full: the TAP is not read (backpressure) */
 #define UDRV_PUMP_WOKEN 0x80        /* run: wake_fd became readable */
 #define UDRV_PUMP_DEFERRED 0x100    /* a TAP frame only Python finishes waits: udrv_ring_take_deferred */
+#define UDRV_PUMP_TX_STALL 0x200    /* run: OUT transfers wait longer than the stall time (udrv_ring_set_tx_stall) */
 
 #define UDRV_ERRQ 16
 #define UDRV_STATQ 16
@@ -117,6 +118,11 @@ struct udrv_ring_stats {
      * request was malformed (dropped), frames shorter than their vnet header (dropped), frames
      * handed to Python (udrv_ring_take_deferred), wire frames cut from TCP GSO frames */
     uint64_t tap_offload_frames, tap_bad_offload, tap_short_vnet, tap_deferred, tx_segments;
+    /* the TX hang clock, CLOCK_MONOTONIC ms: the last OUT transfer that completed OK, and since
+     * when the OUT transfers in flight have waited (the later of that completion and the moment
+     * the OUT side went from idle to busy or was started again); tx_waiting 0 = none in flight */
+    uint64_t tx_done_ms, tx_waiting_since_ms;
+    uint32_t tx_waiting;
     uint32_t rx_inflight;
     uint32_t tx_inflight;
     uint32_t status_inflight;
@@ -163,6 +169,9 @@ int udrv_ring_run(struct udrv_ring *r, int timeout_ms, int tap_budget, int wake_
 /* 1: udrv_ring_run moves TAP -> journal -> OUT on a thread of its own (parked whenever run
  * is not running), to use a second CPU; 0 (default): one thread does everything. */
 void udrv_ring_set_tx_thread(struct udrv_ring *r, int on);
+/* udrv_ring_run returns (UDRV_PUMP_TX_STALL) once OUT transfers have waited ms with none completing:
+ * Python's TX hang detector then needs no turns of its own to watch the clock. 0 = off. */
+void udrv_ring_set_tx_stall(struct udrv_ring *r, uint32_t ms);
 /* Only TAP -> journal -> OUT (no event handling). Returns UDRV_PUMP_* level flags. */
 int udrv_ring_xmit(struct udrv_ring *r, int tap_budget, struct udrv_pump_result *out);
 /* Stop: cancel every transfer and handle events until all completed or timeout_ms passed.

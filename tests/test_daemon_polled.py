@@ -30,6 +30,9 @@ class PolledNic:
     def runs_in_c(self) -> bool:
         return False
 
+    def keeps_tx_clock(self) -> bool:
+        return False
+
     def xmit(self) -> int:
         return 0
 

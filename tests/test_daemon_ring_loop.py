@@ -40,6 +40,9 @@ class FakeNic:
     def runs_in_c(self) -> bool:
         return True
 
+    def keeps_tx_clock(self) -> bool:
+        return False
+
     def run(self, timeout: float, wake_fd: int = -1) -> int:
         # the C ring's loop: sleep until the wake fd is readable or the timeout passes
         self.runs.append((timeout, wake_fd))
@@ -113,3 +116,31 @@ def test_the_loop_does_not_watch_the_tap_a_c_ring_reads(loop):
     # the TAP fd is readable all along: had the Python poller watched it, every turn would
     # return at once and the ring would never sleep its turn out
     assert not d._tap_registered
+
+
+class ClockedNic(FakeNic):
+    """A ring that keeps its own TX hang clock (NativeUsbRing): its loop comes back on a stall."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checks = 0
+
+    def keeps_tx_clock(self) -> bool:
+        return True
+
+    def check_tx_progress(self, now: float | None = None) -> bool:
+        self.checks += 1
+        return True
+
+
+def test_a_ring_with_its_own_tx_clock_is_checked_every_turn_and_no_tx_timer_cuts_its_turns(tmp_path, monkeypatch):
+    monkeypatch.setattr(daemon_mod, "RUN_DIR", str(tmp_path))
+    nic, tap = ClockedNic(), FakeTap()
+    # a TX timer of 10 ms would cut every turn to 10 ms; the ring's clock makes it unnecessary
+    d = Daemon(nic, tap, timers=DaemonTimers(link_check=3600, host_sync=3600, tx_progress=0.01,  # type: ignore[arg-type]
+                                             ring_turn=0.1))
+    d.run(0.55)
+    d._wake.close()
+    tap.close()
+    assert len(nic.runs) >= 3 and all(timeout > 0.05 for timeout, _fd in nic.runs[:-1]), nic.runs
+    assert nic.checks >= len(nic.runs) - 1           # at every turn's end

@@ -9,6 +9,8 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from udrv.daemon import Daemon, DaemonTimers
 from udrv.errors import UdrvError
 from udrv.hostwatch import HostWatch
@@ -35,6 +37,9 @@ class RingNic:
 
     def runs_in_c(self) -> bool:
         return True
+
+    def keeps_tx_clock(self) -> bool:
+        return False
 
     def run(self, timeout: float, wake_fd: int = -1) -> int:
         self.runs += 1
@@ -190,6 +195,40 @@ def test_a_blocked_read_of_the_tap_leaves_the_ring_turning_and_a_change_is_appli
     assert len(nic.rx_modes) == 1          # applied once, not on every look
 
 
+class LongTurnNic(RingNic):
+    """Sleeps its whole turn unless the wake fd becomes readable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.woken = 0
+
+    def run(self, timeout: float, wake_fd: int = -1) -> int:
+        self.runs += 1
+        if select.select([wake_fd], [], [], timeout)[0]:
+            self.woken += 1
+        return 0
+
+
+def test_a_changed_tap_configuration_wakes_the_loop_out_of_a_long_turn():
+    nic, tap = LongTurnNic(), SlowTap()
+    tap.gate.set()
+    d = Daemon(nic, tap, timers=DaemonTimers(link_check=3600, host_sync=0.02, tx_progress=3600,  # type: ignore[arg-type]
+                                             ring_turn=60))
+    d._placement.enabled = False
+    d._applied = BASE
+    t = threading.Thread(target=d.run, args=(20.0,), daemon=True)
+    t.start()
+    tap.loop_thread = t.ident
+    try:
+        time.sleep(0.1)                        # reads equal to what was applied wake nothing
+        assert nic.woken == 0
+        tap.config = HostConfig(**{**BASE.__dict__, "promisc": True})
+        wait_until(lambda: nic.rx_modes, "the change to reach the driver")   # long before 60 s
+        assert nic.woken >= 1 and nic.rx_modes[0][0].promisc
+    finally:
+        stop(d, t, tap)
+
+
 def test_hostwatch_counts_reads_skips_failed_ones_and_ticks_on_its_own_period():
     values: list[Any] = [1, 1, OSError("gone"), 2, 2, ValueError("a bug"), 3]
     ticks = []
@@ -227,3 +266,21 @@ def test_the_housekeeping_thread_carries_its_name_in_the_kernel() -> None:
     finally:
         watch.stop()
     assert seen and seen[0] == "udrv-hostwatch"
+
+
+@pytest.mark.root
+def test_the_tap_read_sees_a_multicast_group_the_host_joins_and_leaves() -> None:
+    import subprocess
+    from udrv.tap import Tap
+    tap = Tap(f"udrvh{os.getpid() % 100000}")
+    group = bytes.fromhex("01005e0a0b0c")
+    try:
+        tap.set_up(True)
+        before = tap.host_config().multicast
+        assert group not in before and all(len(m) == 6 for m in before)
+        subprocess.run(["ip", "maddr", "add", "01:00:5e:0a:0b:0c", "dev", tap.name], check=True)
+        assert group in tap.host_config().multicast
+        subprocess.run(["ip", "maddr", "del", "01:00:5e:0a:0b:0c", "dev", tap.name], check=True)
+        assert tap.host_config().multicast == before
+    finally:
+        tap.close()

@@ -177,6 +177,40 @@ def test_a_tx_hang_restores_the_device_and_a_second_one_restarts_the_driver():
     r.nic.close()
 
 
+def _clocked(r) -> dict:
+    """Give the rig's engine the C ring's hang clock (NativeUsbRing.tx_clock), set by hand."""
+    clock = {"done": 0.0, "since": None}
+    r.nic.engine.tx_clock = lambda: (clock["done"], clock["since"])
+    assert r.nic.keeps_tx_clock()
+    return clock
+
+
+def test_a_ring_that_keeps_its_own_tx_clock_is_judged_by_it_however_rarely_python_looks():
+    r = Rig(tx_timeout=0.5).up()
+    r.nic.guard.escalate_after = 10        # hangs come faster here than the window rule allows
+    try:
+        clock, now = _clocked(r), time.monotonic()
+        assert r.nic.check_tx_progress(now)                  # nothing in flight
+        clock["since"] = now - 0.4                           # waiting, not yet for tx_timeout
+        assert r.nic.check_tx_progress(now) and not r.nic.recoveries
+        # the first look in a long while, and the OUT side has waited longer than tx_timeout
+        clock["since"] = now - 0.6
+        assert not r.nic.check_tx_progress(now)
+        rec = r.nic.recoveries[-1]
+        assert (rec.fault, rec.outcome) == ("tx_timeout", "recovered") and rec.device_restored
+        # an OUT completion since: TX moved, so the next hang is a first one again
+        clock["done"], clock["since"] = now + 0.1, now + 0.1 - 0.6
+        assert not r.nic.check_tx_progress(now + 0.1)
+        assert r.nic.recoveries[-1].outcome == "recovered" and r.nic.counters.restarts == 0
+        # nothing completed after that one: the driver restarts
+        assert not r.nic.check_tx_progress(now + 0.2)
+        rec = r.nic.recoveries[-1]
+        assert (rec.fault, rec.outcome) == ("tx_timeout", "escalated") and "still hung" in rec.detail
+        assert r.nic.counters.restarts == 1 and r.nic.state == "up"
+    finally:
+        r.nic.close()
+
+
 def test_config_replay_after_restart(wrig):
     wrig.nic.set_mac(NEW_MAC)
     wrig.nic.set_rx_mode(RxMode(promisc=True))

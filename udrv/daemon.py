@@ -38,11 +38,16 @@ def control_path(ifname: str) -> str:
 @dataclass
 class DaemonTimers:
     link_check: float = 1.0
-    host_sync: float = 0.25
-    tx_progress: float = 0.05
+    host_sync: float = 0.25       # how often the housekeeping thread reads the TAP's configuration
+    tx_progress: float = 0.05     # TX hang checks, for a datapath that keeps no hang clock itself
     tap_batch: int = 64
     device_poll: float = 0.001    # ring polling period for devices that offer no event fd
-    ring_turn: float = 0.05       # longest C ring loop between Python turns (timers come sooner)
+    # Longest C ring loop between Python turns. The loop comes back early for everything that
+    # needs Python (control requests, a changed TAP configuration, interrupt packets, errors, a
+    # TX stall on a ring that keeps its own hang clock), so this only bounds how late the other
+    # timers run; each turn parks the ring's TX thread for ~2 ms of Python in a TCG guest, which
+    # at 20 turns a second was 5 % of the time the datapath stood still.
+    ring_turn: float = 0.25
 
 
 class Daemon:
@@ -62,6 +67,9 @@ class Daemon:
         self._tap_registered = False
         # one fd that is readable when any fd Python serves is: the wake fd of the C ring loop
         self._wake = select.epoll()
+        # brings the loop out of the C ring at once: written by the housekeeping thread when the
+        # TAP's configuration differs from what the loop applied (no timer to look), and by stop()
+        self._nudge = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # off the CPUs busy with the kernel's interrupt work for the device (udrv/placement.py)
         self._placement = SoftirqAvoider()
         self._priority = Priority()
@@ -113,21 +121,27 @@ class Daemon:
         for fd in self.extra_fds:
             p.register(fd, select.POLLIN)
             self._wake_on(fd)
+        p.register(self._nudge, select.POLLIN)
+        self._wake_on(self._nudge)
         t = time.monotonic()
         next_link, next_tx = t + self.timers.link_check, t
         # TAP configuration and CPU placement are read on a thread of their own (udrv/hostwatch.py):
         # the datapath does not stand still for them; a changed configuration is applied here
         watch = HostWatch(lambda: self.tap.host_config(), self._placement.tick, read_period=self.timers.host_sync,
-                          tick_period=self.timers.link_check).start()
+                          tick_period=self.timers.link_check, on_read=self._host_read).start()
         try:
             self._loop(end, watch, next_link, next_tx)
         finally:
             watch.stop()
 
+    def _host_read(self, cur: HostConfig) -> None:
+        """The housekeeping thread's read: wake the loop if it differs from what was applied."""
+        if cur != self._applied:
+            os.eventfd_write(self._nudge, 1)
+
     def _loop(self, end: float | None, watch: HostWatch, next_link: float, next_tx: float) -> None:
         p, nic, tap = self._poller, self.nic, self.tap
         seen = 0                     # the watch's reads the loop has looked at
-        next_sync = time.monotonic() + self.timers.host_sync
         generation = self.nic.transport_generation
         state = self.nic.state
         busy = False
@@ -135,8 +149,10 @@ class Daemon:
             now = time.monotonic()
             if end is not None and now >= end:
                 break
-            wait = min(next_link, next_tx, next_sync) - now
             in_c = nic.state == "up" and nic.runs_in_c()
+            # a ring that keeps its own TX hang clock comes back when TX stalls: no timer for it
+            clocked = in_c and nic.keeps_tx_clock()
+            wait = (next_link if clocked else min(next_link, next_tx)) - now
             if in_c:
                 # the ring sleeps in C on USB, the TAP and the wake fd (control socket, extra
                 # fds) and moves frames without a Python turn; back here for timers and requests
@@ -163,6 +179,8 @@ class Daemon:
                     self._serve_control()
                 elif fd in self.extra_fds:
                     self.extra_fds[fd]()
+                elif fd == self._nudge:
+                    os.eventfd_read(self._nudge)   # looked at below (watch.reads, running)
             busy = False
             if in_c and nic.state == "up":
                 nic.xmit()                    # the xmit entry point (and faults armed for it)
@@ -183,12 +201,10 @@ class Daemon:
             # stop reading the TAP while the journal is full: the kernel queues (backpressure)
             self._register_tap(nic.journal.space() > 0 and self._python_reads_tap())
             now = time.monotonic()
-            if now >= next_tx:
+            if clocked or now >= next_tx:
                 next_tx = now + self.timers.tx_progress
                 if nic.state == "up":
                     nic.check_tx_progress(now)
-            if now >= next_sync:         # the loop wakes this often to look at what the watch read
-                next_sync = now + self.timers.host_sync
             if watch.reads != seen and nic.state == "up":   # down: applied once the device is back
                 seen = watch.reads
                 cur = watch.latest
@@ -239,6 +255,8 @@ class Daemon:
 
     def stop(self, *_: Any) -> None:
         self.running = False
+        if self._nudge >= 0:             # else closed already: nothing runs to be woken
+            os.eventfd_write(self._nudge, 1)
 
     # --- periodic work -----------------------------------------------------------------------------
     def _link_watchdog(self) -> None:
@@ -367,6 +385,8 @@ class Daemon:
         self._placement.restore()
         self._priority.restore()
         self._wake.close()
+        os.close(self._nudge)
+        self._nudge = -1                 # a later stop() must not write to a reused fd number
         if self._ctrl is not None:
             path = control_path(self.tap.name)
             self._ctrl.close()

@@ -27,12 +27,14 @@ T = TypeVar("T")
 class HostWatch(Generic[T]):
     """`read()` into `latest` every `read_period` s (`reads` counts the successful ones: the loop
     compares `latest` with what it applied whenever the count moved, so a value the host sets
-    again after the loop refused and reverted it is not lost), `tick()` every `tick_period` s.
+    again after the loop refused and reverted it is not lost), then `on_read(latest)`;
+    `tick()` every `tick_period` s.
     A read that raises OSError is skipped (the TAP going away is the loop's business)."""
     read: Callable[[], T]
     tick: Callable[[], object]
     read_period: float = 0.25
     tick_period: float = 1.0
+    on_read: Callable[[T], object] | None = None   # after each successful read (the daemon wakes its loop)
     latest: T | None = None
     reads: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -66,6 +68,8 @@ class HostWatch(Generic[T]):
                     try:
                         self.latest = self.read()
                         self.reads += 1          # after latest: the loop reads reads, then latest
+                        if self.on_read is not None:
+                            self.on_read(self.latest)
                     except OSError:
                         pass
                 if now >= next_tick:

@@ -570,6 +570,18 @@ class NativeUsbRing:
         ms = math.ceil(timeout * 1000) if timeout > 0 else 0
         return self._after(lib.udrv_ring_run(self._ring, ms, self.tap_budget, wake_fd, self._res))
 
+    def watch_tx(self, timeout: float) -> None:
+        """run() comes back once OUT transfers have waited `timeout` s with none completing, so the
+        TX hang detector (Nic.check_tx_progress, fed by tx_clock) needs no turns of its own."""
+        lib.udrv_ring_set_tx_stall(self._ring, math.ceil(timeout * 1000) + 1)
+
+    def tx_clock(self) -> tuple[float, float | None]:
+        """(when an OUT transfer last completed OK, since when the OUT transfers in flight have
+        waited or None when none is): time.monotonic() seconds, kept by the ring itself, exact
+        however rarely Python looks."""
+        s = self._read_stats()
+        return s.tx_done_ms / 1000, s.tx_waiting_since_ms / 1000 if s.tx_waiting else None
+
     def _take_deferred(self) -> None:
         """The TAP frame the ring left for Python (Nic.enqueue finishes it in software)."""
         n = lib.udrv_ring_take_deferred(self._ring, self._deferred_buf, len(self._deferred_buf))

@@ -122,6 +122,7 @@ class Nic:
         self._last_tx_progress = time.monotonic()
         self._tx_tail_seen = 0            # the journal's confirmed count at the last progress check
         self._tx_hangs = 0                # hang recoveries since TX last moved
+        self._tx_done_seen = 0.0          # the ring's last OUT completion at the last look (tx_clock)
         self._transport_dead = False
         self.transport_generation = 0     # bumps when the transport is replaced (poll fds change)
         self._make_driver()
@@ -135,6 +136,9 @@ class Nic:
         n_rx, n_tx = getattr(self.driver_cls, "default_rings", (4, 8))
         self.engine = self.driver.make_datapath(self.journal, self.sink, self.opts.n_rx or n_rx,
                                                 self.opts.n_tx or n_tx, self._progress)
+        watch = getattr(self.engine, "watch_tx", None)
+        if watch is not None:
+            watch(self.opts.tx_timeout)
         if getattr(self.engine, "owns_tap", False) and hasattr(self.engine, "tap_enqueue"):
             # a ring that reads the TAP in C hands back the frames only Python can judge
             self.engine.tap_enqueue = self.enqueue
@@ -360,6 +364,11 @@ class Nic:
         e = self.engine
         return getattr(e, "owns_tap", False) and callable(getattr(e, "run", None)) and getattr(e, "can_run", True)
 
+    def keeps_tx_clock(self) -> bool:
+        """The datapath keeps the TX hang clock itself (tx_clock) and its C loop comes back when
+        TX stalls: check_tx_progress is then due at every turn, not on a timer."""
+        return callable(getattr(self.engine, "tx_clock", None))
+
     def run(self, timeout: float, wake_fd: int = -1) -> int:
         """Datapath turns in the engine's C loop for up to timeout seconds, back early when
         Python is needed or wake_fd is readable. Guarded as the "poll" entry point: it does
@@ -376,23 +385,41 @@ class Nic:
         is the device's (TxHang): it is restored and its OUT transfers recycled; a second hang
         with no TX completion since the first recovery restarts the driver."""
         now = time.monotonic() if now is None else now
+        clock = getattr(self.engine, "tx_clock", None)
+        if clock is not None:
+            return self._check_tx_clock(now, *clock())
         if self._tx_moved(now) or self.journal.in_device() == 0:
             self._last_tx_progress, self._tx_hangs = now, 0
             return True
         if now - self._last_tx_progress <= self.opts.tx_timeout:
             return True
         self._last_tx_progress = now
+        return self._tx_hang(f"{self.journal.in_device()} frames unconfirmed for > {self.opts.tx_timeout}s: "
+                             "the device takes no frames")
+
+    def _tx_hang(self, what: str) -> bool:
+        """Recover from a TX hang (the device's: restore + OUT recycle); the second one with
+        nothing confirmed in between restarts the driver. Returns False (no progress)."""
         self._tx_hangs += 1
-        fault = TxHang(f"{self.journal.in_device()} frames unconfirmed for > {self.opts.tx_timeout}s: "
-                       "the device takes no frames")
         again = (f"TX still hung after {self._tx_hangs - 1} recovery: nothing confirmed since"
                  if self._tx_hangs > 1 else "")
         try:
-            self.guard.recover_datapath("xmit", fault, escalate=again)
+            self.guard.recover_datapath("xmit", TxHang(what), escalate=again)
         except Escalation as e:
             self._tx_hangs = 0
             self._restart_after(e)
         return False
+
+    def _check_tx_clock(self, now: float, done_at: float, waiting_since: float | None) -> bool:
+        """check_tx_progress for a ring that keeps the hang clock itself (tx_clock): a hang is OUT
+        transfers that have waited longer than tx_timeout with none completing; only a
+        completion since the last hang counts as TX moving again."""
+        if done_at > self._tx_done_seen:
+            self._tx_done_seen, self._tx_hangs = done_at, 0
+        if waiting_since is None or now - waiting_since <= self.opts.tx_timeout:
+            return True
+        return self._tx_hang(f"{self.journal.in_device()} frames unconfirmed, OUT transfers waiting "
+                             f"{now - waiting_since:.2f}s (> {self.opts.tx_timeout}s): the device takes no frames")
 
     def _tx_moved(self, now: float) -> bool:
         """TX confirmed since the last look: the hang clock starts again at `now`."""

@@ -234,6 +234,35 @@ def inject_faults(report: dict, flood_dst: str) -> None:
     report["faults"] = f
 
 
+def tx_hang(report: dict, gif: str) -> None:
+    """The gadget's usb0 goes down: f_ecm queues no OUT requests, so udrv's bulk OUT transfers
+    wait for ever on a real device. The C ring's own hang clock brings the daemon back from its
+    C loop after tx_timeout (0.5 s); recovery restores the device and recycles the OUT side,
+    and the next hang, nothing having moved, restarts the driver. usb0 up: frames flow again."""
+    n0 = len(udrv_status()["recent_recoveries"])
+    rec0 = udrv_status()["recoveries"]
+    sh("ip", "-n", PEER_NS, "link", "set", gif, "down")
+    w0 = time.time()                                     # Recovery.at is wall-clock time
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for _ in range(20):                              # frames into OUT transfers that never complete
+            s.sendto(b"x" * 200, (PEER_IP, ECHO_PORT))
+            time.sleep(0.01)
+        wait(lambda: any(r["fault"] == "tx_timeout" and r["outcome"] == "escalated"
+                         for r in udrv_status()["recent_recoveries"]), 20, "a TX hang to escalate")
+    finally:
+        s.close()
+    st = udrv_status()
+    hangs = [r for r in st["recent_recoveries"] if r["fault"] == "tx_timeout"]
+    report["tx_hang"] = {"first_after_s": round(hangs[0]["at"] - w0, 2),
+                         "outcomes": [r["outcome"] for r in hangs], "recoveries": st["recoveries"] - rec0,
+                         "restarts": st["restarts"], "state": st["state"], "new": len(st["recent_recoveries"]) - n0}
+    sh("ip", "-n", PEER_NS, "link", "set", gif, "up")
+    wait(lambda: udrv_status()["state"] == "up", 20, "udrv to be up after the hang")
+    time.sleep(1.0)
+    report["echo_after_tx_hang"] = echo(PEER_IP, [100, 1472] * 5)
+
+
 def guest_fecm(out: Path) -> None:
     from udrv.gadget.configfs import ecm_gadget, modprobe, wait_host_device
     report: dict = {"stage": "setup"}
@@ -296,6 +325,9 @@ def guest_fecm(out: Path) -> None:
         report["stage"] = "faults"
         inject_faults(report, PEER_IP)
         report["echo_after_faults"] = echo(PEER_IP, [100, 1472] * 5)
+
+        report["stage"] = "tx hang"
+        tx_hang(report, gif)
 
         report["stage"] = "stop"
         report["udrv_exit"] = stop_udrv(p)
@@ -524,6 +556,16 @@ if pytest is not None:
         assert f["ifindex_same"] and f["promisc"] and f["packet_filter"] & 0x01
         assert f["flood_back"] > 0.8 * f["flood_sent"], f
         assert fecm["echo_after_faults"] == 10
+
+    def test_fecm_a_gadget_that_takes_no_frames_is_a_tx_hang_recovered_then_restarted(fecm):
+        _ok(fecm)
+        h = fecm["tx_hang"]
+        # caught by the ring's clock at tx_timeout (0.5 s) after the first frame waited, not at a
+        # Python turn (a bound under TCG, not a speed claim)
+        assert 0.4 < h["first_after_s"] < 3.0, h
+        assert h["outcomes"][:2] == ["recovered", "escalated"], h
+        assert h["restarts"] >= 1 and h["state"] == "up", h
+        assert fecm["echo_after_tx_hang"] == 10, fecm
 
     def test_fecm_sigterm_removes_udrv0_and_gives_the_device_back(fecm):
         _ok(fecm)
