@@ -386,12 +386,40 @@ def test_deadline_adapts_to_a_slow_machine(wrig):
     assert wrig.nic.recoveries == []
 
 
+def test_a_link_check_slower_than_its_short_deadline_is_retried_with_the_long_one_not_escalated(watchdog):
+    """A loaded machine slows a link check past its quarter deadline: the first call on a fresh
+    guard and the retry after a timeout get the configuration deadline, so slowness costs one
+    retry at most and never a restart (at daemon start, a restart that fails ends the daemon)."""
+    r = Rig(watchdog=watchdog, config_deadline=1.2, datapath_deadline=1.2).up()
+    try:
+        g = r.nic.guard
+        g._avg.pop("link_check", None)                 # as before a daemon's first link check
+        assert g.budget("link_check") == 1.2
+        real = r.nic.driver.link_check
+
+        def slow_link_check():
+            time.sleep(0.5)                            # slow, not hung: past 0.3 s, within 1.2 s
+            return real()
+        r.nic.driver.link_check = slow_link_check
+        r.nic.link_check()                             # first call: no recovery at all
+        assert r.nic.recoveries == []
+        g._avg["link_check"] = 0.001                   # a machine that was fast until now
+        assert g.budget("link_check") == 0.3 and g.budget("link_check", retry=True) == 1.2
+        r.nic.link_check()
+        rec = r.nic.recoveries[-1]
+        assert (rec.entry, rec.fault, rec.outcome) == ("link_check", "timeout", "recovered")
+        assert r.nic.counters.restarts == 0
+    finally:
+        r.nic.close()
+
+
 def test_a_hung_link_check_is_caught_at_a_quarter_of_the_configuration_deadline(watchdog):
     """The daemon's loop serves no frames while a link check runs: its hang must not cost traffic
     the whole configuration deadline."""
     r = Rig(watchdog=watchdog, config_deadline=1.2, datapath_deadline=1.2).up()
     try:
         g = r.nic.guard
+        r.nic.link_check()                 # as the daemon's start does: the machine's speed is known
         assert g.budget("link_check") == 0.3 and g.budget("set_mtu") == 1.2
         r.nic.inject("link_check", "hang", count=1)
         t0 = time.monotonic()

@@ -250,7 +250,7 @@ class Guard:
             t0 = time.monotonic()
             active = self.injector.begin(entry, self.driver) if self.injector.armed else None
             try:
-                with self._deadline(entry, self.budget(entry)):
+                with self._deadline(entry, self.budget(entry, retry=first is not None and first.fault == "timeout")):
                     try:
                         result = fn(*args)
                     finally:
@@ -292,12 +292,18 @@ class Guard:
             return result
         raise AssertionError("unreachable")
 
-    def budget(self, entry: str) -> float:
+    def budget(self, entry: str, retry: bool = False) -> float:
         """The deadline of a configuration call: the configured floor, or — on a slow machine
-        where calls take longer — a guard above their running average (nDriver's detector)."""
+        where calls take longer — a guard above their running average (nDriver's detector).
+        A short floor (link_check's) holds only once a call has shown what this machine takes:
+        the first call, and the retry after a timeout, get the configuration deadline at least
+        (a pegasus link check over a FunctionFS gadget in a loaded TCG guest took 0.7 s at start,
+        and a daemon that escalates at start is a daemon that does not start)."""
         floor = self.deadlines.get(entry, self.config_deadline)
         avg = self._avg.get(entry)
-        return floor if avg is None else max(floor, 4 * avg + 0.1)
+        if avg is None or retry:
+            return max(floor, self.config_deadline, 0.0 if avg is None else 4 * avg + 0.1)
+        return max(floor, 4 * avg + 0.1)
 
     def _learn(self, entry: str, seconds: float) -> None:
         avg = self._avg.get(entry)
