@@ -409,6 +409,11 @@ def test_a_link_check_slower_than_its_short_deadline_is_retried_with_the_long_on
         rec = r.nic.recoveries[-1]
         assert (rec.entry, rec.fault, rec.outcome) == ("link_check", "timeout", "recovered")
         assert r.nic.counters.restarts == 0
+        # the retry taught the guard this machine got slower: the next slow call is no timeout
+        assert g.budget("link_check") > 1.0
+        n = len(r.nic.recoveries)
+        r.nic.link_check()
+        assert len(r.nic.recoveries) == n
     finally:
         r.nic.close()
 

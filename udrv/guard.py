@@ -285,9 +285,10 @@ class Guard:
                 self._report(rec)
                 raise Escalation(DriverFault(entry, rec.fault, rec.detail)) from exc
             self.take_checkpoint()
-            if first is None:
-                self._learn(entry, time.monotonic() - t0)
-            else:
+            # the retry's own time counts too, at once after a timeout: a machine that got slower
+            # must raise the budget, or every later call overruns the same deadline again
+            self._learn(entry, time.monotonic() - t0, at_least=first is not None and first.fault == "timeout")
+            if first is not None:
                 first.outcome = "recovered"
             return result
         raise AssertionError("unreachable")
@@ -305,9 +306,10 @@ class Guard:
             return max(floor, self.config_deadline, 0.0 if avg is None else 4 * avg + 0.1)
         return max(floor, 4 * avg + 0.1)
 
-    def _learn(self, entry: str, seconds: float) -> None:
+    def _learn(self, entry: str, seconds: float, at_least: bool = False) -> None:
         avg = self._avg.get(entry)
-        self._avg[entry] = seconds if avg is None else 0.8 * avg + 0.2 * seconds
+        avg = seconds if avg is None else 0.8 * avg + 0.2 * seconds
+        self._avg[entry] = max(avg, seconds) if at_least else avg
 
     def _restore(self) -> None:
         with self._deadline("restore", max(self.config_deadline, self.budget("open"))):
