@@ -281,6 +281,7 @@ def test_the_tap_read_sees_a_multicast_group_the_host_joins_and_leaves() -> None
         subprocess.run(["ip", "maddr", "add", "01:00:5e:0a:0b:0c", "dev", tap.name], check=True)
         assert group in tap.host_config().multicast
         subprocess.run(["ip", "maddr", "del", "01:00:5e:0a:0b:0c", "dev", tap.name], check=True)
-        assert tap.host_config().multicast == before
+        # (the host may join groups of its own meanwhile: IPv6 solicited-node ones after link up)
+        assert group not in tap.host_config().multicast
     finally:
         tap.close()

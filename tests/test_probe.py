@@ -45,9 +45,10 @@ def test_probe_counts_a_second_answer_as_a_duplicate_not_as_a_reply(probe_loop):
     t.start()
     probe = GapProbe("127.0.0.1", srv.getsockname()[1], interval=0.002).start()
     time.sleep(0.5)
-    res = probe.stop()
-    stop.set()
+    stop.set()                                  # the echo first: it answers nothing after the count
     t.join()
+    time.sleep(0.05)                            # its last answers reach the probe
+    res = probe.stop()
     srv.close()
     assert res.sent > 50
     assert res.received <= res.sent                       # never more answers than probes
