@@ -764,6 +764,11 @@ class E1000(NetDriver):
 
     def link_check(self) -> LinkState:
         ctrl = self.rd(CTRL)
+        if not ctrl & CTRL_SLU and self.soft.ctrl & CTRL_SLU:
+            # init_hw set it and nothing of ours clears it: a reset behind our back, which took
+            # the rings and filters with it. Setting SLU again would hide that from the restore.
+            raise DriverFault("link_check", "device_reset",
+                              "CTRL.SLU is clear: the device was reset behind the driver's back")
         if not ctrl & CTRL_SLU:
             self.wr(CTRL, ctrl | CTRL_SLU)
             self.soft.ctrl = ctrl | CTRL_SLU

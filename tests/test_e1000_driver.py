@@ -551,6 +551,21 @@ def test_restore_after_device_lost_state_takes_the_full_path(impl):
     r.close()
 
 
+def test_a_link_check_on_a_device_reset_behind_its_back_restores_it_in_full(impl):
+    r = Rig(cls=impl).up()
+    r.nic.set_mac(NEW_MAC)
+    r.model.function_reset()                 # between two of the daemon's link ticks
+    link = r.nic.link_check()                # the tick: SLU is gone, which only a reset does
+    assert link.up and r.driver.restores["full"] == 1
+    rec = r.nic.recoveries[-1]
+    assert (rec.entry, rec.fault, rec.outcome) == ("link_check", "device_reset", "recovered"), rec
+    m = r.model
+    assert m.reg(RAL0) == int.from_bytes(NEW_MAC[:4], "little") and m.reg(RAH0) & 0x80000000
+    r.send([frame(PEER, 3)])
+    assert r.wire_tx[-1] == frame(PEER, 3)   # the rings are the driver's again
+    r.close()
+
+
 def test_tx_hang_detected_and_journal_reissued(impl):
     r = Rig(cls=impl).up()
     r.model.faults.tx_hang = True
