@@ -1088,6 +1088,11 @@ void udrv_ring_set_tx_stall(struct udrv_ring *r, uint32_t ms)
     r->tx_stall_ms = ms;
 }
 
+void udrv_ring_restart_tx_clock(struct udrv_ring *r)
+{
+    r->tx_busy_ms = now_ms();
+}
+
 /* udrv_ring_run with the TX half on the TX thread: this thread waits for USB events (and
  * wake_fd), reaps, writes RX frames, confirms, and wakes the TX thread when OUT transfers or
  * journal slots came free. The TX thread is parked again before returning. */

@@ -172,6 +172,9 @@ void udrv_ring_set_tx_thread(struct udrv_ring *r, int on);
 /* udrv_ring_run returns (UDRV_PUMP_TX_STALL) once OUT transfers have waited ms with none completing:
  * Python's TX hang detector then needs no turns of its own to watch the clock. 0 = off. */
 void udrv_ring_set_tx_stall(struct udrv_ring *r, uint32_t ms);
+/* The OUT transfers in flight have waited since now (Python found them waiting for a carrier,
+ * which is no stall). */
+void udrv_ring_restart_tx_clock(struct udrv_ring *r);
 /* Only TAP -> journal -> OUT (no event handling). Returns UDRV_PUMP_* level flags. */
 int udrv_ring_xmit(struct udrv_ring *r, int tap_budget, struct udrv_pump_result *out);
 /* Stop: cancel every transfer and handle events until all completed or timeout_ms passed.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from udrv.driver import LinkState
 from udrv.daemon import Daemon, DaemonTimers
 
 
@@ -17,6 +18,7 @@ class FakeJournal:
 class PolledNic:
     """What Daemon.run touches of a Nic whose device has no event fd: frames are found by polling.
     `script` is what each successive poll finds; after it runs out, nothing."""
+    link = LinkState(True)
 
     def __init__(self, script: list[int]) -> None:
         self.state = "up"

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from udrv import daemon as daemon_mod
+from udrv.driver import LinkState
 from udrv.daemon import Daemon, DaemonTimers, request
 
 
@@ -24,6 +25,7 @@ class FakeEngine:
 
 class FakeNic:
     """What Daemon.run touches of a Nic whose engine runs its turns in C."""
+    link = LinkState(True)
 
     def __init__(self) -> None:
         self.state = "up"
@@ -144,3 +146,33 @@ def test_a_ring_with_its_own_tx_clock_is_checked_every_turn_and_no_tx_timer_cuts
     tap.close()
     assert len(nic.runs) >= 3 and all(timeout > 0.05 for timeout, _fd in nic.runs[:-1]), nic.runs
     assert nic.checks >= len(nic.runs) - 1           # at every turn's end
+
+
+class LinkLostNic(ClockedNic):
+    """Its ring came back on a stall and the hang check found the link down (Nic._waits_for_carrier)."""
+
+    def check_tx_progress(self, now: float | None = None) -> bool:
+        self.checks += 1
+        self.link = LinkState(False)
+        return True
+
+
+class CarrierTap(FakeTap):
+    def __init__(self) -> None:
+        super().__init__()
+        self.carrier: list[bool] = []
+
+    def set_carrier(self, up: bool) -> None:
+        self.carrier.append(up)
+
+
+def test_a_link_found_down_by_the_hang_check_drops_the_carrier_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(daemon_mod, "RUN_DIR", str(tmp_path))
+    nic, tap = LinkLostNic(), CarrierTap()
+    # the link watchdog's tick is an hour away: only the hang check can have told the TAP
+    d = Daemon(nic, tap, timers=DaemonTimers(link_check=3600, host_sync=3600, tx_progress=0.01,  # type: ignore[arg-type]
+                                             ring_turn=0.05))
+    d.run(0.2)
+    d._wake.close()
+    tap.close()
+    assert nic.checks >= 1 and tap.carrier == [False], tap.carrier

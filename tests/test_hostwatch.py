@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from udrv.driver import LinkState
 from udrv.daemon import Daemon, DaemonTimers
 from udrv.errors import UdrvError
 from udrv.hostwatch import HostWatch
@@ -22,6 +23,7 @@ BASE = HostConfig(mac=b"\x02\x00\x00\x00\x00\x01", mtu=1500, up=True, promisc=Fa
 
 class RingNic:
     """A NIC whose datapath runs in C: run() sleeps its turn out (or until the wake fd)."""
+    link = LinkState(True)
 
     def __init__(self) -> None:
         self.state = "up"

@@ -151,15 +151,29 @@ def test_frames_received_do_not_hide_a_tx_hang():
     r.nic.close()
 
 
-def test_a_tx_hang_restores_the_device_and_a_second_one_restarts_the_driver():
-    r = Rig(tx_timeout=0.05).up()
-    writes = r.transport.device_writes
+def _held(r, n: int = 10) -> list[bytes]:
+    """n frames the device holds (hold_tx), sent and left for longer than tx_timeout (0.05 s)."""
     r.model.hold_tx(True)
-    frames = [frame_to(PEER_MAC, i) for i in range(10)]
+    frames = [frame_to(PEER_MAC, i) for i in range(n)]
     r.nic.enqueue(frames)
     r.pump()
     r.nic.check_tx_progress()
     time.sleep(0.08)
+    return frames
+
+
+def _released(r, frames: list[bytes]) -> None:
+    """The device takes frames again: every held one reaches the wire, nothing stays unconfirmed."""
+    r.model.hold_tx(False)
+    r.pump(50)
+    assert set(frames) <= set(r.wire_tx) and r.nic.journal.unconfirmed() == 0
+    r.nic.close()
+
+
+def test_a_tx_hang_restores_the_device_and_a_second_one_restarts_the_driver():
+    r = Rig(tx_timeout=0.05).up()
+    writes = r.transport.device_writes
+    frames = _held(r)
     assert not r.nic.check_tx_progress()
     rec = r.nic.recoveries[-1]
     # a hang is the device's: restored (registers written), the OUT side recycled, no restart
@@ -171,10 +185,36 @@ def test_a_tx_hang_restores_the_device_and_a_second_one_restarts_the_driver():
     rec = r.nic.recoveries[-1]
     assert rec.fault == "tx_timeout" and rec.outcome == "escalated" and "still hung" in rec.detail
     assert r.nic.counters.restarts == 1 and r.nic.state == "up"
-    r.model.hold_tx(False)
-    r.pump(50)
-    assert set(frames) <= set(r.wire_tx) and r.nic.journal.unconfirmed() == 0
-    r.nic.close()
+    _released(r, frames)
+
+
+def test_frames_waiting_for_a_link_that_is_down_restore_the_device_once_then_wait():
+    r = Rig(tx_timeout=0.05).up()
+    r.model.set_link(False)               # the cable is out; this device keeps the frames
+    frames = _held(r)
+    # the suspected hang asks the link first: down. The device may have lost its link with its
+    # state, so it is restored, once ...
+    assert not r.nic.check_tx_progress()
+    rec = r.nic.recoveries[-1]
+    assert (rec.fault, rec.outcome) == ("tx_timeout", "recovered") and rec.device_restored
+    assert "link is down" in rec.detail and not r.nic.link.up
+    # ... and after that the frames wait for the link: no recovery, no restart, however long
+    for _ in range(3):
+        time.sleep(0.08)
+        r.pump()
+        assert r.nic.check_tx_progress()
+    assert len(r.nic.recoveries) == 1 and r.nic.counters.restarts == 0
+    # (the re-issued frames get a whole tx_timeout of their own first)
+    waits = r.nic.counters.tx_waits_for_carrier
+    assert waits >= 2 and r.nic.status()["tx_waits_for_carrier"] == waits
+    # the link is back and the frames still do not move: that is a hang
+    r.model.set_link(True)
+    time.sleep(0.08)
+    assert not r.nic.check_tx_progress()
+    rec = r.nic.recoveries[-1]
+    assert (rec.fault, rec.outcome) == ("tx_timeout", "recovered") and "link" not in rec.detail
+    assert r.nic.link.up and r.nic.counters.restarts == 0
+    _released(r, frames)
 
 
 def _clocked(r) -> dict:
@@ -209,6 +249,40 @@ def test_a_ring_that_keeps_its_own_tx_clock_is_judged_by_it_however_rarely_pytho
         assert r.nic.counters.restarts == 1 and r.nic.state == "up"
     finally:
         r.nic.close()
+
+
+def test_a_ring_whose_frames_wait_for_the_link_has_its_tx_clock_started_again():
+    r = Rig(tx_timeout=0.5).up()
+    try:
+        clock, now = _clocked(r), time.monotonic()
+        restarted = []
+        r.nic.engine.restart_tx_clock = lambda: restarted.append(True)
+        r.model.set_link(False)
+        clock["since"] = now - 0.6
+        assert not r.nic.check_tx_progress(now)              # the one restore of the spell
+        # its C loop came back on the stall again; the link is still down: no hang, and the
+        # ring's clock starts again (else the loop would come back at once, turn after turn)
+        assert r.nic.check_tx_progress(now + 0.1)
+        assert restarted == [True] and len(r.nic.recoveries) == 1
+        assert r.nic.counters.tx_waits_for_carrier == 1
+    finally:
+        r.nic.close()
+
+
+def test_the_interface_counters_survive_a_restart(wrig):
+    wrig.send([frame_to(PEER_MAC, i) for i in range(5)])
+    wrig.model.wire_receive(frame_to(wrig.nic.mac, 1))
+    wrig.pump()
+    before = wrig.nic.status()
+    assert before["tx_packets"] == 5 and before["rx_packets"] == 1
+    wrig.nic.inject("link_check", "raise", count=2)   # escalates -> full restart, a new engine
+    with pytest.raises(UdrvError):
+        wrig.nic.link_check()
+    assert wrig.nic.counters.restarts == 1
+    wrig.send([frame_to(PEER_MAC, 9)])
+    after = wrig.nic.status()
+    assert after["tx_packets"] == 6 and after["rx_packets"] == 1, after
+    assert after["tx_bytes"] > before["tx_bytes"]
 
 
 def test_config_replay_after_restart(wrig):

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .driver import RxMode
+from .driver import LinkState, RxMode
 from .errors import UdrvError
 from .hostwatch import HostWatch
 from .placement import Priority, SoftirqAvoider
@@ -204,7 +204,10 @@ class Daemon:
             if clocked or now >= next_tx:
                 next_tx = now + self.timers.tx_progress
                 if nic.state == "up":
+                    up = nic.link.up
                     nic.check_tx_progress(now)
+                    if up and not nic.link.up:   # a suspected hang found the link down
+                        self._show_link(nic.link, up)
             if watch.reads != seen and nic.state == "up":   # down: applied once the device is back
                 seen = watch.reads
                 cur = watch.latest
@@ -274,6 +277,10 @@ class Daemon:
         except UdrvError as e:
             log.warning("event=link-check-failed error=%s", e)
             return
+        self._show_link(link, before)
+
+    def _show_link(self, link: LinkState, before: bool) -> None:
+        """The TAP's carrier follows the device's link (the host stops sending without it)."""
         if link.up != before:
             log.info("event=link %s speed=%d duplex=%s", "up" if link.up else "down", link.speed,
                      "full" if link.full_duplex else "half")

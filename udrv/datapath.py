@@ -26,6 +26,14 @@ class DatapathCounters:
     def tx_error(self, reason: str) -> None:
         self.tx_errors[reason] = self.tx_errors.get(reason, 0) + 1
 
+    def __add__(self, other: DatapathCounters) -> DatapathCounters:
+        def merged(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+            return {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}
+        return DatapathCounters(self.rx_packets + other.rx_packets, self.rx_bytes + other.rx_bytes,
+                                self.tx_packets + other.tx_packets, self.tx_bytes + other.tx_bytes,
+                                merged(self.rx_dropped, other.rx_dropped), merged(self.tx_errors, other.tx_errors),
+                                self.status_packets + other.status_packets)
+
 
 class Datapath(Protocol):
     counters: DatapathCounters

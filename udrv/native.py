@@ -572,8 +572,13 @@ class NativeUsbRing:
 
     def watch_tx(self, timeout: float) -> None:
         """run() comes back once OUT transfers have waited `timeout` s with none completing, so the
-        TX hang detector (Nic.check_tx_progress, fed by tx_clock) needs no turns of its own."""
-        lib.udrv_ring_set_tx_stall(self._ring, math.ceil(timeout * 1000) + 1)
+        TX hang detector (Nic.check_tx_progress, fed by tx_clock) needs no turns of its own.
+        0: not watched."""
+        lib.udrv_ring_set_tx_stall(self._ring, math.ceil(timeout * 1000) + 1 if timeout > 0 else 0)
+
+    def restart_tx_clock(self) -> None:
+        """The OUT transfers in flight count as waiting since now (they wait for a carrier)."""
+        lib.udrv_ring_restart_tx_clock(self._ring)
 
     def tx_clock(self) -> tuple[float, float | None]:
         """(when an OUT transfer last completed OK, since when the OUT transfers in flight have

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 from .actions import ActionList
 from .configlog import ConfigLog
+from .datapath import DatapathCounters
 from .driver import LinkState, RxMode
 from .errors import DeviceGone, Escalation, TransferTimeout, TxHang, UdrvError
 from .faults import FaultInjector, FaultSpec
@@ -62,6 +63,7 @@ class NicCounters:
     restarts: int = 0
     restart_failures: int = 0
     swaps: int = 0
+    tx_waits_for_carrier: int = 0    # TX hang suspected with the link down: not a hang, no recovery
 
     offload_frames: int = 0          # TAP frames that asked for checksum/TSO work
     software_frames: int = 0         # of those, finished in software at enqueue
@@ -123,6 +125,8 @@ class Nic:
         self._tx_tail_seen = 0            # the journal's confirmed count at the last progress check
         self._tx_hangs = 0                # hang recoveries since TX last moved
         self._tx_done_seen = 0.0          # the ring's last OUT completion at the last look (tx_clock)
+        self._restored_for_link = False   # a hang with the link down restored the device already
+        self._past_counts = DatapathCounters()   # what engines before this one counted
         self._transport_dead = False
         self.transport_generation = 0     # bumps when the transport is replaced (poll fds change)
         self._make_driver()
@@ -397,12 +401,41 @@ class Nic:
         return self._tx_hang(f"{self.journal.in_device()} frames unconfirmed for > {self.opts.tx_timeout}s: "
                              "the device takes no frames")
 
+    def _link_down(self) -> bool:
+        """Asked when a hang is suspected: True if the device says its link is down (False
+        also when it cannot tell: a device that cannot answer is hung)."""
+        try:
+            return not self.link_check().up
+        except UdrvError:
+            return False
+
     def _tx_hang(self, what: str) -> bool:
         """Recover from a TX hang (the device's: restore + OUT recycle); the second one with
-        nothing confirmed in between restarts the driver. Returns False (no progress)."""
-        self._tx_hangs += 1
-        again = (f"TX still hung after {self._tx_hangs - 1} recovery: nothing confirmed since"
-                 if self._tx_hangs > 1 else "")
+        nothing confirmed in between restarts the driver. Returns False (no progress).
+
+        With the link down a device takes no frames, and that alone is no hang (the kernel's
+        netdev watchdog does not run without carrier either); but a device that lost its state
+        may have lost its link with it (an e1000 after a reset behind our back), so it is
+        restored once per link-down spell, never restarted, and after that the frames wait for
+        the link: True, the hang clock starts again."""
+        if self._link_down():
+            if self._restored_for_link:
+                self.counters.tx_waits_for_carrier += 1
+                restart = getattr(self.engine, "restart_tx_clock", None)
+                if restart is not None:
+                    restart()
+                self._last_tx_progress = time.monotonic()
+                return True
+            self._restored_for_link = True
+            what += "; the link is down: restored once, then the frames wait for it"
+            again = ""
+        else:
+            if self.state != "up":        # the link check itself failed and restarted the driver
+                return False
+            self._restored_for_link = False
+            self._tx_hangs += 1
+            again = (f"TX still hung after {self._tx_hangs - 1} recovery: nothing confirmed since"
+                     if self._tx_hangs > 1 else "")
         try:
             self.guard.recover_datapath("xmit", TxHang(what), escalate=again)
         except Escalation as e:
@@ -415,7 +448,7 @@ class Nic:
         transfers that have waited longer than tx_timeout with none completing; only a
         completion since the last hang counts as TX moving again."""
         if done_at > self._tx_done_seen:
-            self._tx_done_seen, self._tx_hangs = done_at, 0
+            self._tx_done_seen, self._tx_hangs, self._restored_for_link = done_at, 0, False
         if waiting_since is None or now - waiting_since <= self.opts.tx_timeout:
             return True
         return self._tx_hang(f"{self.journal.in_device()} frames unconfirmed, OUT transfers waiting "
@@ -427,6 +460,7 @@ class Nic:
         if tail == self._tx_tail_seen:
             return False
         self._tx_tail_seen, self._last_tx_progress, self._tx_hangs = tail, now, 0
+        self._restored_for_link = False
         return True
 
     def _progress(self) -> None:
@@ -484,7 +518,7 @@ class Nic:
         close = getattr(self.engine, "close", None)
         if close is not None:
             close()
-        self._absorb_tap_stats()
+        self._absorb_counts()
         self.actions.release_all()
         if self.reopen is not None and self._transport_dead:
             # a replugged USB device is a new device (new address, new handle): open it again
@@ -534,8 +568,12 @@ class Nic:
                 drops[k] = drops.get(k, 0) + v
         return frames, offl, drops
 
-    def _absorb_tap_stats(self) -> None:
-        """The engine is going away: keep what it counted on the TAP side."""
+    def _absorb_counts(self) -> None:
+        """The engine is going away: keep what it counted (the interface's counters survive a
+        restart, as a kernel netdev's survive a reset)."""
+        if not getattr(self.engine, "_counts_absorbed", False):
+            self._past_counts = self._past_counts + self.engine.counters
+            self.engine._counts_absorbed = True
         tap_stats = getattr(self.engine, "tap_stats", None)
         if tap_stats is None or getattr(self.engine, "_tap_absorbed", False):
             return
@@ -548,7 +586,7 @@ class Nic:
         self.engine.tap_stats = None
 
     def status(self) -> dict[str, Any]:
-        c = self.engine.counters
+        c = self._past_counts + self.engine.counters
         st = self.driver.stats()
         rx_drop = dict(c.rx_dropped)
         tap_in, offload_frames, tx_dropped = self._tap_totals()
@@ -571,6 +609,7 @@ class Nic:
             "tx_journal": {"unconfirmed": self.journal.unconfirmed(), "reissued": self.journal.reissued},
             "recoveries": self.counters.recoveries, "escalations": self.counters.escalations,
             "restarts": self.counters.restarts, "swaps": self.counters.swaps,
+            "tx_waits_for_carrier": self.counters.tx_waits_for_carrier,
             "implementation": self.driver_cls.__name__,
             "last_fault": self.last_error,
             "last_recovery": self.recoveries[-1].as_dict() if self.recoveries else None,
