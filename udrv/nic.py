@@ -63,7 +63,7 @@ class NicCounters:
     restarts: int = 0
     restart_failures: int = 0
     swaps: int = 0
-    tx_waits_for_carrier: int = 0    # TX hang suspected with the link down: not a hang, no recovery
+    tx_waits_for_carrier: int = 0    # hang looks that found the link down (after its one restore)
 
     offload_frames: int = 0          # TAP frames that asked for checksum/TSO work
     software_frames: int = 0         # of those, finished in software at enqueue
