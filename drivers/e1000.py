@@ -28,7 +28,6 @@ device or a bug scribbling over descriptor memory cannot make us point the NIC e
 """
 from __future__ import annotations
 
-import math
 import os
 import struct
 import time
@@ -1695,11 +1694,6 @@ def tap_fd_of(sink: Any) -> int | None:
     return None
 
 
-def _mono_us() -> int:
-    """CLOCK_MONOTONIC in microseconds, the C ring's clock (time.monotonic() is the same clock)."""
-    return time.monotonic_ns() // 1000
-
-
 class E1000NativeRing(E1000Ring):
     """E1000Ring with the per-frame work in C (native/e1000_ring.c): RX harvest (frames go
     straight to the TAP fd with write(), or in batches to the Python sink), TX fill from the
@@ -1764,37 +1758,8 @@ class E1000NativeRing(E1000Ring):
     # ring indices live in the C struct
     rx_next = property(lambda self: self._r.rx_next, lambda self, v: setattr(self._r, "rx_next", v))
     rx_tail = property(lambda self: self._r.rx_tail, lambda self, v: setattr(self._r, "rx_tail", v))
+    tx_next = property(lambda self: self._r.tx_next, lambda self, v: setattr(self._r, "tx_next", v))
     tx_clean = property(lambda self: self._r.tx_clean, lambda self, v: setattr(self._r, "tx_clean", v))
-
-    @property
-    def tx_next(self) -> int:
-        return self._r.tx_next
-
-    @tx_next.setter
-    def tx_next(self, v: int) -> None:
-        r = self._r
-        if r.tx_next == r.tx_clean and v != r.tx_next:
-            r.tx_busy_us = _mono_us()       # a frame Python put: the hang clock starts with it
-        r.tx_next = v
-
-    # --- the TX hang clock, kept by the C ring (native/e1000_ring.c) -------------------------
-    def watch_tx(self, timeout: float) -> None:
-        """run() comes back once TX descriptors have waited `timeout` s with none completing, so
-        the TX hang detector (Nic.check_tx_progress, fed by tx_clock) needs no turns of its own.
-        0: not watched."""
-        self._r.tx_stall_us = math.ceil(timeout * 1e6) + 1000 if timeout > 0 else 0
-
-    def restart_tx_clock(self) -> None:
-        """The descriptors in flight count as waiting since now (they wait for the link)."""
-        self._r.tx_busy_us = _mono_us()
-
-    def tx_clock(self) -> tuple[float, float | None]:
-        """(when descriptors last completed, since when the ones in flight have waited or None
-        when none is): time.monotonic() seconds, exact however rarely Python looks."""
-        r = self._r
-        if r.tx_clean == r.tx_next:
-            return r.tx_done_us / 1e6, None
-        return r.tx_done_us / 1e6, max(r.tx_done_us, r.tx_busy_us) / 1e6
 
     @property
     def writes_tap(self) -> bool:

@@ -99,16 +99,6 @@ static int idle_check(struct e1000_ring *r, struct e1000_mmio *m, struct e1000_l
     return out;
 }
 
-/* us until the TX descriptors in flight count as stalled (0: they do now), -1: nothing to watch */
-static int64_t stall_in(const struct e1000_ring *r, int64_t now)
-{
-    if (!r->tx_stall_us || r->tx_clean == r->tx_next)
-        return -1;
-    uint64_t since = r->tx_done_us > r->tx_busy_us ? r->tx_done_us : r->tx_busy_us;
-    int64_t at = (int64_t)since + r->tx_stall_us;
-    return at > now ? at - now : 0;
-}
-
 /* Sleep up to wait_us on wake_fd and tap_fd (either < 0: not watched). Returns E1000L_WAKE when
  * wake_fd became readable, -1 on a signal (Python's handlers should run) or an error, else 0. */
 static int sleep_on(int wake_fd, int tap_fd, int64_t wait_us, struct e1000_loop_result *res)
@@ -184,11 +174,6 @@ int e1000_ring_run(struct e1000_ring *r, struct udrv_tapread *tr, struct e1000_m
         int64_t turn_start = now;
         now = now_us();
         int64_t left = deadline - now;
-        int64_t stall = stall_in(r, now);
-        if (stall == 0)
-            return out | E1000L_TX_STALL;
-        if (stall > 0 && stall < left)
-            left = stall;               /* sleeps end in time for the stall, and so may the run */
         if (moved) {
             /* the readers of what went to the TAP run before the next batch (a higher-priority
              * daemon would otherwise fill their socket buffers faster than they drain them) */

@@ -46,7 +46,6 @@ void e1000_mmio_write32(struct e1000_mmio *m, uint32_t reg, uint32_t value);
 #define E1000L_CHECK 0x10           /* quiet, and a head register Python must judge */
 #define E1000L_EJOURNAL 0x20        /* the journal refused an operation (r->journal_error) */
 #define E1000L_MMIO_ERROR 0x40      /* a register access through the fd failed (errno) */
-#define E1000L_TX_STALL 0x80        /* TX descriptors waited r->tx_stall_us with none completing */
 
 struct e1000_loop_result {
     uint64_t turns, sleeps, rx, reclaimed, tap_in, filled, idle_checks;
@@ -59,8 +58,6 @@ struct e1000_loop_result {
  * it began: interrupt moderation, as the chip's ITR does for a kernel driver. The first frame
  * after a quiet spell goes at once, the ones behind it in batches, and neither the sender
  * writing to the TAP nor the reader of what the loop writes is preempted for every frame.
- * With r->tx_stall_us set it also comes back once TX descriptors have waited that long with
- * none completing, so Python's hang detector needs no turns of its own.
  * Returns E1000L_* bits; counts add up in *res. */
 int e1000_ring_run(struct e1000_ring *r, struct udrv_tapread *tr, struct e1000_mmio *m, int wake_fd,
                    uint32_t timeout_us, uint32_t poll_us, uint32_t tap_budget, uint32_t gap_us,

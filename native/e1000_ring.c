@@ -7,7 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
-#include <time.h>
 #include <unistd.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -246,20 +245,11 @@ int e1000_rx_skip_lost(struct e1000_ring *r, uint32_t rdh)
  * over as many buffers as it needs (legacy descriptors without ctx, extended data descriptors
  * with it); RS only on the last one, which every descriptor of the packet names in tx_eop.
  * Returns the index of the first data descriptor (its buffer holds the packet's headers). */
-static uint64_t mono_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
-}
-
 static uint32_t put_packet(struct e1000_ring *r, const uint8_t *ctx, const uint8_t *data,
                            uint32_t len, uint8_t dcmd, uint8_t popts, uint32_t packets,
                            uint64_t wire_bytes, int64_t seq)
 {
     uint32_t n = r->n_tx, bs = r->tx_bufsize, first = r->tx_next, i = first;
-    if (r->tx_next == r->tx_clean)
-        r->tx_busy_us = mono_us();     /* the hang clock starts with the first frame waiting */
     if (ctx) {
         memcpy(r->tx_ring + (uint64_t)i * DESC, ctx, DESC);
         i = (i + 1) % n;
@@ -540,7 +530,6 @@ static int tx_complete(struct e1000_ring *r, uint32_t upto, int64_t last, uint64
 {
     int reclaimed = (int)((upto + r->n_tx - r->tx_clean) % r->n_tx);
     r->tx_clean = upto;
-    r->tx_done_us = mono_us();
     if (last >= 0) {
         int64_t c = udrv_journal_confirm_through(&r->journal, (uint64_t)last);
         if (c < 0) {

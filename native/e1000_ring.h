@@ -95,11 +95,6 @@ struct e1000_ring {
     struct udrv_journal journal;    /* the TX journal's memfd, mapped by e1000_ring_init */
     int64_t journal_error;          /* the last journal error code (E1000R_EJOURNAL cause) */
     struct e1000_ring_stats st;
-    /* the TX hang clock (CLOCK_MONOTONIC us; Python may set tx_busy_us too): when descriptors
-     * last completed, when the ring last went from empty to busy; e1000_ring_run comes back
-     * (E1000L_TX_STALL) once descriptors have waited tx_stall_us with none completing (0: off) */
-    uint64_t tx_done_us, tx_busy_us;
-    uint32_t tx_stall_us;
 };
 
 /* Map the journal memfd, allocate the per-descriptor tables. 0 or a negative code. */

@@ -566,27 +566,6 @@ def test_a_link_check_on_a_device_reset_behind_its_back_restores_it_in_full(impl
     r.close()
 
 
-@pytest.mark.skipif(not native.available(), reason="the C fast path is not built")
-def test_the_c_ring_keeps_the_tx_hang_clock_itself():
-    r = Rig(cls=E1000Native).up()
-    ring = r.nic.engine
-    assert r.nic.keeps_tx_clock() and ring._r.tx_stall_us > 500_000     # Nic set it: tx_timeout 0.5 s
-    assert ring.tx_clock()[1] is None                                    # nothing in flight
-    r.model.faults.tx_hang = True
-    t0 = time.monotonic()
-    r.nic.enqueue([frame(PEER, i) for i in range(3)])
-    r.pump()
-    done, since = ring.tx_clock()
-    assert since is not None and t0 <= since <= time.monotonic()        # waiting since they went in
-    # judged by the ring's clock, not by when Python last looked
-    assert r.nic.check_tx_progress(since + 0.4) and not r.nic.recoveries
-    r.model.faults.tx_hang = False
-    r.send([frame(PEER, 9)])                 # the next TDT write: the model takes them all
-    done2, since2 = ring.tx_clock()
-    assert since2 is None and done2 >= since                            # completed: the clock moved
-    r.close()
-
-
 def test_tx_hang_detected_and_journal_reissued(impl):
     r = Rig(cls=impl).up()
     r.model.faults.tx_hang = True
