@@ -253,6 +253,7 @@ def link_down_with_frames_waiting(report: dict, gif: str) -> None:
                     s.sendto(b"x" * 200, (PEER_IP, ECHO_PORT))
                 except OSError:          # no carrier: the host may refuse at once
                     pass
+    t_wall = time.time()                     # Recovery.at is wall-clock time
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
     time.sleep(0.1)
@@ -264,8 +265,7 @@ def link_down_with_frames_waiting(report: dict, gif: str) -> None:
     st = udrv_status()
     report["link_down"] = {
         "recoveries": st["recoveries"] - st0["recoveries"], "restarts": st["restarts"] - st0["restarts"],
-        "details": [r["detail"] for r in st["recent_recoveries"][len(st0["recent_recoveries"]):]
-                    if r["fault"] == "tx_timeout"],
+        "details": [r["detail"] for r in st["recent_recoveries"] if r["fault"] == "tx_timeout" and r["at"] >= t_wall],
         "waits": st["tx_waits_for_carrier"] - st0["tx_waits_for_carrier"], "link_up": st["link"]["up"],
         "carrier": Path(f"/sys/class/net/{IFNAME}/carrier").read_text().strip(),
         "unconfirmed": st["tx_journal"]["unconfirmed"], "state": st["state"]}
