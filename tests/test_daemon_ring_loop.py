@@ -135,21 +135,26 @@ class ClockedNic(FakeNic):
         return True
 
 
-def test_a_ring_with_its_own_tx_clock_is_checked_every_turn_and_no_tx_timer_cuts_its_turns(tmp_path, monkeypatch):
-    monkeypatch.setattr(daemon_mod, "RUN_DIR", str(tmp_path))
-    nic, tap = ClockedNic(), FakeTap()
-    # a TX timer of 10 ms would cut every turn to 10 ms; the ring's clock makes it unnecessary
+def _run_clocked(nic: ClockedNic, tap: FakeTap, seconds: float, ring_turn: float) -> None:
+    """The daemon's loop for `seconds`, its link tick an hour away and a TX timer of 10 ms."""
     d = Daemon(nic, tap, timers=DaemonTimers(link_check=3600, host_sync=3600, tx_progress=0.01,  # type: ignore[arg-type]
-                                             ring_turn=0.1))
-    d.run(0.55)
+                                             ring_turn=ring_turn))
+    d.run(seconds)
     d._wake.close()
     tap.close()
+
+
+def test_a_ring_with_its_own_tx_clock_is_checked_every_turn_and_no_tx_timer_cuts_its_turns(tmp_path, monkeypatch):
+    monkeypatch.setattr(daemon_mod, "RUN_DIR", str(tmp_path))
+    nic = ClockedNic()
+    # a TX timer of 10 ms would cut every turn to 10 ms; the ring's clock makes it unnecessary
+    _run_clocked(nic, FakeTap(), 0.55, ring_turn=0.1)
     assert len(nic.runs) >= 3 and all(timeout > 0.05 for timeout, _fd in nic.runs[:-1]), nic.runs
     assert nic.checks >= len(nic.runs) - 1           # at every turn's end
 
 
 class LinkLostNic(ClockedNic):
-    """Its ring came back on a stall and the hang check found the link down (Nic._waits_for_carrier)."""
+    """Its ring came back on a stall and the hang check found the link down (Nic._link_down)."""
 
     def check_tx_progress(self, now: float | None = None) -> bool:
         self.checks += 1
@@ -169,10 +174,5 @@ class CarrierTap(FakeTap):
 def test_a_link_found_down_by_the_hang_check_drops_the_carrier_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(daemon_mod, "RUN_DIR", str(tmp_path))
     nic, tap = LinkLostNic(), CarrierTap()
-    # the link watchdog's tick is an hour away: only the hang check can have told the TAP
-    d = Daemon(nic, tap, timers=DaemonTimers(link_check=3600, host_sync=3600, tx_progress=0.01,  # type: ignore[arg-type]
-                                             ring_turn=0.05))
-    d.run(0.2)
-    d._wake.close()
-    tap.close()
+    _run_clocked(nic, tap, 0.2, ring_turn=0.05)   # only the hang check can have told the TAP
     assert nic.checks >= 1 and tap.carrier == [False], tap.carrier
