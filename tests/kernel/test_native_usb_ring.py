@@ -167,7 +167,7 @@ def _tx_stall_clock(ring: Any, tap_sock: socket.socket, tap_mac: bytes, gad_mac:
     t0 = time.monotonic()
     ring.run(3.0)                            # reads the TAP, submits, waits on USB
     out["first_s"] = round(time.monotonic() - t0, 3)
-    done, since = ring.tx_clock()
+    _, since = ring.tx_clock()
     out["waited_s"] = None if since is None else round(time.monotonic() - since, 3)
     ring.restart_tx_clock()
     t0 = time.monotonic()
@@ -382,6 +382,7 @@ def test_native_ring_comes_back_when_out_transfers_wait_past_the_stall_time(repo
     # usb0 up: the waiting transfers complete inside its open, and usb0 counts the frames —
     # before its AF_PACKET sockets are hooked again (NETDEV_UP comes after), so they count them
     # as dropped: the journal and the netdev's counter are the witnesses here
+    assert st["in_device"] == 8, repr(st)             # all 8 waited in OUT transfers meanwhile
     assert st["usb0"]["rx_packets"] == 8 and st["journal"]["head"] == st["journal"]["tail"], repr(st)
 
 
