@@ -35,8 +35,8 @@ static void LIBUSB_CALL floor_done(struct libusb_transfer *t)
     struct floor_run *run = t->user_data;
     if (t->status == LIBUSB_TRANSFER_COMPLETED)
         run->out->frames++;
-    else
-        run->out->errors++;
+    else if (!(run->stopping && t->status == LIBUSB_TRANSFER_CANCELLED))
+        run->out->errors++;          /* the cancels that end the run are no device errors */
     /* resubmitted at once, as a ring with frames waiting would */
     if (!run->stopping && t->status != LIBUSB_TRANSFER_NO_DEVICE && libusb_submit_transfer(t) == 0)
         return;
