@@ -278,8 +278,9 @@ def link_down_with_frames_waiting(report: dict, gif: str) -> None:
     report["link_down"]["link_back_s"] = round(time.monotonic() - t_up, 2)
     wait(lambda: udrv_status()["tx_journal"]["unconfirmed"] == 0, 10, "the waiting frames to go out")
     st = udrv_status()
-    report["link_down"]["after"] = {"recoveries": st["recoveries"] - st0["recoveries"],
-                                    "restarts": st["restarts"] - st0["restarts"]}
+    report["link_down"]["after"] = {
+        "tx_hangs": sum(r["fault"] == "tx_timeout" and r["at"] >= t_wall for r in st["recent_recoveries"]),
+        "restarts": st["restarts"] - st0["restarts"]}
     # the host's ARP entry for the peer failed meanwhile: one answered datagram first
     wait(lambda: echo(PEER_IP, [100]) == 1, 10, "a first echo after the link returned")
     report["echo_after_link_down"] = echo(PEER_IP, [100, 1472] * 5)
@@ -588,10 +589,11 @@ if pytest is not None:
         # frames did wait (the ring's clock came back and the link check said down): one
         # restore, then waits about every tx_timeout (0.5 s) of the 3 s, not turn after turn
         assert d["unconfirmed"] > 0 and 1 <= d["waits"] <= 12, why
-        assert d["recoveries"] == 1 and "link is down" in d["details"][0], why
+        # (usb0 going down can also fail the IN transfers at once: an RX error, recovered)
+        assert len(d["details"]) == 1 and "link is down" in d["details"][0], why
         assert d["restarts"] == 0 and d["state"] == "up", why
         assert not d["link_up"] and d["carrier"] == "0", why
-        assert d["after"] == {"recoveries": 1, "restarts": 0}, why    # and they went out, no more
+        assert d["after"] == {"tx_hangs": 1, "restarts": 0}, why    # and they went out, no more
         assert fecm["echo_after_link_down"] == 10, why
 
     def test_fecm_sigterm_removes_udrv0_and_gives_the_device_back(fecm):
