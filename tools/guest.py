@@ -442,7 +442,11 @@ def _firmware_args(firmware: str) -> list[str]:
 def qemu_command(image: GuestImage, devs: GuestDevices, xfer: Path, console: Path, kernel_args: str = "") -> list[str]:
     # cryptomgr.notests: the boot-time crypto self-tests cost ~0.3 s under TCG; rodata=off skips
     # write-protecting the kernel and its W+X scan (~0.2 s). Neither matters in a throwaway VM.
-    append = "console=ttyS0 panic=-1 quiet cryptomgr.notests rodata=off"
+    # tsc=reliable: QEMU's qemu64 vCPUs do not say constant_tsc, so with 2+ of them the kernel
+    # guesses the TSCs unsynchronized and keeps time with the HPET: every clock read, in the
+    # kernel and in userspace (no vDSO then), becomes an emulated device access. TCG's vCPUs
+    # all read the host's TSC, so it is as reliable as on real hardware, where it is the clock.
+    append = "console=ttyS0 panic=-1 quiet cryptomgr.notests rodata=off tsc=reliable"
     if devs.pci_nics:
         append += " intel_iommu=on"
     if kernel_args:
