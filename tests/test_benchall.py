@@ -233,3 +233,22 @@ def test_the_usbfs_floor_is_set_beside_the_daemons_cost_per_frame():
     assert "80.0 µs per 1514-byte frame sent" in text and "usbfs alone is 50% of it" in text
     failed = "\n".join(benchall.cdc_ecm_details({"usbfs_floor": {"error": "UdrvError: no device"}}))
     assert "usbfs floor not measured: UdrvError: no device" in failed
+
+
+def test_the_tx_cpu_budget_says_what_udrv_would_need_at_nine_tenths_of_the_kernel():
+    def run(tx: float, busy: float) -> tuple[dict, dict]:
+        return {"tx": tx, "rx": 1.0}, {"tx": {"guest_busy": busy, "vcpus": 2}}
+    raw = {}
+    # 121.1 Mbit/s = 10000 frames/s of 1514 bytes: 0.6 of 2 vCPUs = 120 us per frame
+    raw["kernel"], raw["kernel_cpu"] = run(121.12, 0.6)
+    raw["kernel_after"], raw["kernel_after_cpu"] = run(121.12, 0.6)
+    raw["native"], raw["native_cpu"] = run(96.896, 0.8)            # 8000 frames/s, 200 us per frame
+    text = "\n".join(benchall.cdc_ecm_details(raw))
+    assert "cdc_ether 120 µs at 10000 frames/s, udrv 200 µs at 8000 frames/s" in text
+    # 0.9 x 10000 frames/s x 200 us = 1.8 vCPUs: within the guest's 2
+    assert "(9000 frames/s) udrv's cost per frame would keep 1.80 vCPUs busy, of its 2." in text
+    raw["native_cpu"] = {"tx": {"guest_busy": 0.95, "vcpus": 2}}    # 237.5 us per frame: 2.14 vCPUs
+    text = "\n".join(benchall.cdc_ecm_details(raw))
+    assert "would keep 2.14 vCPUs busy, more than the 2 it has" in text
+    del raw["native_cpu"]
+    assert "Guest CPU per TCP TX frame" not in "\n".join(benchall.cdc_ecm_details(raw))

@@ -398,8 +398,8 @@ def report(res: dict) -> str:
                          f"{gro.get('acks_merged', 0)} ACKs merged")
     if "native_unavailable" in res:
         lines.append(f"  native ring not measured: {res['native_unavailable']}")
-    from udrv.benchall import usbfs_floor_lines
-    lines += usbfs_floor_lines(res)[:1]
+    from udrv.benchall import tx_cpu_budget_lines, usbfs_floor_lines
+    lines += tx_cpu_budget_lines(res)[:1] + usbfs_floor_lines(res)[:1]
     if res.get("recovery"):
         from udrv.sidebyside import recovery_table
         lines += ["", *recovery_table(res["recovery"])]

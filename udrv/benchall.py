@@ -249,6 +249,33 @@ def usbfs_floor_lines(raw: dict) -> list[str]:
     return [line, ""]
 
 
+def tx_cpu_budget_lines(raw: dict, target: float = 0.9) -> list[str]:
+    """The whole guest's CPU per TCP TX frame on each path (iperf3, TCP and the gadget
+    included: the same work on both sides but for the driver's own), and what udrv's cost per
+    frame would take at `target` of cdc_ether's rate: past the guest's vCPUs, no tuning of the
+    daemon gets there, only a cheaper way to the device (usbfs costs two system calls a frame)."""
+    def per_frame(name: str) -> tuple[float, float, int] | None:
+        run, cpu = raw.get(name), raw.get(f"{name}_cpu", {}).get("tx", {})
+        if not isinstance(run, dict) or not run.get("tx") or cpu.get("guest_busy") is None or not cpu.get("vcpus"):
+            return None
+        fps = run["tx"] * 1e6 / 8 / ETH_FRAME
+        return cpu["guest_busy"] * cpu["vcpus"] / fps * 1e6, fps, cpu["vcpus"]
+    kernel = [p for p in (per_frame("kernel"), per_frame("kernel_after")) if p]
+    mine = per_frame("native")
+    if not kernel or not mine:
+        return []
+    k_us, k_fps = statistics.mean(p[0] for p in kernel), statistics.mean(p[1] for p in kernel)
+    u_us, u_fps, vcpus = mine
+    need = target * k_fps * u_us / 1e6
+    verdict = (f"more than the {vcpus} it has: out of reach for the CPU this guest has" if need > vcpus
+               else f"of its {vcpus}")
+    return [f"Guest CPU per TCP TX frame (every vCPU's busy time over the {ETH_FRAME}-byte frames sent; iperf3, "
+            f"TCP and the gadget are in both): {KERNEL_DRIVER['cdc_ecm']} {k_us:.0f} µs at {k_fps:.0f} frames/s, "
+            f"udrv {u_us:.0f} µs at {u_fps:.0f} frames/s. At {target} of {KERNEL_DRIVER['cdc_ecm']}'s rate "
+            f"({target * k_fps:.0f} frames/s) udrv's cost per frame would keep {need:.2f} vCPUs busy, {verdict}.",
+            ""]
+
+
 def cdc_ecm_details(raw: dict) -> list[str]:
     details: list[str] = []
     if "native_unavailable" in raw:
@@ -279,6 +306,7 @@ def cdc_ecm_details(raw: dict) -> list[str]:
                     f"| {c.get('daemon_sys') if c.get('daemon_sys') is not None else '-'} | {_threads(c.get('daemon_threads'))} |"
                     for name, per in cpu for way, c in per.items()]
         details.append("")
+    details += tx_cpu_budget_lines(raw)
     details += usbfs_floor_lines(raw)
     if raw.get("recovery"):
         from .sidebyside import recovery_table
