@@ -252,3 +252,18 @@ def test_the_tx_cpu_budget_says_what_udrv_would_need_at_nine_tenths_of_the_kerne
     assert "would keep 2.14 vCPUs busy, more than the 2 it has" in text
     del raw["native_cpu"]
     assert "Guest CPU per TCP TX frame" not in "\n".join(benchall.cdc_ecm_details(raw))
+
+
+def test_cdc_ecm_details_give_tcps_rtt_under_load_per_run_and_the_medians():
+    raw = {"kernel": {"tx": 300.0, "rx": 250.0, "tx_rtt_ms": 4.0},
+           "kernel_more": [{"tx": 310.0, "rx": 240.0, "tx_rtt_ms": 6.0}],
+           "kernel_after": {"tx": 290.0, "rx": 245.0, "tx_rtt_ms": 5.0},
+           "native": {"tx": 250.0, "rx": 260.0, "tx_rtt_ms": 80.0},
+           "native_more": [{"tx": 240.0, "rx": 255.0, "tx_rtt_ms": 70.5}, {"tx": 245.0, "rx": 250.0}]}
+    text = "\n".join(benchall.cdc_ecm_details(raw))
+    assert "| cdc_ether, round 2 | 310.0 | 240.0 | 6.0 ms |" in text
+    assert "| C ring (udrv run), round 3 | 245.0 | 250.0 | - |" in text      # an older result: no RTT
+    assert "cdc_ether 5.0 ms, udrv 75.2 ms" in text                          # medians of each side's runs
+    # one side without any RTT: no latency line rather than half of one
+    del raw["kernel"]["tx_rtt_ms"], raw["kernel_more"][0]["tx_rtt_ms"], raw["kernel_after"]["tx_rtt_ms"]
+    assert "Latency under load" not in "\n".join(benchall.cdc_ecm_details(raw))

@@ -48,8 +48,10 @@ def sh(*cmd: str, timeout: float = 60.0, check: bool = True) -> str:
     return cp.stdout
 
 
-def iperf(seconds: int, reverse: bool) -> float:
-    """Mbit/s received; a server that was not listening yet (a loaded machine) gets two more tries."""
+def iperf(seconds: int, reverse: bool) -> tuple[float, float | None]:
+    """Mbit/s received, and the mean RTT in ms that the sending TCP measured when the sender is
+    this side (TX; None for -R); a server that was not listening yet (a loaded machine) gets two
+    more tries."""
     for _ in range(2):
         try:
             return _iperf(seconds, reverse)
@@ -60,7 +62,7 @@ def iperf(seconds: int, reverse: bool) -> float:
     return _iperf(seconds, reverse)
 
 
-def _iperf(seconds: int, reverse: bool) -> float:
+def _iperf(seconds: int, reverse: bool) -> tuple[float, float | None]:
     srv = subprocess.Popen(["ip", "netns", "exec", NS, "iperf3", "-s", "-1", "-B", PEER_IP],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.7)
@@ -70,7 +72,11 @@ def _iperf(seconds: int, reverse: bool) -> float:
         r = json.loads(out)
         if "error" in r:
             raise RuntimeError(f"iperf3 {'-R ' if reverse else ''}failed: {r['error']}")
-        return r["end"]["sum_received"]["bits_per_second"] / 1e6
+        rtt = None
+        if not reverse:     # the client sends: its TCP's smoothed RTT, averaged by iperf3 (µs)
+            rtts = [st["sender"].get("mean_rtt") for st in r["end"].get("streams", []) if "sender" in st]
+            rtt = round(rtts[0] / 1000, 2) if rtts and rtts[0] else None
+        return r["end"]["sum_received"]["bits_per_second"] / 1e6, rtt
     finally:
         srv.kill()
         srv.wait()
@@ -111,11 +117,14 @@ def _thread_cpu(pid: int | None) -> dict[str, float]:
 def iperf_cpu(seconds: int, pid: int | None) -> tuple[dict, dict]:
     """Both directions, with where the CPU went: the share of all the guest's vCPUs that was
     busy, udrv's daemon user/system seconds per wall second (1.0 = one vCPU) and the same per
-    thread (a thread near 1.0 sets the pace whatever the rest of the guest does)."""
+    thread (a thread near 1.0 sets the pace whatever the rest of the guest does); with TX the
+    RTT the sending TCP saw ("tx_rtt_ms"): the queue in front of the device under load."""
     vals, cpu = {}, {}
     for way, rev in (("tx", False), ("rx", True)):
         b0, c0, t0, th0 = _busy(), _proc_cpu(pid), time.monotonic(), _thread_cpu(pid)
-        vals[way] = iperf(seconds, rev)
+        vals[way], rtt = iperf(seconds, rev)
+        if rtt is not None:
+            vals[f"{way}_rtt_ms"] = rtt
         b1, c1, wall, th1 = _busy(), _proc_cpu(pid), time.monotonic() - t0, _thread_cpu(pid)
         cpu[way] = {"guest_busy": round((b1[0] - b0[0]) / max(1, b1[1] - b0[1]), 2),
                     "vcpus": os.cpu_count(),
@@ -398,8 +407,8 @@ def report(res: dict) -> str:
                          f"{gro.get('acks_merged', 0)} ACKs merged")
     if "native_unavailable" in res:
         lines.append(f"  native ring not measured: {res['native_unavailable']}")
-    from udrv.benchall import tx_cpu_budget_lines, usbfs_floor_lines
-    lines += tx_cpu_budget_lines(res)[:1] + usbfs_floor_lines(res)[:1]
+    from udrv.benchall import tx_cpu_budget_lines, tx_rtt_lines, usbfs_floor_lines
+    lines += tx_cpu_budget_lines(res)[:1] + usbfs_floor_lines(res)[:1] + tx_rtt_lines(res)[:1]
     if res.get("recovery"):
         from udrv.sidebyside import recovery_table
         lines += ["", *recovery_table(res["recovery"])]
