@@ -267,3 +267,17 @@ def test_cdc_ecm_details_give_tcps_rtt_under_load_per_run_and_the_medians():
     # one side without any RTT: no latency line rather than half of one
     del raw["kernel"]["tx_rtt_ms"], raw["kernel_more"][0]["tx_rtt_ms"], raw["kernel_after"]["tx_rtt_ms"]
     assert "Latency under load" not in "\n".join(benchall.cdc_ecm_details(raw))
+
+
+def test_pegasus_details_give_tcps_rtt_under_load(tmp_path, monkeypatch):
+    runs = [{"path": "pegasus.ko", "direction": "host->peer (TX)", "mbit_s": 30.0, "gadget_cpu": 0.6,
+             "udrv_cpu": None, "guest_busy": 0.7, "tcp_rtt_ms": 12.0},
+            {"path": "udrv", "direction": "host->peer (TX)", "mbit_s": 37.0, "gadget_cpu": 0.7,
+             "udrv_cpu": 0.6, "guest_busy": 0.9, "tcp_rtt_ms": 400.5},
+            {"path": "udrv", "direction": "peer->host (RX)", "mbit_s": 50.0, "gadget_cpu": 0.7,
+             "udrv_cpu": 0.6, "guest_busy": 0.9, "tcp_rtt_ms": None}]
+    monkeypatch.setattr(benchall, "_run_tool", lambda *a, **k: ({"runs": runs}, "", 1.0))
+    text = "\n".join(benchall.bench_pegasus(tmp_path, 1.0, 2).details)
+    assert "| 1 | udrv | host->peer (TX) | 37.0 | 0.7 | 0.6 | 0.9 | 400.5 ms |" in text
+    assert "| 1 | udrv | peer->host (RX) | 50.0 | 0.7 | 0.6 | 0.9 | - |" in text
+    assert "pegasus.ko 12.0 ms, udrv 400.5 ms" in text

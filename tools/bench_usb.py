@@ -68,6 +68,7 @@ class Run:
     gadget_cpu: float          # CPU seconds per wall second (1.0 = one vCPU)
     udrv_cpu: float | None
     guest_busy: float          # fraction of all vCPUs
+    tcp_rtt_ms: float | None = None  # TCP TX: the mean RTT the sending TCP measured (latency under load)
 
 
 def iperf(path: str, server: str, bind: str, seconds: float, reverse: bool, udrv_pid: int | None,
@@ -84,6 +85,7 @@ def iperf(path: str, server: str, bind: str, seconds: float, reverse: bool, udrv
     cp = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
     wall = time.monotonic() - t0
     c1, u1, b1 = _cpu_s(me), _cpu_s(udrv_pid) if udrv_pid else 0.0, _guest_busy()
+    rtt = None
     try:
         end = json.loads(cp.stdout)["end"]
         if udp_pps:
@@ -93,6 +95,9 @@ def iperf(path: str, server: str, bind: str, seconds: float, reverse: bool, udrv
         else:
             mbit = end["sum_received"]["bits_per_second"] / 1e6
             retr = end.get("sum_sent", {}).get("retransmits")
+            if not reverse:     # this side sends: its TCP's smoothed RTT, averaged by iperf3 (µs)
+                rtts = [st["sender"].get("mean_rtt") for st in end.get("streams", []) if "sender" in st]
+                rtt = round(rtts[0] / 1000, 2) if rtts and rtts[0] else None
     except (ValueError, KeyError):
         raise RuntimeError(f"iperf3 {'-R ' if reverse else ''}on {path} failed: "
                            f"{(cp.stdout + cp.stderr).strip()[-600:]}") from None
@@ -101,7 +106,7 @@ def iperf(path: str, server: str, bind: str, seconds: float, reverse: bool, udrv
         way = f"UDP 60B {way.split()[0]}"
     return Run(path, way, round(mbit, 2), retr, round(wall, 1),
                round((c1 - c0) / wall, 2), round((u1 - u0) / wall, 2) if udrv_pid else None,
-               round((b1[0] - b0[0]) / max(1, b1[1] - b0[1]), 2))
+               round((b1[0] - b0[0]) / max(1, b1[1] - b0[1]), 2), rtt)
 
 
 def _runs(path: str, peer: str, host: str, seconds: float, udp_pps: int, pid: int | None) -> list[dict]:
@@ -206,8 +211,8 @@ def ratios(runs: list[dict]) -> dict[str, float]:
 
 
 def table(rep: dict) -> str:
-    rows = ["path        direction          rate         retr/lost  gadget-cpu  udrv-cpu  guest-busy",
-            "----------  -----------------  -----------  ---------  ----------  --------  ----------"]
+    rows = ["path        direction          rate         retr/lost  gadget-cpu  udrv-cpu  guest-busy  tcp-rtt",
+            "----------  -----------------  -----------  ---------  ----------  --------  ----------  --------"]
     for r in rep["runs"]:
         if "error" in r:
             rows.append(f"{r['path']:<10}  {r['direction']:<17}  failed: {r['error'].splitlines()[-1][:60]}")
@@ -215,7 +220,8 @@ def table(rep: dict) -> str:
         unit = "fr/s" if r["direction"].startswith("UDP") else "Mbit/s"
         rows.append(f"{r['path']:<10}  {r['direction']:<17}  {r['mbit_s']:6.1f} {unit:<6} {str(r['retransmits']):>9}  "
                     f"{r['gadget_cpu']:10.2f}  {str(r['udrv_cpu'] if r['udrv_cpu'] is not None else '-'):>8}  "
-                    f"{r['guest_busy']:10.2f}")
+                    f"{r['guest_busy']:10.2f}  "
+                    + (f"{r['tcp_rtt_ms']:5.1f} ms" if r.get("tcp_rtt_ms") is not None else "       -"))
     rows.append("udrv / pegasus.ko: " + ", ".join(f"{d} {x:.2f}" for d, x in ratios(rep["runs"]).items()))
     rows.append("(cpu = CPU seconds per wall second of that process, all threads; 1.0 = one vCPU)")
     return "\n".join(rows)

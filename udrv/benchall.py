@@ -269,6 +269,20 @@ def tx_rtt_lines(raw: dict) -> list[str]:
             "shows; cdc_ether holds each frame until its URB completes, so TCP keeps its queue short.", ""]
 
 
+def pegasus_rtt_lines(runs: list[dict]) -> list[str]:
+    """tools/bench_usb.py's runs: the median TCP TX RTT of pegasus.ko's runs and of udrv's."""
+    med = {}
+    for path in ("pegasus.ko", "udrv"):
+        rtts = [r["tcp_rtt_ms"] for r in runs if r.get("path") == path and r.get("tcp_rtt_ms") is not None]
+        if rtts:
+            med[path] = statistics.median(rtts)
+    if len(med) < 2:
+        return []
+    return [f"Latency under load (TCP TX: the mean RTT the sending TCP measured, median of each side's runs): "
+            f"pegasus.ko {med['pegasus.ko']:.1f} ms, udrv {med['udrv']:.1f} ms (udrv's queue is its TX journal: "
+            "see the cdc_ecm section).", ""]
+
+
 def tx_cpu_budget_lines(raw: dict, target: float = 0.9) -> list[str]:
     """The whole guest's CPU per TCP TX frame on each path (iperf3, TCP and the gadget
     included: the same work on both sides but for the driver's own), and what udrv's cost per
@@ -369,11 +383,12 @@ def bench_pegasus(out: Path, seconds: float, smp: int) -> DeviceResult:
                       "over FunctionFS) and of udrv's daemon; when the gadget sits near one vCPU it, not the "
                       "driver, sets the pace. Guest busy: the share of all the guest's vCPUs that was busy "
                       "(1.0 = every vCPU).", "",
-                      "| round | driver | measurement | rate | gadget CPU | udrv CPU | guest busy |",
-                      "|---|---|---|---|---|---|---|"]
+                      "| round | driver | measurement | rate | gadget CPU | udrv CPU | guest busy | TX: TCP's RTT |",
+                      "|---|---|---|---|---|---|---|---|"]
         d.details += [f"| {r.get('round', 1)} | {r['path']} | {r['direction']} | {r['mbit_s']} | {r['gadget_cpu']} | "
-                      f"{r['udrv_cpu'] if r['udrv_cpu'] is not None else '-'} | {r['guest_busy']} |" for r in runs]
-        d.details.append("")
+                      f"{r['udrv_cpu'] if r['udrv_cpu'] is not None else '-'} | {r['guest_busy']} | "
+                      f"{_ms(r.get('tcp_rtt_ms'))} |" for r in runs]
+        d.details += ["", *pegasus_rtt_lines(runs)]
     return d
 
 
