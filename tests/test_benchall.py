@@ -281,3 +281,18 @@ def test_pegasus_details_give_tcps_rtt_under_load(tmp_path, monkeypatch):
     assert "| 1 | udrv | host->peer (TX) | 37.0 | 0.7 | 0.6 | 0.9 | 400.5 ms |" in text
     assert "| 1 | udrv | peer->host (RX) | 50.0 | 0.7 | 0.6 | 0.9 | - |" in text
     assert "pegasus.ko 12.0 ms, udrv 400.5 ms" in text
+
+
+def test_e1000_report_gives_tcps_rtt_under_load_for_each_case():
+    from udrv.sidebyside import render_where_time_goes, tcp_sender_rtt_ms
+    assert tcp_sender_rtt_ms({"end": {"streams": [{"sender": {"mean_rtt": 4186}}]}}) == 4.19
+    assert tcp_sender_rtt_ms({"end": {"streams": [{"receiver": {}}]}}) is None     # -R: the peer sends
+    cpu = {"busy_pct": 90.0, "user_pct": 10.0, "system_pct": 60.0, "softirq_pct": 20.0, "daemon_user_s": 1.0,
+           "daemon_sys_s": 2.0, "frames": 1000, "guest_us_per_frame": 5.0, "iperf3_cpu_pct": 30.0, "wall_s": 5.0}
+    cases = {"kernel": {"_label": "kernel e1000", "tcp_tx": {"cpu": {**cpu, "tcp_rtt_ms": 2.5}}},
+             "native": {"_label": "C ring", "tcp_tx": {"cpu": {**cpu, "tcp_rtt_ms": 41.0, "daemon_us_per_frame": 3.0}}}}
+    text = "\n".join(render_where_time_goes({"cases": cases, "config": {"seconds": 5}}))
+    assert "latency under load (tcp_tx: the mean RTT the sending TCP measured in the run above): " \
+           "kernel e1000 2.5 ms, C ring 41.0 ms." in text
+    del cases["kernel"]["tcp_tx"]["cpu"]["tcp_rtt_ms"]
+    assert "latency under load" not in "\n".join(render_where_time_goes({"cases": cases, "config": {"seconds": 5}}))

@@ -293,6 +293,13 @@ def iperf3(host: str, opts: list[str], seconds: float) -> dict:
     return data
 
 
+def tcp_sender_rtt_ms(data: dict) -> float | None:
+    """The mean RTT the sending TCP measured (iperf3 reports it, in µs, when this side sends):
+    the queue in front of the device under load."""
+    rtts = [st["sender"].get("mean_rtt") for st in data["end"].get("streams", []) if "sender" in st]
+    return round(rtts[0] / 1000, 2) if rtts and rtts[0] else None
+
+
 def iperf_value(data: dict, unit: str) -> float:
     r = data["end"]["sum_received"]
     if unit == "Mbit/s":
@@ -314,6 +321,9 @@ def measure(cfg: GuestConfig, name: str, ifname: str, pid: int | None) -> dict:
         if pid is not None:
             cpu["daemon_us_per_frame"] = round((cpu["daemon_user_s"] + cpu["daemon_sys_s"]) / max(frames, 1) * 1e6, 2)
         cpu["iperf3_cpu_pct"] = round(data["end"].get("cpu_utilization_percent", {}).get("host_total", 0.0), 1)
+        rtt = tcp_sender_rtt_ms(data) if name == "tcp_tx" else None
+        if rtt is not None:
+            cpu["tcp_rtt_ms"] = rtt
         values.append(iperf_value(data, unit))
         cpus.append(cpu)
     k = values.index(sorted(values)[len(values) // 2])
@@ -932,6 +942,11 @@ def render_where_time_goes(result: dict) -> list[str]:
                          f"{c.get('daemon_us_per_frame')} us of daemon CPU per frame; the whole guest spent "
                          f"{c['guest_us_per_frame']} us per frame against {kc['guest_us_per_frame']} us with the "
                          f"kernel driver (guest busy {c['busy_pct']}% vs {kc['busy_pct']}%).")
+    rtts = [(case.get("_label", n), case["tcp_tx"]["cpu"]["tcp_rtt_ms"]) for n, case in cases.items()
+            if "tcp_rtt_ms" in case.get("tcp_tx", {}).get("cpu", {})]
+    if len(rtts) > 1:
+        L.append("- latency under load (tcp_tx: the mean RTT the sending TCP measured in the run above): "
+                 + ", ".join(f"{label} {v:.1f} ms" for label, v in rtts) + ".")
     L.append("")
     for n, case in cases.items():
         prof = case.get("_profile")
