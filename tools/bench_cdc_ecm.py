@@ -72,11 +72,8 @@ def _iperf(seconds: int, reverse: bool) -> tuple[float, float | None]:
         r = json.loads(out)
         if "error" in r:
             raise RuntimeError(f"iperf3 {'-R ' if reverse else ''}failed: {r['error']}")
-        rtt = None
-        if not reverse:     # the client sends: its TCP's smoothed RTT, averaged by iperf3 (µs)
-            rtts = [st["sender"].get("mean_rtt") for st in r["end"].get("streams", []) if "sender" in st]
-            rtt = round(rtts[0] / 1000, 2) if rtts and rtts[0] else None
-        return r["end"]["sum_received"]["bits_per_second"] / 1e6, rtt
+        from udrv.sidebyside import tcp_sender_rtt_ms
+        return r["end"]["sum_received"]["bits_per_second"] / 1e6, None if reverse else tcp_sender_rtt_ms(r)
     finally:
         srv.kill()
         srv.wait()

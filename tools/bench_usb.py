@@ -95,9 +95,9 @@ def iperf(path: str, server: str, bind: str, seconds: float, reverse: bool, udrv
         else:
             mbit = end["sum_received"]["bits_per_second"] / 1e6
             retr = end.get("sum_sent", {}).get("retransmits")
-            if not reverse:     # this side sends: its TCP's smoothed RTT, averaged by iperf3 (µs)
-                rtts = [st["sender"].get("mean_rtt") for st in end.get("streams", []) if "sender" in st]
-                rtt = round(rtts[0] / 1000, 2) if rtts and rtts[0] else None
+            if not reverse:     # this side sends: the RTT its TCP measured
+                from udrv.sidebyside import tcp_sender_rtt_ms
+                rtt = tcp_sender_rtt_ms({"end": end})
     except (ValueError, KeyError):
         raise RuntimeError(f"iperf3 {'-R ' if reverse else ''}on {path} failed: "
                            f"{(cp.stdout + cp.stderr).strip()[-600:]}") from None

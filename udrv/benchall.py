@@ -253,14 +253,18 @@ def _ms(v: float | None) -> str:
     return f"{v:.1f} ms" if v is not None else "-"
 
 
+def _rtt_medians(by_side: dict[str, list]) -> dict[str, float] | None:
+    """The median of each side's measured TCP RTTs (None entries: runs without one); None unless
+    every side has one."""
+    med = {side: statistics.median(v for v in rtts if v is not None)
+           for side, rtts in by_side.items() if any(v is not None for v in rtts)}
+    return med if len(med) == len(by_side) else None
+
+
 def tx_rtt_lines(raw: dict) -> list[str]:
     """The latency under load: the mean RTT the sending TCP measured during TX, median per path."""
-    med = {}
-    for name in ("kernel", "native"):
-        rtts = [r["tx_rtt_ms"] for r in cdc_runs(raw, name) if r.get("tx_rtt_ms") is not None]
-        if rtts:
-            med[name] = statistics.median(rtts)
-    if len(med) < 2:
+    med = _rtt_medians({name: [r.get("tx_rtt_ms") for r in cdc_runs(raw, name)] for name in ("kernel", "native")})
+    if not med:
         return []
     return [f"Latency under load (TX: the mean RTT the sending TCP measured, median of each side's runs): "
             f"{KERNEL_DRIVER['cdc_ecm']} {med['kernel']:.1f} ms, udrv {med['native']:.1f} ms. A TAP gives TCP "
@@ -271,12 +275,9 @@ def tx_rtt_lines(raw: dict) -> list[str]:
 
 def pegasus_rtt_lines(runs: list[dict]) -> list[str]:
     """tools/bench_usb.py's runs: the median TCP TX RTT of pegasus.ko's runs and of udrv's."""
-    med = {}
-    for path in ("pegasus.ko", "udrv"):
-        rtts = [r["tcp_rtt_ms"] for r in runs if r.get("path") == path and r.get("tcp_rtt_ms") is not None]
-        if rtts:
-            med[path] = statistics.median(rtts)
-    if len(med) < 2:
+    med = _rtt_medians({path: [r.get("tcp_rtt_ms") for r in runs if r.get("path") == path]
+                        for path in ("pegasus.ko", "udrv")})
+    if not med:
         return []
     return [f"Latency under load (TCP TX: the mean RTT the sending TCP measured, median of each side's runs): "
             f"pegasus.ko {med['pegasus.ko']:.1f} ms, udrv {med['udrv']:.1f} ms (udrv's queue is its TX journal: "
