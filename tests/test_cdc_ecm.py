@@ -672,3 +672,15 @@ def test_endpoint_resets_count_what_flushes_endpoint_queues():
     t.clear_halt(0x81)
     t.control_out(0x01, SET_INTERFACE, 1, 1, b"", 1.0)     # the same request, sent raw
     assert t.endpoint_resets == 3
+
+
+def test_status_shows_the_tx_queue_in_front_of_the_device(trig):
+    rig = trig
+    h, f = tso_entry(20000)
+    rig.nic.journal.append(f, h.pack())                  # one TSO entry: its frame bytes count, not its header
+    rig.nic.journal.append(frame(PEER, 1))
+    j = rig.nic.status()["tx_journal"]
+    assert j == {"unconfirmed": 2, "in_device": 0, "queued": 2, "queued_bytes": len(f) + 60, "reissued": 0}
+    rig.pump()
+    j = rig.nic.status()["tx_journal"]
+    assert (j["queued"], j["queued_bytes"], j["unconfirmed"]) == (0, 0, 0)

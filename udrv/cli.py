@@ -215,7 +215,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  rx {st['rx_packets']} packets {st['rx_bytes']} bytes, errors {st['rx_errors']}, "
           f"missed {st['rx_missed']}, dropped {st['rx_dropped'] or 0}")
     print(f"  tx {st['tx_packets']} packets {st['tx_bytes']} bytes, errors {st['tx_errors']}, "
-          f"dropped {st['tx_dropped'] or 0}, journal {st['tx_journal']}")
+          f"dropped {st['tx_dropped'] or 0}")
+    j = st["tx_journal"]
+    print(f"  tx queue {j['queued']} frames ({j['queued_bytes']} bytes) waiting for the device, "
+          f"{j['in_device']} in it, {j['reissued']} re-issued after recoveries")
     gro = st.get("rx_coalesce")
     if gro:
         print(f"  rx coalescing {'on' if gro['on'] else 'off'}: {gro['segments']} segments in "

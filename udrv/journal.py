@@ -120,6 +120,15 @@ class TxJournal:
     def in_device(self) -> int:
         return self.sent - self.tail
 
+    def unsent_bytes(self) -> int:
+        """Bytes of frame waiting unsent (virtio-net headers not counted): the queue in front of
+        the device, what TCP's RTT under load shows."""
+        n = 0
+        for seq in range(self.sent, self.head):
+            length, flags, _seq = _SLOT.unpack_from(self.mem, HEADER + (seq & (self.nslots - 1)) * self.slot_size)
+            n += length - vnet_len(flags)
+        return n
+
     def entry(self, seq: int) -> tuple[bytes, bytes]:
         """(virtio-net header or b"", frame) of a journaled frame."""
         off = HEADER + (seq & (self.nslots - 1)) * self.slot_size

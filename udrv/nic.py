@@ -606,7 +606,10 @@ class Nic:
             "rx_dropped": rx_drop, "rx_missed": st.rx_missed,
             "tx_dropped": tx_dropped, "tap_frames_in": tap_in, "offload_frames": offload_frames,
             "tx_device_errors": dict(c.tx_errors),
-            "tx_journal": {"unconfirmed": self.journal.unconfirmed(), "reissued": self.journal.reissued},
+            # queued: read from the TAP, not yet in the device (the latency a bulk flow adds)
+            "tx_journal": {"unconfirmed": self.journal.unconfirmed(), "in_device": self.journal.in_device(),
+                           "queued": self.journal.unsent(), "queued_bytes": self.journal.unsent_bytes(),
+                           "reissued": self.journal.reissued},
             "recoveries": self.counters.recoveries, "escalations": self.counters.escalations,
             "restarts": self.counters.restarts, "swaps": self.counters.swaps,
             "tx_waits_for_carrier": self.counters.tx_waits_for_carrier,
