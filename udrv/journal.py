@@ -84,6 +84,10 @@ class TxJournal:
     def _set(self, off: int, value: int) -> None:
         _U64.pack_into(self.mem, off, value)
 
+    def _slot(self, seq: int) -> int:
+        """Offset of the slot that holds seq."""
+        return HEADER + (seq & (self.nslots - 1)) * self.slot_size
+
     # --- producer side (frames from the TAP) -------------------------------------------
     def space(self) -> int:
         return self.nslots - (self.head - self.tail)
@@ -99,7 +103,7 @@ class TxJournal:
             raise ValueError(f"a {len(vnet)}-byte virtio-net header does not fit the slot flags")
         flags = SLOT_VNET | len(vnet) << VNET_LEN_SHIFT if vnet else 0
         seq = self.head
-        off = HEADER + (seq & (self.nslots - 1)) * self.slot_size
+        off = self._slot(seq)
         _SLOT.pack_into(self.mem, off, total, flags, seq)
         data = off + SLOT_HEADER
         if vnet:
@@ -125,13 +129,13 @@ class TxJournal:
         the device, what TCP's RTT under load shows."""
         n = 0
         for seq in range(self.sent, self.head):
-            length, flags, _seq = _SLOT.unpack_from(self.mem, HEADER + (seq & (self.nslots - 1)) * self.slot_size)
+            length, flags, _seq = _SLOT.unpack_from(self.mem, self._slot(seq))
             n += length - vnet_len(flags)
         return n
 
     def entry(self, seq: int) -> tuple[bytes, bytes]:
         """(virtio-net header or b"", frame) of a journaled frame."""
-        off = HEADER + (seq & (self.nslots - 1)) * self.slot_size
+        off = self._slot(seq)
         length, flags, stored = _SLOT.unpack_from(self.mem, off)
         hlen = vnet_len(flags)
         if stored != seq or length > self.max_frame or hlen > length:
@@ -149,7 +153,7 @@ class TxJournal:
         seq = self.sent
         if seq >= self.head:
             return None
-        off = HEADER + (seq & (self.nslots - 1)) * self.slot_size
+        off = self._slot(seq)
         length, flags, stored = _SLOT.unpack_from(self.mem, off)
         if flags or stored != seq or length > self.max_frame:
             return (seq, *self.entry(seq))          # header to split off, or corruption to report
