@@ -1221,6 +1221,11 @@ class E1000Ring:
             if item is None:
                 break
             seq, vnet, frame = item
+            if journal.aqm_drop():           # waited too long (the framework's AQM): in order
+                journal.mark_sent(seq)
+                self._tx_drop(seq)
+                taken += 1
+                continue
             length = len(frame)
             if inline and not vnet and ETH_HLEN <= length <= bs:
                 # the common case, kept short: one legacy descriptor (EOP|IFCS|RS)

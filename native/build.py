@@ -93,7 +93,7 @@ def make_ffibuilder() -> FFI:
         sources=c_sources(),
         include_dirs=[_rel(HERE)] + include_dirs,
         library_dirs=library_dirs,
-        libraries=libraries,
+        libraries=libraries + ["m"],   # sqrt: CoDel's control law (journal.c)
         depends=[_rel(p) for p in sorted(glob.glob(os.path.join(HERE, "*.h")))],
         extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-parameter"],
     )

@@ -471,6 +471,7 @@ int e1000_tx_fill(struct e1000_ring *r)
 {
     uint32_t n = r->n_tx, bs = r->tx_bufsize;
     int filled = 0;
+    uint64_t now = udrv_journal_now_ns();     /* the AQM's clock, once per fill */
     r->python_entry = 0;
     for (;;) {
         uint32_t free_d = n - 1 - (r->tx_next + n - r->tx_clean) % n;
@@ -485,6 +486,12 @@ int e1000_tx_fill(struct e1000_ring *r)
         if (rc < 0) {
             r->journal_error = rc;
             return E1000R_EJOURNAL;
+        }
+        if (udrv_journal_aqm_drop(&r->journal, now)) {   /* waited too long: leaves in order */
+            udrv_journal_mark_sent(&r->journal, seq);
+            if (e1000_tx_drop(r, seq) < 0)
+                return E1000R_EJOURNAL;
+            continue;
         }
         struct tx_plan plan;
         const uint8_t *ctx = NULL;

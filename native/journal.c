@@ -4,13 +4,23 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
+#include <math.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the journal layout is little-endian; this build assumes a little-endian CPU"
 #endif
 
 enum { OFF_MAGIC = 0, OFF_NSLOTS = 4, OFF_SLOT_SIZE = 8, OFF_HEAD = 16, OFF_SENT = 24,
-       OFF_TAIL = 32, OFF_REISSUED = 40, OFF_DUPS = 48 };
+       OFF_TAIL = 32, OFF_REISSUED = 40, OFF_DUPS = 48,
+       /* the AQM: settings (target 0 = off), counters, and CoDel's state, kept in the shared
+        * header so a second process (or the other datapath) carries on where one stopped */
+       OFF_AQM_TARGET = 56, OFF_AQM_INTERVAL = 64, OFF_AQM_DROPS = 72, OFF_AQM_MARKS = 80,
+       OFF_CODEL_FIRST_ABOVE = 88, OFF_CODEL_DROP_NEXT = 96, OFF_CODEL_COUNT = 104,
+       OFF_CODEL_LASTCOUNT = 108, OFF_CODEL_DROPPING = 112, OFF_AQM_FLAGS = 116,
+       OFF_AQM_JUDGED = 120 };
+enum { SLOT_OFF_STAMP = 16 };
+#define AQM_FLAG_ECN 0x1u
 
 /* Index words are read with acquire and written with release ordering: a worker process
  * mapping the same memfd must never see an index before the slot bytes it covers. */
@@ -22,6 +32,23 @@ static inline uint64_t get64(const struct udrv_journal *j, int off)
 static inline void set64(struct udrv_journal *j, int off, uint64_t v)
 {
     __atomic_store_n((uint64_t *)(j->mem + off), v, __ATOMIC_RELEASE);
+}
+
+static inline uint32_t get32(const struct udrv_journal *j, int off)
+{
+    return __atomic_load_n((const uint32_t *)(j->mem + off), __ATOMIC_RELAXED);
+}
+
+static inline void set32(struct udrv_journal *j, int off, uint32_t v)
+{
+    __atomic_store_n((uint32_t *)(j->mem + off), v, __ATOMIC_RELAXED);
+}
+
+uint64_t udrv_journal_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
 static inline uint8_t *slot(const struct udrv_journal *j, uint64_t seq)
@@ -105,6 +132,8 @@ static int64_t commit_flags(struct udrv_journal *j, uint32_t len, uint32_t flags
     memcpy(s, &len, 4);
     memcpy(s + 4, &flags, 4);
     memcpy(s + 8, &seq, 8);
+    uint64_t stamp = udrv_journal_now_ns();
+    memcpy(s + SLOT_OFF_STAMP, &stamp, 8);
     set64(j, OFF_HEAD, seq + 1); /* release: the slot is complete before head covers it */
     return (int64_t)seq;
 }
@@ -224,4 +253,110 @@ uint64_t udrv_journal_rewind(struct udrv_journal *j)
     set64(j, OFF_REISSUED, get64(j, OFF_REISSUED) + again);
     set64(j, OFF_DUPS, get64(j, OFF_DUPS) + again);
     return again;
+}
+
+uint64_t udrv_journal_aqm_drops(const struct udrv_journal *j) { return get64(j, OFF_AQM_DROPS); }
+uint64_t udrv_journal_aqm_marks(const struct udrv_journal *j) { return get64(j, OFF_AQM_MARKS); }
+
+int udrv_journal_mark_ce(uint8_t *f, uint32_t len)
+{
+    uint32_t l3 = 14;
+    if (len < 14)
+        return -1;
+    uint16_t type = (uint16_t)(f[12] << 8 | f[13]);
+    if (type == 0x8100 && len >= 18) {
+        type = (uint16_t)(f[16] << 8 | f[17]);
+        l3 = 18;
+    }
+    if (type == 0x0800 && len >= l3 + 20 && f[l3] >> 4 == 4) {
+        uint8_t *ip = f + l3;
+        if (!(ip[1] & 3))
+            return 0;
+        if ((ip[1] & 3) == 3)
+            return 1;
+        /* RFC 1624: HC' = ~(~HC + ~m + m'), m the 16-bit word that holds the TOS */
+        uint32_t old = (uint32_t)(ip[0] << 8 | ip[1]);
+        ip[1] |= 3;
+        uint32_t sum = (uint16_t)~(ip[10] << 8 | ip[11]) + (uint16_t)~old + (uint32_t)(ip[0] << 8 | ip[1]);
+        sum = (sum & 0xFFFF) + (sum >> 16);
+        sum = (sum & 0xFFFF) + (sum >> 16);
+        uint16_t hc = (uint16_t)~sum;
+        ip[10] = (uint8_t)(hc >> 8);
+        ip[11] = (uint8_t)hc;
+        return 1;
+    }
+    if (type == 0x86DD && len >= l3 + 40 && f[l3] >> 4 == 6) {
+        uint8_t *ip = f + l3;            /* traffic class: low nibble of byte 0, high of byte 1 */
+        if (!(ip[1] & 0x30))
+            return 0;
+        ip[1] |= 0x30;
+        return 1;
+    }
+    return -1;
+}
+
+/* CoDel's next drop time: t + interval / sqrt(count) */
+static uint64_t control_law(uint64_t t, uint64_t interval, uint32_t count)
+{
+    return t + (uint64_t)((double)interval / sqrt((double)count));
+}
+
+int udrv_journal_aqm_drop(struct udrv_journal *j, uint64_t now)
+{
+    uint64_t target = get64(j, OFF_AQM_TARGET);
+    if (!target)
+        return 0;
+    uint64_t seq = get64(j, OFF_SENT), head = get64(j, OFF_HEAD);
+    if (seq >= head || seq < get64(j, OFF_AQM_JUDGED))
+        return 0;                 /* nothing to judge, or re-issued / already judged: it goes */
+    set64(j, OFF_AQM_JUDGED, seq + 1);
+    uint64_t interval = get64(j, OFF_AQM_INTERVAL);
+    uint64_t stamp;
+    memcpy(&stamp, slot(j, seq) + SLOT_OFF_STAMP, 8);
+    uint64_t sojourn = now > stamp ? now - stamp : 0;
+    /* should_drop: above target for a whole interval, with more than this entry queued */
+    int ok_to_drop = 0;
+    if (sojourn < target || head - seq <= 1) {
+        set64(j, OFF_CODEL_FIRST_ABOVE, 0);
+    } else {
+        uint64_t first = get64(j, OFF_CODEL_FIRST_ABOVE);
+        if (!first)
+            set64(j, OFF_CODEL_FIRST_ABOVE, now + interval);
+        else
+            ok_to_drop = now >= first;
+    }
+    uint64_t drop_next = get64(j, OFF_CODEL_DROP_NEXT);
+    uint32_t count = get32(j, OFF_CODEL_COUNT);
+    if (get32(j, OFF_CODEL_DROPPING)) {
+        if (!ok_to_drop) {
+            set32(j, OFF_CODEL_DROPPING, 0);
+            return 0;
+        }
+        if (now < drop_next)
+            return 0;
+        count++;
+        set32(j, OFF_CODEL_COUNT, count);
+        set64(j, OFF_CODEL_DROP_NEXT, control_law(drop_next, interval, count));
+    } else {
+        if (!ok_to_drop)
+            return 0;
+        set32(j, OFF_CODEL_DROPPING, 1);
+        /* a drop state entered soon after the last one starts near its old rate */
+        uint32_t delta = count - get32(j, OFF_CODEL_LASTCOUNT);
+        count = delta > 1 && (int64_t)(now - drop_next) < (int64_t)(16 * interval) ? delta : 1;
+        set32(j, OFF_CODEL_COUNT, count);
+        set32(j, OFF_CODEL_LASTCOUNT, count);
+        set64(j, OFF_CODEL_DROP_NEXT, control_law(now, interval, count));
+    }
+    /* drop it, or with ECN on, mark an ECN-capable frame instead */
+    if (get32(j, OFF_AQM_FLAGS) & AQM_FLAG_ECN) {
+        const uint8_t *vnet, *cf;
+        uint32_t vlen, len;
+        if (read_slot(j, seq, &vnet, &vlen, &cf, &len) > 0 && udrv_journal_mark_ce((uint8_t *)cf, len) > 0) {
+            set64(j, OFF_AQM_MARKS, get64(j, OFF_AQM_MARKS) + 1);
+            return 0;
+        }
+    }
+    set64(j, OFF_AQM_DROPS, get64(j, OFF_AQM_DROPS) + 1);
+    return 1;
 }

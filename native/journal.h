@@ -1,10 +1,13 @@
 /* The TX journal seen from C: the same fixed-slot ring in a memfd that udrv/journal.py
  * documents, operated with the same semantics as `TxJournal`.
  *
- *   header (64 bytes): magic u32 | nslots u32 | slot_size u32 | _ u32 |
- *                      head u64 @16 | sent u64 @24 | tail u64 @32 | reissued u64 @40 |
- *                      duplicates u64 @48
- *   slot i at 64 + i * slot_size: length u32 | flags u32 | seq u64 | payload (length bytes)
+ *   header (128 bytes): magic u32 | nslots u32 | slot_size u32 | _ u32 |
+ *                       head u64 @16 | sent u64 @24 | tail u64 @32 | reissued u64 @40 |
+ *                       duplicates u64 @48 | the AQM's settings, counters and CoDel state @56
+ *                       (offsets in journal.c and udrv/journal.py)
+ *   slot i at 128 + i * slot_size: length u32 | flags u32 | seq u64 | stamp u64 | _ u64 |
+ *                                  payload (length bytes)
+ *     stamp: CLOCK_MONOTONIC ns when the frame was journaled (the AQM's sojourn time).
  *     flags bit 0 (UDRV_JOURNAL_SLOT_VNET): the payload starts with a virtio-net header of
  *     N = flags bits 15:8 bytes, then the frame; flags 0: the payload is the frame.
  *
@@ -16,9 +19,9 @@
 
 #include <stdint.h>
 
-#define UDRV_JOURNAL_MAGIC 0x314A4455u /* "UDJ1" */
-#define UDRV_JOURNAL_HEADER 64
-#define UDRV_JOURNAL_SLOT_HEADER 16
+#define UDRV_JOURNAL_MAGIC 0x324A4455u /* "UDJ2" */
+#define UDRV_JOURNAL_HEADER 128
+#define UDRV_JOURNAL_SLOT_HEADER 32
 #define UDRV_JOURNAL_SLOT_VNET 0x1u       /* slot flags: payload starts with a vnet header */
 #define UDRV_JOURNAL_VNET_LEN_SHIFT 8     /* ... of (flags >> 8) & 0xFF bytes */
 
@@ -84,5 +87,20 @@ int udrv_journal_mark_sent(struct udrv_journal *j, uint64_t seq);
 int64_t udrv_journal_confirm_through(struct udrv_journal *j, uint64_t seq);
 /* TxJournal.rewind: frames to be re-issued (also added to reissued and duplicates). */
 uint64_t udrv_journal_rewind(struct udrv_journal *j);
+
+/* TxJournal.aqm_drop: CoDel (RFC 8289) on the time the next unsent entry waited since it was
+ * journaled, judged once per entry by the datapath as it starts that entry, before handing
+ * it to the device. 1 = drop it (the caller marks it sent and lets it be confirmed in order
+ * with the next one, as any frame that cannot go on the wire), 0 = send it (with ECN on, an
+ * ECN-capable IP frame that CoDel would drop is marked CE in place and sent instead).
+ * Re-issued entries, the last unsent entry and a journal whose AQM is off are never dropped.
+ * now_ns: CLOCK_MONOTONIC, as udrv_journal_now_ns(). */
+int udrv_journal_aqm_drop(struct udrv_journal *j, uint64_t now_ns);
+uint64_t udrv_journal_now_ns(void);
+uint64_t udrv_journal_aqm_drops(const struct udrv_journal *j);
+uint64_t udrv_journal_aqm_marks(const struct udrv_journal *j);
+/* Set CE in an ECN-capable IPv4/IPv6 frame (after an optional 802.1Q tag; the IPv4 header
+ * checksum kept right): 1 = marked (or CE already), 0 = not ECN-capable, -1 = not IP. */
+int udrv_journal_mark_ce(uint8_t *frame, uint32_t len);
 
 #endif

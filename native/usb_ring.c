@@ -433,7 +433,7 @@ static void apply_confirm(struct udrv_ring *r)
 /* The next wire frame: the next segment of the entry being cut, or the next unsent entry.
  * 1 = frame, len, seq and last set, 0 = nothing to send, -1 = journal corrupt (error queued). */
 static int next_wire_frame(struct udrv_ring *r, const uint8_t **frame, uint32_t *len, uint64_t *seq,
-                           uint8_t *last)
+                           uint8_t *last, uint64_t now)
 {
     for (;;) {
         const uint8_t *vnet, *f;
@@ -447,6 +447,11 @@ static int next_wire_frame(struct udrv_ring *r, const uint8_t **frame, uint32_t 
             r->tx_blocked = 1;
             push_error(r, UDRV_DIR_TX, UDRV_XS_JOURNAL_CORRUPT, r->cfg.ep_out, 0, *seq);
             return -1;
+        }
+        if (udrv_journal_aqm_drop(&r->j, now)) {  /* waited too long: confirmed with the next */
+            r->seg_active = 0;
+            udrv_journal_mark_sent(&r->j, *seq);
+            continue;
         }
         if (!vlen) {                            /* a finished frame: as it is */
             r->seg_active = 0;
@@ -491,12 +496,13 @@ static int next_wire_frame(struct udrv_ring *r, const uint8_t **frame, uint32_t 
 static uint32_t tx_fill(struct udrv_ring *r)
 {
     uint32_t sent = 0;
+    uint64_t now = udrv_journal_now_ns();     /* the AQM's clock, once per batch */
     while (r->running && !r->tx_blocked && !r->no_device && r->n_tx_idle > 0) {
         uint64_t seq;
         const uint8_t *frame;
         uint32_t len;
         uint8_t last;
-        if (next_wire_frame(r, &frame, &len, &seq, &last) <= 0)
+        if (next_wire_frame(r, &frame, &len, &seq, &last, now) <= 0)
             break;
         pthread_mutex_lock(&r->lock);   /* completions push transfers back from the other thread */
         struct xfer *x = r->tx_idle[--r->n_tx_idle];

@@ -680,7 +680,9 @@ def test_status_shows_the_tx_queue_in_front_of_the_device(trig):
     rig.nic.journal.append(f, h.pack())                  # one TSO entry: its frame bytes count, not its header
     rig.nic.journal.append(frame(PEER, 1))
     j = rig.nic.status()["tx_journal"]
-    assert j == {"unconfirmed": 2, "in_device": 0, "queued": 2, "queued_bytes": len(f) + 60, "reissued": 0}
+    assert j.pop("oldest_waiting_ms") > 0                 # the TSO entry, since it was journaled
+    assert j == {"unconfirmed": 2, "in_device": 0, "queued": 2, "queued_bytes": len(f) + 60, "reissued": 0,
+                 "aqm_target_ms": 5.0, "aqm_interval_ms": 100.0, "aqm_ecn": True, "aqm_drops": 0, "aqm_marks": 0}
     rig.pump()
     j = rig.nic.status()["tx_journal"]
     assert (j["queued"], j["queued_bytes"], j["unconfirmed"]) == (0, 0, 0)

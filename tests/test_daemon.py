@@ -224,3 +224,20 @@ def test_recovery_bench_reports_each_driver_checkpoint_against_restart():
     (ck_lost, ck_sent), (rs_lost, rs_sent) = [tuple(map(int, m)) for m in re.findall(r"(\d+)/(\d+)", lost)]
     assert ck_sent > 1000 and rs_sent > 1000
     assert ck_lost < ck_sent * 0.02 and rs_lost < rs_sent * 0.02, lost
+
+
+def test_aqm_settings_are_shown_and_changed_live(daemon):
+    """CoDel on the TX queue: on by default (fq_codel's 5 ms / 100 ms, ECN), changed and turned
+    off on a running daemon with `udrv aqm`, refused with the reason when nonsensical."""
+    j = status()["tx_journal"]
+    assert (j["aqm_target_ms"], j["aqm_interval_ms"], j["aqm_ecn"]) == (5.0, 100.0, True)
+    assert "aqm: codel target 5 ms interval 100 ms:" in udrv("status", "--ifname", IFNAME).stdout
+    out = udrv("aqm", "--ifname", IFNAME, "--target", "2", "--interval", "40", "--ecn", "off").stdout
+    assert out.strip() == f"{IFNAME}: aqm codel target 2 ms interval 40 ms drop only"
+    j = status()["tx_journal"]
+    assert (j["aqm_target_ms"], j["aqm_interval_ms"], j["aqm_ecn"]) == (2.0, 40.0, False)
+    bad = udrv("aqm", "--ifname", IFNAME, "--target", "-1", check=False)
+    assert bad.returncode == 1 and "target" in bad.stderr
+    assert udrv("aqm", "--ifname", IFNAME, "--target", "0").stdout.strip() == f"{IFNAME}: aqm off"
+    assert "aqm: off" in udrv("status", "--ifname", IFNAME).stdout
+    assert echo_ok(10) >= 8

@@ -17,7 +17,9 @@ import time
 import pytest
 
 from udrv import native, offload
-from udrv.journal import TxJournal
+from udrv.journal import HEADER, TxJournal
+
+from journal_bytes import unstamped
 from udrv.modelpci import DmarFault, ModelPciTransport
 from udrv.models.e1000 import E1000Model
 from udrv.nic import Nic, NicOptions
@@ -249,7 +251,7 @@ def test_journal_vnet_slots() -> None:
         j.append(b"\x01" * 60)
         seq = j.append(f, h.pack())
         assert j.entry(seq) == (h.pack(), f) and j.frame(seq) == f
-        flags = struct.unpack_from("<I", j.mem, 64 + seq * 4096 + 4)[0]
+        flags = struct.unpack_from("<I", j.mem, HEADER + seq * 4096 + 4)[0]
         assert flags == 1 | 12 << 8                               # the documented layout
         assert j.take_unsent() == (0, b"\x01" * 60)
         assert j.peek_unsent() == (1, h.pack(), f)
@@ -276,7 +278,7 @@ def test_journal_vnet_slots_same_in_c() -> None:
             v = ffi.from_buffer("uint8_t[]", h.pack())
             assert lib.udrv_journal_append_vnet(cj, v, 12, ffi.from_buffer("uint8_t[]", f), len(f)) == 2 * k
             assert lib.udrv_journal_append_vnet(cj, ffi.NULL, 0, ffi.from_buffer("uint8_t[]", f), 60) == 2 * k + 1
-        assert bytes(a.mem[:]) == bytes(b.mem[:])
+        assert unstamped(a) == unstamped(b)
         seq, vp, vl, fp, fl = (ffi.new("uint64_t *"), ffi.new("const uint8_t **"), ffi.new("uint32_t *"),
                                ffi.new("const uint8_t **"), ffi.new("uint32_t *"))
         assert lib.udrv_journal_peek_unsent(cj, seq, vp, vl, fp, fl) == 1
@@ -289,7 +291,7 @@ def test_journal_vnet_slots_same_in_c() -> None:
         b.sync()
         assert b.peek_unsent()[0] == 3 and a.take_unsent()[1] == f          # Python agrees
         # a header longer than the slot's length is corruption, on both sides
-        struct.pack_into("<II", b.mem, 64 + 3 * 2048, 5, 1 | 12 << 8)
+        struct.pack_into("<II", b.mem, HEADER + 3 * 2048, 5, 1 | 12 << 8)
         with pytest.raises(Exception, match="corrupt"):
             b.peek_unsent()
         assert lib.udrv_journal_peek_unsent(cj, seq, vp, vl, fp, fl) == lib.UDRV_JOURNAL_CORRUPT

@@ -14,6 +14,8 @@ import pytest
 
 from udrv import native
 from udrv.journal import HEADER, SLOT_HEADER
+
+from journal_bytes import unstamped_slot
 from udrv.modelpci import ModelPciTransport
 from udrv.models.e1000 import E1000Model
 from udrv.nic import Nic, NicOptions
@@ -98,7 +100,7 @@ class Rig:
         for seq in range(j.tail, j.head):
             off = HEADER + (seq & (j.nslots - 1)) * j.slot_size
             length = struct.unpack_from("<I", j.mem, off)[0]
-            out.append(bytes(j.mem[off: off + SLOT_HEADER + length]))
+            out.append(unstamped_slot(bytes(j.mem[off: off + SLOT_HEADER + length])))
         return out
 
     def tap_view(self) -> tuple[int, int, dict[str, int]]:
@@ -311,7 +313,7 @@ def _slots(nic: Nic) -> list[bytes]:
     for seq in range(j.tail, j.head):
         off = HEADER + (seq & (j.nslots - 1)) * j.slot_size
         length = struct.unpack_from("<I", j.mem, off)[0]
-        out.append(bytes(j.mem[off: off + SLOT_HEADER + length]))
+        out.append(unstamped_slot(bytes(j.mem[off: off + SLOT_HEADER + length])))
     return out
 
 

@@ -15,7 +15,8 @@ With --compare-no-coalesce the C ring also runs with RX coalescing off (UDRV_RX_
 before the default one, in the same boot; --compare-no-offload likewise with the ring's software
 TX offloads off (UDRV_OFFLOADS=none: one TAP read per wire frame), --compare-one-thread with the
 ring's TX half on the daemon's own thread (UDRV_TX_THREAD=0), --compare-no-placement with the
-daemon left where the scheduler puts it (UDRV_CPU_PLACEMENT=0, udrv/placement.py); --skip-python
+daemon left where the scheduler puts it (UDRV_CPU_PLACEMENT=0, udrv/placement.py), --compare-no-aqm
+with CoDel on the TX journal off (UDRV_AQM=off; in every round, after the C ring); --skip-python
 leaves the Python engine out. Then (C ring) recovery latency on the real gadget: a 1 ms UDP probe
 from the host side to an echo behind usb0 while faults are injected into the running daemon,
 recovered by checkpoint, then by a full restart (`udrv run --recovery restart`), 10 of each
@@ -111,17 +112,37 @@ def _thread_cpu(pid: int | None) -> dict[str, float]:
     return out
 
 
+def ping_beside(seconds: int) -> subprocess.Popen:
+    """A ping every 100 ms to the peer while iperf3 runs: what an interactive flow beside the bulk
+    one waits (the queue in front of the device, seen from outside TCP)."""
+    return subprocess.Popen(["busybox", "ping", "-i", "0.1", "-w", str(seconds + 1), PEER_IP],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def ping_p50(p: subprocess.Popen) -> float | None:
+    """The median reply time in ms, leaving out the first second (iperf3's server start and
+    TCP's slow start)."""
+    import re
+    out = p.communicate(timeout=30)[0]
+    ms = sorted(float(t) for seq, t in re.findall(r"seq=(\d+) ttl=\d+ time=([\d.]+) ms", out) if int(seq) >= 10)
+    return ms[len(ms) // 2] if ms else None
+
+
 def iperf_cpu(seconds: int, pid: int | None) -> tuple[dict, dict]:
     """Both directions, with where the CPU went: the share of all the guest's vCPUs that was
     busy, udrv's daemon user/system seconds per wall second (1.0 = one vCPU) and the same per
     thread (a thread near 1.0 sets the pace whatever the rest of the guest does); with TX the
-    RTT the sending TCP saw ("tx_rtt_ms"): the queue in front of the device under load."""
+    RTT the sending TCP saw ("tx_rtt_ms") and a ping's beside it ("tx_ping_ms", median): the
+    queue in front of the device under load."""
     vals, cpu = {}, {}
     for way, rev in (("tx", False), ("rx", True)):
         b0, c0, t0, th0 = _busy(), _proc_cpu(pid), time.monotonic(), _thread_cpu(pid)
+        ping = None if rev else ping_beside(seconds)
         vals[way], rtt = iperf(seconds, rev)
         if rtt is not None:
             vals[f"{way}_rtt_ms"] = rtt
+        if ping is not None:
+            vals[f"{way}_ping_ms"] = ping_p50(ping)
         b1, c1, wall, th1 = _busy(), _proc_cpu(pid), time.monotonic() - t0, _thread_cpu(pid)
         cpu[way] = {"guest_busy": round((b1[0] - b0[0]) / max(1, b1[1] - b0[1]), 2),
                     "vcpus": os.cpu_count(),
@@ -294,7 +315,7 @@ def kernel_again(dev: Path, gif: str, seconds: int) -> tuple[dict, dict]:
 
 def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool = True,
                 no_offload: bool = False, one_thread: bool = False, no_placement: bool = False,
-                recovery_repeats: int = 10, rounds: int = 1) -> None:
+                recovery_repeats: int = 10, rounds: int = 1, no_aqm: bool = False) -> None:
     from udrv.gadget.configfs import ecm_gadget, interface_netdevs, modprobe, wait_host_device
     res: dict = {"seconds": seconds}
     try:
@@ -332,6 +353,8 @@ def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool
                     variants.append(("native-1thread", run, {"UDRV_TX_THREAD": "0"}))
                 if no_placement:
                     variants.append(("native-noplacement", run, {"UDRV_CPU_PLACEMENT": "0"}))
+                if no_aqm:
+                    variants.append(("native-noaqm", run, {"UDRV_AQM": "off"}))
                 variants.append(("native", run, {}))
             else:
                 res["native_unavailable"] = native.why_unavailable()
@@ -346,6 +369,7 @@ def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool
                 from udrv.daemon import request
                 st = request("udrv0", {"cmd": "status"})
                 res[f"{name}_rx_coalesce"] = st.get("status", {}).get("rx_coalesce")
+                res[f"{name}_tx_journal"] = st.get("status", {}).get("tx_journal")
             except Exception as e:
                 res[name] = {"error": f"{type(e).__name__}: {e}", "log": log.read_text()[-2000:]}
             finally:
@@ -364,6 +388,13 @@ def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool
                     res.setdefault("native_more", []).append(iperf_cpu(seconds, p.pid)[0])
                 finally:
                     udrv_down(p)
+                if no_aqm:      # the A/B in every round too: with CoDel on the journal and without
+                    log = out.parent / f"bench-native-noaqm-round{i + 2}.log"
+                    p = udrv_up(run, log, f"native-noaqm, round {i + 2}", gif, {"UDRV_AQM": "off"})
+                    try:
+                        res.setdefault("native-noaqm_more", []).append(iperf_cpu(seconds, p.pid)[0])
+                    finally:
+                        udrv_down(p)
         if "native" in res and "error" not in res["native"]:
             try:
                 res["usbfs_floor"] = usbfs_floor(seconds)
@@ -385,7 +416,8 @@ def report(res: dict) -> str:
     lines = [f"iperf3 over the kernel's f_ecm gadget on dummy_hcd, {res['seconds']} s per direction, one guest boot",
              f"  kernel cdc_ether : TX {k['tx']:8.1f} Mbit/s   RX {k['rx']:8.1f} Mbit/s   "
              f"(median of {len(cdc_runs(res, 'kernel'))} runs)"]
-    for name in ("python", "native-nocoalesce", "native-nooffload", "native-1thread", "native-noplacement", "native"):
+    for name in ("python", "native-nocoalesce", "native-nooffload", "native-1thread", "native-noplacement",
+                 "native-noaqm", "native"):
         r = res.get(name)
         if r is None:
             continue
@@ -417,6 +449,7 @@ def main() -> int:
         guest_bench(int(sys.argv[2]), Path(sys.argv[3]), no_coalesce="--no-coalesce" in sys.argv[4:],
                     python="--skip-python" not in sys.argv[4:], no_offload="--no-offload" in sys.argv[4:],
                     one_thread="--one-thread" in sys.argv[4:], no_placement="--no-placement" in sys.argv[4:],
+                    no_aqm="--no-aqm" in sys.argv[4:],
                     recovery_repeats=0 if "--no-recovery" in sys.argv[4:] else 10,
                     rounds=next((int(x.split("=", 1)[1]) for x in sys.argv[4:] if x.startswith("--rounds=")), 1))
         return 0
@@ -433,6 +466,8 @@ def main() -> int:
                     help="also run the C ring with its TX half on the daemon's thread (UDRV_TX_THREAD=0)")
     ap.add_argument("--compare-no-placement", action="store_true",
                     help="also run the C ring without CPU placement (UDRV_CPU_PLACEMENT=0)")
+    ap.add_argument("--compare-no-aqm", action="store_true",
+                    help="also run the C ring with CoDel on its TX journal off (UDRV_AQM=off)")
     ap.add_argument("--skip-python", action="store_true", help="leave the Python engine out")
     ap.add_argument("--no-recovery", action="store_true", help="skip the recovery-latency runs")
     ap.add_argument("--rounds", type=int, default=3,
@@ -447,6 +482,7 @@ def main() -> int:
                  + (["--no-offload"] if a.compare_no_offload else [])
                  + (["--one-thread"] if a.compare_one_thread else [])
                  + (["--no-placement"] if a.compare_no_placement else [])
+                 + (["--no-aqm"] if a.compare_no_aqm else [])
                  + (["--no-recovery"] if a.no_recovery else []) + [f"--rounds={a.rounds}"])
         r = guest.run([sys.executable, str(Path(__file__).resolve()), "guest", str(a.seconds), str(out), *extra],
                       guest.GuestDevices(smp=a.smp), timeout=600, cwd=ROOT, out_dir=tmp)

@@ -11,7 +11,7 @@ share, not the serial console. One boot + `true` + power-off takes ~2.5-3 s on a
 CLI (exits with the command's status; 2 when the guest itself failed):
     python3 tools/guest.py prepare [--refresh]
     python3 tools/guest.py run [--e1000] [--e1000e] [--usb-net] [--tap IFNAME]
-                               [--memory 1024M] [--timeout 120] [--console] -- CMD...
+                               [--memory 1024M] [--smp 1] [--timeout 120] [--console] -- CMD...
 
 Library (the repository root must be on sys.path; tests/kernel/conftest.py wraps this as `guest`):
     from tools.guest import prepare, run, GuestDevices
@@ -608,6 +608,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--usb-net", action="store_true")
     r.add_argument("--tap", metavar="IFNAME")
     r.add_argument("--memory", default="1024M")
+    r.add_argument("--smp", type=int, default=1, help="vCPUs (the USB benches use 2)")
     r.add_argument("--timeout", type=float, default=120.0)
     r.add_argument("--console", action="store_true", help="print the serial console to stderr")
     r.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -625,7 +626,8 @@ def _cli(argv: list[str]) -> int:
         cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
         if not cmd:
             ap.error("run needs a command after --")
-        devs = GuestDevices(e1000=a.e1000, e1000e=a.e1000e, usb_net=a.usb_net, tap_ifname=a.tap, memory=a.memory)
+        devs = GuestDevices(e1000=a.e1000, e1000e=a.e1000e, usb_net=a.usb_net, tap_ifname=a.tap, memory=a.memory,
+                            smp=a.smp)
         res = run(cmd, devs, timeout=a.timeout)
     except GuestError as e:
         print(f"guest.py: {e}", file=sys.stderr)

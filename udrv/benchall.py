@@ -118,6 +118,7 @@ CDC_VARIANTS = {"native": "C ring (udrv run)", "native-nocoalesce": "C ring, RX 
                 "native-nooffload": "C ring, software TX offloads off",
                 "native-1thread": "C ring, TX on the daemon's thread",
                 "native-noplacement": "C ring, no CPU placement",
+                "native-noaqm": "C ring, AQM off (UDRV_AQM=off)",
                 "python": "Python engine"}
 
 
@@ -262,15 +263,24 @@ def _rtt_medians(by_side: dict[str, list]) -> dict[str, float] | None:
 
 
 def tx_rtt_lines(raw: dict) -> list[str]:
-    """The latency under load: the mean RTT the sending TCP measured during TX, median per path."""
+    """The latency under load: the mean RTT the sending TCP measured during TX, median per path
+    (and of the C ring with its AQM off, when that ran)."""
     med = _rtt_medians({name: [r.get("tx_rtt_ms") for r in cdc_runs(raw, name)] for name in ("kernel", "native")})
     if not med:
         return []
+    off = _rtt_medians({"off": [r.get("tx_rtt_ms") for r in cdc_runs(raw, "native-noaqm")]})
+    names = ("kernel", "native", "native-noaqm") if cdc_runs(raw, "native-noaqm") else ("kernel", "native")
+    ping = _rtt_medians({name: [r.get("tx_ping_ms") for r in cdc_runs(raw, name)] for name in names})
     return [f"Latency under load (TX: the mean RTT the sending TCP measured, median of each side's runs): "
-            f"{KERNEL_DRIVER['cdc_ecm']} {med['kernel']:.1f} ms, udrv {med['native']:.1f} ms. A TAP gives TCP "
+            f"{KERNEL_DRIVER['cdc_ecm']} {med['kernel']:.1f} ms, udrv {med['native']:.1f} ms"
+            + (f", udrv with its AQM off {off['off']:.1f} ms" if off else "")
+            + (f"; a ping every 100 ms beside the flow: {KERNEL_DRIVER['cdc_ecm']} {ping['kernel']:.1f} ms, udrv "
+               f"{ping['native']:.1f} ms" + (f", AQM off {ping['native-noaqm']:.1f} ms" if "native-noaqm" in ping else "")
+               if ping else "") + ". A TAP gives TCP "
             "no backpressure (tun orphans each frame it queues, so TCP Small Queues do not see it): under "
-            "load the frames TCP hands over wait in udrv's TX journal, unsent, and that queue is what the RTT "
-            "shows; cdc_ether holds each frame until its URB completes, so TCP keeps its queue short.", ""]
+            "load the frames TCP hands over queue in udrv's TX journal, where CoDel (5 ms target, "
+            "UDRV_AQM=off turns it off) drops or ECN-marks those that waited too long; cdc_ether holds "
+            "each frame until its URB completes, so TCP keeps its queue short itself.", ""]
 
 
 def pegasus_rtt_lines(runs: list[dict]) -> list[str]:
@@ -323,11 +333,13 @@ def cdc_ecm_details(raw: dict) -> list[str]:
              **CDC_VARIANTS}
     runs = [(label, raw[n]) for n, label in names.items() if isinstance(raw.get(n), dict) and "tx" in raw[n]]
     runs[1:1] = [(f"{KERNEL_DRIVER['cdc_ecm']}, round {i + 2}", r) for i, r in enumerate(raw.get("kernel_more", []))]
-    runs += [(f"{CDC_VARIANTS['native']}, round {i + 2}", r) for i, r in enumerate(raw.get("native_more", []))]
+    for name in ("native", "native-noaqm"):
+        runs += [(f"{CDC_VARIANTS[name]}, round {i + 2}", r) for i, r in enumerate(raw.get(f"{name}_more", []))]
     if runs:
-        details += ["| run | TX Mbit/s | RX Mbit/s | TX: TCP's RTT |", "|---|---|---|---|"]
+        details += ["| run | TX Mbit/s | RX Mbit/s | TX: TCP's RTT | TX: a ping beside it (median) |",
+                    "|---|---|---|---|---|"]
         details += [f"| {label} | {r['tx']:.1f} | {r['rx']:.1f} | "
-                    f"{_ms(r.get('tx_rtt_ms'))} |" for label, r in runs]
+                    f"{_ms(r.get('tx_rtt_ms'))} | {_ms(r.get('tx_ping_ms'))} |" for label, r in runs]
         details += ["", *tx_rtt_lines(raw)]
     cpu = [(label, raw[f"{n}_cpu"]) for n, label in names.items() if f"{n}_cpu" in raw]
     if cpu:

@@ -161,7 +161,10 @@ def cmd_run(args: argparse.Namespace, scenario: Any = None) -> int:
               NicOptions(guards=not args.no_guards, recovery=getattr(args, "recovery", "checkpoint"),
                          config_deadline=getattr(args, "config_deadline", 1.0),
                          datapath_deadline=getattr(args, "datapath_deadline", 1.0),
-                         swap_after=getattr(args, "swap_after", 3) or 1 << 30),
+                         swap_after=getattr(args, "swap_after", 3) or 1 << 30,
+                         aqm_target=getattr(args, "aqm_target", 5.0) / 1e3,
+                         aqm_interval=getattr(args, "aqm_interval", 100.0) / 1e3,
+                         aqm_ecn=not getattr(args, "aqm_no_ecn", False)),
               watchdog=Watchdog(), on_recovery=lambda r: logging.getLogger("udrv").warning("%s", r.line()),
               reopen=reopen)
     daemon = Daemon(nic, tap, extra_fds=extra, model=model)
@@ -219,6 +222,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     j = st["tx_journal"]
     print(f"  tx queue {j['queued']} frames ({j['queued_bytes']} bytes) waiting for the device, "
           f"{j['in_device']} in it, {j['reissued']} re-issued after recoveries")
+    if j.get("aqm_target_ms"):
+        print(f"  aqm: codel target {j['aqm_target_ms']:g} ms interval {j['aqm_interval_ms']:g} ms"
+              f"{'' if j['aqm_ecn'] else ' (drop only)'}: {j['aqm_drops']} dropped, {j['aqm_marks']} ECN-marked; "
+              f"the oldest frame queued now waited {j['oldest_waiting_ms']:g} ms")
+    else:
+        print("  aqm: off: a bulk flow's queue delays every other flow (udrv aqm --target 5 turns CoDel on)")
     gro = st.get("rx_coalesce")
     if gro:
         print(f"  rx coalescing {'on' if gro['on'] else 'off'}: {gro['segments']} segments in "
@@ -230,6 +239,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         silent = "n/a" if rec["silent_ms"] is None else f"{rec['silent_ms']:.2f} ms"
         print(f"    {rec['entry']}: {rec['fault']} -> {rec['outcome']}, reissued {rec['reissued']}, "
               f"recovery {rec['recovery_ms']:.2f} ms, silent {silent}")
+    return 0
+
+
+def cmd_aqm(args: argparse.Namespace) -> int:
+    from .daemon import request
+    req: dict[str, Any] = {"cmd": "aqm"}
+    if args.target is not None:
+        req["target_ms"] = args.target
+    if args.interval is not None:
+        req["interval_ms"] = args.interval
+    if args.ecn is not None:
+        req["ecn"] = args.ecn == "on"
+    r = request(args.ifname, req)
+    if not r.get("ok"):
+        print(f"udrv: {r.get('error')}", file=sys.stderr)
+        return 1
+    a = r["aqm"]
+    if not a["target_ms"]:
+        print(f"{args.ifname}: aqm off")
+    else:
+        print(f"{args.ifname}: aqm codel target {a['target_ms']:g} ms interval {a['interval_ms']:g} ms "
+              f"{'ecn' if a['ecn'] else 'drop only'}")
     return 0
 
 
@@ -372,7 +403,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "above 4x the call's running average on slow machines)")
     r.add_argument("--datapath-deadline", type=float, default=1.0, metavar="S",
                    help="an xmit/poll call running longer is a hang (default 1 s)")
+    r.add_argument("--aqm-target", type=float, default=5.0, metavar="MS",
+                   help="CoDel on the TX queue: frames that waited longer than this for a whole interval "
+                        "are dropped or ECN-marked (default 5 ms, as fq_codel; 0 turns it off)")
+    r.add_argument("--aqm-interval", type=float, default=100.0, metavar="MS",
+                   help="CoDel's interval: about the longest RTT of the flows through the NIC (default 100 ms)")
+    r.add_argument("--aqm-no-ecn", action="store_true", help="drop rather than ECN-mark ECN-capable frames")
     r.set_defaults(fn=cmd_run)
+
+    q = sub.add_parser("aqm", help="show or change a running daemon's CoDel settings on its TX queue")
+    q.add_argument("--target", type=float, default=None, metavar="MS", help="0 turns it off")
+    q.add_argument("--interval", type=float, default=None, metavar="MS")
+    q.add_argument("--ecn", choices=["on", "off"], default=None, help="off: drop rather than mark")
+    q.add_argument("--ifname", default="udrv0")
+    q.set_defaults(fn=cmd_aqm)
 
     d = sub.add_parser("demo", help="embedded device + iperf3 + a fault injected mid-run")
     d.add_argument("--seconds", type=float, default=10.0, help="iperf3 duration (default 10)")

@@ -365,7 +365,12 @@ class Daemon:
             if cmd == "restart":
                 ms = self.nic.restart()
                 return {"ok": True, "restart_ms": ms}
-            return {"ok": False, "error": f"unknown command {cmd!r}: use status, inject or restart"}
+            if cmd == "aqm":
+                now = self.nic.aqm_settings()
+                target = float(req.get("target_ms", now["target_ms"])) / 1e3
+                interval = float(req.get("interval_ms", now["interval_ms"])) / 1e3
+                return {"ok": True, "aqm": self.nic.set_aqm(target, interval, bool(req.get("ecn", now["ecn"])))}
+            return {"ok": False, "error": f"unknown command {cmd!r}: use status, inject, restart or aqm"}
         except (UdrvError, KeyError, ValueError) as e:
             return {"ok": False, "error": str(e)}
 

@@ -8,10 +8,16 @@ wire twice (their completion was lost); the journal counts them as possible dupl
 The journal is a fixed-slot ring in a memfd, so a worker process (and the C fast path) can
 map the very same memory; the layout is plain little-endian integers:
 
-    header (64 bytes): magic u32 | nslots u32 | slot_size u32 | _ u32 |
-                       head u64 @16 | sent u64 @24 | tail u64 @32 | reissued u64 @40 |
-                       duplicates u64 @48
-    slot i at 64 + i * slot_size: length u32 | flags u32 | seq u64 | payload (length bytes)
+    header (128 bytes): magic u32 | nslots u32 | slot_size u32 | _ u32 |
+                        head u64 @16 | sent u64 @24 | tail u64 @32 | reissued u64 @40 |
+                        duplicates u64 @48 |
+                        AQM: target_ns u64 @56 (0 = off) | interval_ns u64 @64 | drops u64 @72 |
+                        marks u64 @80 | CoDel first_above u64 @88 | drop_next u64 @96 |
+                        count u32 @104 | lastcount u32 @108 | dropping u32 @112 |
+                        flags u32 @116 (bit 0: ECN) | judged u64 @120 (next seq to judge)
+    slot i at 128 + i * slot_size: length u32 | flags u32 | seq u64 | stamp u64 | _ u64 |
+                                   payload (length bytes)
+      stamp: time.monotonic_ns() (CLOCK_MONOTONIC) when the frame was journaled.
       flags bit 0 (SLOT_VNET): the payload starts with a virtio-net header of N bytes,
                   N = flags bits 15:8 (udrv.offload; e.g. 12), then the frame: what the host
                   asked for (checksum, TSO) travels with the frame and survives re-issues.
@@ -19,23 +25,44 @@ map the very same memory; the layout is plain little-endian integers:
                   frames whose header asks for nothing: their header is not kept).
 Sequence numbers grow without wrapping; slot = seq % nslots.
 
+The journal is also where frames queue in front of the device: a TAP gives the host's TCP no
+backpressure (tun orphans every frame), so without a limit a bulk flow fills it and every flow
+waits behind the queue (80-180 ms of RTT under load, measured). `aqm_drop()` is CoDel (RFC 8289)
+on how long the next entry waited, judged once per entry as a datapath starts it: the same
+rules as Linux's codel/fq_codel, and, like fq_codel, ECN-capable frames are marked rather than
+dropped. Its state lives in the header, so the C rings, the Python datapaths and a later worker
+process all run one CoDel. An AQM drop is a decision, not a loss: counted in `aqm_drops`, and
+never taken on a re-issued entry or on the last one queued.
+
 `frame()`/`take_unsent()` give the frame without its header (what a datapath that knows no
 offloads can use); `entry()`/`peek_unsent()` give (header, frame) for those that do.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
+import time
+from typing import Callable
 
 from .errors import UdrvError
 
-MAGIC = 0x314A4455  # "UDJ1"
-HEADER = 64
-SLOT_HEADER = 16
+MAGIC = 0x324A4455  # "UDJ2"
+HEADER = 128
+SLOT_HEADER = 32
 _U64 = struct.Struct("<Q")
-_SLOT = struct.Struct("<IIQ")
+_U32 = struct.Struct("<I")
+_SLOT = struct.Struct("<IIQQ")
 _OFF_HEAD, _OFF_SENT, _OFF_TAIL, _OFF_REISSUED, _OFF_DUPS = 16, 24, 32, 40, 48
+_OFF_AQM_TARGET, _OFF_AQM_INTERVAL, _OFF_AQM_DROPS, _OFF_AQM_MARKS = 56, 64, 72, 80
+_OFF_FIRST_ABOVE, _OFF_DROP_NEXT, _OFF_COUNT, _OFF_LASTCOUNT = 88, 96, 104, 108
+_OFF_DROPPING, _OFF_AQM_FLAGS, _OFF_JUDGED = 112, 116, 120
+_SLOT_OFF_STAMP = 16
+AQM_ECN = 0x1
+# fq_codel's defaults: 5 ms of standing queue allowed, judged over 100 ms (about a WAN RTT)
+AQM_TARGET = 0.005
+AQM_INTERVAL = 0.100
 SLOT_VNET = 0x1
 VNET_LEN_SHIFT = 8
 VNET_LEN_MASK = 0xFF
@@ -46,11 +73,51 @@ def vnet_len(flags: int) -> int:
     return (flags >> VNET_LEN_SHIFT) & VNET_LEN_MASK if flags & SLOT_VNET else 0
 
 
+def _control_law(t: int, interval: int, count: int) -> int:
+    """CoDel's next drop time: t + interval / sqrt(count) (as journal.c computes it)."""
+    return t + int(interval / math.sqrt(count))
+
+
 class JournalFull(UdrvError):
     pass
 
 
+def mark_ce(frame: bytearray | memoryview) -> int:
+    """Set CE in an ECN-capable IPv4/IPv6 frame (after an optional 802.1Q tag), keeping the IPv4
+    header checksum right: 1 = marked (or CE already), 0 = not ECN-capable, -1 = not IP."""
+    n = len(frame)
+    if n < 14:
+        return -1
+    l3, etype = 14, frame[12] << 8 | frame[13]
+    if etype == 0x8100 and n >= 18:
+        l3, etype = 18, frame[16] << 8 | frame[17]
+    if etype == 0x0800 and n >= l3 + 20 and frame[l3] >> 4 == 4:
+        ecn = frame[l3 + 1] & 3
+        if ecn in (0, 3):
+            return 0 if ecn == 0 else 1
+        old = frame[l3] << 8 | frame[l3 + 1]
+        frame[l3 + 1] |= 3
+        new = frame[l3] << 8 | frame[l3 + 1]
+        # RFC 1624: HC' = ~(~HC + ~m + m')
+        hc = frame[l3 + 10] << 8 | frame[l3 + 11]
+        total = (~hc & 0xFFFF) + (~old & 0xFFFF) + new
+        total = (total & 0xFFFF) + (total >> 16)
+        total = (total & 0xFFFF) + (total >> 16)
+        hc = ~total & 0xFFFF
+        frame[l3 + 10], frame[l3 + 11] = hc >> 8, hc & 0xFF
+        return 1
+    if etype == 0x86DD and n >= l3 + 40 and frame[l3] >> 4 == 6:
+        if not frame[l3 + 1] & 0x30:            # traffic class straddles bytes 0 and 1
+            return 0
+        frame[l3 + 1] |= 0x30
+        return 1
+    return -1
+
+
 class TxJournal:
+    # where stamps come from; tests set their own clock
+    clock: Callable[[], int] = staticmethod(time.monotonic_ns)
+
     def __init__(self, nslots: int = 1024, slot_size: int = 2048, fd: int | None = None):
         if nslots & (nslots - 1):
             raise ValueError("nslots must be a power of two")
@@ -104,7 +171,7 @@ class TxJournal:
         flags = SLOT_VNET | len(vnet) << VNET_LEN_SHIFT if vnet else 0
         seq = self.head
         off = self._slot(seq)
-        _SLOT.pack_into(self.mem, off, total, flags, seq)
+        _SLOT.pack_into(self.mem, off, total, flags, seq, self.clock())
         data = off + SLOT_HEADER
         if vnet:
             self.mem[data: data + len(vnet)] = vnet
@@ -129,14 +196,21 @@ class TxJournal:
         the device, what TCP's RTT under load shows."""
         n = 0
         for seq in range(self.sent, self.head):
-            length, flags, _seq = _SLOT.unpack_from(self.mem, self._slot(seq))
+            length, flags, _seq, _stamp = _SLOT.unpack_from(self.mem, self._slot(seq))
             n += length - vnet_len(flags)
         return n
+
+    def oldest_unsent_age(self) -> float:
+        """Seconds the oldest unsent entry has waited (0.0: none waits): the sojourn CoDel
+        judges, as it stands now."""
+        if self.sent >= self.head:
+            return 0.0
+        return max(0, self.clock() - self.stamp(self.sent)) / 1e9
 
     def entry(self, seq: int) -> tuple[bytes, bytes]:
         """(virtio-net header or b"", frame) of a journaled frame."""
         off = self._slot(seq)
-        length, flags, stored = _SLOT.unpack_from(self.mem, off)
+        length, flags, stored, _stamp = _SLOT.unpack_from(self.mem, off)
         hlen = vnet_len(flags)
         if stored != seq or length > self.max_frame or hlen > length:
             raise UdrvError(f"TX journal slot for seq {seq} holds seq {stored} (length {length}, flags "
@@ -154,7 +228,7 @@ class TxJournal:
         if seq >= self.head:
             return None
         off = self._slot(seq)
-        length, flags, stored = _SLOT.unpack_from(self.mem, off)
+        length, flags, stored, _stamp = _SLOT.unpack_from(self.mem, off)
         if flags or stored != seq or length > self.max_frame:
             return (seq, *self.entry(seq))          # header to split off, or corruption to report
         return seq, b"", self.mem[off + SLOT_HEADER: off + SLOT_HEADER + length]
@@ -206,6 +280,89 @@ class TxJournal:
     @property
     def reissued(self) -> int:
         return self._get(_OFF_REISSUED)
+
+    # --- the AQM ---------------------------------------------------------------------------
+    def set_aqm(self, target: float = AQM_TARGET, interval: float = AQM_INTERVAL, ecn: bool = True) -> None:
+        """Turn CoDel on (target > 0, seconds) or off (target 0)."""
+        if target < 0 or (target and interval <= 0):
+            raise ValueError(f"AQM target {target} s / interval {interval} s: give a target >= 0 and an interval > 0")
+        self._set(_OFF_AQM_TARGET, round(target * 1e9))
+        self._set(_OFF_AQM_INTERVAL, round(interval * 1e9))
+        _U32.pack_into(self.mem, _OFF_AQM_FLAGS, AQM_ECN if ecn else 0)
+
+    @property
+    def aqm_target(self) -> float:
+        return self._get(_OFF_AQM_TARGET) / 1e9
+
+    @property
+    def aqm_drops(self) -> int:
+        return self._get(_OFF_AQM_DROPS)
+
+    @property
+    def aqm_marks(self) -> int:
+        return self._get(_OFF_AQM_MARKS)
+
+    def stamp(self, seq: int) -> int:
+        """When the entry was journaled (the journal's clock, ns)."""
+        return _U64.unpack_from(self.mem, self._slot(seq) + _SLOT_OFF_STAMP)[0]
+
+    def aqm_drop(self, now: int | None = None) -> bool:
+        """CoDel's verdict on the next unsent entry, once per entry, as a datapath starts it
+        (journal.c's udrv_journal_aqm_drop, step for step). True: drop it, which the caller does
+        as for any frame that cannot go on the wire (mark it sent; it is confirmed in order with
+        the next). With ECN on, an ECN-capable frame is marked CE in place instead (False)."""
+        target = self._get(_OFF_AQM_TARGET)
+        if not target:
+            return False
+        seq, head = self.sent, self.head
+        if seq >= head or seq < self._get(_OFF_JUDGED):
+            return False
+        self._set(_OFF_JUDGED, seq + 1)
+        if now is None:
+            now = self.clock()
+        interval = self._get(_OFF_AQM_INTERVAL)
+        sojourn = max(0, now - self.stamp(seq))
+        ok_to_drop = False
+        if sojourn < target or head - seq <= 1:
+            self._set(_OFF_FIRST_ABOVE, 0)
+        else:
+            first = self._get(_OFF_FIRST_ABOVE)
+            if not first:
+                self._set(_OFF_FIRST_ABOVE, now + interval)
+            else:
+                ok_to_drop = now >= first
+        drop_next = self._get(_OFF_DROP_NEXT)
+        count = _U32.unpack_from(self.mem, _OFF_COUNT)[0]
+        if _U32.unpack_from(self.mem, _OFF_DROPPING)[0]:
+            if not ok_to_drop:
+                _U32.pack_into(self.mem, _OFF_DROPPING, 0)
+                return False
+            if now < drop_next:
+                return False
+            count = (count + 1) & 0xFFFFFFFF
+            _U32.pack_into(self.mem, _OFF_COUNT, count)
+            self._set(_OFF_DROP_NEXT, _control_law(drop_next, interval, count))
+        else:
+            if not ok_to_drop:
+                return False
+            _U32.pack_into(self.mem, _OFF_DROPPING, 1)
+            delta = (count - _U32.unpack_from(self.mem, _OFF_LASTCOUNT)[0]) & 0xFFFFFFFF
+            count = delta if delta > 1 and now - drop_next < 16 * interval else 1
+            _U32.pack_into(self.mem, _OFF_COUNT, count)
+            _U32.pack_into(self.mem, _OFF_LASTCOUNT, count)
+            self._set(_OFF_DROP_NEXT, _control_law(now, interval, count))
+        if _U32.unpack_from(self.mem, _OFF_AQM_FLAGS)[0] & AQM_ECN:
+            off = self._slot(seq)
+            length, flags, _seq, _stamp = _SLOT.unpack_from(self.mem, off)
+            data = off + SLOT_HEADER + vnet_len(flags)
+            with memoryview(self.mem) as mem:        # released at once: close() needs no exports
+                with mem[data: off + SLOT_HEADER + length] as frame:
+                    marked = length <= self.max_frame and mark_ce(frame) > 0
+            if marked:
+                self._set(_OFF_AQM_MARKS, self._get(_OFF_AQM_MARKS) + 1)
+                return False
+        self._set(_OFF_AQM_DROPS, self._get(_OFF_AQM_DROPS) + 1)
+        return True
 
     def close(self) -> None:
         self.mem.close()

@@ -239,6 +239,17 @@ class NativeJournal:
     def rewind(self) -> int:
         return lib.udrv_journal_rewind(self._j)
 
+    def aqm_drop(self, now: int | None = None) -> bool:
+        return lib.udrv_journal_aqm_drop(self._j, lib.udrv_journal_now_ns() if now is None else now) == 1
+
+    @property
+    def aqm_drops(self) -> int:
+        return lib.udrv_journal_aqm_drops(self._j)
+
+    @property
+    def aqm_marks(self) -> int:
+        return lib.udrv_journal_aqm_marks(self._j)
+
     def close(self) -> None:
         if self._j is not None:
             lib.udrv_journal_unmap(self._j)

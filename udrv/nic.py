@@ -29,9 +29,9 @@ from .driver import LinkState, RxMode
 from .errors import DeviceGone, Escalation, TransferTimeout, TxHang, UdrvError
 from .faults import FaultInjector, FaultSpec
 from .guard import Guard, Recovery, Watchdog, driver_side
-from .journal import JournalFull, TxJournal
+from .journal import AQM_INTERVAL, AQM_TARGET, JournalFull, TxJournal
 from .driver import NetDriver
-from . import offload
+from . import journal as journal_mod, offload
 
 log = logging.getLogger("udrv.nic")
 _CSUM_FIELDS = struct.Struct("<HH")       # virtio-net header: csum_start, csum_offset at byte 6
@@ -52,6 +52,11 @@ class NicOptions:
     gso_journal_slots: int = 256     # with TSO a slot holds a 64 KiB frame: fewer of them
     recovery: str = "checkpoint"     # "checkpoint" (FGFT) or "restart" (close, re-probe, re-open)
     swap_after: int = 3              # escalations of one implementation before swapping to the next
+    # CoDel on the TX journal (udrv/journal.py): the queue a TAP cannot push back on. target 0 =
+    # off; UDRV_AQM=off / UDRV_AQM=drop (no ECN marks) in the environment override these.
+    aqm_target: float = AQM_TARGET
+    aqm_interval: float = AQM_INTERVAL
+    aqm_ecn: bool = True
 
 
 @dataclass
@@ -106,14 +111,15 @@ class Nic:
         self._tap_configured = False
         # a slot holds the largest frame the driver can send: MTU + header + VLAN tag, 64-byte
         # aligned; with TSO a 64 KiB GSO frame (+ link headers) behind its virtio-net header
-        slot = max(c.max_mtu for c in self.implementations) + 18 + 16
+        slot = max(c.max_mtu for c in self.implementations) + 18 + journal_mod.SLOT_HEADER
         nslots = self.opts.journal_slots
         if self.offloads:
             slot += offload.VNET_HDR_LEN
         if self.offloads & {offload.TSO4, offload.TSO6}:
-            slot = max(slot, 65536 + 64 + offload.VNET_HDR_LEN + 16)
+            slot = max(slot, 65536 + 64 + offload.VNET_HDR_LEN + journal_mod.SLOT_HEADER)
             nslots = min(nslots, self.opts.gso_journal_slots)
         self.journal = TxJournal(nslots, max((slot + 63) & ~63, 2048))
+        self._set_aqm()
         self.config_log = ConfigLog()
         self.counters = NicCounters()
         self.recoveries: list[Recovery] = []
@@ -159,6 +165,29 @@ class Nic:
         t = self.transport
         n = getattr(t, "device_writes", None)
         return None if n is None else (id(t), n)
+
+    def _set_aqm(self) -> None:
+        target, ecn = self.opts.aqm_target, self.opts.aqm_ecn
+        mode = os.environ.get("UDRV_AQM", "").strip().lower()
+        if mode in ("off", "0", "none"):
+            target = 0.0
+        elif mode == "drop":
+            ecn = False
+        elif mode not in ("", "on", "1", "ecn"):
+            log.warning("event=aqm_setting_ignored UDRV_AQM=%r (use off, drop or on)", mode)
+        self.set_aqm(target, self.opts.aqm_interval, ecn)
+
+    def set_aqm(self, target: float, interval: float, ecn: bool) -> dict[str, Any]:
+        """CoDel's settings on the TX journal, live (the datapaths read them from the journal's
+        header at every entry): target 0 turns it off. Returns what is in effect."""
+        self.journal.set_aqm(target, interval, ecn)
+        self.opts.aqm_target, self.opts.aqm_interval, self.opts.aqm_ecn = target, interval, ecn
+        log.info("event=aqm target_ms=%g interval_ms=%g ecn=%s", target * 1e3, interval * 1e3, ecn)
+        return self.aqm_settings()
+
+    def aqm_settings(self) -> dict[str, Any]:
+        return {"target_ms": self.opts.aqm_target * 1e3, "interval_ms": self.opts.aqm_interval * 1e3,
+                "ecn": self.opts.aqm_ecn}
 
     def _setup_tap(self) -> None:
         """Once, before the first datapath is built (the C ring takes the TAP's fd and header
@@ -590,6 +619,8 @@ class Nic:
         st = self.driver.stats()
         rx_drop = dict(c.rx_dropped)
         tap_in, offload_frames, tx_dropped = self._tap_totals()
+        if self.journal.aqm_drops:
+            tx_dropped = {**tx_dropped, "aqm": self.journal.aqm_drops}
         return {
             "driver": self.driver.name,
             "device": getattr(self.transport.info, "ident", "") or getattr(self.transport.info, "bdf", ""),
@@ -609,7 +640,12 @@ class Nic:
             # queued: read from the TAP, not yet in the device (the latency a bulk flow adds)
             "tx_journal": {"unconfirmed": self.journal.unconfirmed(), "in_device": self.journal.in_device(),
                            "queued": self.journal.unsent(), "queued_bytes": self.journal.unsent_bytes(),
-                           "reissued": self.journal.reissued},
+                           "oldest_waiting_ms": round(self.journal.oldest_unsent_age() * 1e3, 3),
+                           "reissued": self.journal.reissued,
+                           # CoDel on that queue: frames dropped / ECN-marked for waiting too long
+                           "aqm_target_ms": self.journal.aqm_target * 1e3,
+                           "aqm_interval_ms": self.opts.aqm_interval * 1e3, "aqm_ecn": self.opts.aqm_ecn,
+                           "aqm_drops": self.journal.aqm_drops, "aqm_marks": self.journal.aqm_marks},
             "recoveries": self.counters.recoveries, "escalations": self.counters.escalations,
             "restarts": self.counters.restarts, "swaps": self.counters.swaps,
             "tx_waits_for_carrier": self.counters.tx_waits_for_carrier,

@@ -191,6 +191,9 @@ class UsbNetEngine:
                 if item is None:
                     break
                 seq, vnet, frame = item
+                if journal.aqm_drop():           # waited too long: confirmed with the next
+                    journal.mark_sent(seq)
+                    continue
                 pieces = [frame]
                 if vnet:
                     # left by the C ring, which finishes offload requests as it sends: the same
