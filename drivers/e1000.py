@@ -1217,15 +1217,16 @@ class E1000Ring:
                 if self._pending:
                     break
                 continue
-            item = journal.peek_unsent()
-            if item is None:
-                break
-            seq, vnet, frame = item
             if journal.aqm_drop():           # waited too long (the framework's AQM): in order
+                seq = journal.sent
                 journal.mark_sent(seq)
                 self._tx_drop(seq)
                 taken += 1
                 continue
+            item = journal.peek_unsent()     # after the verdict: a CE mark is in the slot
+            if item is None:
+                break
+            seq, vnet, frame = item
             length = len(frame)
             if inline and not vnet and ETH_HLEN <= length <= bs:
                 # the common case, kept short: one legacy descriptor (EOP|IFCS|RS)

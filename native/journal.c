@@ -264,9 +264,11 @@ int udrv_journal_mark_ce(uint8_t *f, uint32_t len)
     if (len < 14)
         return -1;
     uint16_t type = (uint16_t)(f[12] << 8 | f[13]);
-    if (type == 0x8100 && len >= 18) {
-        type = (uint16_t)(f[16] << 8 | f[17]);
-        l3 = 18;
+    for (int tags = 0; tags < 2; tags++) {   /* up to two VLAN tags (802.1Q, 802.1ad), as gso.c */
+        if ((type != 0x8100 && type != 0x88A8) || len < l3 + 4)
+            break;
+        type = (uint16_t)(f[l3 + 2] << 8 | f[l3 + 3]);
+        l3 += 4;
     }
     if (type == 0x0800 && len >= l3 + 20 && f[l3] >> 4 == 4) {
         uint8_t *ip = f + l3;
@@ -334,7 +336,8 @@ int udrv_journal_aqm_drop(struct udrv_journal *j, uint64_t now)
         }
         if (now < drop_next)
             return 0;
-        count++;
+        if (count < UINT32_MAX)
+            count++;                  /* saturates: sqrt(0) never comes */
         set32(j, OFF_CODEL_COUNT, count);
         set64(j, OFF_CODEL_DROP_NEXT, control_law(drop_next, interval, count));
     } else {

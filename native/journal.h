@@ -99,7 +99,7 @@ int udrv_journal_aqm_drop(struct udrv_journal *j, uint64_t now_ns);
 uint64_t udrv_journal_now_ns(void);
 uint64_t udrv_journal_aqm_drops(const struct udrv_journal *j);
 uint64_t udrv_journal_aqm_marks(const struct udrv_journal *j);
-/* Set CE in an ECN-capable IPv4/IPv6 frame (after an optional 802.1Q tag; the IPv4 header
+/* Set CE in an ECN-capable IPv4/IPv6 frame (after up to two VLAN tags; the IPv4 header
  * checksum kept right): 1 = marked (or CE already), 0 = not ECN-capable, -1 = not IP. */
 int udrv_journal_mark_ce(uint8_t *frame, uint32_t len);
 

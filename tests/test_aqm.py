@@ -124,6 +124,28 @@ def test_each_entry_is_judged_once_and_reissued_entries_never() -> None:
     assert j.aqm_drops == 1
 
 
+def test_changing_the_settings_starts_codel_afresh() -> None:
+    """`udrv aqm` on a running daemon: no drop at an old rate before a new interval has passed."""
+    j, clock = journal()
+    for _ in range(50):
+        j.append(b"x" * 60)
+    drops = 0
+    for _ in range(600):
+        j.append(b"x" * 60)
+        drops += drain_one(j, clock, MS)[1]
+    assert drops >= 8                                # dropping, at a rate grown with count
+    j.set_aqm(0)
+    for _ in range(20):
+        j.append(b"x" * 60)
+        drain_one(j, clock, MS)
+    j.set_aqm()                                      # back on: the standing queue is still there
+    verdicts = []
+    for _ in range(150):
+        j.append(b"x" * 60)
+        verdicts.append(drain_one(j, clock, MS)[1])
+    assert not any(verdicts[:100]) and any(verdicts[100:])
+
+
 def test_off_means_off() -> None:
     j, clock = journal(target=0)
     for _ in range(500):
@@ -133,12 +155,14 @@ def test_off_means_off() -> None:
 
 # --- ECN ---------------------------------------------------------------------------------------
 
-def ipv4_frame(tos: int, vlan: bool = False) -> bytearray:
+def ipv4_frame(tos: int, tags: int = 0, n: int = 0) -> bytearray:
+    """An IPv4 frame behind `tags` VLAN tags (802.1ad outer, 802.1Q inner); n in its payload."""
     ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, tos, 40, 7, 0x4000, 64, 6, 0,
                                bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])))
     ip[10:12] = struct.pack("!H", ip_checksum(ip))
-    tag = b"\x81\x00\x00\x05" if vlan else b""
-    return bytearray(b"\x02" * 6 + b"\x04" * 6 + tag + b"\x08\x00") + ip + bytes(20)
+    tag = (b"\x88\xa8\x00\x07" + b"\x81\x00\x00\x05")[8 - 4 * tags:] if tags else b""
+    return (bytearray(b"\x02\xaa\xbb\xcc\xdd\x02" + b"\x04" * 6 + tag + b"\x08\x00") + ip
+            + n.to_bytes(4, "big") + bytes(16))
 
 
 def ip_checksum(hdr: bytes) -> int:
@@ -154,11 +178,11 @@ def ipv6_frame(tclass: int) -> bytearray:
     return bytearray(b"\x02" * 6 + b"\x04" * 6 + b"\x86\xdd") + ip + bytes(20)
 
 
-@pytest.mark.parametrize("vlan", [False, True])
+@pytest.mark.parametrize("tags", [0, 1, 2])
 @pytest.mark.parametrize("ect", [1, 2])
-def test_ce_mark_on_ipv4_keeps_the_header_checksum_valid(ect: int, vlan: bool) -> None:
-    f = ipv4_frame(0xB8 | ect, vlan)
-    l3 = 18 if vlan else 14
+def test_ce_mark_on_ipv4_keeps_the_header_checksum_valid(ect: int, tags: int) -> None:
+    f = ipv4_frame(0xB8 | ect, tags)
+    l3 = 14 + 4 * tags
     assert mark_ce(f) == 1
     assert f[l3 + 1] == 0xBB and ip_checksum(bytes(f[l3:l3 + 20])) == 0
     assert mark_ce(f) == 1 and f[l3 + 1] == 0xBB   # CE already: left as it is
@@ -295,6 +319,15 @@ def _rig(kind: str, **opts):
     return _E1000Rig(E1000Native if kind == "e1000-c" else E1000, **opts)
 
 
+def _run_until_confirmed(nic: Nic) -> None:
+    for _ in range(3000):
+        nic.xmit()
+        nic.poll(0.0)
+        nic.journal.sync()
+        if nic.journal.unconfirmed() == 0:
+            return
+
+
 DATAPATHS = ["pegasus", "e1000-python"] + (["e1000-c"] if native.available() else [])
 
 
@@ -309,12 +342,7 @@ def test_every_datapath_drops_what_waited_too_long_and_loses_nothing_else(kind: 
         frames = [frame_to(b"\x02\xaa\xbb\xcc\xdd\x02", n, 80) for n in range(200)]
         assert rig.nic.enqueue(frames) == 200
         _age(rig.nic.journal)
-        for _ in range(3000):
-            rig.nic.xmit()
-            rig.nic.poll(0.0)
-            rig.nic.journal.sync()
-            if rig.nic.journal.unconfirmed() == 0:
-                break
+        _run_until_confirmed(rig.nic)
         j = rig.nic.journal
         assert j.unconfirmed() == 0
         sent = [int.from_bytes(f[14:18], "big") for f in rig.wire if f[12:14] == b"\x88\xb5"]
@@ -327,6 +355,26 @@ def test_every_datapath_drops_what_waited_too_long_and_loses_nothing_else(kind: 
         rig.close()
 
 
+@pytest.mark.parametrize("kind", DATAPATHS)
+def test_every_datapath_sends_the_ce_mark_it_was_given(kind: str, monkeypatch) -> None:
+    """ECN-capable frames behind the same aged queue: none dropped, every one on the wire once,
+    and as many carry CE (with a valid IPv4 checksum) as CoDel counted marks."""
+    monkeypatch.delenv("UDRV_AQM", raising=False)
+    rig = _rig(kind, aqm_target=1e-6, aqm_interval=1e-6)
+    try:
+        assert rig.nic.enqueue([bytes(ipv4_frame(2, n=n)) for n in range(200)]) == 200
+        _age(rig.nic.journal)
+        _run_until_confirmed(rig.nic)
+        j = rig.nic.journal
+        ip = [f for f in rig.wire if f[12:14] == b"\x08\x00"]
+        assert j.unconfirmed() == 0 and j.aqm_drops == 0 and j.aqm_marks > 0
+        assert [int.from_bytes(f[34:38], "big") for f in ip] == list(range(200))
+        ce = [f for f in ip if f[15] & 3 == 3]
+        assert len(ce) == j.aqm_marks and all(ip_checksum(f[14:34]) == 0 for f in ce)
+    finally:
+        rig.close()
+
+
 @pytest.mark.parametrize("kind", DATAPATHS[:2])
 def test_udrv_aqm_off_in_the_environment_sends_everything(kind: str, monkeypatch) -> None:
     monkeypatch.setenv("UDRV_AQM", "off")
@@ -334,12 +382,20 @@ def test_udrv_aqm_off_in_the_environment_sends_everything(kind: str, monkeypatch
     try:
         rig.nic.enqueue([frame_to(b"\x02\xaa\xbb\xcc\xdd\x02", n, 80) for n in range(100)])
         _age(rig.nic.journal)
-        for _ in range(1000):
-            rig.nic.xmit()
-            rig.nic.poll(0.0)
-            if rig.nic.journal.unconfirmed() == 0:
-                break
+        _run_until_confirmed(rig.nic)
         assert len(rig.wire) == 100 and rig.nic.journal.aqm_drops == 0
         assert rig.nic.status()["tx_journal"]["aqm_target_ms"] == 0
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("setting, want", [("2/40", (2.0, 40.0, True)), ("drop", (5.0, 100.0, False)),
+                                           ("off", (0.0, 100.0, True)), ("bogus", (5.0, 100.0, True))])
+def test_udrv_aqm_in_the_environment_sets_codel(setting: str, want: tuple, monkeypatch) -> None:
+    monkeypatch.setenv("UDRV_AQM", setting)
+    rig = _rig("pegasus")
+    try:
+        j = rig.nic.status()["tx_journal"]
+        assert (j["aqm_target_ms"], j["aqm_interval_ms"], j["aqm_ecn"]) == want
     finally:
         rig.close()

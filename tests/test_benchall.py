@@ -264,16 +264,22 @@ def test_cdc_ecm_details_give_tcps_rtt_under_load_per_run_and_the_medians():
     assert "| cdc_ether, round 2 | 310.0 | 240.0 | 6.0 ms | - |" in text
     assert "| C ring (udrv run), round 3 | 245.0 | 250.0 | - | - |" in text      # an older result: no RTT
     assert "cdc_ether 5.0 ms, udrv 75.2 ms" in text                          # medians of each side's runs
-    raw["native-noaqm"] = {"tx": 251.0, "rx": 259.0, "tx_rtt_ms": 90.0}
-    raw["native-noaqm_more"] = [{"tx": 249.0, "rx": 250.0, "tx_rtt_ms": 100.0}]
+    raw["native-aqm=off"] = {"tx": 251.0, "rx": 259.0, "tx_rtt_ms": 90.0}
+    raw["native-aqm=off_more"] = [{"tx": 249.0, "rx": 250.0, "tx_rtt_ms": 100.0}]
+    raw["native-aqm=1/10"] = {"tx": 240.0, "rx": 258.0, "tx_rtt_ms": 9.0}
+    raw["native-aqm=1/10_cpu"] = {}
     text = "\n".join(benchall.cdc_ecm_details(raw))
-    assert "cdc_ether 5.0 ms, udrv 75.2 ms, udrv with its AQM off 95.0 ms" in text
-    assert "| C ring, AQM off (UDRV_AQM=off), round 2 | 249.0 | 250.0 | 100.0 ms | - |" in text
+    assert "cdc_ether 5.0 ms, udrv 75.2 ms, udrv with UDRV_AQM=off 95.0 ms, udrv with UDRV_AQM=1/10 9.0 ms" in text
+    assert "| C ring, UDRV_AQM=off, round 2 | 249.0 | 250.0 | 100.0 ms | - |" in text
+    assert "| C ring, UDRV_AQM=1/10 | 240.0 | 258.0 | 9.0 ms | - |" in text
+    assert [r.variant for r in benchall.cdc_ecm_rows(raw)][-2:] == ["C ring, UDRV_AQM=1/10"] * 2
     assert "a ping every 100 ms" not in text                               # no run had one
-    for name, ms in (("kernel", 3.0), ("kernel_after", 3.4), ("native", 12.0), ("native-noaqm", 30.0)):
+    for name, ms in (("kernel", 3.0), ("kernel_after", 3.4), ("native", 12.0), ("native-aqm=off", 30.0),
+                     ("native-aqm=1/10", 6.0)):
         raw[name]["tx_ping_ms"] = ms
     text = "\n".join(benchall.cdc_ecm_details(raw))
-    assert "a ping every 100 ms beside the flow: cdc_ether 3.2 ms, udrv 12.0 ms, AQM off 30.0 ms" in text
+    assert ("a ping every 100 ms beside the flow: cdc_ether 3.2 ms, udrv 12.0 ms, UDRV_AQM=off 30.0 ms, "
+            "UDRV_AQM=1/10 6.0 ms") in text
     assert "| C ring (udrv run) | 250.0 | 260.0 | 80.0 ms | 12.0 ms |" in text
     # one side without any RTT: no latency line rather than half of one
     del raw["kernel"]["tx_rtt_ms"], raw["kernel_more"][0]["tx_rtt_ms"], raw["kernel_after"]["tx_rtt_ms"]

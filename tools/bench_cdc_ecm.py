@@ -15,8 +15,9 @@ With --compare-no-coalesce the C ring also runs with RX coalescing off (UDRV_RX_
 before the default one, in the same boot; --compare-no-offload likewise with the ring's software
 TX offloads off (UDRV_OFFLOADS=none: one TAP read per wire frame), --compare-one-thread with the
 ring's TX half on the daemon's own thread (UDRV_TX_THREAD=0), --compare-no-placement with the
-daemon left where the scheduler puts it (UDRV_CPU_PLACEMENT=0, udrv/placement.py), --compare-no-aqm
-with CoDel on the TX journal off (UDRV_AQM=off; in every round, after the C ring); --skip-python
+daemon left where the scheduler puts it (UDRV_CPU_PLACEMENT=0, udrv/placement.py), --compare-aqm S
+with CoDel on the TX journal set otherwise (UDRV_AQM=S: off, or TARGET/INTERVAL in ms such as
+1/10; repeatable; in every round, after the C ring); --skip-python
 leaves the Python engine out. Then (C ring) recovery latency on the real gadget: a 1 ms UDP probe
 from the host side to an echo behind usb0 while faults are injected into the running daemon,
 recovered by checkpoint, then by a full restart (`udrv run --recovery restart`), 10 of each
@@ -37,6 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from udrv.benchall import AQM_VARIANT  # noqa: E402
 
 VID, PID = 0x0525, 0xA4A1
 NS, HOST_IP, PEER_IP = "benchpeer", "10.78.0.1", "10.78.0.2"
@@ -315,7 +318,7 @@ def kernel_again(dev: Path, gif: str, seconds: int) -> tuple[dict, dict]:
 
 def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool = True,
                 no_offload: bool = False, one_thread: bool = False, no_placement: bool = False,
-                recovery_repeats: int = 10, rounds: int = 1, no_aqm: bool = False) -> None:
+                recovery_repeats: int = 10, rounds: int = 1, aqm: tuple[str, ...] = ()) -> None:
     from udrv.gadget.configfs import ecm_gadget, interface_netdevs, modprobe, wait_host_device
     res: dict = {"seconds": seconds}
     try:
@@ -353,15 +356,15 @@ def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool
                     variants.append(("native-1thread", run, {"UDRV_TX_THREAD": "0"}))
                 if no_placement:
                     variants.append(("native-noplacement", run, {"UDRV_CPU_PLACEMENT": "0"}))
-                if no_aqm:
-                    variants.append(("native-noaqm", run, {"UDRV_AQM": "off"}))
+                for setting in aqm:
+                    variants.append((f"{AQM_VARIANT}{setting}", run, {"UDRV_AQM": setting}))
                 variants.append(("native", run, {}))
             else:
                 res["native_unavailable"] = native.why_unavailable()
         except ImportError as e:
             res["native_unavailable"] = str(e)
         for name, cmd, env in variants:
-            log = out.parent / f"bench-{name}.log"
+            log = out.parent / f"bench-{name.replace('=', '-').replace('/', '-')}.log"
             p = None
             try:
                 p = udrv_up(cmd, log, name, gif, env)
@@ -388,11 +391,12 @@ def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool
                     res.setdefault("native_more", []).append(iperf_cpu(seconds, p.pid)[0])
                 finally:
                     udrv_down(p)
-                if no_aqm:      # the A/B in every round too: with CoDel on the journal and without
-                    log = out.parent / f"bench-native-noaqm-round{i + 2}.log"
-                    p = udrv_up(run, log, f"native-noaqm, round {i + 2}", gif, {"UDRV_AQM": "off"})
+                for setting in aqm:     # the A/B in every round too: CoDel set otherwise, or off
+                    name = f"{AQM_VARIANT}{setting}"
+                    log = out.parent / f"bench-native-aqm-{setting.replace('/', '-')}-round{i + 2}.log"
+                    p = udrv_up(run, log, f"{name}, round {i + 2}", gif, {"UDRV_AQM": setting})
                     try:
-                        res.setdefault("native-noaqm_more", []).append(iperf_cpu(seconds, p.pid)[0])
+                        res.setdefault(f"{name}_more", []).append(iperf_cpu(seconds, p.pid)[0])
                     finally:
                         udrv_down(p)
         if "native" in res and "error" not in res["native"]:
@@ -416,8 +420,9 @@ def report(res: dict) -> str:
     lines = [f"iperf3 over the kernel's f_ecm gadget on dummy_hcd, {res['seconds']} s per direction, one guest boot",
              f"  kernel cdc_ether : TX {k['tx']:8.1f} Mbit/s   RX {k['rx']:8.1f} Mbit/s   "
              f"(median of {len(cdc_runs(res, 'kernel'))} runs)"]
+    from udrv.benchall import cdc_variants
     for name in ("python", "native-nocoalesce", "native-nooffload", "native-1thread", "native-noplacement",
-                 "native-noaqm", "native"):
+                 *[n for n in cdc_variants(res) if n.startswith(AQM_VARIANT)], "native"):
         r = res.get(name)
         if r is None:
             continue
@@ -449,7 +454,7 @@ def main() -> int:
         guest_bench(int(sys.argv[2]), Path(sys.argv[3]), no_coalesce="--no-coalesce" in sys.argv[4:],
                     python="--skip-python" not in sys.argv[4:], no_offload="--no-offload" in sys.argv[4:],
                     one_thread="--one-thread" in sys.argv[4:], no_placement="--no-placement" in sys.argv[4:],
-                    no_aqm="--no-aqm" in sys.argv[4:],
+                    aqm=tuple(x.split("=", 1)[1] for x in sys.argv[4:] if x.startswith("--aqm=")),
                     recovery_repeats=0 if "--no-recovery" in sys.argv[4:] else 10,
                     rounds=next((int(x.split("=", 1)[1]) for x in sys.argv[4:] if x.startswith("--rounds=")), 1))
         return 0
@@ -466,8 +471,9 @@ def main() -> int:
                     help="also run the C ring with its TX half on the daemon's thread (UDRV_TX_THREAD=0)")
     ap.add_argument("--compare-no-placement", action="store_true",
                     help="also run the C ring without CPU placement (UDRV_CPU_PLACEMENT=0)")
-    ap.add_argument("--compare-no-aqm", action="store_true",
-                    help="also run the C ring with CoDel on its TX journal off (UDRV_AQM=off)")
+    ap.add_argument("--compare-aqm", action="append", default=[], metavar="SETTING",
+                    help="also run the C ring with CoDel on its TX journal set otherwise, in every round: "
+                         "UDRV_AQM's values (off, drop, TARGET/INTERVAL in ms such as 1/10); repeatable")
     ap.add_argument("--skip-python", action="store_true", help="leave the Python engine out")
     ap.add_argument("--no-recovery", action="store_true", help="skip the recovery-latency runs")
     ap.add_argument("--rounds", type=int, default=3,
@@ -482,7 +488,7 @@ def main() -> int:
                  + (["--no-offload"] if a.compare_no_offload else [])
                  + (["--one-thread"] if a.compare_one_thread else [])
                  + (["--no-placement"] if a.compare_no_placement else [])
-                 + (["--no-aqm"] if a.compare_no_aqm else [])
+                 + [f"--aqm={x}" for x in a.compare_aqm]
                  + (["--no-recovery"] if a.no_recovery else []) + [f"--rounds={a.rounds}"])
         r = guest.run([sys.executable, str(Path(__file__).resolve()), "guest", str(a.seconds), str(out), *extra],
                       guest.GuestDevices(smp=a.smp), timeout=600, cwd=ROOT, out_dir=tmp)

@@ -118,8 +118,19 @@ CDC_VARIANTS = {"native": "C ring (udrv run)", "native-nocoalesce": "C ring, RX 
                 "native-nooffload": "C ring, software TX offloads off",
                 "native-1thread": "C ring, TX on the daemon's thread",
                 "native-noplacement": "C ring, no CPU placement",
-                "native-noaqm": "C ring, AQM off (UDRV_AQM=off)",
                 "python": "Python engine"}
+
+
+AQM_VARIANT = "native-aqm="     # + a UDRV_AQM setting: the C ring with CoDel set otherwise
+
+
+def cdc_variants(res: dict) -> dict[str, str]:
+    """The datapaths tools/bench_cdc_ecm.py measured, with their labels: the fixed ones, then
+    the C ring under each other AQM setting (--compare-aqm)."""
+    found = {name: label for name, label in CDC_VARIANTS.items() if name in res}
+    found.update({name: f"C ring, UDRV_AQM={name[len(AQM_VARIANT):]}" for name in res
+                  if name.startswith(AQM_VARIANT) and not name.endswith(("_more", "_cpu", "_rx_coalesce", "_tx_journal"))})
+    return found
 
 
 CDC_ROUNDS = 3        # C ring runs, each after a kernel run (tools/bench_cdc_ecm.py --rounds)
@@ -144,10 +155,8 @@ def cdc_ecm_rows(res: dict) -> list[Row]:
         return []
     k = {way: statistics.median(r[way] for r in runs) for way in ("tx", "rx")}
     rows = []
-    for name, variant in CDC_VARIANTS.items():
-        r = res.get(name)
-        if r is None:
-            continue
+    for name, variant in cdc_variants(res).items():
+        r = res[name]
         mine = cdc_runs(res, name)
         for way, label in (("tx", "TCP host -> peer"), ("rx", "TCP peer -> host")):
             value = None if "error" in r or not mine else statistics.median(x[way] for x in mine)
@@ -264,22 +273,25 @@ def _rtt_medians(by_side: dict[str, list]) -> dict[str, float] | None:
 
 def tx_rtt_lines(raw: dict) -> list[str]:
     """The latency under load: the mean RTT the sending TCP measured during TX, median per path
-    (and of the C ring with its AQM off, when that ran)."""
+    (and of the C ring under each other AQM setting that ran), and of a ping beside the flow."""
     med = _rtt_medians({name: [r.get("tx_rtt_ms") for r in cdc_runs(raw, name)] for name in ("kernel", "native")})
     if not med:
         return []
-    off = _rtt_medians({"off": [r.get("tx_rtt_ms") for r in cdc_runs(raw, "native-noaqm")]})
-    names = ("kernel", "native", "native-noaqm") if cdc_runs(raw, "native-noaqm") else ("kernel", "native")
+    others = [n for n in cdc_variants(raw) if n.startswith(AQM_VARIANT)]
+    rtt = _rtt_medians({n: [r.get("tx_rtt_ms") for r in cdc_runs(raw, n)] for n in others}) or {}
+    names = ("kernel", "native", *others)
     ping = _rtt_medians({name: [r.get("tx_ping_ms") for r in cdc_runs(raw, name)] for name in names})
     return [f"Latency under load (TX: the mean RTT the sending TCP measured, median of each side's runs): "
             f"{KERNEL_DRIVER['cdc_ecm']} {med['kernel']:.1f} ms, udrv {med['native']:.1f} ms"
-            + (f", udrv with its AQM off {off['off']:.1f} ms" if off else "")
+            + "".join(f", udrv with UDRV_AQM={n[len(AQM_VARIANT):]} {ms:.1f} ms" for n, ms in rtt.items())
             + (f"; a ping every 100 ms beside the flow: {KERNEL_DRIVER['cdc_ecm']} {ping['kernel']:.1f} ms, udrv "
-               f"{ping['native']:.1f} ms" + (f", AQM off {ping['native-noaqm']:.1f} ms" if "native-noaqm" in ping else "")
+               f"{ping['native']:.1f} ms"
+               + "".join(f", UDRV_AQM={n[len(AQM_VARIANT):]} {ping[n]:.1f} ms" for n in others)
                if ping else "") + ". A TAP gives TCP "
             "no backpressure (tun orphans each frame it queues, so TCP Small Queues do not see it): under "
-            "load the frames TCP hands over queue in udrv's TX journal, where CoDel (5 ms target, "
-            "UDRV_AQM=off turns it off) drops or ECN-marks those that waited too long; cdc_ether holds "
+            "load the frames TCP hands over queue in udrv's TX journal, where CoDel (5 ms target, 100 ms "
+            "interval by default; UDRV_AQM=T/I in ms sets others, off turns it off) drops or ECN-marks "
+            "those that waited too long; cdc_ether holds "
             "each frame until its URB completes, so TCP keeps its queue short itself.", ""]
 
 
@@ -330,11 +342,12 @@ def cdc_ecm_details(raw: dict) -> list[str]:
                "(configfs) on dummy_hcd, so the device side costs the same for both drivers. The C ring's "
                "runs alternate with the kernel's (rounds); ratios are of the medians of each side's runs.", ""]
     names = {"kernel": KERNEL_DRIVER["cdc_ecm"], "kernel_after": f"{KERNEL_DRIVER['cdc_ecm']}, again at the end",
-             **CDC_VARIANTS}
+             **CDC_VARIANTS, **cdc_variants(raw)}
     runs = [(label, raw[n]) for n, label in names.items() if isinstance(raw.get(n), dict) and "tx" in raw[n]]
     runs[1:1] = [(f"{KERNEL_DRIVER['cdc_ecm']}, round {i + 2}", r) for i, r in enumerate(raw.get("kernel_more", []))]
-    for name in ("native", "native-noaqm"):
-        runs += [(f"{CDC_VARIANTS[name]}, round {i + 2}", r) for i, r in enumerate(raw.get(f"{name}_more", []))]
+    for name, label in names.items():
+        if name.startswith("native"):
+            runs += [(f"{label}, round {i + 2}", r) for i, r in enumerate(raw.get(f"{name}_more", []))]
     if runs:
         details += ["| run | TX Mbit/s | RX Mbit/s | TX: TCP's RTT | TX: a ping beside it (median) |",
                     "|---|---|---|---|---|"]

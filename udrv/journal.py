@@ -83,14 +83,16 @@ class JournalFull(UdrvError):
 
 
 def mark_ce(frame: bytearray | memoryview) -> int:
-    """Set CE in an ECN-capable IPv4/IPv6 frame (after an optional 802.1Q tag), keeping the IPv4
+    """Set CE in an ECN-capable IPv4/IPv6 frame (after up to two VLAN tags), keeping the IPv4
     header checksum right: 1 = marked (or CE already), 0 = not ECN-capable, -1 = not IP."""
     n = len(frame)
     if n < 14:
         return -1
     l3, etype = 14, frame[12] << 8 | frame[13]
-    if etype == 0x8100 and n >= 18:
-        l3, etype = 18, frame[16] << 8 | frame[17]
+    for _ in range(2):                         # up to two VLAN tags (802.1Q, 802.1ad), as gso.c
+        if etype not in (0x8100, 0x88A8) or n < l3 + 4:
+            break
+        l3, etype = l3 + 4, frame[l3 + 2] << 8 | frame[l3 + 3]
     if etype == 0x0800 and n >= l3 + 20 and frame[l3] >> 4 == 4:
         ecn = frame[l3 + 1] & 3
         if ecn in (0, 3):
@@ -289,6 +291,11 @@ class TxJournal:
         self._set(_OFF_AQM_TARGET, round(target * 1e9))
         self._set(_OFF_AQM_INTERVAL, round(interval * 1e9))
         _U32.pack_into(self.mem, _OFF_AQM_FLAGS, AQM_ECN if ecn else 0)
+        # CoDel starts afresh: state left from before (or from while it was off) would drop at
+        # once, at an old rate, without the interval's grace
+        self._set(_OFF_FIRST_ABOVE, 0)
+        self._set(_OFF_DROP_NEXT, 0)
+        struct.pack_into("<III", self.mem, _OFF_COUNT, 0, 0, 0)     # count, lastcount, dropping
 
     @property
     def aqm_target(self) -> float:
@@ -339,7 +346,7 @@ class TxJournal:
                 return False
             if now < drop_next:
                 return False
-            count = (count + 1) & 0xFFFFFFFF
+            count = min(count + 1, 0xFFFFFFFF)       # saturates: sqrt(0) never comes
             _U32.pack_into(self.mem, _OFF_COUNT, count)
             self._set(_OFF_DROP_NEXT, _control_law(drop_next, interval, count))
         else:

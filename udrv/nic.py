@@ -167,15 +167,22 @@ class Nic:
         return None if n is None else (id(t), n)
 
     def _set_aqm(self) -> None:
-        target, ecn = self.opts.aqm_target, self.opts.aqm_ecn
+        """NicOptions, unless UDRV_AQM says otherwise: off, drop (no ECN marks), on, or TARGET/
+        INTERVAL in ms (e.g. 1/10), for benches and A/B runs."""
+        target, interval, ecn = self.opts.aqm_target, self.opts.aqm_interval, self.opts.aqm_ecn
         mode = os.environ.get("UDRV_AQM", "").strip().lower()
         if mode in ("off", "0", "none"):
             target = 0.0
         elif mode == "drop":
             ecn = False
+        elif "/" in mode:
+            try:
+                target, interval = (float(x) / 1e3 for x in mode.split("/"))
+            except ValueError:
+                log.warning("event=aqm_setting_ignored UDRV_AQM=%r (TARGET/INTERVAL in ms, e.g. 1/10)", mode)
         elif mode not in ("", "on", "1", "ecn"):
-            log.warning("event=aqm_setting_ignored UDRV_AQM=%r (use off, drop or on)", mode)
-        self.set_aqm(target, self.opts.aqm_interval, ecn)
+            log.warning("event=aqm_setting_ignored UDRV_AQM=%r (use off, drop, on or TARGET/INTERVAL in ms)", mode)
+        self.set_aqm(target, interval, ecn)
 
     def set_aqm(self, target: float, interval: float, ecn: bool) -> dict[str, Any]:
         """CoDel's settings on the TX journal, live (the datapaths read them from the journal's
@@ -619,6 +626,7 @@ class Nic:
         st = self.driver.stats()
         rx_drop = dict(c.rx_dropped)
         tap_in, offload_frames, tx_dropped = self._tap_totals()
+        self.journal.sync()          # a C ring moves the indices without telling the Python mirrors
         if self.journal.aqm_drops:
             tx_dropped = {**tx_dropped, "aqm": self.journal.aqm_drops}
         return {

@@ -187,13 +187,13 @@ class UsbNetEngine:
         journal, usb, encode, ep = self.journal, self.usb, self._framing.encode_tx, self.driver.EP_OUT
         while self.tx_inflight < self.n_tx:
             if not self._pieces:
-                item = journal.peek_unsent()
+                if journal.aqm_drop():           # waited too long: confirmed with the next
+                    journal.mark_sent(journal.sent)
+                    continue
+                item = journal.peek_unsent()     # after the verdict: a CE mark is in the slot
                 if item is None:
                     break
                 seq, vnet, frame = item
-                if journal.aqm_drop():           # waited too long: confirmed with the next
-                    journal.mark_sent(seq)
-                    continue
                 pieces = [frame]
                 if vnet:
                     # left by the C ring, which finishes offload requests as it sends: the same
