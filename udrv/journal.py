@@ -136,6 +136,14 @@ class TxJournal:
         elif struct.unpack_from("<III", self.mem, 0) != (MAGIC, nslots, slot_size):
             raise UdrvError("the TX journal memory does not match the expected layout")
         self.max_frame = slot_size - SLOT_HEADER
+        # the header as u64 / u32 words: the AQM reads a dozen fields per entry, and a view's
+        # index costs a third of struct's unpack_from (the Python datapaths judge every entry)
+        self._mv = memoryview(self.mem)
+        self._h64 = self._mv[:HEADER].cast("Q")
+        self._h32 = self._mv[:HEADER].cast("I")
+        # each slot's stamp as a u64 word too, where slots keep 8-byte alignment (any real size)
+        self._q = self._mv.cast("Q") if slot_size % 8 == 0 else None
+        self._mask = nslots - 1
         # Python-side mirrors of the indices; the header is the source of truth for other
         # processes and is written on every change.
         self.head = self._get(_OFF_HEAD)
@@ -318,59 +326,63 @@ class TxJournal:
         (journal.c's udrv_journal_aqm_drop, step for step). True: drop it, which the caller does
         as for any frame that cannot go on the wire (mark it sent; it is confirmed in order with
         the next). With ECN on, an ECN-capable frame is marked CE in place instead (False)."""
-        target = self._get(_OFF_AQM_TARGET)
+        h, w = self._h64, self._h32              # u64 word i = byte 8i; u32 word i = byte 4i
+        target = h[_OFF_AQM_TARGET >> 3]
         if not target:
             return False
         seq, head = self.sent, self.head
-        if seq >= head or seq < self._get(_OFF_JUDGED):
+        if seq >= head or seq < h[_OFF_JUDGED >> 3]:
             return False
-        self._set(_OFF_JUDGED, seq + 1)
+        h[_OFF_JUDGED >> 3] = seq + 1
         if now is None:
             now = self.clock()
-        interval = self._get(_OFF_AQM_INTERVAL)
-        sojourn = max(0, now - self.stamp(seq))
+        interval = h[_OFF_AQM_INTERVAL >> 3]
+        q = self._q
+        sojourn = now - (q[(HEADER + _SLOT_OFF_STAMP + (seq & self._mask) * self.slot_size) >> 3] if q is not None
+                         else self.stamp(seq))
         ok_to_drop = False
         if sojourn < target or head - seq <= 1:
-            self._set(_OFF_FIRST_ABOVE, 0)
+            h[_OFF_FIRST_ABOVE >> 3] = 0
         else:
-            first = self._get(_OFF_FIRST_ABOVE)
+            first = h[_OFF_FIRST_ABOVE >> 3]
             if not first:
-                self._set(_OFF_FIRST_ABOVE, now + interval)
+                h[_OFF_FIRST_ABOVE >> 3] = now + interval
             else:
                 ok_to_drop = now >= first
-        drop_next = self._get(_OFF_DROP_NEXT)
-        count = _U32.unpack_from(self.mem, _OFF_COUNT)[0]
-        if _U32.unpack_from(self.mem, _OFF_DROPPING)[0]:
+        if w[_OFF_DROPPING >> 2]:
             if not ok_to_drop:
-                _U32.pack_into(self.mem, _OFF_DROPPING, 0)
+                w[_OFF_DROPPING >> 2] = 0
                 return False
+            drop_next = h[_OFF_DROP_NEXT >> 3]
             if now < drop_next:
                 return False
-            count = min(count + 1, 0xFFFFFFFF)       # saturates: sqrt(0) never comes
-            _U32.pack_into(self.mem, _OFF_COUNT, count)
-            self._set(_OFF_DROP_NEXT, _control_law(drop_next, interval, count))
+            count = min(w[_OFF_COUNT >> 2] + 1, 0xFFFFFFFF)      # saturates: sqrt(0) never comes
+            w[_OFF_COUNT >> 2] = count
+            h[_OFF_DROP_NEXT >> 3] = _control_law(drop_next, interval, count)
         else:
             if not ok_to_drop:
                 return False
-            _U32.pack_into(self.mem, _OFF_DROPPING, 1)
-            delta = (count - _U32.unpack_from(self.mem, _OFF_LASTCOUNT)[0]) & 0xFFFFFFFF
+            w[_OFF_DROPPING >> 2] = 1
+            count, drop_next = w[_OFF_COUNT >> 2], h[_OFF_DROP_NEXT >> 3]
+            delta = (count - w[_OFF_LASTCOUNT >> 2]) & 0xFFFFFFFF
             count = delta if delta > 1 and now - drop_next < 16 * interval else 1
-            _U32.pack_into(self.mem, _OFF_COUNT, count)
-            _U32.pack_into(self.mem, _OFF_LASTCOUNT, count)
-            self._set(_OFF_DROP_NEXT, _control_law(now, interval, count))
-        if _U32.unpack_from(self.mem, _OFF_AQM_FLAGS)[0] & AQM_ECN:
+            w[_OFF_COUNT >> 2] = w[_OFF_LASTCOUNT >> 2] = count
+            h[_OFF_DROP_NEXT >> 3] = _control_law(now, interval, count)
+        if w[_OFF_AQM_FLAGS >> 2] & AQM_ECN:
             off = self._slot(seq)
             length, flags, _seq, _stamp = _SLOT.unpack_from(self.mem, off)
             data = off + SLOT_HEADER + vnet_len(flags)
-            with memoryview(self.mem) as mem:        # released at once: close() needs no exports
-                with mem[data: off + SLOT_HEADER + length] as frame:
-                    marked = length <= self.max_frame and mark_ce(frame) > 0
+            with self._mv[data: off + SLOT_HEADER + length] as frame:
+                marked = length <= self.max_frame and mark_ce(frame) > 0
             if marked:
-                self._set(_OFF_AQM_MARKS, self._get(_OFF_AQM_MARKS) + 1)
+                h[_OFF_AQM_MARKS >> 3] += 1
                 return False
-        self._set(_OFF_AQM_DROPS, self._get(_OFF_AQM_DROPS) + 1)
+        h[_OFF_AQM_DROPS >> 3] += 1
         return True
 
     def close(self) -> None:
+        for view in (self._h64, self._h32, self._q, self._mv):       # exports would keep the mmap open
+            if view is not None:
+                view.release()
         self.mem.close()
         os.close(self.fd)
