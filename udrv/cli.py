@@ -31,11 +31,15 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s udrv %(levelname)s %(message)s", stream=sys.stderr)
 
 
-def _open_device(spec: str | None) -> tuple[Any, Any, Any]:
+def _open_device(spec: str | None, wire_mbit: float | None = None,
+                 wire_delay_ms: float = 0.0) -> tuple[Any, Any, Any]:
     """DEVICE -> (driver class or implementations best first, transport, model or None)."""
     from .drivers.pegasus import Pegasus
     if spec is None or spec.startswith("model:"):
-        return _embedded((spec or "model:pegasus").removeprefix("model:"))
+        return _embedded((spec or "model:pegasus").removeprefix("model:"), wire_mbit, wire_delay_ms)
+    if wire_mbit is not None:
+        raise UdrvError("--wire-mbit sets the wire of an embedded model (model:pegasus, model:cdc_ecm); a real "
+                        "device's wire runs at its link speed")
     if spec.startswith("usb:"):
         from .libusb import LibusbTransport, UsbSelector
         try:
@@ -69,15 +73,23 @@ def _open_device(spec: str | None) -> tuple[Any, Any, Any]:
 EMBEDDED = ("pegasus", "e1000", "cdc_ecm")
 
 
-def _embedded(kind: str) -> tuple[Any, Any, Any]:
+def _embedded(kind: str, wire_mbit: float | None = None, wire_delay_ms: float = 0.0) -> tuple[Any, Any, Any]:
     """A device model served in process (no hardware): the driver runs on it through the same
-    transport interface as on a real device; its wire is the peer namespace's veth."""
+    transport interface as on a real device; its wire is the peer namespace's veth, as fast as
+    the host unless wire_mbit paces it (USB models: udrv.models.wire)."""
+    def usb(model: Any) -> Any:
+        from .modelusb import ModelUsbTransport
+        if wire_mbit is None:
+            return ModelUsbTransport(model)
+        from .models.wire import PacedWire
+        return ModelUsbTransport(PacedWire(model, wire_mbit, delay=wire_delay_ms / 1e3))
     if kind == "pegasus":
         from .drivers.pegasus import Pegasus
-        from .modelusb import ModelUsbTransport
         from .models.pegasus import PegasusModel
         model: Any = PegasusModel()
-        return Pegasus, ModelUsbTransport(model), model
+        return Pegasus, usb(model), model
+    if wire_mbit is not None and kind == "e1000":
+        raise UdrvError("--wire-mbit paces the USB models (model:pegasus, model:cdc_ecm), not model:e1000")
     if kind == "e1000":
         from .drivers.e1000 import E1000
         from .modelpci import ModelPciTransport
@@ -86,10 +98,9 @@ def _embedded(kind: str) -> tuple[Any, Any, Any]:
         return _pci_implementations(E1000), ModelPciTransport(model), model
     if kind == "cdc_ecm":
         from .drivers.cdc_ecm import CdcEcm
-        from .modelusb import ModelUsbTransport
         from .models.cdc_ecm import EcmModel
         model = EcmModel()
-        return CdcEcm, ModelUsbTransport(model), model
+        return CdcEcm, usb(model), model
     raise UdrvError(f"no embedded model called {kind!r}: use one of " + ", ".join(f"model:{k}" for k in EMBEDDED))
 
 
@@ -144,7 +155,8 @@ def cmd_run(args: argparse.Namespace, scenario: Any = None) -> int:
         print("udrv run needs root (it creates a TAP interface and, for the embedded device, a network "
               "namespace): run it with sudo", file=sys.stderr)
         return 2
-    driver_cls, transport, model = _open_device(args.device)
+    driver_cls, transport, model = _open_device(args.device, getattr(args, "wire_mbit", None),
+                                                getattr(args, "wire_delay_ms", 0.0))
     tap = Tap(args.ifname)
     peer = None
     extra: dict[int, Any] = {}
@@ -339,7 +351,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from pathlib import Path
         from .sidebyside import FAULTS, BenchOptions, run_bench
         return run_bench(BenchOptions(out=Path(args.out), model=args.model, seconds=args.seconds,
-                                      rounds=args.bench_rounds, python_ring=not args.no_python_ring,
+                                      rounds=args.bench_rounds or 1, python_ring=not args.no_python_ring,
                                       no_coalesce=args.compare_no_coalesce,
                                       profile=not args.no_profile, repeats=args.repeats,
                                       faults=tuple(args.fault or FAULTS), smp=args.smp or 1))
@@ -356,6 +368,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 from .bench import guard_overhead
                 print(guard_overhead(frames=args.frames, rounds=args.rounds, size=size).report())
         return 0
+    if args.what == "aqm":
+        from . import bench_aqm
+        driver = args.driver or "pegasus"
+        if driver == "e1000":
+            print("udrv: the AQM bench paces a USB model's wire: use --driver pegasus or --driver cdc_ecm",
+                  file=sys.stderr)
+            return 2
+        settings = tuple(args.aqm or bench_aqm.SETTINGS)
+        runs = bench_aqm.run(settings, driver, args.ifname if args.ifname != "udrv0" else "udrvq0",
+                             args.wire_mbit, args.seconds, args.bench_rounds or 2,
+                             args.wire_delay_ms)
+        print(bench_aqm.report(runs, driver, args.wire_mbit, args.seconds, args.wire_delay_ms))
+        return 0 if all(not r.error for r in runs) else 1
     if args.what == "ring":
         from .bench_ring import ring_speed
         print(ring_speed(sizes=args.size or [64, 1500], frames=args.frames, rounds=args.rounds).report())
@@ -403,6 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "above 4x the call's running average on slow machines)")
     r.add_argument("--datapath-deadline", type=float, default=1.0, metavar="S",
                    help="an xmit/poll call running longer is a hang (default 1 s)")
+    r.add_argument("--wire-mbit", type=float, default=None, metavar="N",
+                   help="embedded USB models: their wire runs at N Mbit/s (frames wait in the device, NAKed, "
+                        "as behind a real NIC's wire; default: as fast as the host)")
+    r.add_argument("--wire-delay-ms", type=float, default=0.0, metavar="MS",
+                   help="with --wire-mbit: each frame reaches the peer MS later (a path beyond the LAN)")
     r.add_argument("--aqm-target", type=float, default=5.0, metavar="MS",
                    help="CoDel on the TX queue: frames that waited longer than this for a whole interval "
                         "are dropped or ECN-marked (default 5 ms, as fq_codel; 0 turns it off)")
@@ -452,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (ratios measured in one run)")
     b.add_argument("what", nargs="?", default="sidebyside",
-                   choices=["sidebyside", "e1000", "cdc_ecm", "pegasus", "guard", "recovery", "ring", "tap"],
+                   choices=["sidebyside", "e1000", "cdc_ecm", "pegasus", "guard", "recovery", "ring", "tap", "aqm"],
                    help="sidebyside (the default): udrv vs the kernel's own driver for e1000, cdc_ecm and pegasus, "
                         "one QEMU guest boot per device, one report (root, QEMU; ~15 min); cdc_ecm, pegasus: one "
                         "of those alone; guard: guard overhead on the model datapath (--driver pegasus|e1000); recovery: "
@@ -460,7 +490,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernel's driver on QEMU's e1000 in one kernel-tier guest boot, throughput + recovery "
                         "latency (root, QEMU); ring: the C e1000 ring vs the Python ring, TX and RX, device side "
                         "stubbed; tap: frames read from a TAP and written back to it through udrv's C path vs a bare C "
-                        "loop (root)")
+                        "loop (root); aqm: latency under load through an embedded USB model whose wire is the "
+                        "bottleneck (--wire-mbit), CoDel on / off / other settings (--aqm; root)")
+    b.add_argument("--wire-mbit", type=float, default=100.0, metavar="N",
+                   help="aqm: the embedded model's wire rate (default 100, a Pegasus II's)")
+    b.add_argument("--wire-delay-ms", type=float, default=20.0, metavar="MS",
+                   help="aqm: the delay each TX frame takes to reach the peer (default 20: a path beyond the LAN, "
+                        "where TCP's window outgrows the wire; 0 = a LAN)")
+    b.add_argument("--aqm", action="append", default=None, metavar="SETTING",
+                   help="aqm: a UDRV_AQM setting to run (repeatable; default: on, off, 1/10)")
     b.add_argument("--repeats", type=int, default=10, help="injections per fault (recovery; sidebyside's model-tier "
                                                                "recovery section)")
     b.add_argument("--no-model-recovery", action="store_true",
@@ -479,8 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--only", default=None, metavar="DEV,DEV",
                    help="sidebyside: only these devices (e1000, cdc_ecm, pegasus)")
     b.add_argument("--model", choices=["e1000", "e1000e"], default="e1000", help="e1000: QEMU device model")
-    b.add_argument("--seconds", type=float, default=5.0, help="side-by-sides: seconds per iperf3 run")
-    b.add_argument("--bench-rounds", type=int, default=1, help="e1000: iperf3 runs per measurement (median)")
+    b.add_argument("--seconds", type=float, default=5.0, help="side-by-sides and aqm: seconds per iperf3 run")
+    b.add_argument("--bench-rounds", type=int, default=None,
+                   help="e1000: iperf3 runs per measurement (median; default 1); aqm: runs of each setting (default 2)")
     b.add_argument("--smp", type=int, default=None,
                    help="side-by-sides: guest vCPUs (default 1 for e1000 as the reference baselines; 2 for the USB "
                         "devices, whose gadget runs in the same guest)")
