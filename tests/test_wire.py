@@ -9,7 +9,7 @@ import time
 import pytest
 
 from udrv.bench_aqm import AqmRun, report
-from udrv.modelusb import ModelNoAnswer
+from udrv.modelusb import ModelNoAnswer, ModelStall
 from udrv.models.wire import WIRE_OVERHEAD, PacedWire
 
 
@@ -65,17 +65,37 @@ def test_the_wire_wakes_the_transport_when_a_naked_transfer_fits_again() -> None
         w.close()
 
 
-def test_a_delayed_wire_delivers_in_order_after_the_delay() -> None:
-    sink = Sink()
-    w = PacedWire(sink, 1000.0, delay=0.05)
+class Transmitter(Sink):
+    """A model that puts what it gets on its wire at once (on_transmit), or STALLs when told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_transmit = None
+        self.stalled = False
+
+    def bulk_out(self, endpoint: int, data: bytes) -> None:
+        if self.stalled:
+            raise ModelStall("EP halted")
+        super().bulk_out(endpoint, data)
+        self.on_transmit(bytes(data))
+
+
+def test_a_delayed_wire_answers_at_once_and_delivers_in_order_after_the_delay() -> None:
+    model, far = Transmitter(), []
+    model.on_transmit = far.append
+    w = PacedWire(model, 1000.0, delay=0.05)
+    w.delay_transmit()
     try:
         for i in range(3):
             w.bulk_out(2, bytes([i]) * 60)
-        assert sink.frames == []                       # still on the way
+        assert len(model.frames) == 3 and far == []     # the device took them; the far end waits
+        model.stalled = True
+        with pytest.raises(ModelStall):                 # the device's own answer is not delayed
+            w.bulk_out(2, b"x" * 60)
         end = time.monotonic() + 5
-        while len(sink.frames) < 3 and time.monotonic() < end:
+        while len(far) < 3 and time.monotonic() < end:
             time.sleep(0.01)
-        assert sink.frames == [bytes([i]) * 60 for i in range(3)]
+        assert far == [bytes([i]) * 60 for i in range(3)]
     finally:
         w.close()
 

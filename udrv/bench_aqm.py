@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -65,13 +66,17 @@ def one(setting: str, driver: str, ifname: str, wire_mbit: float, seconds: float
     cfg = PeerConfig.for_interface(ifname)
     res = AqmRun(setting)
     env = dict(os.environ, UDRV_AQM=setting)
+    log = tempfile.TemporaryFile("w+")     # the daemon's log, for the error line (a pipe could fill)
     p = subprocess.Popen([sys.executable, "-m", "udrv.cli", "run", f"model:{driver}", "--ifname", ifname,
                           "--wire-mbit", str(wire_mbit), "--wire-delay-ms", str(delay_ms),
                           "--duration", str(seconds + 60)], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    srv = None
+                         stdout=subprocess.DEVNULL, stderr=log, text=True)
+    srv = ping = None
     try:
-        _wait(lambda: _status(ifname)["state"] == "up", 30, f"udrv run model:{driver} to come up")
+        _wait(lambda: p.poll() is not None or _status(ifname)["state"] == "up", 30,
+              f"udrv run model:{driver} to come up")
+        if p.poll() is not None:
+            raise RuntimeError(f"udrv run model:{driver} exited with {p.returncode}")
         ns = ["ip", "netns", "exec", cfg.netns]
         _wait(lambda: subprocess.run(["busybox", "ping", "-c", "1", "-W", "1", cfg.peer_addr],
                                      capture_output=True).returncode == 0, 20, "the peer to answer")
@@ -91,9 +96,10 @@ def one(setting: str, driver: str, ifname: str, wire_mbit: float, seconds: float
         from .sidebyside import tcp_sender_rtt_ms
         res.mbit = round(j["end"]["sum_received"]["bits_per_second"] / 1e6, 1)
         res.tcp_rtt_ms = tcp_sender_rtt_ms(j)
-        # the first second is left out: iperf3's start and TCP's slow start
+        # the first second is left out (iperf3's start, TCP's slow start), and what came after the
+        # flow ended
         ms = sorted(float(t) for seq, t in re.findall(r"seq=(\d+) ttl=\d+ time=([\d.]+) ms", pings)
-                    if int(seq) >= 10)
+                    if 10 <= int(seq) < 10 * seconds)
         if ms:
             res.pings = len(ms)
             res.ping_p50_ms, res.ping_p90_ms = ms[len(ms) // 2], ms[int(len(ms) * 0.9)]
@@ -101,9 +107,10 @@ def one(setting: str, driver: str, ifname: str, wire_mbit: float, seconds: float
     except Exception as e:              # noqa: BLE001 - reported in the table, the next setting runs
         res.error = f"{type(e).__name__}: {e}"
     finally:
-        if srv is not None:
-            srv.kill()
-            srv.wait()
+        for proc in (srv, ping):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
         p.send_signal(signal.SIGTERM)
         try:
             p.wait(20)
@@ -111,7 +118,9 @@ def one(setting: str, driver: str, ifname: str, wire_mbit: float, seconds: float
             p.kill()
             p.wait()
         if res.error:
-            res.error += f" (daemon: {(p.stderr.read() if p.stderr else '')[-300:].strip()})"
+            log.seek(0)
+            res.error += f" (daemon: {log.read()[-300:].strip()})"
+        log.close()
     return res
 
 

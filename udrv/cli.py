@@ -164,6 +164,11 @@ def cmd_run(args: argparse.Namespace, scenario: Any = None) -> int:
         peer = PeerWire(PeerConfig.for_interface(args.ifname))
         peer.connect(model)
         extra[peer.fd] = peer.pump
+    wire = getattr(transport, "model", None)
+    if not hasattr(wire, "delay_transmit"):
+        wire = None                       # no paced wire (udrv.models.wire) in front of the model
+    elif peer is not None:
+        wire.delay_transmit()
     reopen = None
     if model is None and hasattr(transport, "selector"):
         from .libusb import LibusbTransport
@@ -196,6 +201,8 @@ def cmd_run(args: argparse.Namespace, scenario: Any = None) -> int:
         return 1
     finally:
         daemon.close()
+        if wire is not None:
+            wire.close()                  # its thread wakes the transport: stopped first
         transport.close()
         tap.close()
         if peer is not None:

@@ -193,20 +193,24 @@ def tcp_transmit(report: dict, peer_ip: str) -> None:
 
 
 def ecn_flood(report: dict, peer_ip: str) -> None:
-    """UDP from udrv0 to the peer, ECN-capable (TOS ECT(0)) and faster than the device takes it
-    (iperf3 -b 0): the TX journal's queue stands, and CoDel (set to 1 ms / 10 ms on the running
-    daemon with `udrv aqm`, so that its 256 one-frame entries are over target) marks frames CE
-    instead of dropping them; the peer's IP stack counts the CE packets that arrive."""
+    """UDP from udrv0 to the peer, ECN-capable (TOS ECT(0)), as fast as iperf3 sends (-b 0), with
+    CoDel set on the running daemon (`udrv aqm`) to 1 us / 1 us: whether iperf3 or the device is
+    faster under TCG varies, so the test does not count on a queue that stands for milliseconds;
+    any entry judged with another behind it, an interval after the last such, is over target.
+    CoDel marks those frames CE instead of dropping them; the peer's IP stack counts the CE
+    packets that arrive."""
     from udrv.daemon import request
     s0, ce0 = udrv_status()["tx_journal"], peer_in_ce_packets()
-    report["aqm_set"] = request(IFNAME, {"cmd": "aqm", "target_ms": 1, "interval_ms": 10})
+    report["aqm_set"] = request(IFNAME, {"cmd": "aqm", "target_ms": 0.001, "interval_ms": 0.001})
     srv = subprocess.Popen(["ip", "netns", "exec", PEER_NS, "iperf3", "-s", "-1", "-B", peer_ip],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.7)
     try:
-        out = sh("iperf3", "-c", peer_ip, "-u", "-b", "0", "-l", "1400", "--tos", "2", "-t", "2", "-J",
+        out = sh("iperf3", "-c", peer_ip, "-u", "-b", "0", "-l", "1400", "--tos", "2", "-t", "3", "-J",
                  timeout=40, check=False)
-        report["ecn_flood_error"] = json.loads(out).get("error") if out.strip().startswith("{") else out[-300:]
+        j = json.loads(out) if out.strip().startswith("{") else {"error": out[-300:]}
+        report["ecn_flood_error"] = j.get("error")
+        report["ecn_flood_sent"] = j.get("end", {}).get("sum", {}).get("packets")
     finally:
         srv.kill()
         srv.wait()
@@ -609,9 +613,9 @@ if pytest is not None:
         it; ECN-capable frames over target are CE-marked, and reach the peer marked."""
         _ok(fecm)
         t = fecm["ecn_flood"]
-        assert fecm["aqm_set"]["aqm"] == {"target_ms": 1.0, "interval_ms": 10.0, "ecn": True}, fecm["aqm_set"]
+        assert fecm["aqm_set"]["aqm"] == {"target_ms": 0.001, "interval_ms": 0.001, "ecn": True}, fecm["aqm_set"]
         assert not fecm["ecn_flood_error"], fecm["ecn_flood_error"]
-        assert t["aqm_marks"] > 0, t
+        assert t["aqm_marks"] > 0, (t, "datagrams sent:", fecm["ecn_flood_sent"])
         # every marked frame reached the peer CE-marked (the flood's frames are single wire frames)
         assert fecm["peer_in_ce"] >= t["aqm_marks"], (fecm["peer_in_ce"], t)
         assert fecm["aqm_reset"]["aqm"]["target_ms"] == 5.0

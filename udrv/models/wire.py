@@ -29,15 +29,16 @@ class PacedWire:
     def __init__(self, model: Any, mbit: float, fifo_frames: int = 2, delay: float = 0.0,
                  clock: Callable[[], float] = time.monotonic):
         """delay: seconds each frame takes to reach the far end after it left the device (a
-        path beyond the LAN, where TCP's window grows past what the wire holds); with a delay,
-        frames reach the model's wire from this object's thread."""
+        path beyond the LAN, where TCP's window grows past what the wire holds); the device
+        answers every transfer at once as before (a STALL, an unplug), only what it puts on its
+        wire arrives later: call delay_transmit() once the far end is connected."""
         if mbit <= 0:
             raise ValueError(f"a wire of {mbit} Mbit/s: give a rate above 0")
         if delay < 0:
             raise ValueError(f"a wire delay of {delay} s: give 0 or more")
         self.model = model
         self.delay = delay
-        self._line: deque[tuple[float, int, bytes]] = deque()   # (due, endpoint, data) on the way
+        self._line: deque[tuple[float, Callable[[bytes], None], bytes]] = deque()   # (due, far end, frame)
         self.bytes_per_s = mbit * 1e6 / 8
         self.fifo = fifo_frames * (1514 + WIRE_OVERHEAD) / self.bytes_per_s   # seconds of wire queued at most
         self.clock = clock
@@ -66,23 +67,31 @@ class PacedWire:
                 self._waiting = True
                 self._cond.notify()
                 raise ModelNoAnswer("the wire is busy")
-            if self.delay:
-                self._line.append((start + self.delay, endpoint, bytes(data)))
-                self._cond.notify()
-            else:
-                self.model.bulk_out(endpoint, data)    # a stall leaves the wire as it was
+            self.model.bulk_out(endpoint, data)        # a stall leaves the wire as it was
             self._busy_until = start + (len(data) + WIRE_OVERHEAD) / self.bytes_per_s
+
+    def delay_transmit(self) -> None:
+        """Put the delay between the model's wire and whoever it transmits to (its on_transmit,
+        set by udrv.peer.PeerWire.connect): frames arrive `delay` after they left, in order."""
+        if not self.delay:
+            return
+        far_end = self.model.on_transmit
+        if far_end is None:
+            raise ValueError("connect the model's far end (on_transmit) before delaying it")
+
+        def transmit(frame: bytes) -> None:
+            with self._cond:
+                self._line.append((self.clock() + self.delay, far_end, bytes(frame)))
+                self._cond.notify()
+        self.model.on_transmit = transmit
 
     def _waker(self) -> None:
         with self._cond:
             while not self._closed:
                 now = self.clock()
                 while self._line and self._line[0][0] <= now:
-                    _due, ep, data = self._line.popleft()
-                    try:
-                        self.model.bulk_out(ep, data)
-                    except Exception:          # noqa: BLE001 - the far end lost it, as a wire would
-                        pass
+                    _due, far_end, frame = self._line.popleft()
+                    far_end(frame)             # the peer's TAP write: no model lock taken
                 waits = [self._line[0][0] - now] if self._line else []
                 if self._waiting:
                     free_in = self._busy_until - self.fifo - now
