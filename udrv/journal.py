@@ -310,6 +310,14 @@ class TxJournal:
         return self._get(_OFF_AQM_TARGET) / 1e9
 
     @property
+    def aqm_interval(self) -> float:
+        return self._get(_OFF_AQM_INTERVAL) / 1e9
+
+    @property
+    def aqm_ecn(self) -> bool:
+        return bool(_U32.unpack_from(self.mem, _OFF_AQM_FLAGS)[0] & AQM_ECN)
+
+    @property
     def aqm_drops(self) -> int:
         return self._get(_OFF_AQM_DROPS)
 

@@ -29,9 +29,9 @@ from .driver import LinkState, RxMode
 from .errors import DeviceGone, Escalation, TransferTimeout, TxHang, UdrvError
 from .faults import FaultInjector, FaultSpec
 from .guard import Guard, Recovery, Watchdog, driver_side
-from .journal import AQM_INTERVAL, AQM_TARGET, JournalFull, TxJournal
+from .journal import AQM_INTERVAL, AQM_TARGET, SLOT_HEADER, JournalFull, TxJournal
 from .driver import NetDriver
-from . import journal as journal_mod, offload
+from . import offload
 
 log = logging.getLogger("udrv.nic")
 _CSUM_FIELDS = struct.Struct("<HH")       # virtio-net header: csum_start, csum_offset at byte 6
@@ -111,12 +111,12 @@ class Nic:
         self._tap_configured = False
         # a slot holds the largest frame the driver can send: MTU + header + VLAN tag, 64-byte
         # aligned; with TSO a 64 KiB GSO frame (+ link headers) behind its virtio-net header
-        slot = max(c.max_mtu for c in self.implementations) + 18 + journal_mod.SLOT_HEADER
+        slot = max(c.max_mtu for c in self.implementations) + 18 + SLOT_HEADER
         nslots = self.opts.journal_slots
         if self.offloads:
             slot += offload.VNET_HDR_LEN
         if self.offloads & {offload.TSO4, offload.TSO6}:
-            slot = max(slot, 65536 + 64 + offload.VNET_HDR_LEN + journal_mod.SLOT_HEADER)
+            slot = max(slot, 65536 + 64 + offload.VNET_HDR_LEN + SLOT_HEADER)
             nslots = min(nslots, self.opts.gso_journal_slots)
         self.journal = TxJournal(nslots, max((slot + 63) & ~63, 2048))
         self._set_aqm()
@@ -186,15 +186,15 @@ class Nic:
 
     def set_aqm(self, target: float, interval: float, ecn: bool) -> dict[str, Any]:
         """CoDel's settings on the TX journal, live (the datapaths read them from the journal's
-        header at every entry): target 0 turns it off. Returns what is in effect."""
+        header at every entry; the header is their one copy): target 0 turns it off. Returns
+        what is in effect."""
         self.journal.set_aqm(target, interval, ecn)
-        self.opts.aqm_target, self.opts.aqm_interval, self.opts.aqm_ecn = target, interval, ecn
         log.info("event=aqm target_ms=%g interval_ms=%g ecn=%s", target * 1e3, interval * 1e3, ecn)
         return self.aqm_settings()
 
     def aqm_settings(self) -> dict[str, Any]:
-        return {"target_ms": self.opts.aqm_target * 1e3, "interval_ms": self.opts.aqm_interval * 1e3,
-                "ecn": self.opts.aqm_ecn}
+        j = self.journal
+        return {"target_ms": j.aqm_target * 1e3, "interval_ms": j.aqm_interval * 1e3, "ecn": j.aqm_ecn}
 
     def _setup_tap(self) -> None:
         """Once, before the first datapath is built (the C ring takes the TAP's fd and header
@@ -651,8 +651,7 @@ class Nic:
                            "oldest_waiting_ms": round(self.journal.oldest_unsent_age() * 1e3, 3),
                            "reissued": self.journal.reissued,
                            # CoDel on that queue: frames dropped / ECN-marked for waiting too long
-                           "aqm_target_ms": self.journal.aqm_target * 1e3,
-                           "aqm_interval_ms": self.opts.aqm_interval * 1e3, "aqm_ecn": self.opts.aqm_ecn,
+                           **{f"aqm_{k}": v for k, v in self.aqm_settings().items()},
                            "aqm_drops": self.journal.aqm_drops, "aqm_marks": self.journal.aqm_marks},
             "recoveries": self.counters.recoveries, "escalations": self.counters.escalations,
             "restarts": self.counters.restarts, "swaps": self.counters.swaps,
