@@ -1,5 +1,5 @@
 /* The Pegasus device's bulk data path in C, for serving the pegasus model (udrv/models/pegasus.py)
- * as a real USB device through FunctionFS (udrv/gadget/pegasus_pump.py wraps it).
+ * as a real USB device through FunctionFS (udrv/testbed/pegasus_pump.py wraps it).
  *
  * A thread of its own (no GIL) owns the bulk endpoint files and the wire TAP:
  *   * EP 0x02 (OUT, host TX): `out_depth` AIO reads stay queued; each completed transfer is

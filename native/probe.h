@@ -1,4 +1,4 @@
-/* The interruption probe (udrv/probe.py) and its echo server (udrv/echo.py), their loops in C.
+/* The interruption probe (udrv/bench/probe.py) and its echo server (udrv/bench/echo.py), their loops in C.
  *
  * A Python loop sending and receiving a datagram every millisecond costs a large share of a
  * TCG guest's vCPU and brings its own scheduling jitter, which the probe then reports as gaps

@@ -1,4 +1,4 @@
-/* Benchmark helpers (udrv bench ring / udrv bench tap, see udrv/bench_ring.py); nothing in the
+/* Benchmark helpers (udrv bench ring / udrv bench tap, see udrv/bench/ring.py); nothing in the
  * datapath calls these.
  *
  *   * the bare TAP forwarding loop: read a frame from one fd, write it to another, until the

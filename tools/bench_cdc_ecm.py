@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from udrv.benchall import AQM_VARIANT  # noqa: E402
+from udrv.bench.all import AQM_VARIANT  # noqa: E402
 
 VID, PID = 0x0525, 0xA4A1
 NS, HOST_IP, PEER_IP = "benchpeer", "10.78.0.1", "10.78.0.2"
@@ -76,7 +76,7 @@ def _iperf(seconds: int, reverse: bool) -> tuple[float, float | None]:
         r = json.loads(out)
         if "error" in r:
             raise RuntimeError(f"iperf3 {'-R ' if reverse else ''}failed: {r['error']}")
-        from udrv.sidebyside import tcp_sender_rtt_ms
+        from udrv.bench.sidebyside import tcp_sender_rtt_ms
         return r["end"]["sum_received"]["bits_per_second"] / 1e6, None if reverse else tcp_sender_rtt_ms(r)
     finally:
         srv.kill()
@@ -254,8 +254,8 @@ def recovery_runs(run: list[str], gif: str, out: Path, repeats: int) -> list[dic
     """The 1 ms probe from the host side across udrv0 to an echo on the gadget's side, with
     faults injected into the running daemon: checkpoint recovery, then every fault by a full
     restart (close, re-probe, re-open), in the same boot (sidebyside.recovery_run)."""
-    from udrv.sidebyside import ECHO_PORT, GuestConfig, recovery_run
-    echo = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, "-m", "udrv.echo", "--port", str(ECHO_PORT)],
+    from udrv.bench.sidebyside import ECHO_PORT, GuestConfig, recovery_run
+    echo = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, "-m", "udrv.bench.echo", "--port", str(ECHO_PORT)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cfg = GuestConfig(host_ip=PEER_IP, guest_ip=HOST_IP, faults=RECOVERY_FAULTS, repeats=repeats, ifname="udrv0")
     runs = []
@@ -304,7 +304,7 @@ def usbfs_floor(seconds: float, n_inflight: int = 64) -> dict:
 
 def kernel_again(dev: Path, gif: str, seconds: int) -> tuple[dict, dict]:
     """cdc_ether once udrv gave the device back: rebound, addressed, measured both ways."""
-    from udrv.gadget.configfs import interface_netdevs
+    from udrv.testbed.configfs import interface_netdevs
     wait(lambda: interface_netdevs(dev, 0), 20, "cdc_ether to take the device back")
     kif = interface_netdevs(dev, 0)[0]
     sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", kif)
@@ -319,7 +319,7 @@ def kernel_again(dev: Path, gif: str, seconds: int) -> tuple[dict, dict]:
 def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool = True,
                 no_offload: bool = False, one_thread: bool = False, no_placement: bool = False,
                 recovery_repeats: int = 10, rounds: int = 1, aqm: tuple[str, ...] = ()) -> None:
-    from udrv.gadget.configfs import ecm_gadget, interface_netdevs, modprobe, wait_host_device
+    from udrv.testbed.configfs import ecm_gadget, interface_netdevs, modprobe, wait_host_device
     res: dict = {"seconds": seconds}
     try:
         modprobe("dummy_hcd", "cdc_ether", "tun")
@@ -415,12 +415,12 @@ def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool
 
 
 def report(res: dict) -> str:
-    from udrv.benchall import cdc_runs
+    from udrv.bench.all import cdc_runs
     k = {way: statistics.median(r[way] for r in cdc_runs(res, "kernel")) for way in ("tx", "rx")}
     lines = [f"iperf3 over the kernel's f_ecm gadget on dummy_hcd, {res['seconds']} s per direction, one guest boot",
              f"  kernel cdc_ether : TX {k['tx']:8.1f} Mbit/s   RX {k['rx']:8.1f} Mbit/s   "
              f"(median of {len(cdc_runs(res, 'kernel'))} runs)"]
-    from udrv.benchall import cdc_variants
+    from udrv.bench.all import cdc_variants
     for name in ("python", "native-nocoalesce", "native-nooffload", "native-1thread", "native-noplacement",
                  *[n for n in cdc_variants(res) if n.startswith(AQM_VARIANT)], "native"):
         r = res.get(name)
@@ -441,10 +441,10 @@ def report(res: dict) -> str:
                          f"{gro.get('acks_merged', 0)} ACKs merged")
     if "native_unavailable" in res:
         lines.append(f"  native ring not measured: {res['native_unavailable']}")
-    from udrv.benchall import tx_cpu_budget_lines, tx_rtt_lines, usbfs_floor_lines
+    from udrv.bench.all import tx_cpu_budget_lines, tx_rtt_lines, usbfs_floor_lines
     lines += tx_cpu_budget_lines(res)[:1] + usbfs_floor_lines(res)[:1] + tx_rtt_lines(res)[:1]
     if res.get("recovery"):
-        from udrv.sidebyside import recovery_table
+        from udrv.bench.sidebyside import recovery_table
         lines += ["", *recovery_table(res["recovery"])]
     return "\n".join(lines)
 

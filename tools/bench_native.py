@@ -175,7 +175,7 @@ def _iperf_both(seconds: float, frames: Callable[[], int] | None = None) -> dict
 
 def usb_guest_inner(seconds: float) -> dict[str, Any]:
     """Inside the guest: C ring vs kernel cdc_ether, same f_ecm gadget, same iperf3."""
-    from udrv.gadget import ecm_gadget, modprobe, wait_host_device
+    from udrv.testbed import ecm_gadget, modprobe, wait_host_device
     from udrv.journal import TxJournal
     from udrv.libusb import LibusbTransport, UsbSelector
     from udrv.tap import Tap

@@ -96,7 +96,7 @@ def iperf(path: str, server: str, bind: str, seconds: float, reverse: bool, udrv
             mbit = end["sum_received"]["bits_per_second"] / 1e6
             retr = end.get("sum_sent", {}).get("retransmits")
             if not reverse:     # this side sends: the RTT its TCP measured
-                from udrv.sidebyside import tcp_sender_rtt_ms
+                from udrv.bench.sidebyside import tcp_sender_rtt_ms
                 rtt = tcp_sender_rtt_ms({"end": end})
     except (ValueError, KeyError):
         raise RuntimeError(f"iperf3 {'-R ' if reverse else ''}on {path} failed: "
@@ -132,8 +132,8 @@ def in_guest(out: Path, seconds: float, udp_pps: int, rounds: int = 1) -> int:
     their medians (benchall.pegasus_rows)."""
     from tools.pegasus_gadget import (HOST_IP, NETNS, PEER_IP, PegasusRig, RigConfig, configure_host_side,
                                       quiet_ipv6, udp_ping, wait_carrier, wait_netdev)
-    from udrv.gadget import interface_driver, modprobe
-    from udrv.gadget.configfs import wait_for
+    from udrv.testbed import interface_driver, modprobe
+    from udrv.testbed.configfs import wait_for
     quiet_ipv6()
     modprobe("dummy_hcd", "usb_f_fs", "tun")
     host, peer = HOST_IP.split("/")[0], PEER_IP.split("/")[0]

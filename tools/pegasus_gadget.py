@@ -11,7 +11,7 @@ pegasus.ko or `udrv run usb:07a6:8515` — reaches a real peer network stack.
 
 Library (used by tests/kernel/test_pegasus_gadget.py and tools/bench_usb.py):
     PegasusRig      gadget + wire, counters(), model_counters(). The bulk endpoints and the wire TAP
-                    are served by the C pump (udrv.gadget.pegasus_pump) when udrv._native is built
+                    are served by the C pump (udrv.testbed.pegasus_pump) when udrv._native is built
                     (RigConfig.pump=False or UDRV_GADGET_PUMP=0: the pure-Python path, where the
                     gadget's own loop pumps the wire)
     in_netns(name)  context manager: sockets created inside belong to that namespace
@@ -42,9 +42,9 @@ from typing import Iterator, Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from udrv.gadget import GadgetConfig, ModelGadget, interface_driver, interface_netdevs, modprobe  # noqa: E402
-from udrv.gadget import pegasus_pump  # noqa: E402
-from udrv.gadget.configfs import GadgetError, wait_for  # noqa: E402
+from udrv.testbed import GadgetConfig, ModelGadget, interface_driver, interface_netdevs, modprobe  # noqa: E402
+from udrv.testbed import pegasus_pump  # noqa: E402
+from udrv.testbed.configfs import GadgetError, wait_for  # noqa: E402
 from udrv.models.pegasus import PegasusModel  # noqa: E402
 from udrv.peer import PeerConfig, PeerWire, ip  # noqa: E402
 

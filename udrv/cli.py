@@ -78,7 +78,7 @@ def _embedded(kind: str, wire_mbit: float | None = None, wire_delay_ms: float = 
     transport interface as on a real device; its wire is the peer namespace's veth, as fast as
     the host unless wire_mbit paces it (USB models: udrv.models.wire)."""
     def usb(model: Any) -> Any:
-        from .modelusb import ModelUsbTransport
+        from .models.usb import ModelUsbTransport
         if wire_mbit is None:
             return ModelUsbTransport(model)
         from .models.wire import PacedWire
@@ -92,7 +92,7 @@ def _embedded(kind: str, wire_mbit: float | None = None, wire_delay_ms: float = 
         raise UdrvError("--wire-mbit paces the USB models (model:pegasus, model:cdc_ecm), not model:e1000")
     if kind == "e1000":
         from .drivers.e1000 import E1000
-        from .modelpci import ModelPciTransport
+        from .models.pci import ModelPciTransport
         from .models.e1000 import E1000Model
         model = E1000Model("82540em")
         return _pci_implementations(E1000), ModelPciTransport(model), model
@@ -349,14 +349,14 @@ def cmd_unbind(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what in ("sidebyside", "cdc_ecm", "pegasus"):
         from pathlib import Path
-        from .benchall import DEVICES, run_all
+        from .bench.all import DEVICES, run_all
         only = tuple(args.only.split(",")) if args.only else DEVICES
         return run_all(Path(args.out), seconds=args.seconds, only=only if args.what == "sidebyside" else (args.what,),
                        recovery_repeats=args.repeats if args.what == "sidebyside" and not args.no_model_recovery else 0,
                        smp=args.smp)
     if args.what == "e1000":
         from pathlib import Path
-        from .sidebyside import FAULTS, BenchOptions, run_bench
+        from .bench.sidebyside import FAULTS, BenchOptions, run_bench
         return run_bench(BenchOptions(out=Path(args.out), model=args.model, seconds=args.seconds,
                                       rounds=args.bench_rounds or 1, python_ring=not args.no_python_ring,
                                       no_coalesce=args.compare_no_coalesce,
@@ -369,14 +369,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       file=sys.stderr)
                 return 2
             if args.driver == "e1000":
-                from .bench_ring import guard_overhead_e1000
+                from .bench.ring import guard_overhead_e1000
                 print(guard_overhead_e1000(frames=args.frames, rounds=args.rounds, size=size).report())
             else:
-                from .bench import guard_overhead
+                from .bench.recovery import guard_overhead
                 print(guard_overhead(frames=args.frames, rounds=args.rounds, size=size).report())
         return 0
     if args.what == "aqm":
-        from . import bench_aqm
+        from .bench import aqm as bench_aqm
         driver = args.driver or "pegasus"
         if driver == "e1000":
             print("udrv: the AQM bench paces a USB model's wire: use --driver pegasus or --driver cdc_ecm",
@@ -389,15 +389,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(bench_aqm.report(runs, driver, args.wire_mbit, args.seconds, args.wire_delay_ms))
         return 0 if all(not r.error for r in runs) else 1
     if args.what == "ring":
-        from .bench_ring import ring_speed
+        from .bench.ring import ring_speed
         print(ring_speed(sizes=args.size or [64, 1500], frames=args.frames, rounds=args.rounds).report())
         return 0
     if args.what == "tap":
-        from .bench_ring import tap_forward
+        from .bench.ring import tap_forward
         for size in args.size or [64]:
             print(tap_forward(frames=args.frames, rounds=args.rounds, size=size).report())
         return 0
-    from .bench import RecoveryLatencyScenario, recovery_report
+    from .bench.recovery import RecoveryLatencyScenario, recovery_report
     faults = args.fault or ["xmit:raise", "poll:stall", "set_rx_mode:raise"]
     results = []
     for driver in [args.driver] if args.driver else list(EMBEDDED):

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from .daemon import request
-from .probe import GapProbe
+from .bench.probe import GapProbe
 
 DEFAULT_FAULTS = ["xmit:raise", "poll:stall", "set_rx_mode:raise"]
 
@@ -50,7 +50,7 @@ class DemoScenario:
 
     def _scenario(self, procs: list[subprocess.Popen]) -> int:
         peer = self.peer
-        procs.append(subprocess.Popen(peer.netns_exec(sys.executable, "-m", "udrv.echo")))
+        procs.append(subprocess.Popen(peer.netns_exec(sys.executable, "-m", "udrv.bench.echo")))
         have_iperf = shutil.which("iperf3") is not None
         if have_iperf:
             procs.append(subprocess.Popen(peer.netns_exec("iperf3", "-s", "-1"), stdout=subprocess.DEVNULL))

@@ -1,7 +1,7 @@
 """The PCI transport interface.
 
 Two implementations: `udrv.vfio.VfioTransport` (a real device bound to vfio-pci) and
-`udrv.modelpci.ModelPciTransport` (an in-process device model for tests and the demo).
+`udrv.models.pci.ModelPciTransport` (an in-process device model for tests and the demo).
 A PCI driver sees only this interface: 32-bit MMIO on BAR0, config space, bus mastering,
 DMA buffers with an IOVA the device can use, and a reset.
 

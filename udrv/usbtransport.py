@@ -1,7 +1,7 @@
 """The USB transport interface.
 
 Two implementations: `udrv.libusb.LibusbTransport` (real devices through libusb) and
-`udrv.modelusb.ModelUsbTransport` (an in-process device model for tests and the demo).
+`udrv.models.usb.ModelUsbTransport` (an in-process device model for tests and the demo).
 Drivers only see this interface, so a driver tested on the model runs unchanged on hardware.
 
 Asynchronous transfers follow libusb's shape: `submit_in`/`submit_out` queue a transfer

@@ -71,7 +71,7 @@ def guest() -> Guest:
         pytest.fail(f"kernel tier cannot run: {reason} (or set UDRV_SKIP_KERNEL_TIER=1 to skip it)")
     # compile once on the host: under TCG, compiling udrv in every guest interpreter costs seconds
     import compileall
-    for d in ("udrv", "drivers", "tools", "tests"):
+    for d in ("udrv", "tools", "tests"):
         compileall.compile_dir(str(REPO / d), quiet=1)
     try:
         return Guest(guestlib.prepare())

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from udrv.echo import faults_under_flood, roundtrips as echo  # noqa: E402
+from udrv.bench.echo import faults_under_flood, roundtrips as echo  # noqa: E402
 
 IFNAME = "udrv0"
 PEER_NS = "ecmpeer"
@@ -325,7 +325,7 @@ def link_down_with_frames_waiting(report: dict, gif: str) -> None:
 
 
 def guest_fecm(out: Path) -> None:
-    from udrv.gadget.configfs import ecm_gadget, modprobe, wait_host_device
+    from udrv.testbed.configfs import ecm_gadget, modprobe, wait_host_device
     report: dict = {"stage": "setup"}
     try:
         modprobe("dummy_hcd", "cdc_ether", "tun")
@@ -341,7 +341,7 @@ def guest_fecm(out: Path) -> None:
         sh("ip", "-n", PEER_NS, "addr", "add", f"{PEER_IP}/24", "dev", gif)
         sh("ip", "-n", PEER_NS, "link", "set", gif, "up")
         sh("ip", "-n", PEER_NS, "link", "set", "lo", "up")
-        echo_srv = subprocess.Popen(["ip", "netns", "exec", PEER_NS, sys.executable, "-m", "udrv.echo",
+        echo_srv = subprocess.Popen(["ip", "netns", "exec", PEER_NS, sys.executable, "-m", "udrv.bench.echo",
                                      "--port", str(ECHO_PORT)])
         report["stage"] = "udrv start"
         t0 = time.monotonic()
@@ -366,7 +366,7 @@ def guest_fecm(out: Path) -> None:
         report["peer_rx"] = netdev_stat(gif, "rx_packets", PEER_NS) - rx0
         report["peer_tx"] = netdev_stat(gif, "tx_packets", PEER_NS) - tx0
         # the other way: the peer asks, udrv0's side answers
-        host_echo = subprocess.Popen([sys.executable, "-m", "udrv.echo", "--port", str(ECHO_PORT + 1)])
+        host_echo = subprocess.Popen([sys.executable, "-m", "udrv.bench.echo", "--port", str(ECHO_PORT + 1)])
         time.sleep(0.5)
         report["reverse_back"] = int(sh("ip", "netns", "exec", PEER_NS, sys.executable, str(Path(__file__).resolve()),
                                         "echo-client", HOST_IP, str(ECHO_PORT + 1)).strip())

@@ -6,7 +6,7 @@ that the tests below check:
 
   the kernel's e1000/e1000e owns the NIC -> `udrv bind BDF` (CLI) -> `udrv list` shows it on
   vfio-pci -> `python3 -m udrv.cli run pci:BDF --ifname udrv0` in the background -> UDP echo to
-  the peer (QEMU's host TAP, in a host network namespace with `udrv.echo`: udrv.sidebyside.HostPeer)
+  the peer (QEMU's host TAP, in a host network namespace with `udrv.bench.echo`: udrv.bench.sidebyside.HostPeer)
   -> faults injected mid-traffic (xmit raise, poll stall, set_rx_mode raise via
   `ip link set udrv0 promisc on`, link_check hang) -> recovered, same ifindex, traffic goes on,
   no DMAR fault in the guest log -> SIGTERM removes udrv0 -> `udrv unbind BDF` gives the NIC back
@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from udrv.echo import faults_under_flood, roundtrips as echo  # noqa: E402
-from udrv.sidebyside import (KERNEL_DRIVER, MODEL_IDS, dmar_faults, echo_once, find_bdf,  # noqa: E402
+from udrv.bench.echo import faults_under_flood, roundtrips as echo  # noqa: E402
+from udrv.bench.sidebyside import (KERNEL_DRIVER, MODEL_IDS, dmar_faults, echo_once, find_bdf,  # noqa: E402
                              kernel_netdev, sh, wait_for)
 
 IFNAME = "udrv0"
@@ -194,7 +194,7 @@ if pytest is not None:
     @pytest.fixture(scope="module", params=["e1000", "e1000e"])
     def run(request, guest, tmp_path_factory):
         from tools.guest import GuestDevices
-        from udrv.sidebyside import HostPeer, PeerPlan
+        from udrv.bench.sidebyside import HostPeer, PeerPlan
         model = request.param
         if os.geteuid() != 0:
             pytest.skip("the e1000's peer is a host TAP in a network namespace: that needs root")
@@ -280,7 +280,7 @@ def _fake_bench_result() -> dict:
         return {"value": value, "unit": "x", "all": [value], "cpu": cpu}
     kernel = {n: m(v) for n, v in (("tcp_tx", 500), ("tcp_rx", 400), ("udp64_tx", 20), ("udp64_rx", 20))}
     udrv_c = {n: m(v, daemon=3.0) for n, v in (("tcp_tx", 100), ("tcp_rx", 80), ("udp64_tx", 10), ("udp64_rx", 12))}
-    from udrv.sidebyside import summarize_collapsed
+    from udrv.bench.sidebyside import summarize_collapsed
     prof = summarize_collapsed("process 1:\"python3\";main (udrv/cli.py:9);poll (udrv/nic.py:3) 30\n"
                                "process 1:\"python3\";main (udrv/cli.py:9);read_batch (udrv/tap.py:80) 10\n")
     udrv_c.update(_label="udrv C ring (E1000Native)", _profile={"tcp_tx": prof})
@@ -297,7 +297,7 @@ def _fake_bench_result() -> dict:
 
 
 def test_bench_report_has_ratios_profile_recovery_and_a_png(tmp_path):
-    from udrv import sidebyside
+    from udrv.bench import sidebyside
     result = _fake_bench_result()
     r = sidebyside.ratios(result)["udrv_c"]
     assert abs(r["tcp_tx"] - 100 / 550) < 1e-9          # against the mean of the two kernel runs

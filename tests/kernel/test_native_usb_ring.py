@@ -190,7 +190,7 @@ def _tx_stall_clock(ring: Any, tap_sock: socket.socket, tap_mac: bytes, gad_mac:
 
 def guest_main() -> dict[str, Any]:
     from udrv import native
-    from udrv.gadget import ecm_gadget, modprobe, wait_host_device
+    from udrv.testbed import ecm_gadget, modprobe, wait_host_device
     from udrv.journal import TxJournal
     from udrv.libusb import LibusbTransport, UsbSelector
     from udrv.tap import Tap

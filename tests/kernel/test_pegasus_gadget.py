@@ -1,12 +1,12 @@
 """Kernel tier, USB side of pegasus: the pegasus model served as a real USB device.
 
-The model (udrv.models.pegasus) is a FunctionFS gadget on dummy_hcd (udrv.gadget); its wire is a
+The model (udrv.models.pegasus) is a FunctionFS gadget on dummy_hcd (udrv.testbed); its wire is a
 TAP in network namespace `pegpeer` (10.88.0.2). The guest kernel's USB host side sees an ADMtek
 07a6:8515, and three independent opinions meet on it:
 
 1. kernel: the kernel's own pegasus.ko binds, gets 10.88.0.1; UDP round trips both ways are
    counted at both ends (and by the model, the gadget and the netdev). The gadget's bulk data
-   path is the C pump (udrv.gadget.pegasus_pump) when udrv._native is built; kernel_python runs
+   path is the C pump (udrv.testbed.pegasus_pump) when udrv._native is built; kernel_python runs
    the same over the pure-Python gadget, the fallback.
 2. udrv: pegasus.ko is bound first; `udrv run usb:07a6:8515` detaches it, drives the same
    device over real libusb through udrv0; `udrv inject xmit raise` and `udrv inject set_rx_mode
@@ -114,7 +114,7 @@ def scenario_kernel(report: dict, out_dir: Path, pump: bool | None = None) -> No
     """pegasus.ko on the model: binds, carries UDP both ways (through the C pump when built)."""
     from tools.pegasus_gadget import (HOST_IP, NETNS, PEER_IP, PegasusRig, RigConfig, configure_host_side,
                                       dmesg_tail, netdev_stats, udp_ping, wait_carrier, wait_netdev)
-    from udrv.gadget import interface_driver, modprobe
+    from udrv.testbed import interface_driver, modprobe
     with PegasusRig(RigConfig(gadget_name="pegk", pump=pump)) as rig:
         report["stage"] = "modprobe pegasus"
         modprobe("pegasus")
@@ -156,7 +156,7 @@ def scenario_udrv(report: dict, out_dir: Path) -> None:
     """udrv over libusb on the model: detach pegasus.ko, traffic, two injected faults, SIGTERM."""
     from tools.pegasus_gadget import (HOST_IP, NETNS, PEER_IP, BackgroundPing, PegasusRig, RigConfig,
                                       configure_host_side, kernel_netdev, udp_ping, wait_carrier, wait_netdev)
-    from udrv.gadget import interface_driver, modprobe
+    from udrv.testbed import interface_driver, modprobe
     from udrv.peer import ip
     with PegasusRig(RigConfig(gadget_name="pegu")) as rig:
         dev = rig.host_device
@@ -381,7 +381,7 @@ SCENARIOS = {"kernel": scenario_kernel, "kernel_python": scenario_kernel_python,
 
 def guest_main(which: str, out: Path) -> int:
     from tools.pegasus_gadget import dmesg_tail, quiet_ipv6
-    from udrv.gadget import modprobe
+    from udrv.testbed import modprobe
     quiet_ipv6()
     modprobe("dummy_hcd", "usb_f_fs", "tun")
     names = list(SCENARIOS) if which == "all" else [which]
@@ -462,7 +462,7 @@ def _usb_edges(sec: dict) -> None:
 
 
 def _pump_built() -> bool:
-    from udrv.gadget import pegasus_pump
+    from udrv.testbed import pegasus_pump
     return pegasus_pump.available()
 
 
@@ -543,7 +543,7 @@ def test_model_faults_reach_the_host_as_usb_errors(pegasus_report):
 
 def test_layout_puts_pegasus_endpoints_where_pegasus_ko_looks():
     """No guest needed: the planner's replay of usb_ep_autoconfig over dummy_hcd's table."""
-    from udrv.gadget.ffs import DUMMY_HCD_ENDPOINTS, plan_function
+    from udrv.testbed.ffs import DUMMY_HCD_ENDPOINTS, plan_function
     from udrv.models.pegasus import PegasusModel
     plan = plan_function(PegasusModel().info.interfaces)
     slots = plan.slots
@@ -561,7 +561,7 @@ def test_layout_puts_pegasus_endpoints_where_pegasus_ko_looks():
 
 def test_descriptor_blob_has_the_flags_pegasus_ko_needs():
     import struct as _struct
-    from udrv.gadget.ffs import plan_function
+    from udrv.testbed.ffs import plan_function
     from udrv.models.pegasus import PegasusModel
     blob = plan_function(PegasusModel().info.interfaces).descriptors()
     magic, length, flags, fs_count, hs_count = _struct.unpack_from("<IIIII", blob)

@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, NoReturn
 
-from udrv.modelusb import ModelGone, ModelNoAnswer, ModelStall, Setup
+from udrv.models.usb import ModelGone, ModelNoAnswer, ModelStall, Setup
 from udrv.usbtransport import DeviceInfo, EndpointInfo, EpType, InterfaceInfo
 
 # The spec's numbers, spelled out here independently of the driver.
@@ -68,7 +68,7 @@ class EcmCounters:
 
 
 class EcmModel:
-    """The device side of a CDC-ECM NIC; implements `udrv.modelusb.UsbDeviceModel`."""
+    """The device side of a CDC-ECM NIC; implements `udrv.models.usb.UsbDeviceModel`."""
 
     CONTROL, DATA = 0, 1
     EP_NOTIFY, EP_BULK_IN, EP_BULK_OUT = 0x83, 0x81, 0x02

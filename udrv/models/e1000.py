@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from udrv.modelpci import DmaBus, DmarFault
+from udrv.models.pci import DmaBus, DmarFault
 
 M32 = 0xFFFFFFFF
 ALL_ONES = 0xFFFFFFFF

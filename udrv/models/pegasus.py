@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, NoReturn, Sequence
 
-from udrv.modelusb import ModelGone, ModelNoAnswer, ModelStall, Setup
+from udrv.models.usb import ModelGone, ModelNoAnswer, ModelStall, Setup
 from udrv.usbtransport import DeviceInfo, EndpointInfo, EpType, InterfaceInfo
 
 # --- control requests -----------------------------------------------------------------------
@@ -194,7 +194,7 @@ def _hash_bit(addr: bytes) -> int:
 
 
 class PegasusModel:
-    """The device side of an ADMtek Pegasus USB NIC; implements `udrv.modelusb.UsbDeviceModel`."""
+    """The device side of an ADMtek Pegasus USB NIC; implements `udrv.models.usb.UsbDeviceModel`."""
 
     def __init__(self, vid: int = 0x07A6, pid: int = 0x8515, *,
                  mac: bytes = DEFAULT_MAC,

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from ..modelusb import ModelNoAnswer
+from .usb import ModelNoAnswer
 
 # preamble + SFD (8), FCS (4) and the inter-frame gap (12): what a frame costs on the wire
 # beyond the bytes the device was given
@@ -23,7 +23,7 @@ WIRE_OVERHEAD = 24
 
 
 class PacedWire:
-    """Wraps a USB device model (`udrv.modelusb.UsbDeviceModel`); everything but bulk OUT and
+    """Wraps a USB device model (`udrv.models.usb.UsbDeviceModel`); everything but bulk OUT and
     the notify hook goes to the model unchanged."""
 
     def __init__(self, model: Any, mbit: float, fifo_frames: int = 2, delay: float = 0.0,
