@@ -3,11 +3,13 @@
 A driver is one file of device knowledge. It implements the entry points below and declares
 which of its attributes are soft state (`soft`, a dataclass the framework snapshots before
 every configuration call). It writes no recovery code: the guard (udrv.guard) snapshots,
-rolls back, restores and retries; the runtime (udrv.nic) owns journals and transfers.
+rolls back, restores and retries; the framework engines (udrv.usbnet, udrv.pcinet) own
+journals, transfers and rings. Every attribute the runtime reads of a driver is declared here.
 """
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -53,10 +55,36 @@ class NetDriver(abc.ABC):
     DATAPATH_ENTRIES: ClassVar[tuple[str, ...]] = ("xmit", "poll")
     min_mtu: ClassVar[int] = 68
     max_mtu: ClassVar[int] = 1500
+    # (RX, TX) transfers or descriptors in flight unless the operator says otherwise
+    default_rings: ClassVar[tuple[int, int]] = (4, 8)
+    # TX offloads (udrv.offload names) the runtime asks the TAP for; a chip may narrow its
+    # class's set on the instance at construction, before the first datapath is built
+    offloads: frozenset[str] = frozenset()
+    # the datapath writes GSO super-frames to the TAP (RX coalescing): the TAP needs a
+    # virtio-net header even when no TX offload is on
+    rx_vnet_hdr: ClassVar[bool] = False
+    # this class runs its engine's C implementation (made by c_variant())
+    fast_path: ClassVar[bool] = False
 
     soft: Any          # the driver's soft state: a dataclass, snapshotted by the framework
     actions: ActionList
     datapath: Any = None
+
+    @classmethod
+    def c_variant(cls) -> type[NetDriver] | None:
+        """The same driver on its engine's C datapath, or None where the engine has none."""
+        return None
+
+    @classmethod
+    def implementations(cls) -> tuple[type[NetDriver], ...]:
+        """The implementations of this driver, best first: the runtime runs the first and swaps
+        to the next after repeated escalations (design diversity). The C variant leads when the
+        fast path is built and UDRV_DATAPATH=python does not ask for Python alone."""
+        from . import native
+        c = cls.c_variant()
+        if c is None or cls.fast_path or os.environ.get("UDRV_DATAPATH") == "python" or not native.available():
+            return (cls,)
+        return (c, cls)
 
     def bind(self) -> None:
         """Take ownership of the device (claim interfaces, enable the PCI function)."""

@@ -79,6 +79,16 @@ class UsbNetDriver(NetDriver):
         if self.datapath is not None:
             self.datapath.stop()
 
+    @classmethod
+    def c_variant(cls) -> type[NetDriver] | None:
+        if cls.fast_path:
+            return None
+        made = cls.__dict__.get("_c_variant")
+        if made is None:
+            made = native_variant(cls)
+            cls._c_variant = made
+        return made
+
     def framing_now(self) -> Framing:
         """The framing in effect (a driver may pick a variant at probe, e.g. ADM8513)."""
         return self.framing
@@ -324,7 +334,8 @@ def native_variant(cls: type[UsbNetDriver]) -> type[UsbNetDriver]:
     # TX offloads are the ring's, in software (native/gso.h), whatever the device: the host's
     # stack hands the TAP 64 KiB TCP frames and leaves the checksums, one TAP read for ~44 frames.
     # A driver may ask for other depths for the C ring (native_rings).
-    return type(f"{cls.__name__}Native", (cls,), {"make_datapath": make_datapath,
+    return type(f"{cls.__name__}Native", (cls,), {"make_datapath": make_datapath, "fast_path": True,
+                                                   "__module__": cls.__module__,
                                                    "default_rings": getattr(cls, "native_rings", (64, 64)),
                                                    "rx_vnet_hdr": bool(getattr(cls, "coalesce_rx", False)),
                                                    "offloads": SOFTWARE_TX_OFFLOADS,

@@ -885,6 +885,10 @@ class E1000(NetDriver):
                                                     (TDH, r.tx_count), (TDT, r.tx_count)))
 
     # --- invariants --------------------------------------------------------------------------------
+    @classmethod
+    def c_variant(cls) -> type[NetDriver] | None:
+        return None if cls.fast_path else E1000Native
+
     def invariants(self) -> list[str]:
         s = self.soft
         broken: list[str] = []
@@ -2058,6 +2062,7 @@ class E1000NativeRing(E1000Ring):
 class E1000Native(E1000):
     """The e1000 driver with the C ring (same device code; the datapath implementation differs)."""
     datapath_cls = E1000NativeRing
+    fast_path = True
 
 
 DRIVER = E1000
