@@ -52,7 +52,7 @@ def _open_device(spec: str | None, wire_mbit: float | None = None,
             if cls.match(info.vid, info.pid, info.device_class):
                 return _with_native_usb(cls), transport, None
         for cls in _usb_drivers():   # class drivers (CDC-ECM) bind by interface class, after id matches
-            if hasattr(cls, "match_device") and cls.match_device(info):
+            if cls.match_device(info):
                 return _with_native_usb(cls), transport, None
         transport.close()
         raise UdrvError(f"no udrv driver knows USB device {info.ident}: `udrv list` shows supported ones")

@@ -276,7 +276,7 @@ def list_usb_nics(known: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
         for name, cls in known:
             if cls.match(d.idVendor, d.idProduct, d.bDeviceClass):
                 match = name
-            elif hasattr(cls, "match_interfaces") and cls.match_interfaces(
+            elif cls.match_interfaces(
                     [(i.bInterfaceClass, i.bInterfaceSubClass) for c in d for i in c]):
                 match = name
         out.append({"id": f"{d.idVendor:04x}:{d.idProduct:04x}", "bus": d.bus, "address": d.address,

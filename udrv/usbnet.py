@@ -19,7 +19,7 @@ from .driver import FrameSink, NetDriver
 from .errors import DeviceGone, TransportError
 from .framing import Framing
 from .journal import TxJournal
-from .usbtransport import Completion, UsbTransport, XferStatus
+from .usbtransport import Completion, DeviceInfo, UsbTransport, XferStatus
 
 log = logging.getLogger("udrv.usbnet")
 
@@ -60,6 +60,17 @@ class UsbNetDriver(NetDriver):
             if i.matches(vid, pid, device_class):
                 return i
         return None
+
+    @classmethod
+    def match_device(cls, info: DeviceInfo) -> bool:
+        """A class driver's match (any vid:pid carrying its function); asked after every id
+        match failed. Id-matched drivers say False."""
+        return False
+
+    @classmethod
+    def match_interfaces(cls, classes: list[tuple[int, int]]) -> bool:
+        """match_device's cheap form for listings: (class, subclass) of every interface."""
+        return False
 
     def bind(self) -> None:
         """Claim the interface(s); the framework records the release."""
