@@ -12,6 +12,10 @@ class TransportError(UdrvError):
     """A device operation failed; the device may still be usable."""
 
 
+class DatapathError(TransportError):
+    """The datapath saw a device error it cannot absorb (the guard restores and re-issues)."""
+
+
 class DeviceGone(TransportError):
     """The device disappeared (unplugged, reset by the host, or unbound)."""
 

@@ -27,6 +27,7 @@ from typing import Any, Callable
 from .errors import (DeviceGone, DriverFault, EntryTimeout, Escalation, InjectedFault, Stall, TransferTimeout,
                      TransportError, TxHang)
 from .faults import FaultInjector
+from .ccallback import inside_c_callback
 from .threadname import name_this_thread
 
 log = logging.getLogger("udrv.guard")
@@ -101,7 +102,7 @@ class Watchdog:
     SIG = signal.SIGUSR2
 
     def __init__(self, tick: float = 0.005):
-        # tick: how soon it looks again after firing (the signal may land in a shielded
+        # tick: how soon it looks again after firing (the signal may land in a C
         # callback). Otherwise the thread sleeps until the deadline of the newest entry and is
         # woken only by an entry due sooner (the setter of `current`): entries follow each other
         # by the dozen per second with deadlines a second out, and waking for each of them (or
@@ -134,26 +135,15 @@ class Watchdog:
             if cur[1] < self._sleep_until:
                 self._wake.set()
 
-    # Code that must never see EntryTimeout: callbacks invoked from C (a libusb completion
-    # callback, say). An exception raised there is swallowed by ctypes and a completion is
-    # lost; so when the signal lands inside one, the watchdog fires again at its next tick.
-    shielded: set[Any] = set()
-
-    @classmethod
-    def shield(cls, fn: Any) -> Any:
-        cls.shielded.add(fn.__code__)
-        return fn
-
     def _on_signal(self, signum: int, frame: Any) -> None:
         cur = self.current
         if cur is None or cur is not self._fired_for:
             return
-        f = frame
-        while f is not None:
-            if f.f_code in self.shielded:
-                self._fired_for = None          # try again once the callback has returned
-                return
-            f = f.f_back
+        if inside_c_callback(frame):
+            # an exception there would be swallowed by ctypes and lose a completion: the
+            # watchdog fires again at its next tick, once the callback has returned
+            self._fired_for = None
+            return
         raise EntryTimeout(f"{cur[0]} overran its deadline")
 
     def _run(self) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import usb1
 
 from .actions import ActionList
-from .guard import Watchdog
+from .ccallback import c_callback
 from .errors import DeviceBusy, DeviceGone, DeviceNotFound, PermissionDeniedError, Stall, TransferTimeout, TransportError
 from .usbtransport import (Completion, DeviceInfo, EndpointInfo, EpType, InterfaceInfo, XferStatus,
                            resets_endpoints)
@@ -199,7 +199,7 @@ class LibusbTransport:
     def _transfer(self) -> Any:
         return self._free.pop() if self._free else self.handle.getTransfer()
 
-    @Watchdog.shield
+    @c_callback
     def _callback(self, t: Any) -> None:
         self._inflight.pop(id(t), None)
         tag, ep = t.getUserData()

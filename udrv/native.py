@@ -26,7 +26,7 @@ import shutil
 from typing import Any, Callable
 
 from .datapath import DatapathCounters
-from .errors import DeviceGone, TransportError, UdrvError
+from .errors import DatapathError, DeviceGone, TransportError, UdrvError
 from .framing import Framing, Shape
 from .journal import JournalFull, TxJournal
 
@@ -440,11 +440,9 @@ class NativeUsbRing:
         name = ffi.string(lib.udrv_usb_error_name(rc)).decode()
         if name == "LIBUSB_ERROR_NO_DEVICE":
             return DeviceGone(f"the USB device is gone ({what}): it was unplugged or reset; plug it back in")
-        from .usbnet import DatapathError
         return DatapathError(f"{what} failed: {name}")
 
     def _raise_queued(self, flags: int) -> None:
-        from .usbnet import DatapathError
         errors = []
         while lib.udrv_ring_next_error(self._ring, self._err):
             e = self._err

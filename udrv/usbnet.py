@@ -16,7 +16,7 @@ from . import offload
 from .actions import ActionList
 from .datapath import DatapathCounters
 from .driver import FrameSink, NetDriver
-from .errors import DeviceGone, TransportError
+from .errors import DatapathError, DeviceGone, TransportError
 from .framing import Framing
 from .journal import TxJournal
 from .usbtransport import Completion, DeviceInfo, UsbTransport, XferStatus
@@ -113,10 +113,6 @@ class UsbNetDriver(NetDriver):
 def claim_interface(usb: UsbTransport, number: int, actions: ActionList) -> None:
     usb.claim_interface(number)
     actions.record(f"claim interface {number}", lambda: usb.release_interface(number))
-
-
-class DatapathError(TransportError):
-    """The datapath saw a device error it cannot absorb (the guard restores and re-issues)."""
 
 
 _RX_TAG = -1
