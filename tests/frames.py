@@ -168,6 +168,7 @@ class FakeTap:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.sock.setblocking(False)
+        self.name = "faketap"
         self.vnet_hdr_len = 12 if vnet else 0
         self.vnet = vnet
         self.offloads: frozenset[str] = frozenset()

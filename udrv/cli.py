@@ -182,7 +182,7 @@ def cmd_run(args: argparse.Namespace, scenario: Any = None) -> int:
                          aqm_target=getattr(args, "aqm_target", 5.0) / 1e3,
                          aqm_interval=getattr(args, "aqm_interval", 100.0) / 1e3,
                          aqm_ecn=not getattr(args, "aqm_no_ecn", False)),
-              watchdog=Watchdog(), on_recovery=lambda r: logging.getLogger("udrv").warning("%s", r.line()),
+              watchdog=Watchdog(),
               reopen=reopen)
     daemon = Daemon(nic, tap, extra_fds=extra, model=model)
     install_signal_handlers(daemon)

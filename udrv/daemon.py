@@ -167,12 +167,12 @@ class Daemon:
                 events = p.poll(max(0, math.ceil(wait * 1000)))
             for fd, _ev in events:
                 if fd == tap.fd:
-                    if getattr(nic.engine, "owns_tap", False):
+                    caps = nic.engine.caps
+                    if caps.reads_tap:
                         # the C ring reads the TAP itself, inside xmit(); while the NIC is not
                         # up xmit() is not called: journal the frames now (as Python would)
-                        pull = getattr(nic.engine, "pull_tap", None)
-                        if nic.state != "up" and pull is not None:
-                            pull()
+                        if nic.state != "up" and caps.pulls_tap:
+                            nic.engine.pull_tap()
                     elif nic.journal.space() > 0:
                         nic.enqueue(tap.read_batch(min(self.timers.tap_batch, nic.journal.space())))
                 elif self._ctrl is not None and fd == self._ctrl.fileno():
@@ -194,7 +194,7 @@ class Daemon:
                 state = nic.state
                 if state != "up":             # the host learns at once, not at the next link check
                     tap.set_carrier(False)
-                    log.warning("event=down error=%s", nic.last_error)
+                    log.warning("event=down carrier=off (the restart's error is logged above)")
             if nic.transport_generation != generation:
                 generation = nic.transport_generation
                 self._transport_fds = self._register_transport(self._transport_fds, generation)
@@ -222,11 +222,12 @@ class Daemon:
     def _python_reads_tap(self) -> bool:
         """Whether the loop must wake for TAP frames: not when a ring running in C polls the TAP
         itself, nor while the NIC is down under a ring that reads the TAP but cannot journal
-        frames from Python (no pull_tap): the kernel queues them."""
+        frames from Python (caps.pulls_tap): the kernel queues them."""
         nic = self.nic
         if nic.state == "up":
             return not nic.runs_in_c()
-        return not getattr(nic.engine, "owns_tap", False) or getattr(nic.engine, "pull_tap", None) is not None
+        caps = nic.engine.caps
+        return not caps.reads_tap or caps.pulls_tap
 
     def _wake_on(self, fd: int) -> None:
         try:
@@ -242,8 +243,7 @@ class Daemon:
             except KeyError:
                 pass
         fds = set()
-        poll_fds = getattr(self.nic.transport, "poll_fds", lambda: ())
-        for fd, ev in poll_fds():
+        for fd, ev in self.nic.transport.poll_fds():
             self._poller.register(fd, ev)
             fds.add(fd)
         return fds

@@ -55,12 +55,13 @@ class Recovery:
 
     def line(self) -> str:
         silent = "n/a (no traffic)" if self.silent_ms is None else f"{self.silent_ms:.2f} ms"
+        restart = "" if self.restart_ms is None else f" restart={self.restart_ms:.2f} ms"
         return (f"recovery: entry={self.entry} fault={self.fault} ({self.detail}) outcome={self.outcome} "
                 f"rolled_back={self.rolled_back or '-'} soft_state_restored={self.soft_state_restored} "
                 f"device_restored={self.device_restored} device_untouched={self.device_untouched} "
                 f"reissued={self.reissued} "
                 f"recovery={self.recovery_ms:.2f} ms (restore {self.restore_ms:.2f}, datapath "
-                f"{self.datapath_ms:.2f}) silent={silent}")
+                f"{self.datapath_ms:.2f}){restart} silent={silent}")
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
@@ -82,6 +83,13 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, InjectedFault):
         return "exception"
     return "exception"
+
+
+def _restore_failed(detail: str, exc: BaseException) -> str:
+    """The clause a failed restore adds to a recovery's detail; an unplugged device fails the
+    restore for the reason it failed the call, and the line says that reason once."""
+    why = str(exc)
+    return "; the restore failed for the same reason" if why and why in detail else f"; restore failed: {why}"
 
 
 def driver_side(exc: BaseException) -> bool:
@@ -263,7 +271,7 @@ class Guard:
                     rec.device_restored = True
                 except Exception as rexc:
                     rec.outcome = "escalated"
-                    rec.detail += f"; restore failed: {rexc}"
+                    rec.detail += _restore_failed(rec.detail, rexc)
                     self._report(rec)
                     raise Escalation(DriverFault(entry, rec.fault, rec.detail)) from exc
                 if attempt == 0 and self.retry:
@@ -405,7 +413,7 @@ class Guard:
                 rec.rolled_back = [what]
         except Exception as rexc:
             rec.outcome = "escalated"
-            rec.detail += f"; restore failed: {rexc}"
+            rec.detail += _restore_failed(rec.detail, rexc)
             self._report(rec)
             raise Escalation(DriverFault(entry, rec.fault, rec.detail)) from exc
         self._report(rec)

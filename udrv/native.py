@@ -12,7 +12,7 @@ What is here:
 The C ring moves frames between the device and the TAP fd itself: RX frames are written to the
 TAP from C (the Python `sink` is not used), and with `read_tap=True` (the default) `xmit()` and
 `poll()` also read the TAP into the journal, so the runtime must not read the TAP itself while
-such a ring runs (`ring.owns_tap` says so; wake on the TAP fd and call xmit()). With
+such a ring runs (`ring.caps.reads_tap` says so; wake on the TAP fd and call xmit()). With
 `read_tap=False` the runtime keeps feeding the journal from Python (Nic.enqueue) and the ring
 only drains it.
 """
@@ -25,7 +25,7 @@ import os
 import shutil
 from typing import Any, Callable
 
-from .datapath import DatapathCounters
+from .datapath import Capabilities, DatapathCounters, DatapathDefaults, DatapathReport, TapCounts
 from .errors import DatapathError, DeviceGone, TransportError, UdrvError
 from .framing import Framing, Shape
 from .journal import JournalFull, TxJournal
@@ -309,9 +309,9 @@ def rx_coalesce_allowed(tap_vnet_hdr: int) -> bool:
 
 class TapHandoff:
     """The TAP side of a C ring that reads the TAP itself (the e1000 ring, the USB ring): a frame
-    only Python can finish goes to the ring's `tap_enqueue` (Nic.enqueue, which counts it) or,
-    with no Nic behind the ring, is counted here and dropped; stats() puts C's counts in
-    Nic.status()'s terms."""
+    only Python can finish goes to the ring's TAP fallback (Nic.enqueue, which counts it) or,
+    with no Nic behind the ring, is counted here and dropped; counts() puts C's counts in the
+    runtime's terms."""
 
     def __init__(self) -> None:
         self.frames_in = 0
@@ -323,6 +323,14 @@ class TapHandoff:
         self.frames_in += 1
         self.drops["unhandled_offload"] = self.drops.get("unhandled_offload", 0) + 1
         return 0
+
+    def counts(self, frames_in: int, offload_frames: int, oversize: int, short_vnet_header: int,
+               bad_offload_request: int, segments: int | None = None) -> TapCounts:
+        drops = {k: v for k, v in (("oversize", oversize), ("short_vnet_header", short_vnet_header),
+                                   ("bad_offload_request", bad_offload_request)) if v}
+        for k, v in self.drops.items():
+            drops[k] = drops.get(k, 0) + v
+        return TapCounts(frames_in + self.frames_in, offload_frames, drops, segments)
 
     def stats(self, frames_in: int, offload_frames: int, read_errors: int, deferred: int, oversize: int,
               short_vnet_header: int, bad_offload_request: int, **extra: int) -> dict[str, Any]:
@@ -342,7 +350,7 @@ def tx_thread_allowed() -> bool:
 
 # --- the USB ring -------------------------------------------------------------------------------------
 
-class NativeUsbRing:
+class NativeUsbRing(DatapathDefaults):
     """UsbNetEngine's twin in C: same lifecycle and entry points, frames never cross into Python.
 
     xmit(): TAP -> journal (if read_tap) -> bulk OUT, up to n_tx in flight; returns submissions.
@@ -353,12 +361,12 @@ class NativeUsbRing:
     TX offloads in software (native/gso.h): with TUN_F_CSUM/TSO4/TSO6 on the TAP, the ring keeps
     a frame's virtio-net header in the journal and fills the checksum / cuts the 64 KiB TCP frame
     into MTU-sized segments as it submits them. A request only Python knows how to finish (UFO,
-    ECN) goes to `tap_enqueue` (Nic.enqueue, which resolves it with udrv.offload: this ring does
-    not declare `handles_vnet`, so frames Nic journals are finished ones).
-    """
+    ECN) goes to the TAP fallback (Nic.enqueue, which resolves it with udrv.offload: this ring does
+    not handle virtio-net headers, so frames Nic journals are finished ones).
 
-    owns_tap: bool
-    handles_vnet = False
+    Capabilities: with read_tap it reads the TAP and runs whole turns in C (run()); it keeps the
+    TX hang clock itself and can keep its transfers across a fault of the driver's own.
+    """
 
     def __init__(self, driver: Any, journal: TxJournal, tap_fd: int, n_rx: int = 4, n_tx: int = 8,
                  on_progress: Callable[[], None] | None = None, *, read_tap: bool = True,
@@ -373,8 +381,9 @@ class NativeUsbRing:
         self.n_rx = n_rx
         self.n_tx = n_tx
         self.on_progress = on_progress
-        self.owns_tap = read_tap
-        self.tap_enqueue: Callable[[list[bytes]], int] | None = None   # set by Nic
+        self.caps = Capabilities(reads_tap=read_tap, runs_turns=read_tap, keeps_tx_clock=True,
+                                 keeps_in_flight=True)
+        self._tap_fallback: Callable[[list[bytes]], int] | None = None
         self._handoff = TapHandoff()
         self.tap_budget = tap_budget if read_tap else 0
         self.stop_timeout = stop_timeout
@@ -423,6 +432,9 @@ class NativeUsbRing:
         self._flag_bad = lib.UDRV_PUMP_ERROR | lib.UDRV_PUMP_NO_DEVICE
         self._deferred_buf = ffi.new("uint8_t[]", lib.UDRV_TAPREAD_BUF)   # what tapread can hold
         self._epoch: int | None = None      # the transport's endpoint_resets when the transfers went out
+
+    def set_tap_fallback(self, enqueue: Callable[[list[bytes]], int]) -> None:
+        self._tap_fallback = enqueue
 
     # --- helpers ------------------------------------------------------------------------------
     def _tx_limit(self) -> int:
@@ -601,7 +613,7 @@ class NativeUsbRing:
         n = lib.udrv_ring_take_deferred(self._ring, self._deferred_buf, len(self._deferred_buf))
         if n < 0:
             return
-        self._handoff.hand(self.tap_enqueue, ffi.buffer(self._deferred_buf, n)[:])
+        self._handoff.hand(self._tap_fallback, ffi.buffer(self._deferred_buf, n)[:])
         self.journal.sync()
         lib.udrv_ring_xmit(self._ring, 0, self._res)    # what Nic journaled goes out now
 
@@ -652,12 +664,15 @@ class NativeUsbRing:
                 "tap_read_errors": s.tap_read_errors, "tap_write_errors": s.tap_write_errors,
                 "status_overflow": s.status_overflow, "errors_lost": s.errors_lost}
 
-    def tap_stats(self) -> dict[str, Any]:
-        """What C counted on the TAP side, in Nic.status()'s terms (as E1000Native.tap_stats);
-        deferred frames are counted by whoever took them (Nic.enqueue)."""
+    def tap_counts(self) -> TapCounts:
+        """What C counted on the TAP side; deferred frames are counted by whoever took them
+        (Nic.enqueue)."""
         s = self._read_stats()
-        return self._handoff.stats(s.tap_frames_in, s.tap_offload_frames, s.tap_read_errors, s.tap_deferred,
-                                   s.tap_oversize, s.tap_short_vnet, s.tap_bad_offload, tx_segments=s.tx_segments)
+        return self._handoff.counts(s.tap_frames_in, s.tap_offload_frames, s.tap_oversize, s.tap_short_vnet,
+                                    s.tap_bad_offload, segments=s.tx_segments)
+
+    def report(self) -> DatapathReport:
+        return DatapathReport(tx_thread=self.tx_thread, rx_coalesce=self.rx_coalesce_counts())
 
     def rx_coalesce_counts(self) -> dict[str, int] | None:
         """RX coalescing (as E1000Native's): on/off, segments written inside super-frames,

@@ -1,41 +1,38 @@
-"""One NIC at run time: a driver, its transport, its datapath, its guard, journal and logs.
+"""One NIC at run time: what outlives a driver instance, around the driver domain that does not.
 
-`Nic` is what the supervisor drives. Every driver call goes through the guard; every
-configuration the host makes goes into the config log; every TX frame goes through the
-journal. When in-process recovery escalates, `restart()` does what the process-level
-supervisor will later do in a fresh worker: a new driver instance on the same device,
-probe, replay of the config log, re-issue of the journal.
-
-Offloads: what the driver declares (`offloads`, udrv.offload names; a chip may narrow its
-class's set) is what the Nic asks the TAP for, once, before the first datapath exists. TAP
-frames then carry a virtio-net header; `enqueue` keeps it in the journal with the frames that
-need work (checksum, TSO) and drops it from those that do not. A datapath that knows the
-header (`handles_vnet`) does the work in hardware or falls back to udrv.offload's software;
-for any other datapath `enqueue` finishes the frames in software before journaling them.
+`Nic` is what the daemon drives. It composes:
+  * the TX journal and `TxAdmission` (udrv/admission.py): the host's frames into the journal;
+  * a `DriverDomain` (udrv/domain.py): driver + datapath + guard, replaced whole by a restart;
+  * the config log: every configuration the host made, replayed onto a fresh domain;
+  * `TxHangWatch` (udrv/hangwatch.py): frames in the device that never complete;
+  * `Implementations` (below): which implementation of the driver runs, and the swap to the
+    next one after repeated escalations (design diversity, nDriver);
+  * `RecoveryLog` and `CountLedger` (udrv/nicstatus.py): what the user sees.
+When in-process recovery escalates, `restart()` does what the process-level supervisor does
+in a fresh worker: a new domain on the same device, probe, replay, re-issue of the journal.
 """
 from __future__ import annotations
 
 import logging
-import os
-import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from .actions import ActionList
-from .configlog import ConfigLog
-from .datapath import DatapathCounters
-from .driver import LinkState, RxMode
-from .errors import DeviceGone, Escalation, TransferTimeout, TxHang, UdrvError
-from .faults import FaultInjector, FaultSpec
-from .guard import Guard, Recovery, Watchdog, driver_side
-from .journal import AQM_INTERVAL, AQM_TARGET, SLOT_HEADER, JournalFull, TxJournal
-from .driver import NetDriver
 from . import offload
+from .actions import ActionList
+from .admission import AdmissionCounts, TxAdmission, codel_settings, journal_for, negotiate_offloads, tap_of
+from .configlog import ConfigLog
+from .datapath import Datapath, TapCounts
+from .domain import DriverDomain
+from .driver import LinkState, NetDriver, RxMode
+from .errors import DeviceGone, Escalation, UdrvError
+from .faults import FaultInjector, FaultSpec
+from .guard import Guard, Recovery, Watchdog
+from .hangwatch import HangCounts, TxHangWatch
+from .journal import AQM_INTERVAL, AQM_TARGET
+from .nicstatus import CountLedger, RecoveryLog
 
 log = logging.getLogger("udrv.nic")
-_CSUM_FIELDS = struct.Struct("<HH")       # virtio-net header: csum_start, csum_offset at byte 6
-_GSO_FIELDS = struct.Struct("<HH")        # virtio-net header: gso_size, csum_start at byte 4
 
 
 @dataclass
@@ -52,35 +49,50 @@ class NicOptions:
     gso_journal_slots: int = 256     # with TSO a slot holds a 64 KiB frame: fewer of them
     recovery: str = "checkpoint"     # "checkpoint" (FGFT) or "restart" (close, re-probe, re-open)
     swap_after: int = 3              # escalations of one implementation before swapping to the next
-    # CoDel on the TX journal (udrv/journal.py): the queue a TAP cannot push back on. target 0 =
-    # off; UDRV_AQM=off / UDRV_AQM=drop (no ECN marks) in the environment override these.
+    # CoDel on the TX journal: target 0 = off; UDRV_AQM in the environment overrides these
     aqm_target: float = AQM_TARGET
     aqm_interval: float = AQM_INTERVAL
     aqm_ecn: bool = True
 
 
-@dataclass
 class NicCounters:
-    tap_frames_in: int = 0
-    tx_dropped: dict[str, int] = field(default_factory=dict)
-    recoveries: int = 0
-    escalations: int = 0
-    restarts: int = 0
-    restart_failures: int = 0
-    swaps: int = 0
-    tx_waits_for_carrier: int = 0    # hang looks that found the link down (after its one restore)
+    """The interface's event counts: its own, and its collaborators' by name."""
 
-    offload_frames: int = 0          # TAP frames that asked for checksum/TSO work
-    software_frames: int = 0         # of those, finished in software at enqueue
+    def __init__(self, admission: AdmissionCounts, hangs: HangCounts):
+        self.recoveries = 0
+        self.escalations = 0
+        self.restarts = 0
+        self.restart_failures = 0
+        self.swaps = 0
+        self._admission, self._hangs = admission, hangs
 
-    def tx_drop(self, reason: str) -> None:
-        self.tx_dropped[reason] = self.tx_dropped.get(reason, 0) + 1
+    tap_frames_in = property(lambda self: self._admission.frames_in)
+    tx_dropped = property(lambda self: self._admission.dropped)
+    offload_frames = property(lambda self: self._admission.offload_frames)   # asked for checksum/TSO work
+    software_frames = property(lambda self: self._admission.software_frames)  # of those, done in software
+    tx_waits_for_carrier = property(lambda self: self._hangs.waits_for_carrier)
 
 
-def _tap_of(sink: Any) -> Any:
-    """The TAP behind a sink that is a Tap's bound `write` (what the daemon passes)."""
-    owner = getattr(sink, "__self__", None)
-    return owner if owner is not None and hasattr(owner, "set_offloads") else None
+class Implementations:
+    """The implementations of one driver, best first; after `swap_after` escalations of the one
+    running, the next takes over at the next restart."""
+
+    def __init__(self, classes: Sequence[type[NetDriver]], swap_after: int):
+        self.classes = list(classes)
+        self.current = self.classes[0]
+        self.swap_after = swap_after
+        self._escalations = 0
+
+    def escalated(self) -> type[NetDriver] | None:
+        """Count one escalation of the current implementation; returns the new one on a swap."""
+        self._escalations += 1
+        i = self.classes.index(self.current)
+        if self._escalations < self.swap_after or i + 1 == len(self.classes):
+            return None
+        old, self.current, self._escalations = self.current, self.classes[i + 1], 0
+        log.warning("event=swap from=%s to=%s after=%d escalations", old.__name__, self.current.__name__,
+                    self.swap_after)
+        return self.current
 
 
 class Nic:
@@ -90,100 +102,87 @@ class Nic:
                  injector: FaultInjector | None = None,
                  on_recovery: Callable[[Recovery], None] | None = None,
                  reopen: Callable[[], Any] | None = None, tap: Any = None):
-        # design diversity (nDriver): several implementations of one driver, best first; after
-        # `swap_after` escalations of one, the next takes over at the next restart
-        self.implementations = list(driver_cls) if isinstance(driver_cls, (list, tuple)) else [driver_cls]
-        self.driver_cls = self.implementations[0]
-        self._impl_escalations = 0
+        classes = list(driver_cls) if isinstance(driver_cls, (list, tuple)) else [driver_cls]
+        self.opts = options or NicOptions()
+        self.impls = Implementations(classes, self.opts.swap_after)
         self.transport = transport
         self.sink = sink
-        self.opts = options or NicOptions()
         self.watchdog = watchdog
         self.injector = injector or FaultInjector()
-        self.on_recovery_cb = on_recovery or (lambda r: None)
         self.reopen = reopen
-        # offloads: what the implementations declare (narrowed by the first driver instance in
-        # _make_driver); the TAP is the one behind the sink unless given
-        self.offloads: frozenset[str] = frozenset().union(
-            *(getattr(c, "offloads", frozenset()) for c in self.implementations)) & offload.KNOWN
-        self.tap = tap if tap is not None else _tap_of(sink)
-        self.vnet_hdr_len = 0             # bytes of virtio-net header in front of each TAP frame
-        self._tap_configured = False
-        # a slot holds the largest frame the driver can send: MTU + header + VLAN tag, 64-byte
-        # aligned; with TSO a 64 KiB GSO frame (+ link headers) behind its virtio-net header
-        slot = max(c.max_mtu for c in self.implementations) + 18 + SLOT_HEADER
-        nslots = self.opts.journal_slots
-        if self.offloads:
-            slot += offload.VNET_HDR_LEN
-        if self.offloads & {offload.TSO4, offload.TSO6}:
-            slot = max(slot, 65536 + 64 + offload.VNET_HDR_LEN + SLOT_HEADER)
-            nslots = min(nslots, self.opts.gso_journal_slots)
-        self.journal = TxJournal(nslots, max((slot + 63) & ~63, 2048))
-        self._set_aqm()
+        self.tap = tap if tap is not None else tap_of(sink)
+        # what the implementations declare, narrowed by the first driver instance (a chip may
+        # support less than its class) before the first datapath exists
+        self.offloads: frozenset[str] = frozenset().union(*(c.offloads for c in classes)) & offload.KNOWN
+        self.journal = journal_for(max(c.max_mtu for c in classes), self.offloads,
+                                   self.opts.journal_slots, self.opts.gso_journal_slots)
+        self.set_aqm(*codel_settings(self.opts.aqm_target, self.opts.aqm_interval, self.opts.aqm_ecn))
+        self.admission = TxAdmission(self.journal, lambda: self.driver.soft.mtu)
         self.config_log = ConfigLog()
-        self.counters = NicCounters()
-        self.recoveries: list[Recovery] = []
+        self.log = RecoveryLog(on_recovery)
+        self.ledger = CountLedger()
+        self.hangs = TxHangWatch(self.journal, self.opts.tx_timeout, engine=lambda: self.engine,
+                                 link_down=self._link_down, driver_up=lambda: self.state == "up",
+                                 recover=self._recover_tx_hang)
+        self.counters = NicCounters(self.admission.counts, self.hangs.counts)
         self.link = LinkState(False)
         self.state = "new"            # new | up | down | failed
-        self.last_error = ""
-        self._awaiting_traffic: list[tuple[Recovery, float]] = []
-        self._last_tx_progress = time.monotonic()
-        self._tx_tail_seen = 0            # the journal's confirmed count at the last progress check
-        self._tx_hangs = 0                # hang recoveries since TX last moved
-        self._tx_done_seen = 0.0          # the ring's last OUT completion at the last look (tx_clock)
-        self._restored_for_link = False   # a hang with the link down restored the device already
-        self._past_counts = DatapathCounters()   # what engines before this one counted
         self._transport_dead = False
         self.transport_generation = 0     # bumps when the transport is replaced (poll fds change)
-        self._make_driver()
+        self._tap_negotiated = False
+        self.domain = self._make_domain()
 
-    # --- construction ------------------------------------------------------------------------
-    def _make_driver(self) -> None:
-        self.actions = ActionList()
-        self.driver = self.driver_cls(self.transport, self.actions)
-        if not self._tap_configured:
-            self._setup_tap()
-        n_rx, n_tx = getattr(self.driver_cls, "default_rings", (4, 8))
-        self.engine = self.driver.make_datapath(self.journal, self.sink, self.opts.n_rx or n_rx,
-                                                self.opts.n_tx or n_tx, self._progress)
-        watch = getattr(self.engine, "watch_tx", None)
-        if watch is not None:
-            watch(self.opts.tx_timeout)
-        if getattr(self.engine, "owns_tap", False) and hasattr(self.engine, "tap_enqueue"):
-            # a ring that reads the TAP in C hands back the frames only Python can judge
-            self.engine.tap_enqueue = self.enqueue
-        self.guard = Guard(self.driver, self.injector, on_recovery=self._on_recovery,
-                           reset_datapath=self._reset_datapath, sync_datapath=self._sync_datapath,
-                           config_deadline=self.opts.config_deadline,
-                           datapath_deadline=self.opts.datapath_deadline,
-                           enabled=self.opts.guards, watchdog=self.watchdog,
-                           retry=self.opts.recovery == "checkpoint", device_writes=self._device_writes)
+    # --- the current domain, by its parts --------------------------------------------------------
+    driver = property(lambda self: self.domain.driver)
+    engine: Datapath = property(lambda self: self.domain.engine)          # type: ignore[assignment]
+    guard: Guard = property(lambda self: self.domain.guard)               # type: ignore[assignment]
+    actions: ActionList = property(lambda self: self.domain.actions)      # type: ignore[assignment]
+    driver_cls = property(lambda self: self.impls.current)
+    implementations = property(lambda self: self.impls.classes)
+    recoveries = property(lambda self: self.log.records)
+    vnet_hdr_len = property(lambda self: self.admission.vnet_hdr_len)
 
-    def _device_writes(self) -> object:
-        """The transport's count of state-changing requests (None where it keeps none), with the
-        transport's identity: a reopened device starts counting again."""
-        t = self.transport
-        n = getattr(t, "device_writes", None)
-        return None if n is None else (id(t), n)
+    @property
+    def on_recovery_cb(self) -> Callable[[Recovery], None]:
+        return self.log.on_recovery
 
-    def _set_aqm(self) -> None:
-        """NicOptions, unless UDRV_AQM says otherwise: off, drop (no ECN marks), on, or TARGET/
-        INTERVAL in ms (e.g. 1/10), for benches and A/B runs."""
-        target, interval, ecn = self.opts.aqm_target, self.opts.aqm_interval, self.opts.aqm_ecn
-        mode = os.environ.get("UDRV_AQM", "").strip().lower()
-        if mode in ("off", "0", "none"):
-            target = 0.0
-        elif mode == "drop":
-            ecn = False
-        elif "/" in mode:
-            try:
-                target, interval = (float(x) / 1e3 for x in mode.split("/"))
-            except ValueError:
-                log.warning("event=aqm_setting_ignored UDRV_AQM=%r (TARGET/INTERVAL in ms, e.g. 1/10)", mode)
-        elif mode not in ("", "on", "1", "ecn"):
-            log.warning("event=aqm_setting_ignored UDRV_AQM=%r (use off, drop, on or TARGET/INTERVAL in ms)", mode)
-        self.set_aqm(target, interval, ecn)
+    @on_recovery_cb.setter
+    def on_recovery_cb(self, cb: Callable[[Recovery], None]) -> None:
+        self.log.on_recovery = cb
 
+    @property
+    def last_error(self) -> str:
+        return self.log.last_error
+
+    @last_error.setter
+    def last_error(self, text: str) -> None:
+        self.log.last_error = text
+
+    # --- construction --------------------------------------------------------------------------
+    def _make_domain(self) -> DriverDomain:
+        actions = ActionList()
+        cls = self.impls.current
+        driver = cls(self.transport, actions)
+        if not self._tap_negotiated:
+            # once, before the first datapath is built (the C ring takes the TAP's fd and header
+            # size at construction)
+            self._tap_negotiated = True
+            self.offloads &= driver.offloads
+            self.offloads, self.admission.vnet_hdr_len = negotiate_offloads(self.tap, self.offloads, cls.rx_vnet_hdr)
+        n_rx, n_tx = cls.default_rings
+        domain = DriverDomain(driver, actions, self.transport, self.journal, self.sink,
+                              rings=(self.opts.n_rx or n_rx, self.opts.n_tx or n_tx), injector=self.injector,
+                              watchdog=self.watchdog, on_recovery=self._on_recovery, on_progress=self._progress,
+                              tx_timeout=self.opts.tx_timeout, guards=self.opts.guards,
+                              retry=self.opts.recovery == "checkpoint",
+                              config_deadline=self.opts.config_deadline,
+                              datapath_deadline=self.opts.datapath_deadline)
+        self.admission.in_hw = domain.engine.caps.handles_vnet
+        # a datapath that reads the TAP itself hands back the frames only the runtime can judge
+        domain.engine.set_tap_fallback(self.enqueue)
+        return domain
+
+    # --- AQM -------------------------------------------------------------------------------------
     def set_aqm(self, target: float, interval: float, ecn: bool) -> dict[str, Any]:
         """CoDel's settings on the TX journal, live (the datapaths read them from the journal's
         header at every entry; the header is their one copy): target 0 turns it off. Returns
@@ -196,71 +195,20 @@ class Nic:
         j = self.journal
         return {"target_ms": j.aqm_target * 1e3, "interval_ms": j.aqm_interval * 1e3, "ecn": j.aqm_ecn}
 
-    def _setup_tap(self) -> None:
-        """Once, before the first datapath is built (the C ring takes the TAP's fd and header
-        size at construction): a chip may support less than its class declares."""
-        self._tap_configured = True
-        narrowed = getattr(self.driver, "offloads", None)
-        if narrowed is not None:
-            self.offloads &= frozenset(narrowed)
-        # UDRV_OFFLOADS=none (or e.g. "csum"): what an operator allows, for debugging and benches
-        allowed = os.environ.get("UDRV_OFFLOADS")
-        if allowed is not None:
-            self.offloads &= frozenset(a.strip() for a in allowed.split(",") if a.strip() not in ("", "none"))
-        if self.tap is None:
-            return
-        set_offloads = getattr(self.tap, "set_offloads", None)
-        if set_offloads is not None:
-            # a driver that coalesces RX into GSO super-frames needs the header without offloads
-            if getattr(self.driver, "rx_vnet_hdr", False):
-                set_offloads(self.offloads, vnet_hdr=True)
-            else:
-                set_offloads(self.offloads)
-        self.vnet_hdr_len = getattr(self.tap, "vnet_hdr_len", 0)
-        if self.vnet_hdr_len:
-            log.info("event=offloads tap=%s offloads=%s vnet_hdr=%d", getattr(self.tap, "name", "?"),
-                     ",".join(sorted(self.offloads)) or "none", self.vnet_hdr_len)
-
-    def _reset_datapath(self, fault: BaseException) -> tuple[int, str]:
-        """After a datapath fault and the device's restore: (TX entries re-issued, what happened
-        to the transfers in flight).
-        A datapath whose state the driver cannot tear (the C ring: it changes only inside its own
-        calls) keeps its transfers after a fault of the driver's own when nothing reset the
-        device's endpoints; everything else is recycled — without clearing halts after a timeout,
-        which leaves none (Linux usbnet's tx_timeout likewise only unlinks)."""
-        resume = getattr(self.engine, "resume", None)
-        if driver_side(fault) and resume is not None and resume():
-            return 0, "in-flight transfers kept"
-        recycle = getattr(self.engine, "recycle", None)
-        if recycle is not None:
-            return recycle(clear_halts=not isinstance(fault, TransferTimeout))
-        return self.engine.reset(), "in-flight transfers recycled"
-
-    def _sync_datapath(self) -> None:
-        """After a restore: transfers in flight iff the restored driver is open."""
-        if self.driver.soft.opened:
-            self.engine.stop()
-            self.engine.start()
-        else:
-            self.engine.stop()
-
-    # --- bring-up ------------------------------------------------------------------------------
+    # --- bring-up and configuration (logged, guarded) ------------------------------------------
     def bring_up(self) -> None:
         """Claim, probe (both as transactions) and take the first checkpoint."""
-        self.guard.config("bind")
-        self.guard.config("probe")
-        self.guard.take_checkpoint()
+        self.domain.bring_up()
         self.state = "up"
 
     @property
     def mac(self) -> bytes:
         return self.driver.mac
 
-    # --- configuration (logged, guarded) ---------------------------------------------------
     def configure(self, entry: str, *args: Any) -> Any:
         """Run a configuration entry point; escalations trigger a restart. Returns its result."""
         try:
-            result = self.guard.config(entry, *args)
+            result = self.domain.config(entry, *args)
         except Escalation as e:
             self._restart_after(e)
             # the host's wish is not applied: it is not logged, the old config stays
@@ -289,153 +237,46 @@ class Nic:
         return self.link
 
     # --- datapath ------------------------------------------------------------------------------
-    def enqueue(self, frames: list[bytes], vnet_hdr_len: int | None = None) -> int:
-        """Frames from the TAP into the journal (the driver sees them only from there). With a
-        virtio-net header (vnet_hdr_len, default: what the TAP was set up with) each frame
-        starts with one; frames that ask for work keep it in the journal."""
-        hlen = self.vnet_hdr_len if vnet_hdr_len is None else vnet_hdr_len
-        if hlen:
-            return self._enqueue_vnet(frames, hlen)
-        accepted = 0
-        mtu_max = self.driver.soft.mtu + 14 + 4     # + Ethernet header + a VLAN tag
-        for f in frames:
-            self.counters.tap_frames_in += 1
-            if len(f) > mtu_max:
-                self.counters.tx_drop("oversize")
-                continue
-            try:
-                self.journal.append(f)
-                accepted += 1
-            except JournalFull:
-                self.counters.tx_drop("journal_full")
-            except ValueError:          # larger than a journal slot
-                self.counters.tx_drop("oversize")
-        return accepted
+    def enqueue(self, frames: Sequence[bytes], vnet_hdr_len: int | None = None) -> int:
+        """Frames from the TAP into the journal (TxAdmission's rules); returns frames accepted."""
+        return self.admission.admit(frames, vnet_hdr_len)
 
-    def _enqueue_vnet(self, frames: list[bytes], hlen: int) -> int:
-        accepted = 0
-        mtu_max = self.driver.soft.mtu + 14 + 4
-        in_hw = getattr(self.engine, "handles_vnet", False)
-        append, counters = self.journal.append, self.counters
-        for raw in frames:
-            counters.tap_frames_in += 1
-            if len(raw) < hlen:
-                counters.tx_drop("short_vnet_header")
-                continue
-            f = memoryview(raw)[hlen:]          # no copy: the journal copies it once
-            flags, gso = raw[0], raw[1]
-            keep = b""
-            out: list[Any] = [f]
-            if gso == offload.GSO_NONE:
-                # the common cases, without building a plan: nothing to do / a checksum to fill
-                if len(f) > mtu_max:
-                    counters.tx_drop("oversize")
-                    continue
-                if flags & offload.F_NEEDS_CSUM:
-                    start, offset = _CSUM_FIELDS.unpack_from(raw, 6)
-                    if start >= len(f) or start + offset + 2 > len(f):
-                        counters.tx_drop("bad_offload_request")
-                        continue
-                    counters.offload_frames += 1
-                    if in_hw:
-                        keep = raw[:hlen]
-                    else:
-                        counters.software_frames += 1
-                        out = offload.resolve(offload.VnetHdr.parse(raw), f)
-            elif in_hw and gso in (offload.GSO_TCPV4, offload.GSO_TCPV6) and flags & offload.F_NEEDS_CSUM:
-                # TCP GSO for a datapath that reads the header itself (and checks it as it
-                # plans the packet): here only what reaches the wire must fit the MTU, each
-                # segment = headers through the TCP data offset + gso_size
-                size, start = _GSO_FIELDS.unpack_from(raw, 4)
-                if start + 13 > len(f) or start + (f[start + 12] >> 4) * 4 + size > mtu_max:
-                    counters.tx_drop("oversize" if start + 13 <= len(f) else "bad_offload_request")
-                    continue
-                counters.offload_frames += 1
-                keep = raw[:hlen]
-            else:
-                try:
-                    hdr = offload.VnetHdr.parse(raw)
-                    p = offload.plan(hdr, f)
-                except offload.OffloadError:
-                    counters.tx_drop("bad_offload_request")
-                    continue
-                counters.offload_frames += 1
-                # what reaches the wire must fit the MTU: each segment of the GSO frame
-                if p is None or p.hdr_len + p.mss > mtu_max:
-                    counters.tx_drop("oversize")
-                    continue
-                if in_hw:
-                    keep = raw[:hlen]
-                else:
-                    counters.software_frames += 1
-                    out = offload.resolve(hdr, f)
-            if self.journal.space() < len(out):
-                counters.tx_drop("journal_full")
-                continue
-            try:
-                for piece in out:
-                    append(piece, keep)
-                accepted += 1
-            except ValueError:
-                counters.tx_drop("oversize")
-        return accepted
+    def _datapath(self, call: Callable[[], int]) -> int:
+        try:
+            return call()
+        except Escalation as e:
+            self._restart_after(e)
+            return 0
 
     def xmit(self) -> int:
         idle = self.journal.in_device() == 0
-        try:
-            n = self.guard.datapath("xmit", self.engine.xmit)
-            if idle and n:
-                self._last_tx_progress = time.monotonic()   # the hang clock starts now
-            return n
-        except Escalation as e:
-            self._restart_after(e)
-            return 0
+        n = self._datapath(self.domain.xmit)
+        if idle and n:
+            self.hangs.started(time.monotonic())
+        return n
 
     def poll(self, timeout: float = 0.0) -> int:
-        try:
-            return self.guard.datapath("poll", self.engine.poll, timeout)
-        except Escalation as e:
-            self._restart_after(e)
-            return 0
-
-    def runs_in_c(self) -> bool:
-        """The datapath can run turns in a C loop (`run`): it reads the TAP itself, has run() and
-        (`can_run`, where it depends on the transport) can use it here."""
-        e = self.engine
-        return getattr(e, "owns_tap", False) and callable(getattr(e, "run", None)) and getattr(e, "can_run", True)
-
-    def keeps_tx_clock(self) -> bool:
-        """The datapath keeps the TX hang clock itself (tx_clock) and its C loop comes back when
-        TX stalls: check_tx_progress is then due at every turn, not on a timer."""
-        return callable(getattr(self.engine, "tx_clock", None))
+        return self._datapath(lambda: self.domain.poll(timeout))
 
     def run(self, timeout: float, wake_fd: int = -1) -> int:
-        """Datapath turns in the engine's C loop for up to timeout seconds, back early when
-        Python is needed or wake_fd is readable. Guarded as the "poll" entry point: it does
-        what poll() does, only without a Python round trip per turn."""
-        try:
-            return self.guard.datapath("poll", self.engine.run, timeout, wake_fd)
-        except Escalation as e:
-            self._restart_after(e)
-            return 0
+        """Datapath turns in the engine's loop for up to timeout seconds, back early when Python
+        is needed or wake_fd is readable."""
+        return self._datapath(lambda: self.domain.run(timeout, wake_fd))
+
+    def runs_in_c(self) -> bool:
+        """The datapath runs whole turns itself (it reads the TAP in its loop)."""
+        return self.engine.caps.runs_turns
+
+    def keeps_tx_clock(self) -> bool:
+        """The datapath keeps the TX hang clock itself and its loop comes back when TX stalls:
+        check_tx_progress is then due at every turn, not on a timer."""
+        return self.engine.caps.keeps_tx_clock
 
     def check_tx_progress(self, now: float | None = None) -> bool:
-        """Xen's hang detector: frames in the device but no TX completion for tx_timeout. Only
-        confirmed TX counts as progress (frames received say nothing about the OUT side). A hang
-        is the device's (TxHang): it is restored and its OUT transfers recycled; a second hang
-        with no TX completion since the first recovery restarts the driver."""
-        now = time.monotonic() if now is None else now
-        clock = getattr(self.engine, "tx_clock", None)
-        if clock is not None:
-            return self._check_tx_clock(now, *clock())
-        if self._tx_moved(now) or self.journal.in_device() == 0:
-            self._last_tx_progress, self._tx_hangs = now, 0
-            return True
-        if now - self._last_tx_progress <= self.opts.tx_timeout:
-            return True
-        self._last_tx_progress = now
-        return self._tx_hang(f"{self.journal.in_device()} frames unconfirmed for > {self.opts.tx_timeout}s: "
-                             "the device takes no frames")
+        """The hang watch's look (udrv/hangwatch.py); also logs recoveries whose traffic never
+        came back. False when a hang was found and recovered from."""
+        self.log.flush(now)
+        return self.hangs.check(now)
 
     def _link_down(self) -> bool:
         """Asked when a hang is suspected: True if the device says its link is down (False
@@ -445,94 +286,30 @@ class Nic:
         except UdrvError:
             return False
 
-    def _tx_hang(self, what: str) -> bool:
-        """Recover from a TX hang (the device's: restore + OUT recycle); the second one with
-        nothing confirmed in between restarts the driver. Returns False (no progress).
-
-        With the link down a device takes no frames, and that alone is no hang (the kernel's
-        netdev watchdog does not run without carrier either); but a device that lost its state
-        may have lost its link with it (an e1000 after a reset behind our back), so it is
-        restored once per link-down spell, never restarted, and after that the frames wait for
-        the link: True, the hang clock starts again."""
-        if self._link_down():
-            if self._restored_for_link:
-                self.counters.tx_waits_for_carrier += 1
-                restart = getattr(self.engine, "restart_tx_clock", None)
-                if restart is not None:
-                    restart()
-                self._last_tx_progress = time.monotonic()
-                return True
-            self._restored_for_link = True
-            what += "; the link is down: restored once, then the frames wait for it"
-            again = ""
-        else:
-            if self.state != "up":        # the link check itself failed and restarted the driver
-                return False
-            self._restored_for_link = False
-            self._tx_hangs += 1
-            again = (f"TX still hung after {self._tx_hangs - 1} recovery: nothing confirmed since"
-                     if self._tx_hangs > 1 else "")
+    def _recover_tx_hang(self, what: str, escalate: str) -> None:
         try:
-            self.guard.recover_datapath("xmit", TxHang(what), escalate=again)
+            self.domain.recover_tx_hang(what, escalate)
         except Escalation as e:
-            self._tx_hangs = 0
+            self.hangs.escalated()
             self._restart_after(e)
-        return False
-
-    def _check_tx_clock(self, now: float, done_at: float, waiting_since: float | None) -> bool:
-        """check_tx_progress for a ring that keeps the hang clock itself (tx_clock): a hang is OUT
-        transfers that have waited longer than tx_timeout with none completing; only a
-        completion since the last hang counts as TX moving again."""
-        if done_at > self._tx_done_seen:
-            self._tx_done_seen, self._tx_hangs, self._restored_for_link = done_at, 0, False
-        if waiting_since is None or now - waiting_since <= self.opts.tx_timeout:
-            return True
-        return self._tx_hang(f"{self.journal.in_device()} frames unconfirmed, OUT transfers waiting "
-                             f"{now - waiting_since:.2f}s (> {self.opts.tx_timeout}s): the device takes no frames")
-
-    def _tx_moved(self, now: float) -> bool:
-        """TX confirmed since the last look: the hang clock starts again at `now`."""
-        tail = self.journal.tail
-        if tail == self._tx_tail_seen:
-            return False
-        self._tx_tail_seen, self._last_tx_progress, self._tx_hangs = tail, now, 0
-        self._restored_for_link = False
-        return True
 
     def _progress(self) -> None:
-        self._tx_moved(time.monotonic())
-        if self._awaiting_traffic:
-            now = time.monotonic()
-            for rec, t0 in self._awaiting_traffic:
-                rec.silent_ms = (now - t0) * 1000
-                log.info("%s", rec.line())
-            self._awaiting_traffic.clear()
+        now = time.monotonic()
+        self.hangs.moved(now)
+        self.log.traffic(now)
 
     def _on_recovery(self, rec: Recovery) -> None:
         self.counters.recoveries += 1
-        self.recoveries.append(rec)
-        del self.recoveries[:-100]
-        self.last_error = f"{rec.entry}: {rec.fault}: {rec.detail}"
-        if rec.entry in ("xmit", "poll") or rec.outcome == "escalated":
-            self._awaiting_traffic.append((rec, rec._t0))
-        self.on_recovery_cb(rec)
+        self.log.add(rec)
 
     # --- process-level style recovery -------------------------------------------------------------
     def _restart_after(self, e: Escalation) -> None:
-        log.warning("escalation: %s; restarting the driver", e.fault)
         self.counters.escalations += 1
-        self._impl_escalations += 1
-        i = self.implementations.index(self.driver_cls)
-        if self._impl_escalations >= self.opts.swap_after and i + 1 < len(self.implementations):
-            new = self.implementations[i + 1]
-            log.warning("event=swap from=%s to=%s after=%d escalations", self.driver_cls.__name__,
-                        new.__name__, self._impl_escalations)
-            self.driver_cls = new
-            self._impl_escalations = 0
+        if self.impls.escalated() is not None:
             self.counters.swaps += 1
         if e.fault.kind == "disconnect" and "injected" not in e.fault.detail:
             self._transport_dead = True
-        last = self.recoveries[-1] if self.recoveries else None     # before the restart adds any
+        last = self.log.last                     # before the restart adds any
         try:
             ms = self.restart()
             if last is not None and last.outcome == "escalated" and last.restart_ms is None:
@@ -540,22 +317,17 @@ class Nic:
         except UdrvError as err:
             self.counters.restart_failures += 1
             self.state = "down"
+            self.log.flush(all=True)               # the recovery that led here, before its outcome
             self.last_error = str(err)
-            log.error("restart failed: %s (will retry)", err)
+            log.error("event=restart-failed error=%s (retried at the next link check)", err)
 
     def restart(self) -> float:
-        """Full restart: fresh driver on the device, probe, replay config, re-issue journal."""
+        """Full restart: a fresh domain on the device, probe, replay config, re-issue journal.
+        Returns its milliseconds."""
         t0 = time.monotonic()
         self.counters.restarts += 1
-        try:
-            self.engine.stop()
-        except Exception:
-            pass
-        close = getattr(self.engine, "close", None)
-        if close is not None:
-            close()
-        self._absorb_counts()
-        self.actions.release_all()
+        self.domain.retire()
+        self.ledger.retire(self.engine)
         if self.reopen is not None and self._transport_dead:
             # a replugged USB device is a new device (new address, new handle): open it again
             try:
@@ -565,13 +337,10 @@ class Nic:
             self.transport = self.reopen()      # raises DeviceNotFound while still unplugged
             self._transport_dead = False
             self.transport_generation += 1
-        self._make_driver()
+        self.domain = self._make_domain()
         try:
-            self.guard.config("bind")
-            self.guard.config("probe")
-            self.guard.take_checkpoint()
-            for call in self.config_log.calls():
-                self.guard.config(call.entry, *call.args)
+            self.domain.bring_up()
+            self.domain.replay(self.config_log.calls())
         except (Escalation, DeviceGone) as e:
             gone = isinstance(e, DeviceGone) or (isinstance(e, Escalation) and e.fault.kind == "disconnect")
             self._transport_dead = self._transport_dead or gone
@@ -591,59 +360,38 @@ class Nic:
             raise UdrvError("'corrupt' needs a configuration entry point (datapath calls check no invariants)")
         self.injector.arm(FaultSpec(entry, kind, count))
 
-    def _tap_totals(self) -> tuple[int, int, dict[str, int]]:
-        """(TAP frames in, offload requests, TX drops by reason): Nic.enqueue's counts plus what
-        a ring that reads the TAP in C counted (tap_stats())."""
-        frames, offl, drops = self.counters.tap_frames_in, self.counters.offload_frames, dict(self.counters.tx_dropped)
-        tap_stats = getattr(self.engine, "tap_stats", None)
-        if tap_stats is not None:
-            t = tap_stats()
-            frames += t["tap_frames_in"]
-            offl += t["offload_frames"]
-            for k, v in t["tx_dropped"].items():
-                drops[k] = drops.get(k, 0) + v
-        return frames, offl, drops
-
-    def _absorb_counts(self) -> None:
-        """The engine is going away: keep what it counted (the interface's counters survive a
-        restart, as a kernel netdev's survive a reset)."""
-        if not getattr(self.engine, "_counts_absorbed", False):
-            self._past_counts = self._past_counts + self.engine.counters
-            self.engine._counts_absorbed = True
-        tap_stats = getattr(self.engine, "tap_stats", None)
-        if tap_stats is None or getattr(self.engine, "_tap_absorbed", False):
-            return
-        t = tap_stats()
-        self.counters.tap_frames_in += t["tap_frames_in"]
-        self.counters.offload_frames += t["offload_frames"]
-        for k, v in t["tx_dropped"].items():
-            self.counters.tx_dropped[k] = self.counters.tx_dropped.get(k, 0) + v
-        self.engine._tap_absorbed = True
-        self.engine.tap_stats = None
+    def tap_counts(self) -> TapCounts:
+        """TAP-side counts of the interface: what the runtime admitted plus what every datapath
+        that reads the TAP itself counted."""
+        a = self.admission.counts
+        return TapCounts(a.frames_in, a.offload_frames, dict(a.dropped)) + self.ledger.tap(self.engine)
 
     def status(self) -> dict[str, Any]:
-        c = self._past_counts + self.engine.counters
+        c = self.ledger.datapath(self.engine)
         st = self.driver.stats()
-        rx_drop = dict(c.rx_dropped)
-        tap_in, offload_frames, tx_dropped = self._tap_totals()
+        soft = self.driver.soft
+        tap = self.tap_counts()
+        report = self.engine.report()
         self.journal.sync()          # a C ring moves the indices without telling the Python mirrors
+        tx_dropped = dict(tap.dropped)
         if self.journal.aqm_drops:
-            tx_dropped = {**tx_dropped, "aqm": self.journal.aqm_drops}
+            tx_dropped["aqm"] = self.journal.aqm_drops
+        info = self.transport.info
         return {
             "driver": self.driver.name,
-            "device": getattr(self.transport.info, "ident", "") or getattr(self.transport.info, "bdf", ""),
+            "device": info.ident,
             "state": self.state,
             "mac": ":".join(f"{b:02x}" for b in self.driver.mac),
-            "mtu": self.driver.soft.mtu,
-            "rx_mode": {"promisc": self.driver.soft.mode.promisc, "allmulti": self.driver.soft.mode.allmulti,
-                        "multicast": [m.hex() for m in self.driver.soft.mode.multicast]},
+            "mtu": soft.mtu,
+            "rx_mode": {"promisc": soft.mode.promisc, "allmulti": soft.mode.allmulti,
+                        "multicast": [m.hex() for m in soft.mode.multicast]},
             "link": {"up": self.link.up, "speed": self.link.speed, "full_duplex": self.link.full_duplex},
             "rx_packets": c.rx_packets, "rx_bytes": c.rx_bytes,
             "tx_packets": c.tx_packets, "tx_bytes": c.tx_bytes,
-            "rx_errors": sum(rx_drop.values()) + st.rx_errors,
+            "rx_errors": sum(c.rx_dropped.values()) + st.rx_errors,
             "tx_errors": sum(c.tx_errors.values()) + st.tx_errors,
-            "rx_dropped": rx_drop, "rx_missed": st.rx_missed,
-            "tx_dropped": tx_dropped, "tap_frames_in": tap_in, "offload_frames": offload_frames,
+            "rx_dropped": dict(c.rx_dropped), "rx_missed": st.rx_missed,
+            "tx_dropped": tx_dropped, "tap_frames_in": tap.frames_in, "offload_frames": tap.offload_frames,
             "tx_device_errors": dict(c.tx_errors),
             # queued: read from the TAP, not yet in the device (the latency a bulk flow adds)
             "tx_journal": {"unconfirmed": self.journal.unconfirmed(), "in_device": self.journal.in_device(),
@@ -658,32 +406,14 @@ class Nic:
             "tx_waits_for_carrier": self.counters.tx_waits_for_carrier,
             "implementation": self.driver_cls.__name__,
             "last_fault": self.last_error,
-            "last_recovery": self.recoveries[-1].as_dict() if self.recoveries else None,
+            "last_recovery": self.log.last.as_dict() if self.log.last else None,
             "driver_stats": st.extra,
-            # a USB C ring with its TX half on a thread of its own (None: no such ring)
-            "tx_thread": getattr(self.engine, "tx_thread", None),
-            # a datapath whose whole turn loops in C (the e1000 ring on VFIO): its turns and sleeps
-            "c_loop": self.engine.loop_counts() if hasattr(self.engine, "loop_counts") and self.runs_in_c() else None,
-            # TX wire frames cut in software from TSO frames, when the datapath does that
-            "tx_segments": (getattr(self.engine, "tap_stats", None) or (lambda: {}))().get("tx_segments"),
-            # RX coalescing (GRO in the driver), when the datapath does it
-            "rx_coalesce": (self.engine.rx_coalesce_counts()
-                            if hasattr(self.engine, "rx_coalesce_counts") else None),
+            "tx_thread": report.tx_thread,         # a USB C ring with its TX half on a thread of its own
+            "c_loop": report.c_loop if self.runs_in_c() else None,   # turns and sleeps of a loop in C
+            "tx_segments": tap.segments,           # wire frames cut in software from TSO frames
+            "rx_coalesce": report.rx_coalesce,     # GRO in the driver
         }
 
     def close(self) -> None:
-        try:
-            if self.driver.soft.opened:
-                self.guard.enabled = False
-                self.driver.stop()
-        except Exception:
-            pass
-        try:
-            self.engine.stop()
-        except Exception:
-            pass
-        self.actions.release_all()
-        close = getattr(self.engine, "close", None)
-        if close is not None:
-            close()
+        self.domain.close()
         self.journal.close()

@@ -92,6 +92,9 @@ class PciTransport(Protocol):
     """What a PCI driver may do with its device."""
 
     info: PciInfo
+    # state-changing requests counted (a USB transport's device_writes); PCI transports count
+    # none, so every datapath fault restores the device
+    device_writes: int | None
 
     # --- BAR0 MMIO: 32-bit accesses only, offset 4-byte aligned ---------------------------
     def read32(self, offset: int) -> int: ...
@@ -111,6 +114,7 @@ class PciTransport(Protocol):
     def reset(self) -> bool: ...          # False: the device offers no reset (bus mastering is off anyway)
     def fds(self) -> dict[str, int]: ...  # {"container", "group", "device"}; {} for in-process models
     def mmio_region(self) -> MmioRegion | None: ...   # None: BAR0 only through read32/write32 (models)
+    def poll_fds(self) -> tuple[tuple[int, int], ...]: ...  # fds that wake the loop; () = polled
     def close(self) -> None: ...
 
 

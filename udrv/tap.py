@@ -20,7 +20,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable, Protocol, runtime_checkable
 
 from .errors import PermissionDeniedError, UdrvError
 from .offload import VNET_HDR_LEN, ZERO_HDR, tun_offload_flags
@@ -48,6 +48,20 @@ IFF_RUNNING = 0x40
 IFF_PROMISC = 0x100
 IFF_ALLMULTI = 0x200
 ARPHRD_ETHER = 1
+
+
+@runtime_checkable
+class TapEnd(Protocol):
+    """What a datapath that writes to the TAP itself needs of it (a Tap, or a test's stand-in)."""
+    vnet_hdr_len: int
+
+    def fileno(self) -> int: ...
+
+
+def tap_behind(sink: Callable[[bytes], None]) -> TapEnd | None:
+    """The TAP whose bound write() a sink is (what the daemon passes), or None."""
+    owner = getattr(sink, "__self__", None)
+    return owner if getattr(sink, "__name__", "") == "write" and isinstance(owner, TapEnd) else None
 
 
 @dataclass(frozen=True)

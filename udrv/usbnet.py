@@ -14,11 +14,12 @@ from typing import Callable, ClassVar
 
 from . import offload
 from .actions import ActionList
-from .datapath import DatapathCounters
+from .datapath import DatapathCounters, DatapathDefaults
 from .driver import FrameSink, NetDriver
 from .errors import DatapathError, DeviceGone, TransportError
 from .framing import Framing
 from .journal import TxJournal
+from .tap import tap_behind
 from .usbtransport import Completion, DeviceInfo, UsbTransport, XferStatus
 
 log = logging.getLogger("udrv.usbnet")
@@ -48,6 +49,10 @@ class UsbNetDriver(NetDriver):
     EP_OUT: ClassVar[int] = 0x02
     EP_STATUS: ClassVar[int | None] = None
     status_size: ClassVar[int] = 8
+    # the C ring: transfers in flight (dummy_hcd and real host controllers move what is queued
+    # per (micro)frame: keep many), and whether it coalesces RX into GSO super-frames
+    native_rings: ClassVar[tuple[int, int]] = (64, 64)
+    coalesce_rx: ClassVar[bool] = False
 
     def __init__(self, usb: UsbTransport, actions: ActionList):
         self.usb = usb
@@ -119,7 +124,9 @@ _RX_TAG = -1
 _STATUS_TAG = -2
 
 
-class UsbNetEngine:
+class UsbNetEngine(DatapathDefaults):
+    """The Python datapath of every USB driver (caps: none of the optional things)."""
+
     def __init__(self, driver: UsbNetDriver, journal: TxJournal, sink: FrameSink,
                  n_rx: int = 4, n_tx: int = 8, on_progress: Callable[[], None] | None = None):
         self.driver = driver
@@ -328,12 +335,11 @@ def native_variant(cls: type[UsbNetDriver]) -> type[UsbNetDriver]:
     def make_datapath(self: UsbNetDriver, journal: TxJournal, sink: FrameSink, n_rx: int, n_tx: int,
                       on_progress: Callable[[], None]) -> object:
         from .native import make_usb_datapath
-        tap = getattr(sink, "__self__", None)
-        if tap is None or not hasattr(tap, "fileno"):
+        tap = tap_behind(sink)
+        if tap is None:
             raise TypeError("the C transfer ring needs the TAP's write method as its sink")
         return make_usb_datapath(self, journal, tap.fileno(), n_rx, n_tx, on_progress, read_tap=True,
-                                 tap_vnet_hdr=getattr(tap, "vnet_hdr_len", 0),
-                                 rx_coalesce=getattr(self, "coalesce_rx", False))
+                                 tap_vnet_hdr=tap.vnet_hdr_len, rx_coalesce=self.coalesce_rx)
 
     # dummy_hcd and real host controllers move what is queued per (micro)frame: keep many in flight.
     # A driver that opts into RX coalescing (coalesce_rx) gets a TAP with a virtio-net header
@@ -343,7 +349,7 @@ def native_variant(cls: type[UsbNetDriver]) -> type[UsbNetDriver]:
     # A driver may ask for other depths for the C ring (native_rings).
     return type(f"{cls.__name__}Native", (cls,), {"make_datapath": make_datapath, "fast_path": True,
                                                    "__module__": cls.__module__,
-                                                   "default_rings": getattr(cls, "native_rings", (64, 64)),
-                                                   "rx_vnet_hdr": bool(getattr(cls, "coalesce_rx", False)),
+                                                   "default_rings": cls.native_rings,
+                                                   "rx_vnet_hdr": cls.coalesce_rx,
                                                    "offloads": SOFTWARE_TX_OFFLOADS,
                                                    "__doc__": f"{cls.__name__} with the C transfer ring."})

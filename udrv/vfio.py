@@ -122,6 +122,8 @@ class VfioTransport:
     """A device bound to vfio-pci. Use `open(bdf)`, or `from_fds(...)` with fds inherited
     from another process (the warm spare)."""
 
+    device_writes = None             # counts no writes: every datapath fault restores
+
     def __init__(self, info: PciInfo, container: int, group: int, device: int):
         self.info = info
         self._container, self._group, self._device = container, group, device
@@ -362,6 +364,10 @@ class VfioTransport:
 
     def fds(self) -> dict[str, int]:
         return {"container": self._container, "group": self._group, "device": self._device}
+
+    def poll_fds(self) -> tuple[tuple[int, int], ...]:
+        """None: the driver runs without interrupts, the daemon polls its rings."""
+        return ()
 
     def mmio_region(self) -> MmioRegion | None:
         if self._closed:

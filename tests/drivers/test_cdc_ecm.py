@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from udrv.datapath import Capabilities
 from udrv.driver import RxMode
 from udrv.drivers.cdc_ecm import CdcEcm, NotCdcEcm, parse_ecm_function
 from udrv.errors import UdrvError
@@ -546,6 +547,7 @@ class KeepingEngine:
     """The Python engine behind the C ring's extra entry point (resume: keep the transfers when
     nothing reset the device's endpoints since they went out), recording what Nic asked of it.
     The engine's own state is whole here because the fault fires at the call's exit."""
+    caps = Capabilities(keeps_in_flight=True)
 
     def __init__(self, engine, usb):
         self._engine, self._usb = engine, usb
@@ -569,7 +571,7 @@ class KeepingEngine:
 @pytest.fixture
 def krig(watchdog):
     r = EcmRig(watchdog=watchdog, config_deadline=0.15, datapath_deadline=0.15).up()
-    r.nic.engine = KeepingEngine(r.nic.engine, r.transport)     # Nic._reset_datapath asks nic.engine
+    r.nic.domain.engine = KeepingEngine(r.nic.engine, r.transport)     # the domain's recovery asks its engine
     yield r
     r.nic.close()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from udrv.datapath import Capabilities
 from udrv.driver import LinkState
 from udrv.daemon import Daemon, DaemonTimers
 
@@ -22,10 +23,10 @@ class PolledNic:
 
     def __init__(self, script: list[int]) -> None:
         self.state = "up"
-        self.engine = object()
+        self.engine = type("E", (), {"caps": Capabilities()})()
         self.journal = FakeJournal()
         self.transport_generation = 0
-        self.transport = object()           # no poll_fds(): a polled device
+        self.transport = type("T", (), {"poll_fds": lambda self: ()})()   # a polled device
         self.script = list(script)
         self.found: list[int] = []
 

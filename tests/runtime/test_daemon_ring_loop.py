@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from udrv import daemon as daemon_mod
+from udrv.datapath import Capabilities
 from udrv.driver import LinkState
 from udrv.daemon import Daemon, DaemonTimers, request
 
@@ -19,8 +20,13 @@ class FakeJournal:
         return 10
 
 
+class NoFds:
+    def poll_fds(self) -> tuple:
+        return ()
+
+
 class FakeEngine:
-    owns_tap = True
+    caps = Capabilities(reads_tap=True, runs_turns=True)
 
 
 class FakeNic:
@@ -32,7 +38,7 @@ class FakeNic:
         self.engine = FakeEngine()
         self.journal = FakeJournal()
         self.transport_generation = 0
-        self.transport = object()
+        self.transport = NoFds()
         self.runs: list[tuple[float, int]] = []
         self.woken = 0
         self.xmits = 0

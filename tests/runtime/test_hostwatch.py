@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from udrv.datapath import Capabilities
 from udrv.driver import LinkState
 from udrv.daemon import Daemon, DaemonTimers
 from udrv.errors import UdrvError
@@ -27,10 +28,10 @@ class RingNic:
 
     def __init__(self) -> None:
         self.state = "up"
-        self.engine = type("E", (), {"owns_tap": True})()
+        self.engine = type("E", (), {"caps": Capabilities(reads_tap=True, runs_turns=True)})()
         self.journal = type("J", (), {"space": lambda self: 10})()
         self.transport_generation = 0
-        self.transport = object()
+        self.transport = type("T", (), {"poll_fds": lambda self: ()})()
         self.runs = 0
         self.rx_modes: list[tuple[Any, int]] = []
         self.mtus: list[int] = []

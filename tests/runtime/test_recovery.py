@@ -7,6 +7,7 @@ import time
 import pytest
 
 from rigs import PEER_MAC, Rig, frame_to
+from udrv.datapath import Capabilities
 from udrv.driver import RxMode
 from udrv.errors import UdrvError
 from udrv.faults import KINDS
@@ -221,6 +222,7 @@ def _clocked(r) -> dict:
     """Give the rig's engine the C ring's hang clock (NativeUsbRing.tx_clock), set by hand."""
     clock = {"done": 0.0, "since": None}
     r.nic.engine.tx_clock = lambda: (clock["done"], clock["since"])
+    r.nic.engine.caps = Capabilities(keeps_tx_clock=True)
     assert r.nic.keeps_tx_clock()
     return clock
 

@@ -64,7 +64,8 @@ class Rig:
         return out
 
     def tap_view(self) -> tuple[int, int, dict[str, int]]:
-        return self.nic._tap_totals()
+        t = self.nic.tap_counts()
+        return t.frames_in, t.offload_frames, t.dropped
 
     def close(self) -> None:
         self.nic.close()

@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from udrv import offload
 from udrv.actions import Action, ActionList
-from udrv.datapath import DatapathCounters
+from udrv.datapath import Capabilities, DatapathCounters, DatapathDefaults, DatapathReport, TapCounts
 from udrv.driver import DriverStats, FrameSink, LinkState, NetDriver, RxMode
 from udrv.errors import DeviceGone, DriverFault, TransferTimeout, UdrvError
 from udrv.pcitransport import PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, DmaBuffer, PciTransport
@@ -1039,7 +1039,7 @@ def context_descriptor(p: offload.TxPlan, tcp: bool) -> tuple[bytes, int, int]:
     return ctx, 0, POPTS_TXSM
 
 
-class E1000Ring:
+class E1000Ring(DatapathDefaults):
     """Legacy-descriptor rings as a udrv Datapath, in Python.
 
     RX: N descriptors, N-1 armed (RDH == RDT means "no buffers"); the one not armed sits at
@@ -1057,6 +1057,10 @@ class E1000Ring:
     """
 
     handles_vnet = True              # journal entries may carry a virtio-net header
+    caps = Capabilities(handles_vnet=True)
+
+    def report(self) -> DatapathReport:
+        return DatapathReport(tx_offload=self.offload_counts())
 
     def __init__(self, driver: E1000, journal: Any, sink: FrameSink,
                  on_progress: Callable[[], None] | None = None):
@@ -1764,6 +1768,19 @@ class E1000NativeRing(E1000Ring):
             self._tr = tr
             self.owns_tap = True
         super().__init__(driver, journal, sink, on_progress)
+        self.caps = Capabilities(reads_tap=self.owns_tap, pulls_tap=self.owns_tap, runs_turns=self.can_run,
+                                 handles_vnet=True)
+
+    def set_tap_fallback(self, enqueue: Callable[[list[bytes]], int]) -> None:
+        self.tap_enqueue = enqueue
+
+    def tap_counts(self) -> TapCounts:
+        t = self.tap_stats()
+        return TapCounts(t["tap_frames_in"], t["offload_frames"], dict(t["tx_dropped"]))
+
+    def report(self) -> DatapathReport:
+        return DatapathReport(c_loop=self.loop_counts(), rx_coalesce=self.rx_coalesce_counts(),
+                              tx_offload=self.offload_counts())
 
     # ring indices live in the C struct
     rx_next = property(lambda self: self._r.rx_next, lambda self, v: setattr(self._r, "rx_next", v))

@@ -66,6 +66,8 @@ class ModelPciTransport:
     # with nothing mapped at 0.
     DEFAULT_WINDOW = (0x1000_0000, 0x1_0000_0000)
 
+    device_writes = None             # counts no writes: every datapath fault restores
+
     def __init__(self, model: PciDeviceModel, bdf: str = "0000:00:03.0",
                  iova_window: tuple[int, int] = DEFAULT_WINDOW, hugepages: bool | None = False):
         self.model = model
@@ -195,6 +197,10 @@ class ModelPciTransport:
             return False
         self.model.function_reset()
         return True
+
+    def poll_fds(self) -> tuple[tuple[int, int], ...]:
+        """None: the driver runs without interrupts, the daemon polls its rings."""
+        return ()
 
     def mmio_region(self) -> None:
         """The model's registers exist only as Python calls: no C loop on them."""
