@@ -54,14 +54,19 @@ class Recovery:
     _t0: float = field(default=0.0, repr=False)
 
     def line(self) -> str:
-        silent = "n/a (no traffic)" if self.silent_ms is None else f"{self.silent_ms:.2f} ms"
+        if self.silent_ms is not None:
+            silent = f" silent={self.silent_ms:.2f} ms"
+        elif self.entry in ("xmit", "poll") or self.outcome == "escalated":
+            silent = " silent=n/a (no traffic)"
+        else:
+            silent = ""            # a configuration call that recovered stops no traffic
         restart = "" if self.restart_ms is None else f" restart={self.restart_ms:.2f} ms"
         return (f"recovery: entry={self.entry} fault={self.fault} ({self.detail}) outcome={self.outcome} "
                 f"rolled_back={self.rolled_back or '-'} soft_state_restored={self.soft_state_restored} "
                 f"device_restored={self.device_restored} device_untouched={self.device_untouched} "
                 f"reissued={self.reissued} "
                 f"recovery={self.recovery_ms:.2f} ms (restore {self.restore_ms:.2f}, datapath "
-                f"{self.datapath_ms:.2f}){restart} silent={silent}")
+                f"{self.datapath_ms:.2f}){restart}{silent}")
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
