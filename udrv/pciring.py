@@ -74,7 +74,7 @@ class PciNativeRing(PciRing):
         self._used = ffi.new("uint32_t *")
         self._py_counters = DatapathCounters()
         self._tr = None                         # struct udrv_tapread: the TAP read from C
-        self._tap_fallback: Callable[[list[bytes]], int] | None = None
+        self.tap_fallback: Callable[[list[bytes]], int] | None = None
         self._tap_closed: dict[str, Any] | None = None
         self._handoff = native.TapHandoff()     # frames only Python finishes; TAP-side counts
         self._mmio: Any = None                  # struct pci_mmio, opened by run() on first use
@@ -188,7 +188,7 @@ class PciNativeRing(PciRing):
 
     # --- TAP -> journal -------------------------------------------------------------------------------
     def set_tap_fallback(self, enqueue: Callable[[list[bytes]], int] | None) -> None:
-        self._tap_fallback = enqueue
+        self.tap_fallback = enqueue
 
     def pull_tap(self, budget: int | None = None) -> int:
         """Read up to `budget` frames (default tap_budget) from the TAP into the journal (C, GIL
@@ -210,7 +210,7 @@ class PciNativeRing(PciRing):
             tr.deferred_len = 0
             left -= 1
             self.journal.sync()
-            total += self._handoff.hand(self._tap_fallback, raw)
+            total += self._handoff.hand(self.tap_fallback, raw)
         if total:
             self.journal.sync()
         return total
@@ -382,7 +382,7 @@ class PciNativeRing(PciRing):
     owns_tap = property(lambda self: self.caps.reads_tap)
     can_run = property(lambda self: self.caps.runs_turns)
     writes_tap = property(lambda self: self._r.tap_fd >= 0)
-    tap_enqueue = property(lambda self: self._tap_fallback, set_tap_fallback)
+    tap_enqueue = property(lambda self: self.tap_fallback, set_tap_fallback)
     tap_stats = tap_reader_stats
 
     def loop_counts(self) -> dict[str, int]:

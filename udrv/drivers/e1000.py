@@ -315,7 +315,7 @@ class E1000(PciNetDriver):
         for i in range(MTA_WORDS):
             self.wr(MTA + 4 * i, 0)
         self._mta = (0,) * MTA_WORDS
-        for reg in (RDBAL, RDBAH, RDLEN, RDH, RDT, TDBAL, TDBAH, TDLEN, TDH, TDT):
+        for reg in self.ring_regs.all():
             self.wr(reg, 0)
         if self.flags & E1000E:
             rfctl = self.rd(RFCTL)
@@ -467,8 +467,8 @@ class E1000(PciNetDriver):
         """TX off, heads and tails to 0, TX on (TCTL, not RCTL: RX keeps running)."""
         tctl = self.rd(TCTL)
         self.wr(TCTL, tctl & ~TCTL_EN)
-        self.wr(TDH, 0)
-        self.wr(TDT, 0)
+        self.wr(self.ring_regs.tdh, 0)
+        self.wr(self.ring_regs.tdt, 0)
         self.wr(TCTL, tctl | TCTL_EN)
 
     # --- configuration entry points ------------------------------------------------------------------
@@ -650,7 +650,8 @@ class E1000(PciNetDriver):
             else:
                 self.enable_rxtx()
         else:
-            if self.rd(RCTL) & RCTL_EN or self.rd(TCTL) & TCTL_EN or self.rd(RDLEN) or self.rd(TDLEN):
+            if self.rd(RCTL) & RCTL_EN or self.rd(TCTL) & TCTL_EN or self.rd(self.ring_regs.rdlen) \
+                    or self.rd(self.ring_regs.tdlen):
                 self.quiesce()        # e.g. open() faulted after enabling: no DMA into freed memory
             self.write_rctl(self.rctl_for(cp.mode, cp.rx_bufsize, cp.mtu, False))
         s.opened = cp.opened
