@@ -23,7 +23,7 @@ descriptor memory cannot make us point the NIC elsewhere.
 
 Environment knobs the engine reads (`Knobs.read()`, once per datapath, here only):
   UDRV_E1000_LOOP=0     the C ring never loops whole turns in C, the daemon's Python loop
-                        polls instead (to compare; the name predates other PCI drivers)
+                        polls instead (to compare; one name for every PCI driver)
   UDRV_TURN_GAP_US=N    after a C-loop turn that caught up, the next begins no sooner than N us
                         after it began (default 1000; interrupt moderation, native/pci_loop.h)
   UDRV_RX_COALESCE=0    no RX coalescing into GSO super-frames (the test is
@@ -411,6 +411,7 @@ def engine_class(driver_cls: type[PciNetDriver]) -> type[PciRing]:
 # --- settings from the environment -----------------------------------------------------------------
 @dataclass(frozen=True)
 class Knobs:
+    """The settings above, as one datapath sees them for its whole life."""
     c_loop: bool = True          # UDRV_E1000_LOOP != "0"
     turn_gap: float = 0.001      # UDRV_TURN_GAP_US, in seconds
 
