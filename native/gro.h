@@ -1,4 +1,4 @@
-/* RX coalescing ("GRO in the driver"), shared by the C rings (e1000_ring.c, usb_ring.c).
+/* RX coalescing ("GRO in the driver"), shared by the C rings (pci_ring.c, usb_ring.c).
  *
  * A TAP write per 1500-byte frame makes the host's TCP stack run once per frame; the kernel's
  * own drivers hand it ~64 KiB GRO aggregates. So, within one batch of received frames, runs of

@@ -12,7 +12,7 @@
  *     TX descriptors done (DD), optionally copying each packet into the next free RX buffer
  *     (loopback); after RDT it fills the RX descriptors with DD|EOP and a length (the frame
  *     bytes are left in the buffers beforehand). Legacy descriptors and extended data /
- *     context descriptors (the layouts in e1000_ring.h); no checksum, no TSO, no filtering.
+ *     context descriptors (the layouts in pci_ring.h); no checksum, no TSO, no filtering.
  */
 #ifndef UDRV_TAPFWD_H
 #define UDRV_TAPFWD_H

@@ -14,10 +14,12 @@ import struct
 import pytest
 
 from udrv import native, offload
-from udrv.drivers.e1000 import E1000Native
+from udrv.drivers.e1000 import E1000
 from udrv.models.e1000 import E1000Model
 from udrv.models.pci import ModelPciTransport
 from udrv.nic import Nic, NicOptions
+
+E1000Native = E1000.c_variant()     # the same driver on the C ring
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="C fast path not built")
 
@@ -93,7 +95,7 @@ class TapRig:
                        NicOptions(n_rx=n_rx, n_tx=8))
         self.nic.bring_up()
         self.nic.open()
-        assert self.nic.engine.writes_tap and self.nic.engine._r.tap_vnet_hdr == 12
+        assert self.nic.engine.caps.reads_tap and self.nic.engine._r.tap_vnet_hdr == 12
 
     def receive(self, frames: list[bytes]) -> list[tuple[bytes, bytes]]:
         """All frames on the wire first, then one poll: one harvest sees them all."""

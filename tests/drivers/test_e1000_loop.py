@@ -1,4 +1,4 @@
-"""The e1000 ring's loop in C (native/e1000_loop.c): whole datapath turns without Python.
+"""The e1000 ring's loop in C (native/pci_loop.c): whole datapath turns without Python.
 
 C reaches BAR0 through an fd, as it does through VFIO's device fd. Here a memfd stands in for
 BAR0 and the test carries what C wrote there (RDT, TDT) to the e1000 model after each run, and
@@ -19,9 +19,11 @@ from udrv.models.pci import ModelPciTransport
 from udrv.models.e1000 import E1000Model
 from udrv.nic import Nic, NicOptions
 from udrv.pcitransport import MmioRegion
-from udrv.drivers.e1000 import E1000Native
+from udrv.drivers.e1000 import E1000
 
 from frames import FakeTap, plain
+
+E1000Native = E1000.c_variant()     # the same driver on the C ring
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="C fast path not built")
 
@@ -106,7 +108,7 @@ def test_the_daemon_runs_the_c_loop_only_where_c_reaches_bar0(rig):
     try:
         plain_model.bring_up()
         plain_model.open()
-        assert plain_model.engine.owns_tap and not plain_model.runs_in_c()
+        assert plain_model.engine.caps.reads_tap and not plain_model.runs_in_c()
     finally:
         plain_model.close()
 

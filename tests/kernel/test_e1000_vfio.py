@@ -239,7 +239,7 @@ if pytest is not None:
         assert d["tx_bytes"] > sum([18, 100, 470, 1000, 1472] * 6), d
         peer = run["_peer"]       # the TAP's own counters: its rx is what the guest sent
         assert peer["rx_packets"] >= run["echo_sent"] and peer["tx_packets"] >= run["echo_back"], peer
-        if native.available():    # the whole turn looped in C on vfio-pci (native/e1000_loop.c)
+        if native.available():    # the whole turn looped in C on vfio-pci (native/pci_loop.c)
             loop = run["c_loop"]
             assert loop and loop["rx"] >= run["echo_sent"] and loop["tap_in"] >= run["echo_sent"], loop
             assert loop["sleeps"] > 0 and loop["turns"] > loop["sleeps"], loop

@@ -20,9 +20,11 @@ from udrv.models.pci import ModelPciTransport
 from udrv.models.e1000 import E1000Model
 from udrv.nic import Nic, NicOptions
 from udrv.offload import F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, VnetHdr
-from udrv.drivers.e1000 import E1000Native
+from udrv.drivers.e1000 import E1000
 
 from frames import FakeTap, csum_udp, gso_tcp, mixed_items, payload_bytes, plain
+
+E1000Native = E1000.c_variant()     # the same driver on the C ring
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="C fast path not built")
 
@@ -78,8 +80,8 @@ class Rig:
 def test_ring_owns_the_tap_only_with_a_tap_fd() -> None:
     with_tap, without = Rig(FakeTap(False)), Rig(None)
     try:
-        assert with_tap.nic.engine.owns_tap and not without.nic.engine.owns_tap
-        assert with_tap.nic.engine.tap_enqueue == with_tap.nic.enqueue
+        assert with_tap.nic.engine.caps.reads_tap and not without.nic.engine.caps.reads_tap
+        assert with_tap.nic.engine.tap_fallback == with_tap.nic.enqueue
     finally:
         with_tap.close()
         without.close()
@@ -118,7 +120,7 @@ def test_full_journal_leaves_frames_in_the_fd() -> None:
         tap.inject(frames)
         assert r.nic.engine.pull_tap() == 4
         assert r.nic.journal.space() == 0
-        assert r.nic.engine.tap_stats()["tap_journal_full"] == 1
+        assert r.nic.engine.tap_reader_stats()["tap_journal_full"] == 1
         assert r.nic.engine.pull_tap() == 0                    # still full: nothing read
         assert [s[SLOT_HEADER:] for s in r.slots()] == frames[:4]
         assert r.nic.status()["tap_frames_in"] == 4 and r.nic.status()["tx_dropped"] == {}
@@ -176,7 +178,7 @@ def test_vnet_headers_match_the_python_path_byte_for_byte() -> None:
         assert offl == py.nic.counters.offload_frames
         assert drops == py.nic.counters.tx_dropped
         assert set(drops) == {"short_vnet_header", "oversize", "bad_offload_request"}
-        assert c.nic.engine.tap_stats()["tap_deferred"] >= 3        # UFO, ECN, GSO w/o csum
+        assert c.nic.engine.tap_reader_stats()["tap_deferred"] >= 3        # UFO, ECN, GSO w/o csum
         assert c.nic.counters.software_frames == py.nic.counters.software_frames == 0
         st_c, st_py = c.nic.status(), py.nic.status()
         for k in ("tap_frames_in", "offload_frames", "tx_dropped"):
@@ -209,7 +211,7 @@ def test_counts_survive_a_restart() -> None:
         tap.inject([plain(1), plain(2, 3000)])
         r.pump()
         r.nic.restart()
-        assert r.nic.engine.owns_tap and r.nic.engine.tap_enqueue == r.nic.enqueue
+        assert r.nic.engine.caps.reads_tap and r.nic.engine.tap_fallback == r.nic.enqueue
         tap.inject([plain(3)])
         r.pump()
         st = r.nic.status()
@@ -239,7 +241,7 @@ def test_real_tap_frames_reach_the_journal(offloads, monkeypatch) -> None:
         transport = ModelPciTransport(model)
         nic = Nic(E1000Native, transport, tap.write, NicOptions(n_rx=64, n_tx=64))
         try:
-            assert nic.engine.owns_tap and nic.vnet_hdr_len == (12 if offloads else 0)
+            assert nic.engine.caps.reads_tap and nic.vnet_hdr_len == (12 if offloads else 0)
             tap.set_up(True)
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
             s.bind((tap.name, 0))
@@ -279,7 +281,7 @@ def test_deferred_frame_without_a_taker_is_counted_and_dropped() -> None:
     tap = FakeTap(True)
     r = Rig(tap)
     try:
-        r.nic.engine.tap_enqueue = None
+        r.nic.engine.set_tap_fallback(None)
         h, f = gso_tcp(payload_bytes(3000))
         tap.inject([VnetHdr(0, GSO_TCPV4, 66, 1448, 34, 16).pack() + f, VnetHdr().pack() + plain(7)])
         assert r.nic.engine.pull_tap() == 1

@@ -126,7 +126,7 @@ class FakeDevice:
 
 
 class FdSink:
-    """A frame sink writing to an fd. The C ring recognises its bound `write` (drivers.e1000
+    """A frame sink writing to an fd. The C ring recognises its bound `write` (udrv.pciring
     tap_fd_of) and writes from C; the Python ring calls it per frame (os.write)."""
 
     def __init__(self, fd: int):
@@ -264,7 +264,7 @@ class RingSpeed:
 
     def report(self) -> str:
         lines = [
-            f"e1000 ring: C ring (E1000NativeRing) vs Python ring (E1000Ring), {self.ring}-descriptor rings, "
+            f"e1000 ring: C ring (PciNativeRing) vs Python ring (PciRing), {self.ring}-descriptor rings, "
             f"{self.rounds} interleaved rounds; per round {self.frames} frames per case for the Python ring, "
             f"{self.frames * C_SCALE} for the C ring",
             "  device side: a C stub (native/tapfwd.c), not the Python model: a TDT write sets DD on every TX "
@@ -363,7 +363,8 @@ def _write_floor_ns(impl: str, fd: int, frame: bytes, frames: int) -> float:
 
 
 def ring_speed(sizes: list[int] | None = None, frames: int = 20000, rounds: int = 7, ring: int = 256) -> RingSpeed:
-    from ..drivers.e1000 import E1000, E1000Native
+    from ..drivers.e1000 import E1000
+    E1000Native = E1000.c_variant()
     _native()
     sizes = sizes or [64, 1500]
     frames_ = {"py": frames, "c": frames * C_SCALE}
@@ -445,7 +446,7 @@ class TapForward:
             "kernel's TAP work is included); medians over rounds; ratio = median of per-round ratios to the bare "
             "C loop",
             "  udrv: Nic.xmit / Nic.poll as daemon.run calls them (xmit, poll, xmit per turn, TAP batches of 64), "
-            "guards on (no watchdog thread), e1000 C ring (E1000NativeRing), 256-descriptor rings; the e1000 "
+            "guards on (no watchdog thread), e1000 C ring (PciNativeRing), 256-descriptor rings; the e1000 "
             "device side stubbed in C with TX looped back into RX (see `udrv bench ring`)",
             "",
             "| path | Mpps | ns/frame | ns/frame more than bare C | / bare C |",
@@ -510,7 +511,8 @@ def _bare_py(fd: int) -> int:
 
 
 def tap_forward(frames: int = 20000, rounds: int = 7, size: int = 64, batch: int = 64) -> TapForward:
-    from ..drivers.e1000 import E1000Native
+    from ..drivers.e1000 import E1000
+    E1000Native = E1000.c_variant()
     from ..tap import Tap
     ffi, lib = _native()
     if os.geteuid() != 0:
@@ -668,7 +670,8 @@ def _guard_round(rig: Rig, frames: int, size: int, first: bool) -> tuple[float, 
 
 
 def guard_overhead_e1000(frames: int = 20000, rounds: int = 7, size: int = 64) -> E1000GuardOverhead:
-    from ..drivers.e1000 import E1000Native
+    from ..drivers.e1000 import E1000
+    E1000Native = E1000.c_variant()
     _native()
     res = E1000GuardOverhead(frames, size)
     null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)   # readable: a ring reading its "TAP" finds it empty

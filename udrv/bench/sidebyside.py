@@ -467,9 +467,9 @@ def _frame_name(frame: str) -> str:
 # includes its write()s to the TAP, inside which the guest kernel's network stack runs.
 PROFILE_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("C ring calls (TX fill/reclaim; RX harvest + write() of each frame to the TAP, where the guest's "
-     "network stack runs)", ("E1000NativeRing.",)),
+     "network stack runs)", ("PciNativeRing.",)),
     ("Python ring, per frame (descriptors, TAP writes, journal reads)",
-     ("E1000Ring.", "Tap.write", "TxJournal.frame", "TxJournal.take_unsent", "TxJournal.confirm")),
+     ("PciRing.", "Tap.write", "TxJournal.frame", "TxJournal.take_unsent", "TxJournal.confirm")),
     ("TX frames through Python (TAP read, journal append)",
      ("Tap.read_batch", "TxJournal.append", "TxJournal._set", "TxJournal._get", "TxJournal.space", "Nic.enqueue",
       "Nic._enqueue")),
@@ -703,7 +703,8 @@ IMPLS = ("c", "c-only", "python")
 
 def implementations(impl: str) -> list[Any]:
     from .. import native
-    from ..drivers.e1000 import E1000, E1000Native
+    from ..drivers.e1000 import E1000
+    E1000Native = E1000.c_variant()
     if impl != "python" and not native.available():
         raise UdrvError(f"--impl {impl} needs the C fast path: {native.why_unavailable()}")
     return {"c": [E1000Native, E1000], "c-only": [E1000Native], "python": [E1000]}[impl]

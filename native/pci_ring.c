@@ -1,6 +1,6 @@
-/* e1000 legacy-descriptor rings: RX harvest, TX fill and reclaim, in memory only.
- * See e1000_ring.h for the layout and the division of work with Python (drivers/e1000.py). */
-#include "e1000_ring.h"
+/* PCI descriptor rings (8254x layout): RX harvest, TX fill and reclaim, in memory only.
+ * See pci_ring.h for the layout and the division of work with Python (udrv/pcinet.py). */
+#include "pci_ring.h"
 #include "gro.h"
 
 #include <errno.h>
@@ -10,7 +10,7 @@
 #include <unistd.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "e1000 descriptors are little-endian; this build assumes a little-endian CPU"
+#error "8254x descriptors are little-endian; this build assumes a little-endian CPU"
 #endif
 
 enum {
@@ -40,14 +40,14 @@ static inline uint8_t status_of(const uint8_t *desc)
 static inline void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 static inline uint16_t get16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
-static inline void rx_arm(struct e1000_ring *r, uint32_t i)
+static inline void rx_arm(struct pci_ring *r, uint32_t i)
 {
     uint8_t *d = r->rx_ring + (uint64_t)i * DESC;
     put64(d, r->rx_buf_iova + (uint64_t)i * r->rx_bufsize);
     memset(d + 8, 0, 8);
 }
 
-int e1000_ring_init(struct e1000_ring *r, int journal_fd, uint32_t nslots, uint32_t slot_size)
+int pci_ring_init(struct pci_ring *r, int journal_fd, uint32_t nslots, uint32_t slot_size)
 {
     r->tx_seq = NULL;
     r->tx_len = NULL;
@@ -57,10 +57,10 @@ int e1000_ring_init(struct e1000_ring *r, int journal_fd, uint32_t nslots, uint3
     memset(&r->st, 0, sizeof r->st);
     r->journal_error = 0;
     int rc = udrv_journal_map_fd(&r->journal, journal_fd, nslots, slot_size);
-    return rc < 0 ? E1000R_EJOURNAL : 0;
+    return rc < 0 ? PCIR_EJOURNAL : 0;
 }
 
-static void free_tables(struct e1000_ring *r)
+static void free_tables(struct pci_ring *r)
 {
     free(r->tx_seq);
     free(r->tx_len);
@@ -72,31 +72,31 @@ static void free_tables(struct e1000_ring *r)
     r->tx_eop = NULL;
 }
 
-void e1000_ring_fini(struct e1000_ring *r)
+void pci_ring_fini(struct pci_ring *r)
 {
     free_tables(r);
     udrv_journal_unmap(&r->journal);
 }
 
-int e1000_ring_bind(struct e1000_ring *r)
+int pci_ring_bind(struct pci_ring *r)
 {
     if (r->n_rx < 8 || r->n_tx < 8 || r->n_rx % 8 || r->n_tx % 8 || !r->rx_ring || !r->tx_ring
         || !r->rx_buf || !r->tx_buf || r->rx_bufsize < 256 || r->tx_bufsize < 256)
-        return E1000R_EINVAL;
+        return PCIR_EINVAL;
     free_tables(r);
     r->tx_seq = calloc(r->n_tx, sizeof *r->tx_seq);
     r->tx_len = calloc(r->n_tx, sizeof *r->tx_len);
     r->tx_pkts = calloc(r->n_tx, sizeof *r->tx_pkts);
     r->tx_eop = calloc(r->n_tx, sizeof *r->tx_eop);
     if (!r->tx_seq || !r->tx_len || !r->tx_pkts || !r->tx_eop)
-        return E1000R_ENOMEM;
+        return PCIR_ENOMEM;
     for (uint32_t i = 0; i < r->n_tx; i++)
         r->tx_eop[i] = i;
     r->rx_next = r->rx_tail = r->tx_next = r->tx_clean = r->rx_discard = 0;
     return 0;
 }
 
-void e1000_ring_clean(struct e1000_ring *r)
+void pci_ring_clean(struct pci_ring *r)
 {
     for (uint32_t i = 0; i < r->n_rx; i++)
         rx_arm(r, i);
@@ -112,7 +112,7 @@ void e1000_ring_clean(struct e1000_ring *r)
 
 /* --- RX ------------------------------------------------------------------------------------ */
 
-static int deliver(struct e1000_ring *r, const uint8_t *frame, uint32_t len, uint8_t *out,
+static int deliver(struct pci_ring *r, const uint8_t *frame, uint32_t len, uint8_t *out,
                    uint32_t out_cap, uint32_t *out_used)
 {
     if (r->tap_fd >= 0) {
@@ -155,7 +155,7 @@ static uint32_t hw_csum_ok(uint8_t status, uint8_t errors)
            | ((status & RXD_STAT_TCPCS) && !(errors & RXD_ERR_TCPE) ? UDRV_GRO_TCP_OK : 0);
 }
 
-int e1000_rx_harvest(struct e1000_ring *r, uint32_t budget, uint8_t *out, uint32_t out_cap,
+int pci_rx_harvest(struct pci_ring *r, uint32_t budget, uint8_t *out, uint32_t out_cap,
                      uint32_t *out_used)
 {
     uint32_t n = r->n_rx, i = r->rx_next, done = 0;
@@ -179,16 +179,16 @@ int e1000_rx_harvest(struct e1000_ring *r, uint32_t budget, uint8_t *out, uint32
             if (status & RXD_STAT_EOP)
                 r->rx_discard = 0;
         } else if (!(status & RXD_STAT_EOP)) {
-            r->st.rx_dropped[E1000R_RX_NO_EOP]++;
+            r->st.rx_dropped[PCIR_RX_NO_EOP]++;
             r->rx_discard = 1;
         } else if (len == 0) {
-            r->st.rx_dropped[E1000R_RX_ZERO_LENGTH]++;
+            r->st.rx_dropped[PCIR_RX_ZERO_LENGTH]++;
         } else if (len > r->rx_bufsize) {
-            r->st.rx_dropped[E1000R_RX_OVERSIZE]++;
+            r->st.rx_dropped[PCIR_RX_OVERSIZE]++;
         } else if (errors & RXD_ERR_FRAME) {
-            r->st.rx_dropped[E1000R_RX_ERROR]++;
+            r->st.rx_dropped[PCIR_RX_ERROR]++;
         } else if (len < ETH_HLEN) {
-            r->st.rx_dropped[E1000R_RX_RUNT]++;
+            r->st.rx_dropped[PCIR_RX_RUNT]++;
         } else {
             const uint8_t *f = r->rx_buf + (uint64_t)i * r->rx_bufsize;
             if (coalesce)
@@ -207,7 +207,7 @@ int e1000_rx_harvest(struct e1000_ring *r, uint32_t budget, uint8_t *out, uint32
     /* the descriptor at RDT was never handed out: DD there is a device bug */
     uint8_t *hole = r->rx_ring + (uint64_t)r->rx_tail * DESC;
     if (status_of(hole) & RXD_STAT_DD) {
-        r->st.rx_dropped[E1000R_RX_DD_NOT_ARMED]++;
+        r->st.rx_dropped[PCIR_RX_DD_NOT_ARMED]++;
         rx_arm(r, r->rx_tail);
     }
     if (done) {
@@ -218,7 +218,7 @@ int e1000_rx_harvest(struct e1000_ring *r, uint32_t budget, uint8_t *out, uint32
     return (int)done;
 }
 
-int e1000_rx_skip_lost(struct e1000_ring *r, uint32_t rdh)
+int pci_rx_skip_lost(struct pci_ring *r, uint32_t rdh)
 {
     uint32_t n = r->n_rx, i = r->rx_next;
     if (rdh >= n)
@@ -230,7 +230,7 @@ int e1000_rx_skip_lost(struct e1000_ring *r, uint32_t rdh)
     if (j == span || j == 0)
         return 0;                       /* write-back still pending, or nothing lost */
     for (uint32_t k = 0; k < j; k++) {
-        r->st.rx_dropped[E1000R_RX_COMPLETION_LOST]++;
+        r->st.rx_dropped[PCIR_RX_COMPLETION_LOST]++;
         rx_arm(r, (i + k) % n);
     }
     r->rx_next = (i + j) % n;
@@ -245,7 +245,7 @@ int e1000_rx_skip_lost(struct e1000_ring *r, uint32_t rdh)
  * over as many buffers as it needs (legacy descriptors without ctx, extended data descriptors
  * with it); RS only on the last one, which every descriptor of the packet names in tx_eop.
  * Returns the index of the first data descriptor (its buffer holds the packet's headers). */
-static uint32_t put_packet(struct e1000_ring *r, const uint8_t *ctx, const uint8_t *data,
+static uint32_t put_packet(struct pci_ring *r, const uint8_t *ctx, const uint8_t *data,
                            uint32_t len, uint8_t dcmd, uint8_t popts, uint32_t packets,
                            uint64_t wire_bytes, int64_t seq)
 {
@@ -295,13 +295,13 @@ static uint32_t put_packet(struct e1000_ring *r, const uint8_t *ctx, const uint8
 
 /* A journal frame that never goes on the wire is confirmed in order: now when nothing is in
  * flight, else together with the packet before it. */
-int e1000_tx_drop(struct e1000_ring *r, uint64_t seq)
+int pci_tx_drop(struct pci_ring *r, uint64_t seq)
 {
     if (r->tx_next == r->tx_clean) {
         int64_t c = udrv_journal_confirm_through(&r->journal, seq);
         if (c < 0) {
             r->journal_error = c;
-            return E1000R_EJOURNAL;
+            return PCIR_EJOURNAL;
         }
     } else {
         r->tx_seq[(r->tx_next + r->n_tx - 1) % r->n_tx] = (int64_t)seq;
@@ -309,7 +309,7 @@ int e1000_tx_drop(struct e1000_ring *r, uint64_t seq)
     return 0;
 }
 
-int e1000_tx_put(struct e1000_ring *r, const uint8_t *ctx, const uint8_t *data, uint32_t len,
+int pci_tx_put(struct pci_ring *r, const uint8_t *ctx, const uint8_t *data, uint32_t len,
                  uint8_t dcmd, uint8_t popts, uint32_t packets, uint64_t wire_bytes, int64_t seq)
 {
     uint32_t n = r->n_tx, bs = r->tx_bufsize;
@@ -363,9 +363,10 @@ static void put_ctx(uint8_t *c, uint8_t ipcss, uint8_t ipcso, uint16_t ipcse, ui
 }
 
 /* 1: the chip does it (plan filled); 0: a case left to Python (software path, error
- * reporting, or a packet larger than the ring). Mirrors drivers/e1000.py (_pieces and
- * context_descriptor) and udrv/offload.py (plan) for the common cases only. */
-static int plan_offload(const struct e1000_ring *r, const uint8_t *v, uint32_t vlen,
+ * reporting, or a packet larger than the ring). Mirrors udrv/pcinet.py (PciRing._pieces) and
+ * the 8254x codec in drivers/e1000.py (E1000Codec.context) and udrv/offload.py (plan),
+ * for the common cases only. */
+static int plan_offload(const struct pci_ring *r, const uint8_t *v, uint32_t vlen,
                         const uint8_t *f, uint32_t len, struct tx_plan *p)
 {
     if (vlen < VNET_HDR_MIN)
@@ -380,7 +381,7 @@ static int plan_offload(const struct e1000_ring *r, const uint8_t *v, uint32_t v
         if (!(flags & VNET_F_NEEDS_CSUM))
             return 0;                   /* nothing to do: Python's path treats it as plain */
         uint32_t at = (uint32_t)cs + co;
-        if (!(r->hw_offloads & E1000R_OFF_CSUM) || cs >= len || at + 2 > len || at > 0xFF
+        if (!(r->hw_offloads & PCIR_OFF_CSUM) || cs >= len || at + 2 > len || at > 0xFF
             || len > bs)
             return 0;
         put_ctx(p->ctx, 0, 0, 0, (uint8_t)cs, (uint8_t)at, 0,
@@ -393,7 +394,7 @@ static int plan_offload(const struct e1000_ring *r, const uint8_t *v, uint32_t v
     if (!(flags & VNET_F_NEEDS_CSUM) || gso_size == 0)
         return 0;
     int v4 = gso == VNET_GSO_TCPV4;
-    if (!(r->hw_offloads & (v4 ? E1000R_OFF_TSO4 : E1000R_OFF_TSO6)))
+    if (!(r->hw_offloads & (v4 ? PCIR_OFF_TSO4 : PCIR_OFF_TSO6)))
         return 0;
     uint32_t off = 12;
     if (len < off + 2)
@@ -467,7 +468,7 @@ static void tso_prepare(uint8_t *h, const struct tx_plan *p)
     h[p->l4 + 17] = (uint8_t)sum;
 }
 
-int e1000_tx_fill(struct e1000_ring *r)
+int pci_tx_fill(struct pci_ring *r)
 {
     uint32_t n = r->n_tx, bs = r->tx_bufsize;
     int filled = 0;
@@ -485,12 +486,12 @@ int e1000_tx_fill(struct e1000_ring *r)
             break;
         if (rc < 0) {
             r->journal_error = rc;
-            return E1000R_EJOURNAL;
+            return PCIR_EJOURNAL;
         }
         if (udrv_journal_aqm_drop(&r->journal, now)) {   /* waited too long: leaves in order */
             udrv_journal_mark_sent(&r->journal, seq);
-            if (e1000_tx_drop(r, seq) < 0)
-                return E1000R_EJOURNAL;
+            if (pci_tx_drop(r, seq) < 0)
+                return PCIR_EJOURNAL;
             continue;
         }
         struct tx_plan plan;
@@ -503,10 +504,10 @@ int e1000_tx_fill(struct e1000_ring *r)
             ctx = plan.ctx;
         } else if (len < ETH_HLEN || len > bs) {
             /* cannot go on the wire: counted, and confirmed in order with its predecessor */
-            r->st.tx_errors[len < ETH_HLEN ? E1000R_TX_RUNT : E1000R_TX_OVERSIZE]++;
+            r->st.tx_errors[len < ETH_HLEN ? PCIR_TX_RUNT : PCIR_TX_OVERSIZE]++;
             udrv_journal_mark_sent(&r->journal, seq);
-            if (e1000_tx_drop(r, seq) < 0)
-                return E1000R_EJOURNAL;
+            if (pci_tx_drop(r, seq) < 0)
+                return PCIR_EJOURNAL;
             continue;
         }
         uint32_t need = (ctx ? 1 : 0) + (len + bs - 1) / bs;
@@ -532,7 +533,7 @@ int e1000_tx_fill(struct e1000_ring *r)
     return filled;
 }
 
-static int tx_complete(struct e1000_ring *r, uint32_t upto, int64_t last, uint64_t done,
+static int tx_complete(struct pci_ring *r, uint32_t upto, int64_t last, uint64_t done,
                        uint64_t nbytes)
 {
     int reclaimed = (int)((upto + r->n_tx - r->tx_clean) % r->n_tx);
@@ -541,7 +542,7 @@ static int tx_complete(struct e1000_ring *r, uint32_t upto, int64_t last, uint64
         int64_t c = udrv_journal_confirm_through(&r->journal, (uint64_t)last);
         if (c < 0) {
             r->journal_error = c;
-            return E1000R_EJOURNAL;
+            return PCIR_EJOURNAL;
         }
     }
     r->st.tx_packets += done;
@@ -549,7 +550,7 @@ static int tx_complete(struct e1000_ring *r, uint32_t upto, int64_t last, uint64
     return reclaimed;
 }
 
-int e1000_tx_reclaim(struct e1000_ring *r)
+int pci_tx_reclaim(struct pci_ring *r)
 {
     uint32_t n = r->n_tx, i = r->tx_clean, end = r->tx_next;
     int64_t last = -1;
@@ -562,7 +563,7 @@ int e1000_tx_reclaim(struct e1000_ring *r)
             break;
         d[12] = 0;                     /* a stale DD must never pass for a new one */
         if (status & (TXD_STAT_EC | TXD_STAT_LC)) {
-            r->st.tx_errors[status & TXD_STAT_EC ? E1000R_TX_EXCESS_COLLISIONS : E1000R_TX_LATE_COLLISION]++;
+            r->st.tx_errors[status & TXD_STAT_EC ? PCIR_TX_EXCESS_COLLISIONS : PCIR_TX_LATE_COLLISION]++;
         } else {
             done += r->tx_pkts[e];
             nbytes += r->tx_len[e];
@@ -576,7 +577,7 @@ int e1000_tx_reclaim(struct e1000_ring *r)
     return tx_complete(r, i, last, done, nbytes);
 }
 
-int e1000_tx_skip_lost(struct e1000_ring *r)
+int pci_tx_skip_lost(struct pci_ring *r)
 {
     uint32_t n = r->n_tx, i = r->tx_clean, end = r->tx_next, k;
     int64_t last_dd = -1;
@@ -594,7 +595,7 @@ int e1000_tx_skip_lost(struct e1000_ring *r)
         uint32_t e = r->tx_eop[k];
         uint8_t *d = r->tx_ring + (uint64_t)e * DESC;
         if (!(status_of(d) & TXD_STAT_DD))
-            r->st.tx_errors[E1000R_TX_COMPLETION_LOST]++;
+            r->st.tx_errors[PCIR_TX_COMPLETION_LOST]++;
         d[12] = 0;
         done += r->tx_pkts[e];
         nbytes += r->tx_len[e];
@@ -604,12 +605,12 @@ int e1000_tx_skip_lost(struct e1000_ring *r)
     return tx_complete(r, stop, last, done, nbytes);
 }
 
-int e1000_tx_check_unarmed(struct e1000_ring *r)
+int pci_tx_check_unarmed(struct pci_ring *r)
 {
     uint8_t *d = r->tx_ring + (uint64_t)r->tx_next * DESC;
     if (!(status_of(d) & TXD_STAT_DD))
         return 0;
-    r->st.tx_errors[E1000R_TX_DD_NOT_ARMED]++;
+    r->st.tx_errors[PCIR_TX_DD_NOT_ARMED]++;
     d[12] = 0;
     return 1;
 }

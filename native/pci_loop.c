@@ -1,6 +1,6 @@
-/* The e1000 ring's loop in C (see e1000_loop.h). */
+/* The PCI ring's loop in C (see pci_loop.h). */
 #define _GNU_SOURCE
-#include "e1000_loop.h"
+#include "pci_loop.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -10,16 +10,22 @@
 #include <time.h>
 #include <unistd.h>
 
-/* registers, from the 8254x manual */
-enum { REG_RDH = 0x2810, REG_RDT = 0x2818, REG_TDH = 0x3810, REG_TDT = 0x3818, REG_END = 0x3820 };
+static int reg_fits(uint32_t reg, uint64_t size)
+{
+    return reg % 4 == 0 && (uint64_t)reg + 4 <= size;
+}
 
-int e1000_mmio_open(struct e1000_mmio *m, int fd, uint64_t offset, uint64_t size, int try_mmap)
+int pci_mmio_open(struct pci_mmio *m, int fd, uint64_t offset, uint64_t size, int try_mmap,
+                  const struct pci_ring_regs *regs)
 {
     memset(m, 0, sizeof *m);
-    if (size < REG_END) {
+    m->fd = -1;
+    if (!reg_fits(regs->rdh, size) || !reg_fits(regs->rdt, size) || !reg_fits(regs->tdh, size)
+        || !reg_fits(regs->tdt, size)) {
         errno = EINVAL;
         return -1;
     }
+    m->regs = *regs;
     m->fd = fd;
     m->offset = offset;
     m->size = size;
@@ -31,7 +37,7 @@ int e1000_mmio_open(struct e1000_mmio *m, int fd, uint64_t offset, uint64_t size
     return 0;
 }
 
-void e1000_mmio_close(struct e1000_mmio *m)
+void pci_mmio_close(struct pci_mmio *m)
 {
     if (m->bar)
         munmap((void *)m->bar, m->size);
@@ -39,7 +45,7 @@ void e1000_mmio_close(struct e1000_mmio *m)
     m->fd = -1;
 }
 
-uint32_t e1000_mmio_read32(struct e1000_mmio *m, uint32_t reg)
+uint32_t pci_mmio_read32(struct pci_mmio *m, uint32_t reg)
 {
     if (m->bar)
         return *(volatile uint32_t *)(m->bar + reg);
@@ -51,7 +57,7 @@ uint32_t e1000_mmio_read32(struct e1000_mmio *m, uint32_t reg)
     return v;
 }
 
-void e1000_mmio_write32(struct e1000_mmio *m, uint32_t reg, uint32_t value)
+void pci_mmio_write32(struct pci_mmio *m, uint32_t reg, uint32_t value)
 {
     if (m->bar) {
         *(volatile uint32_t *)(m->bar + reg) = value;
@@ -71,37 +77,37 @@ static int64_t now_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-/* A turn found nothing: what Python's _idle_check does, as far as memory and two reads can.
- * Returns E1000L_* bits (0: quiet and sound). */
-static int idle_check(struct e1000_ring *r, struct e1000_mmio *m, struct e1000_loop_result *res)
+/* A turn found nothing: what the Python engine's idle_check does, as far as memory and two reads can.
+ * Returns PCIL_* bits (0: quiet and sound). */
+static int idle_check(struct pci_ring *r, struct pci_mmio *m, struct pci_loop_result *res)
 {
     res->idle_checks++;
-    uint32_t rdh = e1000_mmio_read32(m, REG_RDH);
+    uint32_t rdh = pci_mmio_read32(m, m->regs.rdh);
     if (rdh >= r->n_rx)
-        return E1000L_CHECK;            /* all ones (removed?) or out of range: Python judges */
+        return PCIL_CHECK;            /* all ones (removed?) or out of range: Python judges */
     int out = 0;
-    if (rdh != r->rx_next && e1000_rx_skip_lost(r, rdh) > 0) {
+    if (rdh != r->rx_next && pci_rx_skip_lost(r, rdh) > 0) {
         __atomic_thread_fence(__ATOMIC_RELEASE);
-        e1000_mmio_write32(m, REG_RDT, r->rx_tail);
-        out |= E1000L_WORK;
+        pci_mmio_write32(m, m->regs.rdt, r->rx_tail);
+        out |= PCIL_WORK;
     }
-    e1000_tx_check_unarmed(r);
+    pci_tx_check_unarmed(r);
     if (r->tx_clean != r->tx_next) {
-        uint32_t tdh = e1000_mmio_read32(m, REG_TDH);
+        uint32_t tdh = pci_mmio_read32(m, m->regs.tdh);
         if (tdh >= r->n_tx)
-            return out | E1000L_CHECK;
-        int n = e1000_tx_skip_lost(r);
+            return out | PCIL_CHECK;
+        int n = pci_tx_skip_lost(r);
         if (n < 0)
-            return out | E1000L_EJOURNAL;
+            return out | PCIL_EJOURNAL;
         if (n > 0)
-            out |= E1000L_WORK;
+            out |= PCIL_WORK;
     }
     return out;
 }
 
-/* Sleep up to wait_us on wake_fd and tap_fd (either < 0: not watched). Returns E1000L_WAKE when
+/* Sleep up to wait_us on wake_fd and tap_fd (either < 0: not watched). Returns PCIL_WAKE when
  * wake_fd became readable, -1 on a signal (Python's handlers should run) or an error, else 0. */
-static int sleep_on(int wake_fd, int tap_fd, int64_t wait_us, struct e1000_loop_result *res)
+static int sleep_on(int wake_fd, int tap_fd, int64_t wait_us, struct pci_loop_result *res)
 {
     struct pollfd fds[2];
     int nfds = 0;
@@ -114,12 +120,12 @@ static int sleep_on(int wake_fd, int tap_fd, int64_t wait_us, struct e1000_loop_
     int p = ppoll(fds, (nfds_t)nfds, &ts, NULL);
     if (p < 0)
         return -1;
-    return p > 0 && wake_fd >= 0 && fds[0].revents ? E1000L_WAKE : 0;
+    return p > 0 && wake_fd >= 0 && fds[0].revents ? PCIL_WAKE : 0;
 }
 
-int e1000_ring_run(struct e1000_ring *r, struct udrv_tapread *tr, struct e1000_mmio *m, int wake_fd,
+int pci_ring_run(struct pci_ring *r, struct udrv_tapread *tr, struct pci_mmio *m, int wake_fd,
                    uint32_t timeout_us, uint32_t poll_us, uint32_t tap_budget, uint32_t gap_us,
-                   uint32_t flags, struct e1000_loop_result *res)
+                   uint32_t flags, struct pci_loop_result *res)
 {
     int64_t now = now_us(), deadline = now + timeout_us;
     int out = 0;
@@ -127,15 +133,15 @@ int e1000_ring_run(struct e1000_ring *r, struct udrv_tapread *tr, struct e1000_m
     for (;;) {
         int moved = 0;
         res->turns++;
-        int n = e1000_rx_harvest(r, 0, NULL, 0, &used);
+        int n = pci_rx_harvest(r, 0, NULL, 0, &used);
         if (n > 0) {
-            e1000_mmio_write32(m, REG_RDT, r->rx_tail);
+            pci_mmio_write32(m, m->regs.rdt, r->rx_tail);
             res->rx += (uint64_t)n;
             moved = 1;
         }
-        int c = e1000_tx_reclaim(r);
+        int c = pci_tx_reclaim(r);
         if (c < 0)
-            return out | E1000L_EJOURNAL;
+            return out | PCIL_EJOURNAL;
         if (c > 0) {
             res->reclaimed += (uint64_t)c;
             moved = 1;
@@ -149,27 +155,27 @@ int e1000_ring_run(struct e1000_ring *r, struct udrv_tapread *tr, struct e1000_m
             }
             backlog |= t >= (int64_t)tap_budget;
             if (tr->deferred_len)
-                out |= E1000L_DEFERRED;
+                out |= PCIL_DEFERRED;
         }
-        if (flags & E1000L_TX) {
+        if (flags & PCIL_TX) {
             uint32_t start = r->tx_next;
-            int f = e1000_tx_fill(r);
+            int f = pci_tx_fill(r);
             if (f < 0)
-                return out | E1000L_EJOURNAL;
+                return out | PCIL_EJOURNAL;
             if (r->tx_next != start)
-                e1000_mmio_write32(m, REG_TDT, r->tx_next);
+                pci_mmio_write32(m, m->regs.tdt, r->tx_next);
             if (f > 0) {
                 res->filled += (uint64_t)f;
                 moved = 1;
             }
             if (r->python_entry)
-                out |= E1000L_PYTHON_TX;
+                out |= PCIL_PYTHON_TX;
         }
         if (moved)
-            out |= E1000L_WORK;
+            out |= PCIL_WORK;
         if (m->errors)
-            return out | E1000L_MMIO_ERROR;
-        if (out & (E1000L_DEFERRED | E1000L_PYTHON_TX))
+            return out | PCIL_MMIO_ERROR;
+        if (out & (PCIL_DEFERRED | PCIL_PYTHON_TX))
             return out;
         int64_t turn_start = now;
         now = now_us();
@@ -177,7 +183,7 @@ int e1000_ring_run(struct e1000_ring *r, struct udrv_tapread *tr, struct e1000_m
         if (moved) {
             /* the readers of what went to the TAP run before the next batch (a higher-priority
              * daemon would otherwise fill their socket buffers faster than they drain them) */
-            if (n > 0 && (flags & E1000L_YIELD))
+            if (n > 0 && (flags & PCIL_YIELD))
                 sched_yield();
             if (left <= 0)
                 return out;
@@ -198,9 +204,9 @@ int e1000_ring_run(struct e1000_ring *r, struct udrv_tapread *tr, struct e1000_m
         }
         int chk = idle_check(r, m, res);
         out |= chk;
-        if (chk & (E1000L_CHECK | E1000L_EJOURNAL) || m->errors)
-            return m->errors ? out | E1000L_MMIO_ERROR : out;
-        if (chk & E1000L_WORK)
+        if (chk & (PCIL_CHECK | PCIL_EJOURNAL) || m->errors)
+            return m->errors ? out | PCIL_MMIO_ERROR : out;
+        if (chk & PCIL_WORK)
             continue;
         if (left <= 0)
             return out;

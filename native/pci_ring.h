@@ -1,4 +1,11 @@
-/* The e1000 legacy-descriptor rings in C: memory-only operations.
+/* PCI descriptor rings in C: memory-only operations.
+ *
+ * The descriptor codec here is the Intel 8254x one (legacy RX/TX, TCP/IP context + data on TX),
+ * which the e1000 family and the igb/ixgbe parts in legacy-descriptor mode share. A driver whose
+ * descriptors look otherwise needs its own codec in C before it gets a C variant
+ * (udrv.pcinet.PciNetDriver.c_variant checks the codec's c_layout); the Python ring
+ * (udrv.pcinet.PciRing) always follows the driver's own codec. Register offsets are the
+ * driver's too, and only pci_loop.h needs them.
  *
  * Nothing here touches a device register. Each function works on the rings and buffers in
  * DMA memory (and on the TX journal's memfd) and returns how far it got; Python does the one
@@ -20,52 +27,52 @@
  * checksum or TSO) a context descriptor + data descriptors over consecutive buffers; RS only
  * on the packet's last descriptor, which tx_eop[] names for each of its descriptors. Cases the
  * chip cannot take (hw_offloads, 8-bit offsets, ECN/UDP GSO, a packet larger than the ring)
- * stop e1000_tx_fill with python_entry = 1: Python finishes that frame (udrv.offload's
- * software path) and hands the pieces back through e1000_tx_put.
+ * stop pci_tx_fill with python_entry = 1: Python finishes that frame (udrv.offload's
+ * software path) and hands the pieces back through pci_tx_put.
  *
  * Descriptor i always points at buffer i: addresses are computed from the buffer areas' IOVAs,
  * never read back from the ring.
  */
-#ifndef UDRV_E1000_RING_H
-#define UDRV_E1000_RING_H
+#ifndef UDRV_PCI_RING_H
+#define UDRV_PCI_RING_H
 
 #include <stdint.h>
 
 #include "journal.h"
 
 /* RX drop reasons (index into rx_dropped) */
-#define E1000R_RX_NO_EOP 0
-#define E1000R_RX_ZERO_LENGTH 1
-#define E1000R_RX_OVERSIZE 2
-#define E1000R_RX_ERROR 3
-#define E1000R_RX_RUNT 4
-#define E1000R_RX_DD_NOT_ARMED 5
-#define E1000R_RX_COMPLETION_LOST 6
-#define E1000R_RX_NREASONS 7
+#define PCIR_RX_NO_EOP 0
+#define PCIR_RX_ZERO_LENGTH 1
+#define PCIR_RX_OVERSIZE 2
+#define PCIR_RX_ERROR 3
+#define PCIR_RX_RUNT 4
+#define PCIR_RX_DD_NOT_ARMED 5
+#define PCIR_RX_COMPLETION_LOST 6
+#define PCIR_RX_NREASONS 7
 
 /* TX error reasons (index into tx_errors) */
-#define E1000R_TX_RUNT 0
-#define E1000R_TX_OVERSIZE 1
-#define E1000R_TX_EXCESS_COLLISIONS 2
-#define E1000R_TX_LATE_COLLISION 3
-#define E1000R_TX_COMPLETION_LOST 4
-#define E1000R_TX_DD_NOT_ARMED 5
-#define E1000R_TX_NREASONS 6
+#define PCIR_TX_RUNT 0
+#define PCIR_TX_OVERSIZE 1
+#define PCIR_TX_EXCESS_COLLISIONS 2
+#define PCIR_TX_LATE_COLLISION 3
+#define PCIR_TX_COMPLETION_LOST 4
+#define PCIR_TX_DD_NOT_ARMED 5
+#define PCIR_TX_NREASONS 6
 
 /* hw_offloads bits: what the chip does (the rest is Python's software path) */
-#define E1000R_OFF_CSUM 0x1
-#define E1000R_OFF_TSO4 0x2
-#define E1000R_OFF_TSO6 0x4
+#define PCIR_OFF_CSUM 0x1
+#define PCIR_OFF_TSO4 0x2
+#define PCIR_OFF_TSO6 0x4
 
 /* negative results */
-#define E1000R_EINVAL (-1)          /* bad geometry at init */
-#define E1000R_EJOURNAL (-2)        /* the journal refused an operation (corrupt / never sent) */
-#define E1000R_ENOMEM (-3)
+#define PCIR_EINVAL (-1)          /* bad geometry at init */
+#define PCIR_EJOURNAL (-2)        /* the journal refused an operation (corrupt / never sent) */
+#define PCIR_ENOMEM (-3)
 
-struct e1000_ring_stats {
+struct pci_ring_stats {
     uint64_t rx_packets, rx_bytes, tx_packets, tx_bytes;
-    uint64_t rx_dropped[E1000R_RX_NREASONS];
-    uint64_t tx_errors[E1000R_TX_NREASONS];
+    uint64_t rx_dropped[PCIR_RX_NREASONS];
+    uint64_t tx_errors[PCIR_TX_NREASONS];
     uint64_t tap_write_errors;
     uint64_t tx_offload_csum, tx_offload_tso;   /* journal frames the chip checksummed / segmented */
     /* RX coalescing (rx_coalesce): TCP segments written inside super-frames, super-frames
@@ -74,15 +81,15 @@ struct e1000_ring_stats {
     uint64_t rx_coalesced, rx_super, rx_csum_bad, rx_super_refused, rx_acks_merged;
 };
 
-struct e1000_ring {
-    /* geometry and memory (set by Python, then e1000_ring_init) */
+struct pci_ring {
+    /* geometry and memory (set by Python, then pci_ring_init) */
     uint8_t *rx_ring, *rx_buf, *tx_ring, *tx_buf;
     uint64_t rx_buf_iova, tx_buf_iova;
     uint32_t n_rx, n_tx, rx_bufsize, tx_bufsize;
     int tap_fd;                     /* RX frames are written here; < 0: into the caller's out buffer */
     uint32_t tap_vnet_hdr;          /* bytes of zeroed virtio-net header before each frame written */
-    uint32_t hw_offloads;           /* E1000R_OFF_* */
-    uint32_t python_entry;          /* e1000_tx_fill stopped at a frame Python must handle */
+    uint32_t hw_offloads;           /* PCIR_OFF_* */
+    uint32_t python_entry;          /* pci_tx_fill stopped at a frame Python must handle */
     uint32_t rx_coalesce;           /* merge TCP segments into GSO super-frames (needs a
                                      * TAP with a virtio-net header, tap_vnet_hdr >= 10) */
     /* indices (Python reads and sets them between calls) */
@@ -92,51 +99,51 @@ struct e1000_ring {
     uint32_t *tx_len;               /* wire bytes / frames of the packet ending at descriptor i */
     uint32_t *tx_pkts;
     uint32_t *tx_eop;               /* last descriptor of the packet descriptor i belongs to */
-    struct udrv_journal journal;    /* the TX journal's memfd, mapped by e1000_ring_init */
-    int64_t journal_error;          /* the last journal error code (E1000R_EJOURNAL cause) */
-    struct e1000_ring_stats st;
+    struct udrv_journal journal;    /* the TX journal's memfd, mapped by pci_ring_init */
+    int64_t journal_error;          /* the last journal error code (PCIR_EJOURNAL cause) */
+    struct pci_ring_stats st;
 };
 
 /* Map the journal memfd, allocate the per-descriptor tables. 0 or a negative code. */
-int e1000_ring_init(struct e1000_ring *r, int journal_fd, uint32_t nslots, uint32_t slot_size);
+int pci_ring_init(struct pci_ring *r, int journal_fd, uint32_t nslots, uint32_t slot_size);
 /* Free the tables and unmap the journal (the ring memory belongs to Python). */
-void e1000_ring_fini(struct e1000_ring *r);
-/* Point the ring at (new) memory: geometry must already be set in r. 0 or E1000R_EINVAL/ENOMEM. */
-int e1000_ring_bind(struct e1000_ring *r);
+void pci_ring_fini(struct pci_ring *r);
+/* Point the ring at (new) memory: geometry must already be set in r. 0 or PCIR_EINVAL/ENOMEM. */
+int pci_ring_bind(struct pci_ring *r);
 /* Every RX descriptor at its own buffer with status 0; TX descriptors and tables zeroed. */
-void e1000_ring_clean(struct e1000_ring *r);
+void pci_ring_clean(struct pci_ring *r);
 
 /* RX: harvest up to `budget` DD descriptors (0 = up to n_rx - 1) from rx_next, deliver good
  * frames (to tap_fd, or packed as u32 length + bytes into out[0..out_cap) when tap_fd < 0;
  * *out_used = bytes used), re-arm each, and check the never-armed descriptor at rx_tail.
  * With rx_coalesce and a vnet-header TAP, consecutive in-order TCP segments (IPv4/IPv6) of one flow
  * within the call go out as one GSO super-frame (the kernel's GRO, done here: see
- * e1000_ring.c, "RX coalescing"); nothing is held across calls.
+ * pci_ring.c, "RX coalescing"); nothing is held across calls.
  * Returns descriptors harvested; rx_next/rx_tail are updated: Python writes RDT = rx_tail
  * when the result is > 0. */
-int e1000_rx_harvest(struct e1000_ring *r, uint32_t budget, uint8_t *out, uint32_t out_cap,
+int pci_rx_harvest(struct pci_ring *r, uint32_t budget, uint8_t *out, uint32_t out_cap,
                      uint32_t *out_used);
 /* RX: the device's head is past rx_next but rx_next has no DD: if a later descriptor in
  * [rx_next, rdh) has DD the ones before it lost their write-back; re-arm them and move on.
  * Returns descriptors skipped (Python writes RDT = rx_tail when > 0). */
-int e1000_rx_skip_lost(struct e1000_ring *r, uint32_t rdh);
+int pci_rx_skip_lost(struct pci_ring *r, uint32_t rdh);
 
 /* TX: fill packets from the journal's unsent frames while descriptors are free (at most n_tx - 1
  * in flight). Returns journal frames handed out (Python writes TDT = tx_next when tx_next
- * moved), or E1000R_EJOURNAL; python_entry = 1 when it stopped at a frame left to Python. */
-int e1000_tx_fill(struct e1000_ring *r);
+ * moved), or PCIR_EJOURNAL; python_entry = 1 when it stopped at a frame left to Python. */
+int pci_tx_fill(struct pci_ring *r);
 /* TX: one packet Python built (ctx: a 16-byte context descriptor or NULL for legacy; seq < 0
  * confirms nothing). Returns descriptors used, 0 when they are not free. */
-int e1000_tx_put(struct e1000_ring *r, const uint8_t *ctx, const uint8_t *data, uint32_t len,
+int pci_tx_put(struct pci_ring *r, const uint8_t *ctx, const uint8_t *data, uint32_t len,
                  uint8_t dcmd, uint8_t popts, uint32_t packets, uint64_t wire_bytes, int64_t seq);
-/* TX: a journal frame that will never be sent, confirmed in order. 0 or E1000R_EJOURNAL. */
-int e1000_tx_drop(struct e1000_ring *r, uint64_t seq);
+/* TX: a journal frame that will never be sent, confirmed in order. 0 or PCIR_EJOURNAL. */
+int pci_tx_drop(struct pci_ring *r, uint64_t seq);
 /* TX: reclaim finished packets (DD on their last descriptor) in order from tx_clean, confirm
- * the journal through the last one's seq. Returns descriptors reclaimed or E1000R_EJOURNAL. */
-int e1000_tx_reclaim(struct e1000_ring *r);
+ * the journal through the last one's seq. Returns descriptors reclaimed or PCIR_EJOURNAL. */
+int pci_tx_reclaim(struct pci_ring *r);
 /* TX: a DD further on proves the descriptors before it done (in-order completion). */
-int e1000_tx_skip_lost(struct e1000_ring *r);
+int pci_tx_skip_lost(struct pci_ring *r);
 /* TX: DD on the descriptor at tx_next (never handed out)? Counted and cleared; returns 1/0. */
-int e1000_tx_check_unarmed(struct e1000_ring *r);
+int pci_tx_check_unarmed(struct pci_ring *r);
 
 #endif
