@@ -1,6 +1,6 @@
 """The e1000 driver against the e1000 device model (a black box behind ModelPciTransport).
 
-Register offsets and bit values in the checks are literals from reference/e1000.md and the
+Register offsets and bit values in the checks are literals from docs/reference/e1000.md and the
 8254x datasheet, not the driver's constants: a test that imported them would agree with the
 driver's misreadings."""
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The e1000 model driven directly through ModelPciTransport.
 
-Register offsets and bit values are written out literally from shared/reference/e1000.md
+Register offsets and bit values are written out literally from docs/reference/e1000.md
 (and the datasheet facts it summarises) instead of imported from the model: the test checks
 the model against the reference, not against itself.
 """
@@ -16,7 +16,7 @@ from udrv.models.pci import ModelPciTransport
 from udrv.models.e1000 import E1000Model
 from udrv.pcitransport import is_gone
 
-# --- from reference/e1000.md ----------------------------------------------------------------
+# --- from docs/reference/e1000.md -----------------------------------------------------------
 CTRL, STATUS, EECD, EERD, MDIC = 0x0000, 0x0008, 0x0010, 0x0014, 0x0020
 ICR, ICS, IMS, IMC = 0x00C0, 0x00C8, 0x00D0, 0x00D8
 RCTL, TCTL = 0x0100, 0x0400

@@ -1,5 +1,5 @@
 """The Pegasus device model, driven through ModelUsbTransport with literal request values
-from reference/pegasus.md (never through a driver, never with the model's own constants)."""
+from docs/reference/pegasus.md (never through a driver, never with the model's own constants)."""
 from __future__ import annotations
 
 import zlib

@@ -3,7 +3,7 @@
 Device knowledge only: registers, bring-up, configuration, checkpoint/restore. The framework
 (udrv.usbnet) moves the frames using the framing declared below and the guard makes every
 entry point a transaction. Facts from the Linux driver and FreeBSD's if_aue (described in
-shared/reference/pegasus.md), written here independently of the udrv pegasus model.
+docs/reference/pegasus.md), written here independently of the udrv pegasus model.
 """
 from __future__ import annotations
 

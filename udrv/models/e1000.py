@@ -1,6 +1,6 @@
 """Register-level model of the Intel 82540EM (8086:100e) and 82574L (8086:10d3) NICs.
 
-Written from `reference/e1000.md` and the 8254x / 82574 datasheet facts (QEMU's e1000 and the
+Written from `docs/reference/e1000.md` and the 8254x / 82574 datasheet facts (QEMU's e1000 and the
 Linux e1000 headers were consulted, not copied). It shares no code and no constants with
 `drivers/e1000`: the model and the driver are two independent readings of the same facts, so
 each catches the other's misreadings. Plug it into a driver with

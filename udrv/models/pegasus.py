@@ -1,6 +1,6 @@
 """Register-level model of the ADMtek Pegasus / Pegasus II USB NIC (AN986, ADM8511/8513/8515).
 
-Written from `reference/pegasus.md` alone (the Linux `pegasus.c` and FreeBSD `if_aue.c`
+Written from `docs/reference/pegasus.md` alone (the Linux `pegasus.c` and FreeBSD `if_aue.c`
 behaviour it summarises were consulted, not copied). It shares no code and no constants with
 `drivers/pegasus`: the model and the driver are two independent readings of the same facts, so
 each catches the other's misreadings. Plug it into a driver with `ModelUsbTransport(PegasusModel())`.
