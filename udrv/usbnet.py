@@ -16,11 +16,11 @@ from . import offload
 from .actions import ActionList
 from .datapath import DatapathCounters, DatapathDefaults
 from .driver import FrameSink, NetDriver
-from .errors import DatapathError, DeviceGone, TransportError
+from .errors import DatapathError, DeviceGone, TransportError, UdrvError
 from .framing import Framing
 from .journal import TxJournal
 from .tap import tap_behind
-from .usbtransport import Completion, DeviceInfo, UsbTransport, XferStatus
+from .usbtransport import Completion, DeviceInfo, EpType, InterfaceInfo, UsbTransport, XferStatus
 
 log = logging.getLogger("udrv.usbnet")
 
@@ -113,6 +113,70 @@ class UsbNetDriver(NetDriver):
                       on_progress: Callable[[], None]) -> "UsbNetEngine":
         self.datapath = UsbNetEngine(self, journal, sink, n_rx, n_tx, on_progress)
         return self.datapath
+
+
+    # --- standard requests (USB 2.0 chapter 9), for drivers that need them -----------------------
+    def alt_setting_now(self, interface: int) -> int | None:
+        """GET_INTERFACE: the alternate setting as the device reports it (None: it would not say)."""
+        try:
+            got = self.usb.control_in(REQT_STANDARD_IN_INTERFACE, GET_INTERFACE, 0, interface, 1, CONTROL_TIMEOUT)
+        except DeviceGone:
+            raise
+        except TransportError:               # a STALL, a timeout: it will not say
+            return None
+        return got[0] if len(got) == 1 else None
+
+    def string_descriptor(self, index: int) -> str:
+        """GET_DESCRIPTOR(STRING) in the device's first language (English if it lists none)."""
+        langs = self.usb.control_in(REQT_STANDARD_IN, GET_DESCRIPTOR, DT_STRING << 8, 0, 255, CONTROL_TIMEOUT)
+        lang = langs[2] | (langs[3] << 8) if len(langs) >= 4 and langs[1] == DT_STRING else LANGID_EN_US
+        d = self.usb.control_in(REQT_STANDARD_IN, GET_DESCRIPTOR, (DT_STRING << 8) | index, lang, 255,
+                                CONTROL_TIMEOUT)
+        if len(d) < 2 or d[1] != DT_STRING:
+            raise DeviceRefused(f"USB device {self.usb.info.ident}: string descriptor {index} came back malformed "
+                                f"({d[:4].hex() or 'empty'}): its firmware does not answer GET_DESCRIPTOR properly")
+        n = min(d[0], len(d))
+        return d[2:n - (n % 2)].decode("utf-16-le", "replace")
+
+
+REQT_STANDARD_IN = 0x80                      # device-to-host, standard, device
+REQT_STANDARD_IN_INTERFACE = 0x81            # device-to-host, standard, interface
+GET_DESCRIPTOR = 0x06
+GET_INTERFACE = 0x0A
+DT_STRING = 0x03
+LANGID_EN_US = 0x0409
+CS_INTERFACE = 0x24                          # class-specific interface descriptor (CDC 1.2 5.2.3)
+
+
+class DeviceRefused(UdrvError):
+    """The device answered a standard request with something malformed (said what, and why)."""
+
+
+def functional_descriptors(extra: bytes) -> list[tuple[int, bytes]]:
+    """Class-specific interface descriptors in an interface's extra bytes -> [(subtype, whole
+    descriptor)], as CDC functions (ECM, NCM, ACM) describe themselves. Stops at the first
+    malformed length (device data is never trusted to be well formed)."""
+    out: list[tuple[int, bytes]] = []
+    i = 0
+    while i + 2 <= len(extra):
+        n = extra[i]
+        if n < 2 or i + n > len(extra):
+            break
+        d = extra[i:i + n]
+        if d[1] == CS_INTERFACE and n >= 3:
+            out.append((d[2], bytes(d)))
+        i += n
+    return out
+
+
+def bulk_pair(itf: InterfaceInfo) -> tuple[int, int, int, int] | None:
+    """(IN address, OUT address, IN max packet, OUT max packet) of an interface setting's first
+    bulk endpoints, or None without both."""
+    ins = [e for e in itf.endpoints if e.type is EpType.BULK and e.is_in]
+    outs = [e for e in itf.endpoints if e.type is EpType.BULK and not e.is_in]
+    if not ins or not outs:
+        return None
+    return ins[0].address, outs[0].address, ins[0].max_packet or 64, outs[0].max_packet or 64
 
 
 def claim_interface(usb: UsbTransport, number: int, actions: ActionList) -> None:

@@ -30,10 +30,10 @@ import logging
 from dataclasses import dataclass, field
 
 from udrv.driver import DriverStats, LinkState, RxMode
-from udrv.errors import DeviceGone, Stall, TransportError, UdrvError
+from udrv.errors import Stall, UdrvError
 from udrv.framing import Framing, Shape
-from udrv.usbnet import CONTROL_TIMEOUT, UsbNetDriver, claim_interface
-from udrv.usbtransport import DeviceInfo, EpType, InterfaceInfo
+from udrv.usbnet import CONTROL_TIMEOUT, UsbNetDriver, bulk_pair, claim_interface, functional_descriptors
+from udrv.usbtransport import DeviceInfo, EpType
 
 log = logging.getLogger("udrv.cdc_ecm")
 
@@ -43,21 +43,10 @@ USB_CDC_SUBCLASS_ETHERNET = 0x06             # Ethernet Networking Control Model
 USB_CLASS_CDC_DATA = 0x0A
 
 # --- functional descriptors (CDC 1.2 5.2.3; ECM 1.2 5.4) ------------------------------------
-CS_INTERFACE = 0x24
-HEADER_FUNCTIONAL = 0x00
 UNION_FUNCTIONAL = 0x06
 ETHERNET_NETWORKING_FUNCTIONAL = 0x0F
 ETHERNET_DESC_LEN = 13
 MC_FILTERS_IMPERFECT = 0x8000                # wNumberMCFilters bit 15: filtering is hashed
-
-# --- standard requests ------------------------------------------------------------------------
-REQT_STANDARD_IN = 0x80                      # device-to-host, standard, device
-REQT_STANDARD_IN_INTERFACE = 0x81            # device-to-host, standard, interface
-GET_INTERFACE = 0x0A
-GET_DESCRIPTOR = 0x06
-GET_CONFIGURATION = 0x08
-DT_STRING = 0x03
-LANGID_EN_US = 0x0409
 
 # --- ECM class requests (ECM 1.2 table 6) ----------------------------------------------------
 REQT_CLASS_OUT = 0x21                        # host-to-device, class, interface
@@ -113,31 +102,6 @@ class EcmFunction:
     power_filters: int
 
 
-def functional_descriptors(extra: bytes) -> list[tuple[int, bytes]]:
-    """Class-specific interface descriptors in `extra` -> [(subtype, whole descriptor)].
-
-    Stops at the first malformed length (device data is never trusted to be well formed)."""
-    out: list[tuple[int, bytes]] = []
-    i = 0
-    while i + 2 <= len(extra):
-        n = extra[i]
-        if n < 2 or i + n > len(extra):
-            break
-        d = extra[i:i + n]
-        if d[1] == CS_INTERFACE and n >= 3:
-            out.append((d[2], bytes(d)))
-        i += n
-    return out
-
-
-def _bulk_pair(itf: InterfaceInfo) -> tuple[int, int, int, int] | None:
-    ins = [e for e in itf.endpoints if e.type is EpType.BULK and e.is_in]
-    outs = [e for e in itf.endpoints if e.type is EpType.BULK and not e.is_in]
-    if not ins or not outs:
-        return None
-    return ins[0].address, outs[0].address, ins[0].max_packet or 64, outs[0].max_packet or 64
-
-
 def parse_ecm_function(info: DeviceInfo) -> EcmFunction:
     """Find the ECM function in the device's interfaces; raise NotCdcEcm saying what is missing.
 
@@ -166,7 +130,7 @@ def parse_ecm_function(info: DeviceInfo) -> EcmFunction:
             settings = [s for s in itfs if s.number == data and s.cls == USB_CLASS_CDC_DATA]
         chosen = None
         for s in sorted(settings, key=lambda s: (s.alt == DATA_ALT_IDLE, s.alt)):
-            pair = _bulk_pair(s)
+            pair = bulk_pair(s)
             if pair is not None:
                 chosen = (s.alt, pair)
                 break
@@ -288,30 +252,9 @@ class CdcEcm(UsbNetDriver):
         self._class_out(SET_ETHERNET_MULTICAST_FILTERS, len(addrs), b"".join(addrs))
         self.soft.mc_list = addrs
 
-    def data_alt_now(self) -> int | None:
-        """The data interface's alt setting as the device reports it (None: it would not say)."""
-        try:
-            got = self.usb.control_in(REQT_STANDARD_IN_INTERFACE, GET_INTERFACE, 0, self.fn.data, 1, CONTROL_TIMEOUT)
-        except DeviceGone:
-            raise
-        except TransportError:               # a STALL, a timeout: it will not say
-            return None
-        return got[0] if len(got) == 1 else None
-
     def select_data_alt(self, alt: int) -> None:
         self.usb.set_alt_setting(self.fn.data, alt)
         self.soft.data_alt = alt
-
-    def get_string(self, index: int) -> str:
-        langs = self.usb.control_in(REQT_STANDARD_IN, GET_DESCRIPTOR, DT_STRING << 8, 0, 255, CONTROL_TIMEOUT)
-        lang = langs[2] | (langs[3] << 8) if len(langs) >= 4 and langs[1] == DT_STRING else LANGID_EN_US
-        d = self.usb.control_in(REQT_STANDARD_IN, GET_DESCRIPTOR, (DT_STRING << 8) | index, lang, 255,
-                                CONTROL_TIMEOUT)
-        if len(d) < 2 or d[1] != DT_STRING:
-            raise NotCdcEcm(f"USB device {self.usb.info.ident}: string descriptor {index} came back malformed "
-                            f"({d[:4].hex() or 'empty'}): its firmware does not answer GET_DESCRIPTOR properly")
-        n = min(d[0], len(d))
-        return d[2:n - (n % 2)].decode("utf-16-le", "replace")
 
     # --- bring-up -------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -329,7 +272,7 @@ class CdcEcm(UsbNetDriver):
         if fn.mac_string == 0:
             raise NotCdcEcm(f"USB device {self.usb.info.ident} names no MAC address (iMACAddress = 0): "
                             "it cannot be driven as CDC-ECM")
-        text = self.get_string(fn.mac_string)
+        text = self.string_descriptor(fn.mac_string)
         try:
             mac = parse_mac_string(text)
         except ValueError as e:
@@ -467,7 +410,7 @@ class CdcEcm(UsbNetDriver):
         rebuild its data path (about half of a recovery on f_ecm). A device that will not say
         gets the reset."""
         fn = self.fn
-        if self.data_alt_now() == cp.data_alt:
+        if self.alt_setting_now(self.fn.data) == cp.data_alt:
             self.soft.data_alt = cp.data_alt
         elif fn.data_alt != DATA_ALT_IDLE:
             self.select_data_alt(DATA_ALT_IDLE)
