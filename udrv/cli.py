@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import UdrvError
 from .faults import KINDS
-from .registry import EMBEDDED, IMPLS, pci_drivers, usb_drivers
+from .registry import EMBEDDED, IMPLS, pci_driver_for, usb_drivers
 from .service import NeedsRoot, ServiceOptions, serve, setup_logging
 
 
@@ -140,14 +140,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not rows:
         print("  none")
     from .pcibind import list_nics
-    pci = pci_drivers()
     print("PCI network controllers (kernel driver, IOMMU group, udrv driver):")
     nics = list_nics()
     for n in nics:
         i = n.info
         grp = "no IOMMU group" if i.iommu_group is None else (
             f"group {i.iommu_group}" + ("" if n.group_viable else " (not viable: other devices in it are bound)"))
-        udrv_drv = next((c.name for c in pci if c.match(i.vendor, i.device)), "-")
+        cls = pci_driver_for(i.vendor, i.device)
+        udrv_drv = cls.name if cls else "-"
         print(f"  pci:{i.bdf}  {i.ident}  driver {i.driver or '-'}  {grp}  {udrv_drv}")
     if not nics:
         print("  none")

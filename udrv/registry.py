@@ -5,6 +5,7 @@
   implementations(cls, impl)  a driver's implementations, best first (its own
                               `implementations()`), or the one an operator names (`IMPLS`)
   usb_drivers(), pci_drivers()  every driver udrv ships, per bus, in matching order
+  usb_driver_for(info), pci_driver_for(vendor, device)   the driver a device gets, or None
   EMBEDDED                    the device models udrv serves in process (model:NAME)
 
 `udrv run`, `udrv list`, the benches and the tests all ask here, so a device means the same
@@ -40,6 +41,18 @@ def usb_drivers() -> list[Any]:
 
 def pci_drivers() -> list[Any]:
     return [importlib.import_module(f"udrv.drivers.{n}").DRIVER for n in drivers.PCI_DRIVERS]
+
+
+def usb_driver_for(info: Any) -> Any:
+    """The driver for a USB device (udrv.usbtransport.DeviceInfo), or None: id matches first;
+    class drivers (CDC-ECM) bind by interface class after every id match failed."""
+    cls = next((c for c in usb_drivers() if c.match(info.vid, info.pid, info.device_class)), None)
+    return cls or next((c for c in usb_drivers() if c.match_device(info)), None)
+
+
+def pci_driver_for(vendor: int, device: int) -> Any:
+    """The driver for a PCI function with these ids, or None."""
+    return next((c for c in pci_drivers() if c.match(vendor, device)), None)
 
 
 _warned_no_fast_path = False
@@ -95,9 +108,7 @@ def open_device(spec: str | None, *, wire_mbit: float | None = None, wire_delay_
             raise UdrvError(str(e)) from None
         transport = LibusbTransport(selector)
         info = transport.info
-        # id matches first; class drivers (CDC-ECM) bind by interface class after every id match failed
-        cls = next((c for c in usb_drivers() if c.match(info.vid, info.pid, info.device_class)), None)
-        cls = cls or next((c for c in usb_drivers() if c.match_device(info)), None)
+        cls = usb_driver_for(info)
         if cls is None:
             transport.close()
             raise UdrvError(f"no udrv driver knows USB device {info.ident}: `udrv list` shows supported ones")
@@ -107,7 +118,7 @@ def open_device(spec: str | None, *, wire_mbit: float | None = None, wire_delay_
         from .vfio import VfioTransport
         bdf = normalize_bdf(spec.removeprefix("pci:"))
         info = pci_info(bdf)
-        cls = next((c for c in pci_drivers() if c.match(info.vendor, info.device)), None)
+        cls = pci_driver_for(info.vendor, info.device)
         if cls is None:
             raise UdrvError(f"no udrv driver knows PCI device {info.ident} at {bdf}: `udrv list` shows "
                             "supported ones")

@@ -274,12 +274,12 @@ def recovery_runs(run: list[str], gif: str, out: Path, repeats: int) -> list[dic
 
 
 def usbfs_floor(seconds: float, n_inflight: int = 64) -> dict:
-    """The usbfs floor on this gadget (udrv.native.usb_floor): 1514-byte frames, 64 bulk OUT
+    """The usbfs floor on this gadget (udrv.bench.usbfloor): 1514-byte frames, 64 bulk OUT
     transfers queued, one thread, nothing else. The frames go to a MAC nobody has, so the
     gadget's stack drops them early: the device side costs less than under iperf3, and the
     figure is a lower bound on what submit + reap cost any usbfs driver per frame."""
     import usb1
-    from udrv import native
+    from .usbfloor import usb_floor
     control, data = -1, None
     with usb1.USBContext() as ctx:
         dev = ctx.getByVendorIDAndProductID(VID, PID)
@@ -294,7 +294,7 @@ def usbfs_floor(seconds: float, n_inflight: int = 64) -> dict:
     if data is None:
         raise RuntimeError("the gadget shows no CDC data interface with a bulk OUT endpoint")
     frame = bytes.fromhex("020000000099" "020000000098") + b"\x88\xb5" + bytes(1500)
-    return native.usb_floor(VID, PID, control, *data, frame, n_inflight, float(seconds))
+    return usb_floor(VID, PID, control, *data, frame, n_inflight, float(seconds))
 
 
 def kernel_again(dev: Path, gif: str, seconds: int) -> tuple[dict, dict]:

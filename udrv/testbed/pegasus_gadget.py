@@ -11,7 +11,7 @@ pegasus.ko or `udrv run usb:07a6:8515` — reaches a real peer network stack.
 
 Library (used by tests/kernel/test_pegasus_gadget.py and udrv.bench.pegasus):
     PegasusRig      gadget + wire, counters(), model_counters(). The bulk endpoints and the wire TAP
-                    are served by the C pump (udrv.testbed.pegasus_pump) when udrv._native is built
+                    are served by the C pump (udrv.testbed.pegasus_pump) when udrv._rigs is built
                     (RigConfig.pump=False or UDRV_GADGET_PUMP=0: the pure-Python path, where the
                     gadget's own loop pumps the wire)
     in_netns(name)  context manager: sockets created inside belong to that namespace
