@@ -25,6 +25,8 @@ from .errors import UdrvError
 log = logging.getLogger("udrv")
 
 EMBEDDED = ("pegasus", "e1000", "cdc_ecm")
+# models behind an in-process USB transport: the drivers' C variants need libusb's own handles
+PYTHON_ONLY_MODELS = ("pegasus", "cdc_ecm")
 # an operator's choice of one implementation (`--impl`): the runtime then has no spare to swap to
 IMPLS = ("c", "python")
 
@@ -94,8 +96,15 @@ def open_device(spec: str | None, *, wire_mbit: float | None = None, wire_delay_
 
     wire_mbit / wire_delay_ms pace the wire of an embedded USB model (udrv.models.wire)."""
     if spec is None or spec.startswith("model:"):
-        cls, transport, model = _embedded((spec or "model:pegasus").removeprefix("model:"), wire_mbit,
-                                          wire_delay_ms)
+        kind = (spec or "model:pegasus").removeprefix("model:")
+        cls, transport, model = _embedded(kind, wire_mbit, wire_delay_ms)
+        if kind in PYTHON_ONLY_MODELS:
+            if impl == "c":
+                transport.close()
+                raise UdrvError(f"model:{kind} runs the Python engine alone (the C USB ring moves its transfers "
+                                "through libusb, which an embedded model is not behind): use --impl python, or a "
+                                "usb: device")
+            return Device((cls,), transport, model)
         return _picked(cls, impl, transport, model)
     if wire_mbit is not None:
         raise UdrvError("--wire-mbit sets the wire of an embedded model (model:pegasus, model:cdc_ecm); a real "
