@@ -23,11 +23,9 @@ import subprocess
 import sys
 import threading
 import time
-
 from pathlib import Path
 
-
-from udrv.bench.echo import faults_under_flood, roundtrips as echo  # noqa: E402
+from udrv.bench.echo import faults_under_flood, roundtrips as echo
 
 IFNAME = "udrv0"
 PEER_NS = "ecmpeer"

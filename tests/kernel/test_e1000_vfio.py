@@ -25,10 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-
-from udrv.bench.echo import faults_under_flood, roundtrips as echo  # noqa: E402
-from udrv.bench.sidebyside import (KERNEL_DRIVER, MODEL_IDS, dmar_faults, echo_once, find_bdf,  # noqa: E402
-                             kernel_netdev, sh, wait_for)
+from udrv.bench.echo import faults_under_flood, roundtrips as echo
+from udrv.bench.sidebyside import (KERNEL_DRIVER, MODEL_IDS, dmar_faults, echo_once, find_bdf, kernel_netdev, sh,
+                                   wait_for)
 
 IFNAME = "udrv0"
 # Each interpreter the scenario starts (udrv bind/list/run/inject/unbind) would otherwise compile
