@@ -23,17 +23,23 @@ except ImportError as _e:          # not built; or udrv._native, whose types it 
     _IMPORT_ERROR = str(_e) or type(_e).__name__
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))     # udrv/
-# what setup.py noted when it could not build the module (regular install; editable install)
-_BUILD_NOTES = (os.path.join(_PACKAGE_DIR, "_rigs_build_error.txt"),
-                os.path.join(os.path.dirname(_PACKAGE_DIR), "native", "_build", "rigs-build-error.txt"))
 
 
 class RigsUnavailable(UdrvError):
     """The bench and test-bed C cannot be used here; the message says why and what to do."""
 
 
-def available() -> bool:
-    return lib is not None
+def _install_note() -> str | None:
+    """What setup.py noted when it could not build udrv._rigs: inside the package after a regular
+    install, in the source tree's native/_build after an editable one."""
+    for path in (os.path.join(_PACKAGE_DIR, "_rigs_build_error.txt"),
+                 os.path.join(os.path.dirname(_PACKAGE_DIR), "native", "_build", "rigs-build-error.txt")):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            pass
+    return None
 
 
 def why_unavailable() -> str:
@@ -43,15 +49,15 @@ def why_unavailable() -> str:
     from .. import native
     if not native.available():
         return f"udrv._rigs needs udrv._native, which does not load: {native.why_unavailable()}"
-    if "_rigs" in _IMPORT_ERROR:
-        for path in _BUILD_NOTES:
-            try:
-                with open(path) as f:
-                    return f"udrv._rigs is not built. At install time: {f.read().strip()}"
-            except OSError:
-                pass
+    note = _install_note() if "_rigs" in _IMPORT_ERROR else None
+    if note:
+        return f"udrv._rigs is not built. At install time: {note}"
     return (f"udrv._rigs (the bench and test-bed C) does not load ({_IMPORT_ERROR}): run `python3 native/build.py` "
             "or `pip install -e .` to build it")
+
+
+def available() -> bool:
+    return lib is not None
 
 
 def require() -> tuple[Any, Any]:
