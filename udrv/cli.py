@@ -1,7 +1,8 @@
 """udrv command line.
 
   udrv run [DEVICE]          run the supervised daemon (default: the embedded pegasus model
-                             wired to a peer network namespace; model:e1000, model:cdc_ecm)
+                             wired to a peer network namespace; model:e1000, model:cdc_ecm);
+                             --impl c|python runs one implementation of the driver alone
   udrv demo                  the embedded device under iperf3 with a fault injected mid-run
   udrv status                link, MAC, counters, recoveries, last fault of a running daemon
   udrv inject ENTRY KIND     inject a fault into a running daemon's driver entry point

@@ -366,16 +366,16 @@ def udrv_cli(*args: str) -> str:
 
 # this bench's names for a daemon's implementations -> `udrv run`'s --impl (None: as users run it,
 # the C ring first with the Python ring as its spare)
-IMPLS = {"c": None, "c-only": "c", "python": "python"}
+RUN_IMPL = {"c": None, "c-only": "c", "python": "python"}
 
 
 class GuestDaemon:
-    """`udrv run pci:BDF` in a child process, with one of IMPLS and a recovery mode."""
+    """`udrv run pci:BDF` in a child process, with one of RUN_IMPL and a recovery mode."""
 
     def __init__(self, bdf: str, ifname: str, impl: str, recovery: str, log: Path, duration: float = 1800,
                  env: dict[str, str] | None = None):
         self.ifname, self.impl, self.recovery, self.log = ifname, impl, recovery, log
-        run_impl = IMPLS[impl]
+        run_impl = RUN_IMPL[impl]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "udrv.cli", "run", f"pci:{bdf}", "--ifname", ifname,
              *(["--impl", run_impl] if run_impl else []), "--recovery", recovery, "--duration", str(duration)],
