@@ -1,16 +1,29 @@
-"""Build the C fast path `udrv._native` with cffi (out-of-line API mode).
+"""Build udrv's C with cffi (out-of-line API mode): two extension modules.
 
-Conventions (so a new C file joins without touching this script):
-  * every `native/*.c` is compiled into the one extension module;
-  * every `native/*.cdef` holds the cffi declarations Python may call; they are read in
-    name order, and for `native/NAME.cdef` the module includes `native/NAME.h` if it exists;
+  udrv._native   the runtime's C fast path (native/*.c): framing, the TX journal, the USB and
+                 e1000 rings, TAP reads, GSO/GRO. udrv runs without it, on its Python datapath
+                 (udrv.native says why it is missing).
+  udrv._rigs     the benches' and the test bed's C (native/rigs/*.c): the TAP forwarding loops
+                 and e1000 device stub of `udrv bench ring|tap` (tapfwd.c), the usbfs floor of
+                 the cdc_ecm bench (usbfloor.c), the 1 ms recovery probe and echo loops
+                 (probe.c), the pegasus gadget's data path (pegpump.c). The runtime never
+                 imports it (udrv.testbed.rigs loads it). It includes udrv._native's types
+                 (ffi.include: a `struct udrv_journal *` of one module is one of the other) and
+                 compiles the runtime's journal.c in, since tapfwd.c fills a journal; so it loads
+                 only next to a udrv._native of the same tree.
+
+Conventions (so a new C file joins without touching this script), per module folder:
+  * every `*.c` of the folder is compiled into its module;
+  * every `*.cdef` holds the cffi declarations Python may call; they are read in name order,
+    and for `NAME.cdef` the module includes `NAME.h` if it exists;
   * everything links against libusb-1.0 (the same shared library python-libusb1 loads).
 Constants in a .cdef are best written `#define NAME ...` so the value comes from the header.
 
-Used by setup.py (`cffi_modules=["native/build.py:ffibuilder"]`, run by `pip install -e .` /
-`pip install .`; cffi writes its generated C into the setuptools build directory), or by hand:
+Used by setup.py (`cffi_modules=["native/build.py:ffibuilder", "native/build.py:rigs_ffibuilder"]`,
+run by `pip install -e .` / `pip install .`; cffi writes its generated C into the setuptools
+build directory), or by hand:
 
-    python3 native/build.py        # builds into native/_build/, copies the .so into udrv/
+    python3 native/build.py        # builds both into native/_build/, copies the .so files into udrv/
 """
 from __future__ import annotations
 
@@ -23,11 +36,14 @@ import sys
 from cffi import FFI
 
 MODULE = "udrv._native"
+RIGS_MODULE = "udrv._rigs"
 HERE = os.path.dirname(os.path.abspath(__file__))
+RIGS = os.path.join(HERE, "rigs")
 ROOT = os.path.dirname(HERE)
 BUILD_DIR = os.path.join(HERE, "_build")
 _ABSOLUTE = False   # cffi's own compile() changes directory: it needs absolute paths
 LIBUSB_HEADER = "libusb.h"
+COMPILE_ARGS = ["-O2", "-std=gnu11", "-Wall", "-Wno-unused-parameter"]
 
 
 def _rel(path: str) -> str:
@@ -41,17 +57,23 @@ def _rel(path: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-def c_sources() -> list[str]:
-    return [_rel(p) for p in sorted(glob.glob(os.path.join(HERE, "*.c")))]
+def c_sources(folder: str = HERE) -> list[str]:
+    return [_rel(p) for p in sorted(glob.glob(os.path.join(folder, "*.c")))]
 
 
-def cdef_files() -> list[str]:
-    return sorted(glob.glob(os.path.join(HERE, "*.cdef")))
+def rigs_sources() -> list[str]:
+    """native/rigs/*.c, and the runtime's journal.c that tapfwd.c appends to (udrv._native's
+    symbols are not visible to another extension module)."""
+    return c_sources(RIGS) + [_rel(os.path.join(HERE, "journal.c"))]
 
 
-def headers_for_cdefs() -> list[str]:
+def cdef_files(folder: str = HERE) -> list[str]:
+    return sorted(glob.glob(os.path.join(folder, "*.cdef")))
+
+
+def headers_for_cdefs(folder: str = HERE) -> list[str]:
     out = []
-    for cdef in cdef_files():
+    for cdef in cdef_files(folder):
         header = cdef[:-len(".cdef")] + ".h"
         if os.path.exists(header):
             out.append(os.path.basename(header))
@@ -81,39 +103,60 @@ def find_libusb_header(include_dirs: list[str]) -> str | None:
     return None
 
 
-def make_ffibuilder() -> FFI:
-    ffi = FFI()
-    for path in cdef_files():
+def _module(ffi: FFI, name: str, folder: str, sources: list[str], headers: list[str]) -> FFI:
+    """ffi with folder's cdefs, set up to build `name` from sources; its C includes headers."""
+    for path in cdef_files(folder):
         with open(path) as f:
             ffi.cdef(f.read())
     include_dirs, library_dirs, libraries = libusb_flags()
-    source = "".join(f'#include "{h}"\n' for h in headers_for_cdefs())
+    source = "".join(f'#include "{h}"\n' for h in headers)
     ffi.set_source(
-        MODULE, source,
-        sources=c_sources(),
-        include_dirs=[_rel(HERE)] + include_dirs,
+        name, source,
+        sources=sources,
+        include_dirs=list(dict.fromkeys([_rel(folder), _rel(HERE)])) + include_dirs,
         library_dirs=library_dirs,
         libraries=libraries + ["m"],   # sqrt: CoDel's control law (journal.c)
-        depends=[_rel(p) for p in sorted(glob.glob(os.path.join(HERE, "*.h")))],
-        extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-parameter"],
+        depends=[_rel(p) for p in sorted(set(glob.glob(os.path.join(folder, "*.h")) + glob.glob(os.path.join(HERE, "*.h"))))],
+        extra_compile_args=COMPILE_ARGS,
     )
     return ffi
 
 
+def make_ffibuilder() -> FFI:
+    return _module(FFI(), MODULE, HERE, c_sources(), headers_for_cdefs())
+
+
+def make_rigs_ffibuilder(native: FFI) -> FFI:
+    ffi = FFI()
+    ffi.include(native)     # the journal's struct (and every other runtime type) shared, not redeclared
+    # cffi checks the layout of every included type too: the runtime's headers come first
+    return _module(ffi, RIGS_MODULE, RIGS, rigs_sources(), headers_for_cdefs() + headers_for_cdefs(RIGS))
+
+
 ffibuilder = make_ffibuilder()
+rigs_ffibuilder = make_rigs_ffibuilder(ffibuilder)
+
+
+def _install(built: str, module: str) -> str:
+    """Copy a built .so into udrv/, removing the module's builds under other names first (pip
+    makes an abi3 .so, this script a cpython-3xx one: one would shadow the other)."""
+    stem = module.rsplit(".", 1)[1]
+    for old in glob.glob(os.path.join(ROOT, "udrv", f"{stem}.*.so")):
+        os.unlink(old)
+    dest = os.path.join(ROOT, "udrv", os.path.basename(built))
+    shutil.copy2(built, dest)
+    return dest
 
 
 def main() -> int:
-    """Developer build without pip: compile in native/_build and drop the .so into udrv/."""
+    """Developer build without pip: compile both modules in native/_build, drop the .so files into udrv/."""
     global _ABSOLUTE
     _ABSOLUTE = True
-    os.makedirs(BUILD_DIR, exist_ok=True)
-    built = make_ffibuilder().compile(tmpdir=BUILD_DIR, verbose=True)
-    dest = os.path.join(ROOT, "udrv", os.path.basename(built))
-    for old in glob.glob(os.path.join(ROOT, "udrv", "_native.*.so")):
-        os.unlink(old)      # another build's name (pip makes an abi3 .so) would shadow or be shadowed
-    shutil.copy2(built, dest)
-    print(f"built {dest}")
+    native = make_ffibuilder()
+    for module, ffi in ((MODULE, native), (RIGS_MODULE, make_rigs_ffibuilder(native))):
+        tmp = os.path.join(BUILD_DIR, module.rsplit(".", 1)[1].lstrip("_"))
+        os.makedirs(tmp, exist_ok=True)
+        print(f"built {_install(ffi.compile(tmpdir=tmp, verbose=True), module)}")
     return 0
 
 

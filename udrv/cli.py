@@ -1,7 +1,8 @@
 """udrv command line.
 
   udrv run [DEVICE]          run the supervised daemon (default: the embedded pegasus model
-                             wired to a peer network namespace; model:e1000, model:cdc_ecm)
+                             wired to a peer network namespace; model:e1000, model:cdc_ecm);
+                             --impl c|python runs one implementation of the driver alone
   udrv demo                  the embedded device under iperf3 with a fault injected mid-run
   udrv status                link, MAC, counters, recoveries, last fault of a running daemon
   udrv inject ENTRY KIND     inject a fault into a running daemon's driver entry point
@@ -17,206 +18,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 from typing import Any
 
 from .errors import UdrvError
 from .faults import KINDS
+from .registry import EMBEDDED, IMPLS, pci_driver_for, usb_drivers
+from .service import NeedsRoot, ServiceOptions, serve, setup_logging
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s udrv %(levelname)s %(message)s", stream=sys.stderr)
-
-
-def _open_device(spec: str | None, wire_mbit: float | None = None,
-                 wire_delay_ms: float = 0.0) -> tuple[Any, Any, Any]:
-    """DEVICE -> (driver class or implementations best first, transport, model or None)."""
-    from .drivers.pegasus import Pegasus
-    if spec is None or spec.startswith("model:"):
-        return _embedded((spec or "model:pegasus").removeprefix("model:"), wire_mbit, wire_delay_ms)
-    if wire_mbit is not None:
-        raise UdrvError("--wire-mbit sets the wire of an embedded model (model:pegasus, model:cdc_ecm); a real "
-                        "device's wire runs at its link speed")
-    if spec.startswith("usb:"):
-        from .libusb import LibusbTransport, UsbSelector
-        try:
-            selector = UsbSelector.parse(spec)
-        except ValueError as e:
-            raise UdrvError(str(e)) from None
-        transport = LibusbTransport(selector)
-        info = transport.info
-        for cls in _usb_drivers():
-            if cls.match(info.vid, info.pid, info.device_class):
-                return _with_native_usb(cls), transport, None
-        for cls in _usb_drivers():   # class drivers (CDC-ECM) bind by interface class, after id matches
-            if cls.match_device(info):
-                return _with_native_usb(cls), transport, None
-        transport.close()
-        raise UdrvError(f"no udrv driver knows USB device {info.ident}: `udrv list` shows supported ones")
-    if spec.startswith("pci:"):
-        from .pcibind import normalize_bdf, pci_info
-        from .vfio import VfioTransport
-        bdf = normalize_bdf(spec.removeprefix("pci:"))
-        info = pci_info(bdf)
-        cls = next((c for c in _pci_drivers() if c.match(info.vendor, info.device)), None)
-        if cls is None:
-            raise UdrvError(f"no udrv driver knows PCI device {info.ident} at {bdf}: `udrv list` shows "
-                            "supported ones")
-        return _pci_implementations(cls), VfioTransport.open(bdf), None
-    raise UdrvError(f"{spec!r} names no device: use usb:VID:PID, usb:BUS-PORT, pci:BDF or "
-                    "model:pegasus|e1000|cdc_ecm")
-
-
-EMBEDDED = ("pegasus", "e1000", "cdc_ecm")
-
-
-def _embedded(kind: str, wire_mbit: float | None = None, wire_delay_ms: float = 0.0) -> tuple[Any, Any, Any]:
-    """A device model served in process (no hardware): the driver runs on it through the same
-    transport interface as on a real device; its wire is the peer namespace's veth, as fast as
-    the host unless wire_mbit paces it (USB models: udrv.models.wire)."""
-    def usb(model: Any) -> Any:
-        from .models.usb import ModelUsbTransport
-        if wire_mbit is None:
-            return ModelUsbTransport(model)
-        from .models.wire import PacedWire
-        return ModelUsbTransport(PacedWire(model, wire_mbit, delay=wire_delay_ms / 1e3))
-    if kind == "pegasus":
-        from .drivers.pegasus import Pegasus
-        from .models.pegasus import PegasusModel
-        model: Any = PegasusModel()
-        return Pegasus, usb(model), model
-    if wire_mbit is not None and kind == "e1000":
-        raise UdrvError("--wire-mbit paces the USB models (model:pegasus, model:cdc_ecm), not model:e1000")
-    if kind == "e1000":
-        from .drivers.e1000 import E1000
-        from .models.pci import ModelPciTransport
-        from .models.e1000 import E1000Model
-        model = E1000Model("82540em")
-        return _pci_implementations(E1000), ModelPciTransport(model), model
-    if kind == "cdc_ecm":
-        from .drivers.cdc_ecm import CdcEcm
-        from .models.cdc_ecm import EcmModel
-        model = EcmModel()
-        return CdcEcm, usb(model), model
-    raise UdrvError(f"no embedded model called {kind!r}: use one of " + ", ".join(f"model:{k}" for k in EMBEDDED))
-
-
-def _pci_implementations(cls: Any) -> list[Any]:
-    """Implementations of a PCI driver, best first (Nic swaps to the next after repeated
-    escalations): for e1000 the C ring, then the Python ring as the design-diverse spare."""
-    from .drivers.e1000 import E1000, E1000Native
-    if cls is not E1000 or os.environ.get("UDRV_DATAPATH") == "python":
-        return [cls]
-    from . import native
-    if native.available():
-        return [E1000Native, E1000]
-    logging.getLogger("udrv").warning("event=no-native-ring the C fast path (udrv._native) is not built, e1000 "
-                                      "runs its Python ring (a few %% of kernel speed): %s",
-                                      native.why_unavailable())
-    return [E1000]
-
-
-def _with_native_usb(cls: Any) -> Any:
-    """[C ring variant, plain driver] when the C fast path is built; else the plain driver."""
-    from . import native
-    from .usbnet import native_variant
-    if os.environ.get("UDRV_DATAPATH") == "python":
-        return cls
-    if not native.available():
-        logging.getLogger("udrv").warning("event=no-fast-path the C fast path is not built (%s): frames move "
-                                          "through the Python engine, far slower", native.why_unavailable())
-        return cls
-    return [native_variant(cls), cls]
-
-
-def _pci_drivers() -> list[Any]:
-    import importlib
-    from . import drivers
-    return [importlib.import_module(f"udrv.drivers.{n}").DRIVER for n in drivers.PCI_DRIVERS]
-
-
-def _usb_drivers() -> list[Any]:
-    import importlib
-    from . import drivers
-    return [importlib.import_module(f"udrv.drivers.{n}").DRIVER for n in drivers.USB_DRIVERS]
-
-
-def cmd_run(args: argparse.Namespace, scenario: Any = None) -> int:
-    from .daemon import Daemon, install_signal_handlers
-    from .guard import Watchdog
-    from .nic import Nic, NicOptions
-    from .peer import PeerConfig, PeerWire, ip
-    from .tap import Tap
-
-    if os.geteuid() != 0:
-        print("udrv run needs root (it creates a TAP interface and, for the embedded device, a network "
-              "namespace): run it with sudo", file=sys.stderr)
-        return 2
-    driver_cls, transport, model = _open_device(args.device, getattr(args, "wire_mbit", None),
-                                                getattr(args, "wire_delay_ms", 0.0))
-    tap = Tap(args.ifname)
-    peer = None
-    extra: dict[int, Any] = {}
-    if model is not None:
-        peer = PeerWire(PeerConfig.for_interface(args.ifname))
-        peer.connect(model)
-        extra[peer.fd] = peer.pump
-    wire = getattr(transport, "model", None)
-    if not hasattr(wire, "delay_transmit"):
-        wire = None                       # no paced wire (udrv.models.wire) in front of the model
-    elif peer is not None:
-        wire.delay_transmit()
-    reopen = None
-    if model is None and hasattr(transport, "selector"):
-        from .libusb import LibusbTransport
-        # after an unplug the device comes back as a new USB device: find it the same way
-        reopen = lambda: LibusbTransport(transport.selector, context=transport.ctx)  # noqa: E731
-    nic = Nic(driver_cls, transport, tap.write,
-              NicOptions(guards=not args.no_guards, recovery=getattr(args, "recovery", "checkpoint"),
-                         config_deadline=getattr(args, "config_deadline", 1.0),
-                         datapath_deadline=getattr(args, "datapath_deadline", 1.0),
-                         swap_after=getattr(args, "swap_after", 3) or 1 << 30,
-                         aqm_target=getattr(args, "aqm_target", 5.0) / 1e3,
-                         aqm_interval=getattr(args, "aqm_interval", 100.0) / 1e3,
-                         aqm_ecn=not getattr(args, "aqm_no_ecn", False)),
-              watchdog=Watchdog(),
-              reopen=reopen)
-    daemon = Daemon(nic, tap, extra_fds=extra, model=model)
-    install_signal_handlers(daemon)
-    try:
-        daemon.start()
-        if peer is not None:
-            ip("addr", "add", peer.cfg.host_ip, "dev", tap.name, check=False)
-            logging.getLogger("udrv").info(
-                "event=embedded-device model=%s host=%s peer=%s netns=%s (try: ip netns exec %s iperf3 -s)",
-                type(model).__name__, peer.cfg.host_addr, peer.cfg.peer_addr, peer.cfg.netns, peer.cfg.netns)
-        if scenario is not None:
-            scenario.start(daemon, peer)
-        daemon.run(args.duration)
-    except UdrvError as e:
-        print(f"udrv: {e}", file=sys.stderr)
-        return 1
-    finally:
-        daemon.close()
-        if wire is not None:
-            wire.close()                  # its thread wakes the transport: stopped first
-        transport.close()
-        tap.close()
-        if peer is not None:
-            peer.close()
-    return 0 if scenario is None else scenario.exit_code
+def cmd_run(args: argparse.Namespace) -> int:
+    return serve(ServiceOptions(
+        device=args.device, ifname=args.ifname, guards=not args.no_guards, duration=args.duration,
+        recovery=args.recovery, impl=args.impl, swap_after=args.swap_after,
+        config_deadline=args.config_deadline, datapath_deadline=args.datapath_deadline,
+        wire_mbit=args.wire_mbit, wire_delay_ms=args.wire_delay_ms, aqm_target_ms=args.aqm_target,
+        aqm_interval_ms=args.aqm_interval, aqm_ecn=not args.aqm_no_ecn))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoScenario
-    args.device = None
-    args.no_guards = False
     scenario = DemoScenario(duration=args.seconds, faults=args.fault, ifname=args.ifname)
-    args.duration = args.seconds + 30     # the scenario stops the daemon when it is done
-    return cmd_run(args, scenario)
+    # the scenario stops the daemon when it is done; the duration only bounds a stuck one
+    return serve(ServiceOptions(ifname=args.ifname, duration=args.seconds + 30), scenario)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -305,7 +129,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from .libusb import list_usb_nics
-    drivers = [(c.name, c) for c in _usb_drivers()]
+    drivers = [(c.name, c) for c in usb_drivers()]
     try:
         rows = list_usb_nics(drivers)
     except Exception as e:   # no libusb backend: say so, still list what we can
@@ -317,14 +141,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not rows:
         print("  none")
     from .pcibind import list_nics
-    pci = _pci_drivers()
     print("PCI network controllers (kernel driver, IOMMU group, udrv driver):")
     nics = list_nics()
     for n in nics:
         i = n.info
         grp = "no IOMMU group" if i.iommu_group is None else (
             f"group {i.iommu_group}" + ("" if n.group_viable else " (not viable: other devices in it are bound)"))
-        udrv_drv = next((c.name for c in pci if c.match(i.vendor, i.device)), "-")
+        cls = pci_driver_for(i.vendor, i.device)
+        udrv_drv = cls.name if cls else "-"
         print(f"  pci:{i.bdf}  {i.ident}  driver {i.driver or '-'}  {grp}  {udrv_drv}")
     if not nics:
         print("  none")
@@ -397,20 +221,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for size in args.size or [64]:
             print(tap_forward(frames=args.frames, rounds=args.rounds, size=size).report())
         return 0
-    from .bench.recovery import RecoveryLatencyScenario, recovery_report
-    faults = args.fault or ["xmit:raise", "poll:stall", "set_rx_mode:raise"]
-    results = []
-    for driver in [args.driver] if args.driver else list(EMBEDDED):
-        for mode in ("checkpoint", "restart"):
-            run_args = argparse.Namespace(device=f"model:{driver}", ifname=args.ifname, no_guards=False,
-                                          duration=600, recovery=mode)
-            sc = RecoveryLatencyScenario(mode, faults, args.repeats, args.ifname, driver=driver)
-            if cmd_run(run_args, sc) != 0:
-                print(f"udrv: the {mode} run of {driver} failed", file=sys.stderr)
-                return 1
-            results.append(sc.result)
-    print(recovery_report(results))
-    return 0
+    from .bench.recovery import recovery_latency
+    return recovery_latency([args.driver] if args.driver else list(EMBEDDED),
+                            args.fault or ["xmit:raise", "poll:stall", "set_rx_mode:raise"], args.repeats, args.ifname)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -427,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--recovery", choices=["checkpoint", "restart"], default="checkpoint",
                    help="how a fault is recovered: restore the device checkpoint (default) or restart the "
                         "driver (close, re-probe, re-open; for comparison)")
+    r.add_argument("--impl", choices=IMPLS, default=None,
+                   help="run this implementation of the driver alone: c (its C datapath) or python (default: "
+                        "the C one when built, the Python one as the spare it swaps to)")
     r.add_argument("--swap-after", type=int, default=3, metavar="N",
                    help="escalations of one implementation (C datapath, Python) before swapping to the next "
                         "(default 3; 0 never swaps: to measure one implementation's full restarts)")
@@ -540,9 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         return args.fn(args)
+    except NeedsRoot as e:
+        print(e, file=sys.stderr)
+        return 2
     except UdrvError as e:
         print(f"udrv: {e}", file=sys.stderr)
         return 1

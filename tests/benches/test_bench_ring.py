@@ -72,3 +72,32 @@ def test_tap_bench_reports_numbers(capsys):
                      r.report())
     assert main(["bench", "tap", "--frames", "300", "--rounds", "1"]) == 0
     assert re.search(rf"\| bare C loop .* \| {NUMBER} \| {NUMBER} \|", capsys.readouterr().out)
+
+
+def test_the_bench_c_fills_a_journal_the_runtime_c_mapped():
+    """udrv._rigs includes udrv._native's types: a `struct udrv_journal *` mapped by the runtime's
+    C is one the bench C's TAP reader (native/rigs/tapfwd.c) appends to."""
+    import socket
+    from udrv.journal import TxJournal
+    from udrv.testbed import rigs
+    if not rigs.available():
+        pytest.skip(rigs.why_unavailable())
+    j = TxJournal(nslots=8, slot_size=2048)
+    cj = native.ffi.new("struct udrv_journal *")
+    assert native.lib.udrv_journal_map_fd(cj, j.fd, j.nslots, j.slot_size) == 0
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        b.setblocking(False)
+        frames = [bytes([i]) * (60 + i) for i in range(3)]
+        for f in frames:
+            a.send(f)
+        st = rigs.ffi.new("struct udrv_tapfwd_stats *")
+        assert rigs.lib.udrv_tapfwd_to_journal(b.fileno(), cj, 8, st) == 3     # then EAGAIN: the fd is empty
+        assert (st.frames, st.bytes, st.read_errors) == (3, sum(map(len, frames)), 0)
+        j.sync()
+        assert [j.take_unsent()[1] for _ in frames] == frames and j.take_unsent() is None
+    finally:
+        native.lib.udrv_journal_unmap(cj)
+        a.close()
+        b.close()
+        j.close()

@@ -118,12 +118,10 @@ def test_missing_functional_descriptors_are_named(extra, why):
     assert not CdcEcm.match_device(info)
 
 
-def test_cli_picks_the_class_driver_for_an_unknown_id():
-    from udrv.cli import _usb_drivers
+def test_the_registry_picks_the_class_driver_for_an_unknown_id():
+    from udrv.registry import usb_driver_for
     info = EcmModel(vid=0x1234, pid=0x5678).info
-    picked = [c for c in _usb_drivers() if c.match(info.vid, info.pid, info.device_class)
-              or (hasattr(c, "match_device") and c.match_device(info))]
-    assert [c.name for c in picked] == ["cdc_ecm"]
+    assert usb_driver_for(info).name == "cdc_ecm"
 
 
 # --- bring-up --------------------------------------------------------------------------------------

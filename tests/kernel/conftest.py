@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from udrv.testbed import guest as guestlib
+from udrv.testbed.guest import GuestDevices, GuestImage, GuestResult
+
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from tools import guest as guestlib  # noqa: E402
-from tools.guest import GuestDevices, GuestImage, GuestResult  # noqa: E402
 
 DEFAULT_TIMEOUT = 90.0  # one boot is ~3 s; Python in the guest runs ~17x slower than on the host
 
@@ -71,7 +68,7 @@ def guest() -> Guest:
         pytest.fail(f"kernel tier cannot run: {reason} (or set UDRV_SKIP_KERNEL_TIER=1 to skip it)")
     # compile once on the host: under TCG, compiling udrv in every guest interpreter costs seconds
     import compileall
-    for d in ("udrv", "tools", "tests"):
+    for d in ("udrv", "tests"):
         compileall.compile_dir(str(REPO / d), quiet=1)
     try:
         return Guest(guestlib.prepare())

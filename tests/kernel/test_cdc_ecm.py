@@ -23,14 +23,9 @@ import subprocess
 import sys
 import threading
 import time
-
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from udrv.bench.echo import faults_under_flood, roundtrips as echo  # noqa: E402
+from udrv.bench.echo import faults_under_flood, roundtrips as echo
 
 IFNAME = "udrv0"
 PEER_NS = "ecmpeer"
@@ -403,7 +398,7 @@ def guest_fecm(out: Path) -> None:
         from udrv import native
         if native.available():
             rx0 = netdev_stat(gif, "rx_packets", PEER_NS)
-            from tools.bench_cdc_ecm import VID, PID, usbfs_floor
+            from udrv.bench.cdc_ecm import VID, PID, usbfs_floor
             assert (VID, PID) == (GADGET_VID, GADGET_PID)
             report["floor"] = usbfs_floor(0.5, n_inflight=16)
             report["floor_peer_rx"] = netdev_stat(gif, "rx_packets", PEER_NS) - rx0
@@ -506,7 +501,7 @@ if pytest is not None:
 
     @pytest.fixture(scope="module")
     def fecm(guest, tmp_path_factory):
-        from tools.guest import GuestDevices
+        from udrv.testbed.guest import GuestDevices
         # two vCPUs: with one, the daemon is starved past its 0.5 s guard deadlines while the
         # scenario's own Python (flood, udrv inject) runs, and the watchdog fires spuriously
         return _run_scenario(guest, "fecm", GuestDevices(smp=2), tmp_path_factory.mktemp("fecm"))
@@ -533,7 +528,7 @@ if pytest is not None:
 
     @pytest.fixture(scope="module")
     def usbnet(guest, tmp_path_factory):
-        from tools.guest import GuestDevices
+        from udrv.testbed.guest import GuestDevices
         if os.geteuid() != 0:
             pytest.skip("QEMU usb-net's peer is a host TAP: creating it needs root")
         created = not Path(f"/sys/class/net/{QTAP}").exists()

@@ -25,13 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from udrv.bench.echo import faults_under_flood, roundtrips as echo  # noqa: E402
-from udrv.bench.sidebyside import (KERNEL_DRIVER, MODEL_IDS, dmar_faults, echo_once, find_bdf,  # noqa: E402
-                             kernel_netdev, sh, wait_for)
+from udrv.bench.echo import faults_under_flood, roundtrips as echo
+from udrv.bench.sidebyside import (KERNEL_DRIVER, MODEL_IDS, dmar_faults, echo_once, find_bdf, kernel_netdev, sh,
+                                   wait_for)
 
 IFNAME = "udrv0"
 # Each interpreter the scenario starts (udrv bind/list/run/inject/unbind) would otherwise compile
@@ -193,7 +189,7 @@ if pytest is not None:
 
     @pytest.fixture(scope="module", params=["e1000", "e1000e"])
     def run(request, guest, tmp_path_factory):
-        from tools.guest import GuestDevices
+        from udrv.testbed.guest import GuestDevices
         from udrv.bench.sidebyside import HostPeer, PeerPlan
         model = request.param
         if os.geteuid() != 0:

@@ -6,7 +6,7 @@ import os
 import shlex
 from pathlib import Path
 
-from tools.guest import E1000_ID, VFIO_GET_API_VERSION, GuestDevices, vfio_bind_snippet
+from udrv.testbed.guest import E1000_ID, VFIO_GET_API_VERSION, GuestDevices, vfio_bind_snippet
 
 REPO = Path(__file__).resolve().parents[2]
 

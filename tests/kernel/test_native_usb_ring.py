@@ -23,9 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from udrv.testbed.ecm_stub import EcmStub
+
 
 GADGET_VID, GADGET_PID = 0x0525, 0xA4A2
 ETHERTYPE = 0x88B6                 # IEEE local experimental: nothing else in the guest uses it
@@ -45,27 +44,6 @@ def _frame(dst: bytes, src: bytes, n: int, size: int, tag: int) -> bytes:
 
 def _stat(ifname: str, what: str) -> int:
     return int(Path(f"/sys/class/net/{ifname}/statistics/{what}").read_text())
-
-
-class _EcmStub:
-    """The least a UsbNetDriver offers the ring: endpoints, framing, transport, action list."""
-
-    def __init__(self, usb: Any, ep_in: int, ep_out: int, ep_status: int | None):
-        from udrv.actions import ActionList
-        from udrv.framing import Framing, Shape
-        self.usb = usb
-        self.actions = ActionList()
-        self.EP_IN, self.EP_OUT, self.EP_STATUS = ep_in, ep_out, ep_status
-        self.status_size = 16
-        self.framing = Framing(Shape.RAW, rx_transfer_size=1536 + 4)
-        self.status: list[bytes] = []
-        self.soft = type("Soft", (), {"mtu": 1500})()
-
-    def framing_now(self):
-        return self.framing
-
-    def on_status(self, data: bytes) -> None:
-        self.status.append(data)
 
 
 def _exchange(ring: Any, tap_sock: socket.socket, gad_sock: socket.socket, tap_mac: bytes,
@@ -224,7 +202,7 @@ def guest_main() -> dict[str, Any]:
     tap = Tap(TAP_NAME)
     tap.set_up(True)
     journal = TxJournal(256)
-    driver = _EcmStub(t, ep_in, ep_out, ep_status)
+    driver = EcmStub(t, ep_in, ep_out, ep_status)
     ring = native.make_usb_datapath(driver, journal, tap.fd, n_rx=8, n_tx=8, zero_packet=True)
     ring.start()
 

@@ -32,12 +32,10 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 IFNAME = "udrv0"
 PINGS = 24                       # sequential UDP round trips per direction (RTT ~5-30 ms here); the
-                                 # payload cycles through tools.pegasus_gadget.EDGE_SIZES
+                                 # payload cycles through udrv.testbed.pegasus_gadget.EDGE_SIZES
 UDRV_START_TIMEOUT = 60.0        # Python start + probe (~50 control requests at ~8 ms each)
 UDRV_STOP_TIMEOUT = 20.0
 RECOVERY_TIMEOUT = 20.0
@@ -112,7 +110,7 @@ class Udrv:
 
 def scenario_kernel(report: dict, out_dir: Path, pump: bool | None = None) -> None:
     """pegasus.ko on the model: binds, carries UDP both ways (through the C pump when built)."""
-    from tools.pegasus_gadget import (HOST_IP, NETNS, PEER_IP, PegasusRig, RigConfig, configure_host_side,
+    from udrv.testbed.pegasus_gadget import (HOST_IP, NETNS, PEER_IP, PegasusRig, RigConfig, configure_host_side,
                                       dmesg_tail, netdev_stats, udp_ping, wait_carrier, wait_netdev)
     from udrv.testbed import interface_driver, modprobe
     with PegasusRig(RigConfig(gadget_name="pegk", pump=pump)) as rig:
@@ -154,7 +152,7 @@ def _model_tx(rig) -> dict:
 
 def scenario_udrv(report: dict, out_dir: Path) -> None:
     """udrv over libusb on the model: detach pegasus.ko, traffic, two injected faults, SIGTERM."""
-    from tools.pegasus_gadget import (HOST_IP, NETNS, PEER_IP, BackgroundPing, PegasusRig, RigConfig,
+    from udrv.testbed.pegasus_gadget import (HOST_IP, NETNS, PEER_IP, BackgroundPing, PegasusRig, RigConfig,
                                       configure_host_side, kernel_netdev, udp_ping, wait_carrier, wait_netdev)
     from udrv.testbed import interface_driver, modprobe
     from udrv.peer import ip
@@ -237,7 +235,7 @@ def _tx_hang(rig) -> dict:
     side; the next hang, nothing confirmed since, restarts the driver. Then the model takes frames
     again and traffic flows."""
     import socket
-    from tools.pegasus_gadget import HOST_IP, NETNS, PEER_IP, udp_ping
+    from udrv.testbed.pegasus_gadget import HOST_IP, NETNS, PEER_IP, udp_ping
     st0 = _status()
     rig.model.hold_tx(True)
     time.sleep(1.0)                          # the gadget's loop passes the knob on within 0.25 s
@@ -272,8 +270,8 @@ def _tx_hang(rig) -> dict:
 
 def scenario_garbage(report: dict, out_dir: Path) -> None:
     """Every malformed RX transfer kind, through real USB, counted by reason in `udrv status`."""
-    from tools.pegasus_gadget import HOST_IP, NETNS, PEER_IP, PegasusRig, RigConfig, configure_host_side, udp_ping
-    from tools.pegasus_gadget import wait_carrier
+    from udrv.testbed.pegasus_gadget import HOST_IP, NETNS, PEER_IP, PegasusRig, RigConfig, configure_host_side, udp_ping
+    from udrv.testbed.pegasus_gadget import wait_carrier
     from udrv.models.pegasus import GARBAGE_KINDS
     with PegasusRig(RigConfig(gadget_name="pegg")) as rig:
         udrv = Udrv(out_dir / "udrv-garbage.log")
@@ -336,7 +334,7 @@ def usb_fault_client() -> int:
 def scenario_usb_faults(report: dict, out_dir: Path) -> None:
     """The model's faults reach a libusb host as USB errors: STALL on ep0 (EPIPE), no answer
     (timeout), a halted bulk IN endpoint (EPIPE until CLEAR_FEATURE)."""
-    from tools.pegasus_gadget import PegasusRig, RigConfig
+    from udrv.testbed.pegasus_gadget import PegasusRig, RigConfig
     with PegasusRig(RigConfig(gadget_name="pegf")) as rig:
         m = rig.model
         err = open(out_dir / "usb-client.err", "w+")
@@ -380,7 +378,7 @@ SCENARIOS = {"kernel": scenario_kernel, "kernel_python": scenario_kernel_python,
 
 
 def guest_main(which: str, out: Path) -> int:
-    from tools.pegasus_gadget import dmesg_tail, quiet_ipv6
+    from udrv.testbed.pegasus_gadget import dmesg_tail, quiet_ipv6
     from udrv.testbed import modprobe
     quiet_ipv6()
     modprobe("dummy_hcd", "usb_f_fs", "tun")
@@ -412,7 +410,7 @@ if __name__ == "__main__":
 
 import pytest  # noqa: E402  (not needed inside the guest)
 
-from tools.guest import GuestDevices  # noqa: E402
+from udrv.testbed.guest import GuestDevices  # noqa: E402
 
 pytestmark = [pytest.mark.kernel]          # the guest fixture skips without root
 

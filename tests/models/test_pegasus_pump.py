@@ -1,4 +1,4 @@
-"""The pegasus gadget's C data path (native/pegpump.c via udrv.testbed.pegasus_pump) follows the
+"""The pegasus gadget's C data path (native/rigs/pegpump.c via udrv.testbed.pegasus_pump) follows the
 model's rules, byte for byte, without a kernel tier: the bulk endpoint files are pipes (AIO on
 a pipe completes at once) and the wire is a SOCK_SEQPACKET pair (one message per frame, like
 a TAP). A twin PegasusModel, configured with the same control requests, says what the device
@@ -12,13 +12,13 @@ import time
 
 import pytest
 
-from udrv.testbed import pegasus_pump
+from udrv.testbed import pegasus_pump, rigs
 from udrv.testbed.ffs import FfsCounters
 from udrv.models.pegasus import (CTL0_INCLUDE_CRC, EP_RX, EP_TX, EthCtrl0, EthCtrl1, EthCtrl2, MulticastHash,
                                  PegasusModel, _hash_bit)
 from udrv.models.usb import Setup
 
-pytestmark = pytest.mark.skipif(not pegasus_pump.available(), reason="udrv._native is not built")
+pytestmark = pytest.mark.skipif(not pegasus_pump.available(), reason=rigs.why_unavailable())
 
 MAC = bytes.fromhex("02a685150001")
 PEER = bytes.fromhex("02deadbeef02")

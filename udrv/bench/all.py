@@ -10,9 +10,9 @@ same device, so every ratio compares like with like:
            (C ring, Python ring), recovery latency, the kernel again (`udrv bench e1000`, whose
            full report lands in OUT/e1000/).
   cdc_ecm  the kernel's own configfs f_ecm gadget on dummy_hcd: the kernel's cdc_ether, then
-           `udrv run` with udrv's cdc_ecm (Python engine, C transfer ring) (tools/bench_cdc_ecm.py).
+           `udrv run` with udrv's cdc_ecm (Python engine, C transfer ring) (udrv.bench.cdc_ecm).
   pegasus  udrv's pegasus model served through FunctionFS on dummy_hcd: the kernel's pegasus.ko,
-           then `udrv run` with udrv's pegasus driver (tools/bench_usb.py).
+           then `udrv run` with udrv's pegasus driver (udrv.bench.pegasus).
 
 Written to OUT (default ./bench-out): report.md (the summary of udrv/kernel ratios against the
 targets, then each device's details), sidebyside.png (ratios per device), results.json (all raw
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UdrvError
-from .sidebyside import COLORS, GUEST_ENV, REPO, BenchOptions, _guest_lib, run_bench, write_png_bars
+from .sidebyside import COLORS, GUEST_ENV, REPO, BenchOptions, run_bench, write_png_bars
 from .sidebyside import ratios as e1000_ratios
 
 DEVICES = ("e1000", "cdc_ecm", "pegasus")
@@ -112,7 +112,7 @@ def e1000_rows(result: dict) -> list[Row]:
     return rows
 
 
-# tools/bench_cdc_ecm.py's names: both are `udrv run`; "native" as it runs by default (the C
+# udrv.bench.cdc_ecm's names: both are `udrv run`; "native" as it runs by default (the C
 # transfer ring, when the extension is built), "python" with UDRV_DATAPATH=python
 CDC_VARIANTS = {"native": "C ring (udrv run)", "native-nocoalesce": "C ring, RX coalescing off",
                 "native-nooffload": "C ring, software TX offloads off",
@@ -125,7 +125,7 @@ AQM_VARIANT = "native-aqm="     # + a UDRV_AQM setting: the C ring with CoDel se
 
 
 def cdc_variants(res: dict) -> dict[str, str]:
-    """The datapaths tools/bench_cdc_ecm.py measured, with their labels: the fixed ones, then
+    """The datapaths udrv.bench.cdc_ecm measured, with their labels: the fixed ones, then
     the C ring under each other AQM setting (--compare-aqm)."""
     found = {name: label for name, label in CDC_VARIANTS.items() if name in res}
     found.update({name: f"C ring, UDRV_AQM={name[len(AQM_VARIANT):]}" for name in res
@@ -133,11 +133,11 @@ def cdc_variants(res: dict) -> dict[str, str]:
     return found
 
 
-CDC_ROUNDS = 3        # C ring runs, each after a kernel run (tools/bench_cdc_ecm.py --rounds)
+CDC_ROUNDS = 3        # C ring runs, each after a kernel run (udrv.bench.cdc_ecm --rounds)
 
 
 def cdc_runs(res: dict, name: str) -> list[dict]:
-    """The measured runs of one datapath in tools/bench_cdc_ecm.py's result, in order: the
+    """The measured runs of one datapath in udrv.bench.cdc_ecm's result, in order: the
     kernel's before, between (kernel_more) and after udrv's; a variant's first run and, for the
     C ring, its further rounds (native_more)."""
     if name == "kernel":
@@ -165,7 +165,7 @@ def cdc_ecm_rows(res: dict) -> list[Row]:
 
 
 PEGASUS_UDP_PPS = 10000          # minimum-size frames offered per second each way
-PEGASUS_ROUNDS = 2               # pegasus.ko then udrv, twice, then pegasus.ko (tools/bench_usb.py --rounds)
+PEGASUS_ROUNDS = 2               # pegasus.ko then udrv, twice, then pegasus.ko (udrv.bench.pegasus --rounds)
 
 
 def pegasus_rows(rep: dict, offered_pps: float | None = None) -> list[Row]:
@@ -212,16 +212,15 @@ def bench_e1000(out: Path, seconds: float, smp: int) -> DeviceResult:
     return d
 
 
-def _run_tool(script: str, args: list[str], out: Path, smp: int, what: str) -> tuple[dict | None, str, float]:
-    """Boot a guest that runs tools/SCRIPT ARGS (which writes OUT/result.json); (result, error, seconds)."""
-    guest = _guest_lib()
+def _run_tool(module: str, args: list[str], out: Path, smp: int, what: str) -> tuple[dict | None, str, float]:
+    """Boot a guest that runs `python3 -m MODULE ARGS` (which writes OUT/result.json); (result, error, seconds)."""
+    from ..testbed import guest
     xfer = out / what
     xfer.mkdir(parents=True, exist_ok=True)
     res_path = xfer / "result.json"
     res_path.unlink(missing_ok=True)
     try:
-        res = guest.run([guest.real_python(), str(REPO / "tools" / script), *[a.replace("{OUT}", str(res_path))
-                                                                            for a in args]],
+        res = guest.run([guest.real_python(), "-m", module, *[a.replace("{OUT}", str(res_path)) for a in args]],
                         guest.GuestDevices(smp=smp), timeout=GUEST_TIMEOUT, cwd=REPO, out_dir=xfer, env=GUEST_ENV)
     except guest.GuestError as e:
         return None, f"the guest failed: {e}", 0.0
@@ -296,7 +295,7 @@ def tx_rtt_lines(raw: dict) -> list[str]:
 
 
 def pegasus_rtt_lines(runs: list[dict]) -> list[str]:
-    """tools/bench_usb.py's runs: the median TCP TX RTT of pegasus.ko's runs and of udrv's."""
+    """udrv.bench.pegasus's runs: the median TCP TX RTT of pegasus.ko's runs and of udrv's."""
     med = _rtt_medians({path: [r.get("tcp_rtt_ms") for r in runs if r.get("path") == path]
                         for path in ("pegasus.ko", "udrv")})
     if not med:
@@ -385,7 +384,7 @@ def cdc_ecm_details(raw: dict) -> list[str]:
 
 def bench_cdc_ecm(out: Path, seconds: float, smp: int) -> DeviceResult:
     d = DeviceResult("cdc_ecm")
-    raw, err, d.guest_seconds = _run_tool("bench_cdc_ecm.py", ["guest", str(max(1, round(seconds))), "{OUT}",
+    raw, err, d.guest_seconds = _run_tool("udrv.bench.cdc_ecm", ["guest", str(max(1, round(seconds))), "{OUT}",
                                                            f"--rounds={CDC_ROUNDS}"],
                                           out, smp, "cdc_ecm")
     d.raw, d.error = raw or {}, err or (raw or {}).get("error", "")
@@ -396,7 +395,7 @@ def bench_cdc_ecm(out: Path, seconds: float, smp: int) -> DeviceResult:
 
 def bench_pegasus(out: Path, seconds: float, smp: int) -> DeviceResult:
     d = DeviceResult("pegasus")
-    raw, err, d.guest_seconds = _run_tool("bench_usb.py", ["--in-guest", "{OUT}", "--seconds", str(seconds),
+    raw, err, d.guest_seconds = _run_tool("udrv.bench.pegasus", ["--in-guest", "{OUT}", "--seconds", str(seconds),
                                                            "--udp-pps", str(PEGASUS_UDP_PPS),
                                                            "--rounds", str(PEGASUS_ROUNDS)], out, smp, "pegasus")
     d.raw, d.error = raw or {}, err or (raw or {}).get("error", "")
@@ -532,7 +531,6 @@ def run_all(out: Path, seconds: float = 5.0, only: tuple[str, ...] = DEVICES, sm
     for tool, package in (("iperf3", "iperf3"), ("ip", "iproute2")):
         if not shutil.which(tool):
             raise UdrvError(f"{tool} is not installed on the host: apt-get install {package}")
-    _guest_lib()                    # a clear error now rather than after the first device
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "seconds": seconds, "host_cpus": os.cpu_count(),
@@ -554,7 +552,8 @@ def run_all(out: Path, seconds: float = 5.0, only: tuple[str, ...] = DEVICES, sm
                                          or f"failed: {r.error}"), file=sys.stderr)
     meta["load_after"] = round(os.getloadavg()[0], 2)
     try:
-        meta["kernel"] = _guest_lib().prepare().kver      # cached: the kernel every boot above used
+        from ..testbed import guest
+        meta["kernel"] = guest.prepare().kver             # cached: the kernel every boot above used
     except Exception as e:                                 # the report still renders
         meta["kernel"] = f"? ({e})"
     report = write_outputs(results, meta, out)

@@ -109,14 +109,12 @@ def main() -> None:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("0.0.0.0", a.port))
     try:
-        from .._native import lib
+        from .._rigs import lib          # as the probe loads it (bench/probe.py)
     except ImportError:
-        lib = None
-    if not hasattr(lib, "udrv_echo_turn"):            # none, or a build from before the echo loop
         lib = None
     if os.environ.get("UDRV_PROBE_LOOP") == "python":      # the probe's switch covers its echo too
         lib = None
-    while lib is not None:               # in C (native/probe.h): cheap enough not to be measured
+    while lib is not None:               # in C (native/rigs/probe.h): cheap enough not to be measured
         lib.udrv_echo_turn(s.fileno(), 1000)
     while True:
         data, addr = s.recvfrom(2048)

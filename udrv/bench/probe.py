@@ -3,7 +3,7 @@ echo server; the interruption is the largest gap between consecutive replies.
 
 The probe runs in its own process so that it never waits for the daemon's interpreter lock:
 a gap it reports is a gap on the wire, not a scheduling artefact of the measuring side. Its
-loop runs in C when the fast path is built (native/probe.h; so does the echo server's): a
+loop runs in C when udrv._rigs is built (native/rigs/probe.h; so does the echo server's): a
 Python loop at 1 kHz costs a TCG guest a large share of a vCPU and adds its own jitter.
 (CLOCK_MONOTONIC is system-wide, so its reply times compare with the caller's.)
 """
@@ -27,7 +27,7 @@ class ProbeResult:
     received: int = 0            # distinct probes answered
     duplicates: int = 0          # answers to a probe already answered (a re-issued frame the device had sent)
     max_gap_ms: float = 0.0
-    loop: str = ""               # "c" (native/probe.h) or "python": which instrument measured
+    loop: str = ""               # "c" (native/rigs/probe.h) or "python": which instrument measured
     gaps_over_5ms: list[tuple[float, float]] = field(default_factory=list)  # (at, gap ms)
 
     @property
@@ -89,14 +89,14 @@ _C_CAP = 1 << 20
 
 
 def _probe_main_c(host: str, port: int, interval: float) -> bool:
-    """The probe's loop in C (native/probe.h): False when the C fast path is not built."""
+    """The probe's loop in C (native/rigs/probe.h): False when udrv._rigs is not built."""
     if os.environ.get("UDRV_PROBE_LOOP") == "python":      # to compare the two instruments
         return False
     try:
-        from .._native import ffi, lib
+        # udrv._rigs itself, not udrv.testbed.rigs: the gadget modules that package imports take
+        # ~90 ms on the host, over a second in a TCG guest, before the first probe
+        from .._rigs import ffi, lib
     except ImportError:
-        return False
-    if not hasattr(lib, "udrv_probe_turn"):          # a build from before the probe loop
         return False
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.connect((host, port))

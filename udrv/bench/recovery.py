@@ -211,6 +211,30 @@ class RecoveryLatencyScenario:
             self.daemon.stop()
 
 
+def recovery_latency(drivers: list[str], faults: list[str], repeats: int, ifname: str) -> int:
+    """`udrv bench recovery`: each driver's daemon on its embedded model, once per recovery mode,
+    the scenario above beside it; prints the report. Exit code 0 when every run finished."""
+    import sys
+    from ..errors import UdrvError
+    from ..service import ServiceOptions, serve
+    results = []
+    for driver in drivers:
+        for mode in ("checkpoint", "restart"):
+            sc = RecoveryLatencyScenario(mode, faults, repeats, ifname, driver=driver)
+            try:
+                code = serve(ServiceOptions(device=f"model:{driver}", ifname=ifname, duration=600, recovery=mode), sc)
+            except UdrvError as e:
+                code, why = 1, f": {e}"
+            else:
+                why = ""
+            if code != 0:
+                print(f"udrv: the {mode} run of {driver} failed{why}", file=sys.stderr)
+                return 1
+            results.append(sc.result)
+    print(recovery_report(results))
+    return 0
+
+
 def recovery_report(results: list[RecoveryLatency]) -> str:
     """One table per driver: the interruption per fault, checkpoint recovery vs full restart."""
     lines = ["recovery latency: each driver on its embedded device model, 1 ms UDP probe across the TAP; "

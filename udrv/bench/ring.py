@@ -12,7 +12,7 @@ this process via time.process_time, so other load on a shared machine disturbs i
 
 The device side: the e1000 model is Python and would dominate every number, so after the
 driver has come up on the model (probe, open: everything the model checks) the transport is
-switched to a stub written in C (native/tapfwd.c, `udrv_fakedev_*`): a TDT write marks the TX
+switched to a stub written in C (native/rigs/tapfwd.c, `udrv_fakedev_*`): a TDT write marks the TX
 descriptors up to it done (DD) -- in loopback mode it first copies each packet into the next
 armed RX buffer and writes that RX descriptor back; an RDT write (RX fill mode) writes back every
 armed RX descriptor as a received frame of a fixed length whose bytes were put in the buffers
@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 from .recovery import GuardOverhead, _guard_call_ns
 from ..errors import UdrvError
-from ..native import lib as _lib      # None without the C fast path (_native() says why)
+from ..testbed.rigs import lib as _rigs_lib      # None without the bench C (_native() says why)
 
 # e1000 register offsets (BAR0) the stub answers itself once engaged
 RDH, RDT, TDH, TDT = 0x2810, 0x2818, 0x3810, 0x3818
@@ -42,10 +42,20 @@ DST = bytes.fromhex("02c0ffee0001")
 
 
 def _native() -> tuple[Any, Any]:
+    """The runtime's C (the journal, the C ring), once the bench C it is measured with loads too."""
     from .. import native
     if not native.available():
         raise UdrvError(f"the e1000 benches need the C fast path: {native.why_unavailable()}")
+    _rigs()
     return native.ffi, native.lib
+
+
+def _rigs() -> tuple[Any, Any]:
+    """The bench C (the device stub, the TAP loops: native/rigs/tapfwd.c)."""
+    from ..testbed import rigs
+    if not rigs.available():
+        raise UdrvError(f"the e1000 benches need their C (udrv._rigs): {rigs.why_unavailable()}")
+    return rigs.ffi, rigs.lib
 
 
 def bench_frame(size: int, dst: bytes = DST, src: bytes = PEER) -> bytes:
@@ -72,7 +82,7 @@ class FakeDevice:
         return getattr(self._real, name)
 
     def engage(self, rings: Any, *, loop: bool) -> None:
-        ffi, _ = _native()
+        ffi, _ = _rigs()
         d = ffi.new("struct udrv_fakedev *")
         d.tx_ring = ffi.cast("uint8_t *", rings.tx_ring.vaddr)
         d.tx_buf = ffi.cast("uint8_t *", rings.tx_bufs.vaddr)
@@ -96,7 +106,7 @@ class FakeDevice:
 
     def set_rx_len(self, length: int) -> None:
         """RX fill mode: frames of `length` bytes from now on (0: none); fills what is armed."""
-        _, lib = _native()
+        _, lib = _rigs()
         self._d.rx_len = length
         lib.udrv_fakedev_rdt(self._d, self._d.rdt)
 
@@ -104,10 +114,10 @@ class FakeDevice:
         d = self._d
         if d is not None:
             if offset == TDT:
-                _lib.udrv_fakedev_tdt(d, value)
+                _rigs_lib.udrv_fakedev_tdt(d, value)
                 return
             if offset == RDT:
-                _lib.udrv_fakedev_rdt(d, value)
+                _rigs_lib.udrv_fakedev_rdt(d, value)
                 return
         self._real.write32(offset, value)
 
@@ -267,7 +277,7 @@ class RingSpeed:
             f"e1000 ring: C ring (PciNativeRing) vs Python ring (PciRing), {self.ring}-descriptor rings, "
             f"{self.rounds} interleaved rounds; per round {self.frames} frames per case for the Python ring, "
             f"{self.frames * C_SCALE} for the C ring",
-            "  device side: a C stub (native/tapfwd.c), not the Python model: a TDT write sets DD on every TX "
+            "  device side: a C stub (native/rigs/tapfwd.c), not the Python model: a TDT write sets DD on every TX "
             "descriptor up to it (the frame is not read); an RDT write writes back every armed RX descriptor "
             "as a received frame (DD|EOP + length; the frame bytes were put in the buffers beforehand, so the "
             "device's DMA copy is not counted)",
@@ -348,7 +358,7 @@ def _rx_ns(rig: Rig, size: int, frames: int) -> float:
 
 def _write_floor_ns(impl: str, fd: int, frame: bytes, frames: int) -> float:
     """What delivering to the fd costs alone: write() of the frame, from C or os.write."""
-    ffi, lib = _native()
+    ffi, lib = _rigs()
     clock = time.process_time
     if impl == "c":
         buf = ffi.from_buffer(frame)
@@ -429,10 +439,10 @@ class TapForward:
         rest = "-> journal -> C ring TX -> stub loopback -> C ring RX -> write() to the TAP"
         read = ("TAP read in C by the ring itself (owns_tap, inside xmit)" if self.ring_reads_tap
                 else "Python TAP read (Tap.read_batch) + Nic.enqueue")
-        return {"bare_c": "bare C loop (read/write, native/tapfwd.c)",
+        return {"bare_c": "bare C loop (read/write, native/rigs/tapfwd.c)",
                 "bare_py": "bare Python loop (os.read/os.write)",
                 "udrv": f"udrv, the daemon's loop: {read} {rest}",
-                "udrv_cread": f"udrv with the TAP read in C (native/tapfwd.c reader, not the daemon's) {rest}"}
+                "udrv_cread": f"udrv with the TAP read in C (native/rigs/tapfwd.c reader, not the daemon's) {rest}"}
 
     def report(self) -> str:
         lines = [
@@ -514,7 +524,8 @@ def tap_forward(frames: int = 20000, rounds: int = 7, size: int = 64, batch: int
     from ..drivers.e1000 import E1000
     E1000Native = E1000.c_variant()
     from ..tap import Tap
-    ffi, lib = _native()
+    _native()
+    ffi, lib = _rigs()                # every call below is the bench C's; the rig maps the journal
     if os.geteuid() != 0:
         raise UdrvError("udrv bench tap needs root (it creates a TAP interface): run it with sudo")
     frame = bench_frame(size)

@@ -7,7 +7,7 @@ What runs where:
   host (this process, root)   HostPeer: a TAP for QEMU's NIC, moved into a network namespace of
                               its own as soon as QEMU holds it, with `iperf3 -s` and a UDP echo
                               there (so no 10.x address ever exists outside that namespace);
-                              boots the kernel-tier guest (tools/guest.py) and writes report.md,
+                              boots the kernel-tier guest (udrv.testbed.guest) and writes report.md,
                               results.json and throughput.png into --out.
   guest (`python3 -m udrv.bench.sidebyside guest CONFIG OUT`)
                               1. kernel: modprobe e1000/e1000e, the kernel's netdev gets GUEST_IP,
@@ -25,14 +25,11 @@ What runs where:
                                  kernel runs bracket udrv's, ratios use their mean).
   re-render: `python3 -m udrv.bench.sidebyside report OUT/results.json OUT`
 
-Every udrv daemon here is `udrv run` (cli.cmd_run) started as
-`python3 -m udrv.bench.sidebyside daemon pci:BDF --impl c|python --recovery checkpoint|restart`:
-`udrv run` has no switch for the datapath implementation or the recovery mode, so this runner
-sets them (see `daemon_main`).
+Every udrv daemon here is `udrv run pci:BDF [--impl c|python] --recovery checkpoint|restart`
+(GuestDaemon): the daemon users run, its implementation and recovery mode chosen by its own options.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -367,15 +364,21 @@ def udrv_cli(*args: str) -> str:
     return sh(sys.executable, "-m", "udrv.cli", *args, timeout=120)
 
 
+# this bench's names for a daemon's implementations -> `udrv run`'s --impl (None: as users run it,
+# the C ring first with the Python ring as its spare)
+RUN_IMPL = {"c": None, "c-only": "c", "python": "python"}
+
+
 class GuestDaemon:
-    """A udrv daemon for pci:BDF in a child process (the runner below = `udrv run` + choices)."""
+    """`udrv run pci:BDF` in a child process, with one of RUN_IMPL and a recovery mode."""
 
     def __init__(self, bdf: str, ifname: str, impl: str, recovery: str, log: Path, duration: float = 1800,
                  env: dict[str, str] | None = None):
         self.ifname, self.impl, self.recovery, self.log = ifname, impl, recovery, log
+        run_impl = RUN_IMPL[impl]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "udrv.bench.sidebyside", "daemon", f"pci:{bdf}", "--ifname", ifname, "--impl", impl,
-             "--recovery", recovery, "--duration", str(duration)],
+            [sys.executable, "-m", "udrv.cli", "run", f"pci:{bdf}", "--ifname", ifname,
+             *(["--impl", run_impl] if run_impl else []), "--recovery", recovery, "--duration", str(duration)],
             stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})})
         self.startup_s = 0.0
 
@@ -695,48 +698,6 @@ def guest_main(cfg: GuestConfig, out: Path) -> int:
 
 
 # =============================================================================================
-# the daemon runner (guest): `udrv run` with a chosen datapath and recovery mode
-# =============================================================================================
-
-IMPLS = ("c", "c-only", "python")
-
-
-def implementations(impl: str) -> list[Any]:
-    from .. import native
-    from ..drivers.e1000 import E1000
-    E1000Native = E1000.c_variant()
-    if impl != "python" and not native.available():
-        raise UdrvError(f"--impl {impl} needs the C fast path: {native.why_unavailable()}")
-    return {"c": [E1000Native, E1000], "c-only": [E1000Native], "python": [E1000]}[impl]
-
-
-def daemon_main(argv: list[str]) -> int:
-    from .. import cli
-    ap = argparse.ArgumentParser(prog="python3 -m udrv.bench.sidebyside daemon")
-    ap.add_argument("device")
-    ap.add_argument("--ifname", default="udrv0")
-    ap.add_argument("--impl", choices=IMPLS, default="c")
-    ap.add_argument("--recovery", choices=("checkpoint", "restart"), default="checkpoint")
-    ap.add_argument("--duration", type=float, default=None)
-    a = ap.parse_args(argv)
-    cli._setup_logging(False)
-    try:
-        impls = implementations(a.impl)
-    except UdrvError as e:
-        print(f"udrv: {e}", file=sys.stderr)
-        return 1
-    # `udrv run` picks [E1000Native, E1000] itself and has no flag for another choice
-    cli._pci_implementations = lambda cls: list(impls)     # type: ignore[assignment]
-    ns = argparse.Namespace(device=a.device, ifname=a.ifname, no_guards=False, duration=a.duration,
-                            recovery=a.recovery)
-    try:
-        return cli.cmd_run(ns)
-    except UdrvError as e:
-        print(f"udrv: {e}", file=sys.stderr)
-        return 1
-
-
-# =============================================================================================
 # host side: the bench
 # =============================================================================================
 
@@ -755,17 +716,6 @@ class BenchOptions:
     timeout: float = 1800.0
 
 
-def _guest_lib() -> Any:
-    """tools/guest.py: the kernel-tier harness lives in the source tree, not in the package."""
-    if not (REPO / "tools" / "guest.py").is_file():
-        raise UdrvError(f"udrv bench e1000 boots a QEMU guest with tools/guest.py, which is not at {REPO}/tools: "
-                        "run it from a source checkout (pip install -e .)")
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from tools import guest
-    return guest
-
-
 def run_bench(opts: BenchOptions) -> int:
     if opts.model not in MODEL_IDS:
         raise UdrvError(f"unknown model {opts.model!r}: use e1000 or e1000e")
@@ -774,7 +724,7 @@ def run_bench(opts: BenchOptions) -> int:
     for tool, package in (("iperf3", "iperf3"), ("ip", "iproute2")):
         if not shutil.which(tool):
             raise UdrvError(f"{tool} is not installed on the host: apt-get install {package}")
-    guest = _guest_lib()
+    from ..testbed import guest
     out = opts.out.resolve()
     xfer = out / "guest"
     xfer.mkdir(parents=True, exist_ok=True)
@@ -1140,8 +1090,6 @@ def write_png_bars(path: Path, panels: list, width: int = 900, height: int = 320
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["daemon"]:
-        return daemon_main(argv[1:])
     if argv[:1] == ["guest"] and len(argv) == 3:
         cfg = json.loads(Path(argv[1]).read_text())
         cfg["faults"] = tuple(cfg.get("faults", FAULTS))
@@ -1154,7 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
         write_chart(result, out / "throughput.png")
         return 0
     print("usage: udrv bench e1000 [--out DIR] (host); python3 -m udrv.bench.sidebyside guest CONFIG OUT | "
-          "daemon pci:BDF [--impl c|c-only|python] [--recovery checkpoint|restart] | report RESULTS.json OUTDIR",
+          "report RESULTS.json OUTDIR",
           file=sys.stderr)
     return 2
 

@@ -1,6 +1,13 @@
-"""Software USB devices for the kernel tier: configfs gadgets on a UDC (dummy_hcd), a
-FunctionFS server that serves any udrv device model as a real USB device, and a helper for
-the kernel's own CDC-ECM function.
+"""The test bed: what the kernel tier and the benches stand udrv on.
+
+  configfs, ffs, aio   software USB devices: configfs gadgets on a UDC (dummy_hcd), a FunctionFS
+                       server that serves any udrv device model as a real USB device, and a
+                       helper for the kernel's own CDC-ECM function (ecm_stub: a driver stand-in
+                       for the C ring on it)
+  pegasus_gadget       the pegasus model as a USB device with a peer network behind it
+  pegasus_pump         that gadget's data path in C
+  guest                a Debian kernel booted in QEMU (TCG) that runs a command
+  rigs                 the bench and test-bed C (udrv._rigs)
 
     from udrv.testbed import ModelGadget, GadgetConfig, ecm_gadget
 """

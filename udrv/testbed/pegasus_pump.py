@@ -1,4 +1,4 @@
-"""The pegasus model's bulk data path in C (native/pegpump.c), as a FfsServer DataOffload.
+"""The pegasus model's bulk data path in C (native/rigs/pegpump.c, in udrv._rigs), as a FfsServer DataOffload.
 
 Why: the pure-Python server moves every frame through the model under the GIL (~0.8 vCPU
 under TCG at full rate), so a benchmark of two host drivers on that gadget measures the
@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from udrv import native
+from . import rigs
 from udrv.models.usb import ModelGone, ModelNoAnswer, ModelStall, Setup
 from udrv.models.pegasus import (CTL2_LOOPBACK, EP_RX, EP_TX, EthCtrl0, EthCtrl1, EthCtrl2, EthID, MulticastHash,
                                  PegasusModel)
@@ -49,7 +49,7 @@ _ALL = _MODEL_COUNTERS + _FFS_COUNTERS + ("out_errors", "in_errors", "wire_in", 
 
 
 def available() -> bool:
-    return native.available() and hasattr(native.lib, "udrv_pegpump_new")
+    return rigs.available()
 
 
 class PegasusPump:
@@ -60,13 +60,12 @@ class PegasusPump:
     def __init__(self, model: PegasusModel, tap_fd: int, wire: Any = None, *, in_depth: int = IN_DEPTH,
                  out_depth: int = OUT_DEPTH, nice: int = PUMP_NICE):
         if not available():
-            raise native.NativeUnavailable(native.why_unavailable() or "udrv._native has no pegasus pump: rebuild it "
-                                           "with `python3 native/build.py`")
+            raise rigs.RigsUnavailable(rigs.why_unavailable())
         self.model = model
         self.tap_fd = tap_fd
         self.wire = wire                     # PeerWire: to_model / from_model get the pump's counts
         self.in_depth, self.out_depth, self.nice = in_depth, out_depth, nice
-        self._ffi, self._lib = native.ffi, native.lib
+        self._ffi, self._lib = rigs.ffi, rigs.lib
         self._p: Any = None
         self._fds: dict[int, int] = {}
         self._ffs: FfsCounters | None = None

@@ -19,7 +19,7 @@
 
 #include <stdint.h>
 
-#include "journal.h"
+#include "../journal.h"
 
 struct udrv_tapfwd_stats {
     uint64_t frames;          /* frames read (and handed on) */

@@ -1,0 +1,115 @@
+"""The supervised daemon as a function: `serve(ServiceOptions(device=..., ...))`.
+
+One device, one TAP, one Nic under the daemon's loop until the duration ends, a signal stops it or
+a scenario does. `udrv run`, `udrv demo` and the benches (recovery latency, the e1000 side-by-side
+in its guest) call it, so every daemon they measure is the one users run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .errors import UdrvError
+
+log = logging.getLogger("udrv")
+
+
+class NeedsRoot(UdrvError):
+    """The daemon creates a TAP (and, for an embedded model, a network namespace)."""
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    device: str | None = None           # usb:…, pci:…, model:NAME; None = the embedded pegasus model
+    ifname: str = "udrv0"
+    guards: bool = True                 # False: entry points unguarded (for comparison)
+    duration: float | None = None       # seconds; None = until a signal
+    recovery: str = "checkpoint"        # or "restart": close, re-probe, re-open (for comparison)
+    impl: str | None = None             # None: every implementation, best first; "c" / "python": that one alone
+    swap_after: int = 3                 # escalations before the next implementation; 0 = never swap
+    config_deadline: float = 1.0        # seconds
+    datapath_deadline: float = 1.0      # seconds
+    wire_mbit: float | None = None      # embedded USB models: pace their wire
+    wire_delay_ms: float = 0.0
+    aqm_target_ms: float = 5.0          # CoDel on the TX queue; 0 = off
+    aqm_interval_ms: float = 100.0
+    aqm_ecn: bool = True
+
+
+class Scenario(Protocol):
+    """Something that runs beside the daemon's loop (a demo, a bench) and stops it when done."""
+    exit_code: int
+
+    def start(self, daemon: Any, peer: Any) -> None: ...
+
+
+def serve(opts: ServiceOptions, scenario: Scenario | None = None) -> int:
+    """Run the daemon; 0 when it stopped as asked, else the scenario's exit code.
+
+    Raises NeedsRoot without root, UdrvError when the device cannot be opened or the daemon fails."""
+    from .daemon import Daemon, install_signal_handlers
+    from .guard import Watchdog
+    from .nic import Nic, NicOptions
+    from .peer import PeerConfig, PeerWire, ip
+    from .registry import open_device
+    from .tap import Tap
+
+    if os.geteuid() != 0:
+        raise NeedsRoot("udrv run needs root (it creates a TAP interface and, for the embedded device, a network "
+                        "namespace): run it with sudo")
+    impls, transport, model = open_device(opts.device, wire_mbit=opts.wire_mbit,
+                                          wire_delay_ms=opts.wire_delay_ms, impl=opts.impl)
+    tap = Tap(opts.ifname)
+    peer = None
+    extra: dict[int, Any] = {}
+    if model is not None:
+        peer = PeerWire(PeerConfig.for_interface(opts.ifname))
+        peer.connect(model)
+        extra[peer.fd] = peer.pump
+    wire = getattr(transport, "model", None)
+    if not hasattr(wire, "delay_transmit"):
+        wire = None                       # no paced wire (udrv.models.wire) in front of the model
+    elif peer is not None:
+        wire.delay_transmit()
+    reopen = None
+    if model is None and hasattr(transport, "selector"):
+        from .libusb import LibusbTransport
+        # after an unplug the device comes back as a new USB device: find it the same way
+        reopen = lambda: LibusbTransport(transport.selector, context=transport.ctx)  # noqa: E731
+    nic = Nic(impls, transport, tap.write,
+              NicOptions(guards=opts.guards, recovery=opts.recovery,
+                         config_deadline=opts.config_deadline, datapath_deadline=opts.datapath_deadline,
+                         swap_after=opts.swap_after or 1 << 30,
+                         aqm_target=opts.aqm_target_ms / 1e3, aqm_interval=opts.aqm_interval_ms / 1e3,
+                         aqm_ecn=opts.aqm_ecn),
+              watchdog=Watchdog(),
+              reopen=reopen)
+    daemon = Daemon(nic, tap, extra_fds=extra, model=model)
+    install_signal_handlers(daemon)
+    try:
+        daemon.start()
+        if peer is not None:
+            ip("addr", "add", peer.cfg.host_ip, "dev", tap.name, check=False)
+            log.info("event=embedded-device model=%s host=%s peer=%s netns=%s (try: ip netns exec %s iperf3 -s)",
+                     type(model).__name__, peer.cfg.host_addr, peer.cfg.peer_addr, peer.cfg.netns, peer.cfg.netns)
+        if scenario is not None:
+            scenario.start(daemon, peer)
+        daemon.run(opts.duration)
+    finally:
+        daemon.close()
+        if wire is not None:
+            wire.close()                  # its thread wakes the transport: stopped first
+        transport.close()
+        tap.close()
+        if peer is not None:
+            peer.close()
+    return 0 if scenario is None else scenario.exit_code
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """The daemon's log format on stderr (what `udrv` prints; benches' daemons log the same way)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s udrv %(levelname)s %(message)s", stream=sys.stderr)
