@@ -4,7 +4,7 @@
 The package metadata lives in pyproject.toml. This file exists for two reasons: cffi's
 out-of-line API mode joins setuptools through the `cffi_modules` keyword, and both extensions
 are optional — without a C compiler or without the libusb headers `pip install` still succeeds
-(with a warning per module) and udrv runs its pure-Python datapath; `udrv.native.why_unavailable()`
+(with a warning per module) and udrv runs its pure-Python datapath; `udrv.fastpath.why_unavailable()`
 and `udrv.testbed.rigs.why_unavailable()` say what was missing.
 
 UDRV_NO_NATIVE=1 skips the C build on purpose (to test the fallback).
@@ -19,7 +19,7 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Notes for why_unavailable() (udrv.native, udrv.testbed.rigs), per module: in the source tree for
+# Notes for why_unavailable() (udrv.fastpath, udrv.testbed.rigs), per module: in the source tree for
 # editable installs (the directory is gitignored), inside the built package for regular ones.
 NOTES = {"udrv._native": ("build-error.txt", "_native_build_error.txt"),
          "udrv._rigs": ("rigs-build-error.txt", "_rigs_build_error.txt")}

@@ -2,7 +2,7 @@
 
   udrv._native   the runtime's C fast path (native/*.c): framing, the TX journal, the USB and
                  e1000 rings, TAP reads, GSO/GRO. udrv runs without it, on its Python datapath
-                 (udrv.native says why it is missing).
+                 (udrv.fastpath says why it is missing).
   udrv._rigs     the benches' and the test bed's C (native/rigs/*.c): the TAP forwarding loops
                  and e1000 device stub of `udrv bench ring|tap` (tapfwd.c), the usbfs floor of
                  the cdc_ecm bench (usbfloor.c), the 1 ms recovery probe and echo loops

@@ -15,7 +15,7 @@
 #define UDRV_SHAPE_HEADER2 1
 #define UDRV_SHAPE_RAW 2
 
-/* RX verdicts. 0 = a good frame; udrv/native.py maps the others to framing.py's reason strings. */
+/* RX verdicts. 0 = a good frame; udrv/fastpath.py maps the others to framing.py's reason strings. */
 #define UDRV_RX_OK 0
 #define UDRV_DROP_ZERO_LENGTH 1
 #define UDRV_DROP_RUNT 2

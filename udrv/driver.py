@@ -80,9 +80,9 @@ class NetDriver(abc.ABC):
         """The implementations of this driver, best first: the runtime runs the first and swaps
         to the next after repeated escalations (design diversity). The C variant leads when the
         fast path is built and UDRV_DATAPATH=python does not ask for Python alone."""
-        from . import native
+        from . import fastpath
         c = cls.c_variant()
-        if c is None or cls.fast_path or os.environ.get("UDRV_DATAPATH") == "python" or not native.available():
+        if c is None or cls.fast_path or os.environ.get("UDRV_DATAPATH") == "python" or not fastpath.available():
             return (cls,)
         return (c, cls)
 

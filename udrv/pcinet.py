@@ -27,7 +27,7 @@ Environment knobs the engine reads (`Knobs.read()`, once per datapath, here only
   UDRV_TURN_GAP_US=N    after a C-loop turn that caught up, the next begins no sooner than N us
                         after it began (default 1000; interrupt moderation, native/pci_loop.h)
   UDRV_RX_COALESCE=0    no RX coalescing into GSO super-frames (the test is
-                        udrv.native.rx_coalesce_allowed, shared with the USB ring)
+                        udrv.fastpath.rx_coalesce_allowed, shared with the USB ring)
 """
 from __future__ import annotations
 

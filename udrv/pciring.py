@@ -24,7 +24,7 @@ import weakref
 from dataclasses import replace
 from typing import Any, Callable
 
-from . import native, offload
+from . import fastpath, offload
 from .datapath import Capabilities, DatapathCounters, DatapathReport, TapCounts
 from .driver import FrameSink
 from .errors import DriverFault, UdrvError
@@ -56,8 +56,8 @@ class PciNativeRing(PciRing):
 
     def __init__(self, driver: PciNetDriver, journal: Any, sink: FrameSink,
                  on_progress: Callable[[], None] | None = None, tap_fd: int | None = None):
-        native.require()
-        ffi, lib = native.ffi, native.lib
+        fastpath.require()
+        ffi, lib = fastpath.ffi, fastpath.lib
         self._ffi, self._lib = ffi, lib
         r = ffi.new("struct pci_ring *")
         fd = tap_fd if tap_fd is not None else tap_fd_of(sink)
@@ -66,7 +66,7 @@ class PciNativeRing(PciRing):
         r.tap_vnet_hdr = getattr(getattr(sink, "__self__", None), "vnet_hdr_len", 0) if fd is not None else 0
         if lib.pci_ring_init(r, journal.fd, journal.nslots, journal.slot_size) < 0:
             raise PciNetError("the C ring cannot map the TX journal memory: its layout does not match")
-        r.rx_coalesce = int(self.coalesce_rx and native.rx_coalesce_allowed(r.tap_vnet_hdr))
+        r.rx_coalesce = int(self.coalesce_rx and fastpath.rx_coalesce_allowed(r.tap_vnet_hdr))
         self._r = r
         self._jptr = ffi.addressof(r, "journal")
         self._fini = weakref.finalize(self, lib.pci_ring_fini, r)
@@ -76,7 +76,7 @@ class PciNativeRing(PciRing):
         self._tr = None                         # struct udrv_tapread: the TAP read from C
         self.tap_fallback: Callable[[list[bytes]], int] | None = None
         self._tap_closed: dict[str, Any] | None = None
-        self._handoff = native.TapHandoff()     # frames only Python finishes; TAP-side counts
+        self._handoff = fastpath.TapHandoff()     # frames only Python finishes; TAP-side counts
         self._mmio: Any = None                  # struct pci_mmio, opened by run() on first use
         self._mmio_key: tuple[int, int, int] | None = None
         self._loop = ffi.new("struct pci_loop_result *")

@@ -71,11 +71,11 @@ def implementations(cls: type[NetDriver], impl: str | None = None) -> tuple[type
         impls = cls.implementations()
         if (len(impls) == 1 and not impls[0].fast_path and cls.c_variant() is not None
                 and os.environ.get("UDRV_DATAPATH") != "python" and not _warned_no_fast_path):
-            from . import native
-            if not native.available():
+            from . import fastpath
+            if not fastpath.available():
                 _warned_no_fast_path = True
                 log.warning("event=no-fast-path the C fast path (udrv._native) is not built: %s runs its "
-                            "Python datapath, far slower: %s", cls.name, native.why_unavailable())
+                            "Python datapath, far slower: %s", cls.name, fastpath.why_unavailable())
         return impls
     if impl == "python":
         return (cls,)
@@ -83,9 +83,9 @@ def implementations(cls: type[NetDriver], impl: str | None = None) -> tuple[type
         variant = cls.c_variant()
         if variant is None:
             raise UdrvError(f"{cls.name} has no C implementation: use --impl python")
-        from . import native
-        if not native.available():
-            raise UdrvError(f"--impl c needs the C fast path: {native.why_unavailable()}")
+        from . import fastpath
+        if not fastpath.available():
+            raise UdrvError(f"--impl c needs the C fast path: {fastpath.why_unavailable()}")
         return (variant,)
     raise UdrvError(f"no implementation called {impl!r}: use --impl " + " or --impl ".join(IMPLS))
 

@@ -390,7 +390,7 @@ SOFTWARE_TX_OFFLOADS = frozenset({offload.CSUM, offload.TSO4, offload.TSO6})
 
 
 def native_variant(cls: type[UsbNetDriver]) -> type[UsbNetDriver]:
-    """The same driver with the C transfer ring (udrv.native) as its datapath.
+    """The same driver with the C transfer ring (udrv.usbring) as its datapath.
 
     Design diversity in the nDriver sense: the runtime runs this one first and swaps to the
     plain driver (the Python engine) if it keeps failing. The ring reads the TAP and writes
@@ -398,7 +398,7 @@ def native_variant(cls: type[UsbNetDriver]) -> type[UsbNetDriver]:
     """
     def make_datapath(self: UsbNetDriver, journal: TxJournal, sink: FrameSink, n_rx: int, n_tx: int,
                       on_progress: Callable[[], None]) -> object:
-        from .native import make_usb_datapath
+        from .usbring import make_usb_datapath
         tap = tap_behind(sink)
         if tap is None:
             raise TypeError("the C transfer ring needs the TAP's write method as its sink")

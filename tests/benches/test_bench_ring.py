@@ -8,11 +8,11 @@ import re
 
 import pytest
 
-from udrv import native
+from udrv import fastpath
 from udrv.cli import build_parser, main
 
-pytestmark = pytest.mark.skipif(not native.available(),
-                                reason=f"C fast path not built: {native.why_unavailable()}")
+pytestmark = pytest.mark.skipif(not fastpath.available(),
+                                reason=f"C fast path not built: {fastpath.why_unavailable()}")
 
 NUMBER = r"[0-9][0-9,]*(?:\.[0-9]+)?"
 
@@ -83,8 +83,8 @@ def test_the_bench_c_fills_a_journal_the_runtime_c_mapped():
     if not rigs.available():
         pytest.skip(rigs.why_unavailable())
     j = TxJournal(nslots=8, slot_size=2048)
-    cj = native.ffi.new("struct udrv_journal *")
-    assert native.lib.udrv_journal_map_fd(cj, j.fd, j.nslots, j.slot_size) == 0
+    cj = fastpath.ffi.new("struct udrv_journal *")
+    assert fastpath.lib.udrv_journal_map_fd(cj, j.fd, j.nslots, j.slot_size) == 0
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         b.setblocking(False)
@@ -97,7 +97,7 @@ def test_the_bench_c_fills_a_journal_the_runtime_c_mapped():
         j.sync()
         assert [j.take_unsent()[1] for _ in frames] == frames and j.take_unsent() is None
     finally:
-        native.lib.udrv_journal_unmap(cj)
+        fastpath.lib.udrv_journal_unmap(cj)
         a.close()
         b.close()
         j.close()

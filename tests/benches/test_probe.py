@@ -15,9 +15,9 @@ from udrv.bench.probe import GapProbe
 @pytest.fixture(params=["c", "python"])
 def probe_loop(request, monkeypatch):
     if request.param == "c":
-        from udrv import native
-        if not native.available():
-            pytest.skip(f"the C fast path is not built: {native.why_unavailable()}")
+        from udrv import fastpath
+        if not fastpath.available():
+            pytest.skip(f"the C fast path is not built: {fastpath.why_unavailable()}")
     else:
         monkeypatch.setenv("UDRV_PROBE_LOOP", "python")
     return request.param

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from udrv import native
+from udrv import fastpath
 from udrv.testbed import pegasus_pump, rigs
 
 
@@ -14,7 +14,7 @@ def test_it_holds_the_bench_and_testbed_c_and_the_runtime_does_not():
     for fn in ("udrv_tapfwd_bare", "udrv_fakedev_tdt", "udrv_usb_floor_run", "udrv_probe_turn", "udrv_echo_turn",
                "udrv_pegpump_new"):
         assert hasattr(rigs.lib, fn), fn
-        assert not hasattr(native.lib, fn), fn
+        assert not hasattr(fastpath.lib, fn), fn
     assert rigs.why_unavailable() == ""
 
 
@@ -32,6 +32,6 @@ def test_missing_it_says_how_to_build_it(monkeypatch):
 
 def test_without_the_runtime_c_it_says_that_first(monkeypatch):
     monkeypatch.setattr(rigs, "lib", None)
-    monkeypatch.setattr(native, "lib", None)
-    monkeypatch.setattr(native, "_IMPORT_ERROR", "No module named 'udrv._native'")
+    monkeypatch.setattr(fastpath, "lib", None)
+    monkeypatch.setattr(fastpath, "_IMPORT_ERROR", "No module named 'udrv._native'")
     assert rigs.why_unavailable().startswith("udrv._rigs needs udrv._native, which does not load: udrv._native is")

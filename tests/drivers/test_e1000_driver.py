@@ -16,7 +16,7 @@ from udrv.faults import KINDS
 from udrv.models.pci import ModelPciTransport
 from udrv.models.e1000 import E1000Model
 from udrv.nic import Nic, NicOptions
-from udrv import native
+from udrv import fastpath
 from udrv.drivers import e1000 as drv
 from udrv.drivers.e1000 import E1000
 
@@ -25,7 +25,7 @@ E1000Native = E1000.c_variant()     # the same driver on the C ring
 VARIANTS = ("82540em", "82574l")
 IMPLS = [pytest.param(E1000, id="py"),
          pytest.param(E1000Native, id="c", marks=pytest.mark.skipif(
-             not native.available(), reason=f"C fast path not built: {native.why_unavailable()}"))]
+             not fastpath.available(), reason=f"C fast path not built: {fastpath.why_unavailable()}"))]
 MODEL_MAC = bytes.fromhex("525400123456")
 PEER = bytes.fromhex("02aabbccdd01")
 NEW_MAC = bytes.fromhex("02c0ffee0001")
@@ -758,7 +758,7 @@ def _traffic_script(r: Rig) -> None:
     r.pump(10)
 
 
-@pytest.mark.skipif(not native.available(), reason="C fast path not built")
+@pytest.mark.skipif(not fastpath.available(), reason="C fast path not built")
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_c_ring_and_python_ring_give_identical_frames(watchdog, variant):
     results = []
@@ -776,7 +776,7 @@ def test_c_ring_and_python_ring_give_identical_frames(watchdog, variant):
     assert len(py[1]) > 40 and py[6] == 0
 
 
-@pytest.mark.skipif(not native.available(), reason="C fast path not built")
+@pytest.mark.skipif(not fastpath.available(), reason="C fast path not built")
 def test_c_ring_writes_rx_frames_to_the_tap_fd():
     import os
     import socket

@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from udrv import native, offload
+from udrv import fastpath, offload
 from udrv.drivers.e1000 import E1000
 from udrv.models.e1000 import E1000Model
 from udrv.models.pci import ModelPciTransport
@@ -21,7 +21,7 @@ from udrv.nic import Nic, NicOptions
 
 E1000Native = E1000.c_variant()     # the same driver on the C ring
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="C fast path not built")
+pytestmark = pytest.mark.skipif(not fastpath.available(), reason="C fast path not built")
 
 MODEL_MAC = bytes.fromhex("525400123456")
 PEER = bytes.fromhex("02aabbccdd01")
@@ -440,7 +440,7 @@ def test_the_kernel_tap_takes_a_super_frame():
 
 
 def test_the_operator_can_turn_rx_coalescing_off(monkeypatch):
-    from udrv.native import rx_coalesce_allowed
+    from udrv.fastpath import rx_coalesce_allowed
     assert rx_coalesce_allowed(12) and not rx_coalesce_allowed(0)      # no vnet header: nothing to say GSO with
     monkeypatch.setenv("UDRV_RX_COALESCE", "0")
     assert not rx_coalesce_allowed(12)

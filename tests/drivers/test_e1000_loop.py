@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from udrv import native
+from udrv import fastpath
 from udrv.errors import DeviceGone
 from udrv.models.pci import ModelPciTransport
 from udrv.models.e1000 import E1000Model
@@ -25,7 +25,7 @@ from frames import FakeTap, plain
 
 E1000Native = E1000.c_variant()     # the same driver on the C ring
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="C fast path not built")
+pytestmark = pytest.mark.skipif(not fastpath.available(), reason="C fast path not built")
 
 # 8254x register offsets, from the manual (the test's own copy: it checks the driver's)
 RDH, RDT, TDH, TDT = 0x2810, 0x2818, 0x3810, 0x3818

@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from udrv import native
+from udrv import fastpath
 from udrv.datapath import Capabilities, Datapath, DatapathReport, TapCounts
 from udrv.drivers.e1000 import E1000, E1000Codec
 from udrv.models.e1000 import E1000Model
@@ -24,7 +24,7 @@ from udrv.pcitransport import MmioRegion
 
 from frames import FakeTap, plain
 
-needs_c = pytest.mark.skipif(not native.available(), reason="C fast path not built")
+needs_c = pytest.mark.skipif(not fastpath.available(), reason="C fast path not built")
 
 # 8254x ring registers (the test's own copy, from the manual) and igb's queue 0
 E1000_RING = {0x2800: "RDBAL", 0x2804: "RDBAH", 0x2808: "RDLEN", 0x2810: "RDH", 0x2818: "RDT",
@@ -226,7 +226,7 @@ def test_the_engine_follows_fast_path_and_answers_the_datapath_contract(monkeypa
         assert e.report() == DatapathReport(tx_offload={"csum": 0, "tso": 0, "software": 0})
     finally:
         r.close()
-    if not native.available():
+    if not fastpath.available():
         return
     tap = FakeTap(False)
     monkeypatch.setenv("UDRV_E1000_LOOP", "0")

@@ -395,8 +395,8 @@ def guest_fecm(out: Path) -> None:
 
         # the usbfs floor the benches measure: real OUT transfers, counted by the gadget's netdev
         report["stage"] = "usbfs floor"
-        from udrv import native
-        if native.available():
+        from udrv import fastpath
+        if fastpath.available():
             rx0 = netdev_stat(gif, "rx_packets", PEER_NS)
             from udrv.bench.cdc_ecm import VID, PID, usbfs_floor
             assert (VID, PID) == (GADGET_VID, GADGET_PID)

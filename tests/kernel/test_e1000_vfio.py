@@ -226,8 +226,8 @@ if pytest is not None:
 
     def test_traffic_both_ways_counted_at_the_peer(run):
         _ok(run)
-        from udrv import native
-        assert run["implementation"] == ("E1000Native" if native.available() else "E1000")
+        from udrv import fastpath
+        assert run["implementation"] == ("E1000Native" if fastpath.available() else "E1000")
         assert run["mac"].startswith("52:54:00") and run["link"]["up"] and run["link"]["speed"] == 1000
         assert run["echo_back"] == run["echo_sent"], run
         d = run["status_delta"]
@@ -235,7 +235,7 @@ if pytest is not None:
         assert d["tx_bytes"] > sum([18, 100, 470, 1000, 1472] * 6), d
         peer = run["_peer"]       # the TAP's own counters: its rx is what the guest sent
         assert peer["rx_packets"] >= run["echo_sent"] and peer["tx_packets"] >= run["echo_back"], peer
-        if native.available():    # the whole turn looped in C on vfio-pci (native/pci_loop.c)
+        if fastpath.available():    # the whole turn looped in C on vfio-pci (native/pci_loop.c)
             loop = run["c_loop"]
             assert loop and loop["rx"] >= run["echo_sent"] and loop["tap_in"] >= run["echo_sent"], loop
             assert loop["sleeps"] > 0 and loop["turns"] > loop["sleeps"], loop

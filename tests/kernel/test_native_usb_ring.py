@@ -1,4 +1,4 @@
-"""Kernel tier: the C USB ring (udrv.native.NativeUsbRing) on a real USB device.
+"""Kernel tier: the C USB ring (udrv.usbring.NativeUsbRing) on a real USB device.
 
 The device is the kernel's own CDC-ECM function (configfs f_ecm) on dummy_hcd; its host side is
 claimed through python-libusb1 (the kernel's cdc_ether, if loaded, is detached), the data
@@ -167,15 +167,15 @@ def _tx_stall_clock(ring: Any, tap_sock: socket.socket, tap_mac: bytes, gad_mac:
 
 
 def guest_main() -> dict[str, Any]:
-    from udrv import native
+    from udrv import fastpath, usbring
     from udrv.testbed import ecm_gadget, modprobe, wait_host_device
     from udrv.journal import TxJournal
     from udrv.libusb import LibusbTransport, UsbSelector
     from udrv.tap import Tap
     from udrv.usbtransport import EpType
 
-    report: dict[str, Any] = {"native": native.available(), "why": native.why_unavailable()}
-    if not native.available():
+    report: dict[str, Any] = {"native": fastpath.available(), "why": fastpath.why_unavailable()}
+    if not fastpath.available():
         return report
     for conf in ("all", "default"):          # no IPv6 chatter on the interfaces we count
         Path(f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6").write_text("1\n")
@@ -203,7 +203,7 @@ def guest_main() -> dict[str, Any]:
     tap.set_up(True)
     journal = TxJournal(256)
     driver = EcmStub(t, ep_in, ep_out, ep_status)
-    ring = native.make_usb_datapath(driver, journal, tap.fd, n_rx=8, n_tx=8, zero_packet=True)
+    ring = usbring.make_usb_datapath(driver, journal, tap.fd, n_rx=8, n_tx=8, zero_packet=True)
     ring.start()
 
     def sock(ifname: str) -> socket.socket:
@@ -289,9 +289,9 @@ except ImportError:        # the guest side runs without pytest
 
 
 def _report(guest) -> dict[str, Any]:
-    from udrv import native
-    if not native.available():
-        pytest.skip(f"the C fast path is not built: {native.why_unavailable()}")
+    from udrv import fastpath, usbring
+    if not fastpath.available():
+        pytest.skip(f"the C fast path is not built: {fastpath.why_unavailable()}")
     res = guest.run([guest.python, str(Path(__file__).resolve()), "guest"], timeout=180)
     lines = [ln for ln in res.output.splitlines() if ln.startswith(REPORT_PREFIX)]
     assert res.returncode == 0 and lines, f"guest run failed ({res.returncode}):\n{res.output[-3000:]}"

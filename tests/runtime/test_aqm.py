@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from udrv import native
+from udrv import fastpath
 from udrv.drivers.e1000 import E1000
 from udrv.journal import HEADER, TxJournal, mark_ce
 from udrv.models.pci import ModelPciTransport
@@ -231,7 +231,7 @@ def test_drop_only_when_ecn_is_off() -> None:
 
 # --- C and Python run one CoDel ------------------------------------------------------------------
 
-@pytest.mark.skipif(not native.available(), reason="C fast path not built")
+@pytest.mark.skipif(not fastpath.available(), reason="C fast path not built")
 @pytest.mark.parametrize("seed", range(4))
 def test_c_and_python_give_the_same_verdicts_on_one_journal(seed: int) -> None:
     """The C rings and the Python datapaths take turns on one journal (and a worker process may
@@ -242,7 +242,7 @@ def test_c_and_python_give_the_same_verdicts_on_one_journal(seed: int) -> None:
     shared = TxJournal(256, 128)
     shared.clock = clock
     shared.set_aqm(interval=0.02)
-    c = native.NativeJournal(shared)
+    c = fastpath.NativeJournal(shared)
     try:
         for step in range(6000):
             clock.t += rng.choice((0, 100_000, MS, 3 * MS))
@@ -330,7 +330,7 @@ def _run_until_confirmed(nic: Nic) -> None:
             return
 
 
-DATAPATHS = ["pegasus", "e1000-python"] + (["e1000-c"] if native.available() else [])
+DATAPATHS = ["pegasus", "e1000-python"] + (["e1000-c"] if fastpath.available() else [])
 
 
 @pytest.mark.parametrize("kind", DATAPATHS)

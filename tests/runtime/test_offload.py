@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from udrv import native, offload
+from udrv import fastpath, offload
 from udrv.journal import HEADER, TxJournal
 
 from journal_bytes import unstamped
@@ -30,7 +30,7 @@ E1000Native = E1000.c_variant()     # the same driver on the C ring
 
 IMPLS = [pytest.param(E1000, id="py"),
          pytest.param(E1000Native, id="c", marks=pytest.mark.skipif(
-             not native.available(), reason=f"C fast path not built: {native.why_unavailable()}"))]
+             not fastpath.available(), reason=f"C fast path not built: {fastpath.why_unavailable()}"))]
 VARIANTS = ("82540em", "82574l")
 from frames import (ACK, CWR, FIN, MODEL_MAC, PEER, PSH, check_segmentation, csum_tcp, csum_udp, gso_tcp,
                     inet_sum, mixed_items, parse_tcp_wire, payload_bytes, pseudo)
@@ -136,10 +136,10 @@ def test_journal_vnet_slots() -> None:
         j.close()
 
 
-@pytest.mark.skipif(not native.available(), reason="C fast path not built")
+@pytest.mark.skipif(not fastpath.available(), reason="C fast path not built")
 def test_journal_vnet_slots_same_in_c() -> None:
     """native/journal.c writes and reads vnet slots byte for byte like udrv/journal.py."""
-    ffi, lib = native.ffi, native.lib
+    ffi, lib = fastpath.ffi, fastpath.lib
     h, f = gso_tcp(payload_bytes(700))
     a, b = TxJournal(8, 2048), TxJournal(8, 2048)
     cj = ffi.new("struct udrv_journal *")
@@ -310,7 +310,7 @@ def test_fallback_equals_offload_on_the_wire(impl, variant) -> None:
 
 
 
-@pytest.mark.skipif(not native.available(), reason="C fast path not built")
+@pytest.mark.skipif(not fastpath.available(), reason="C fast path not built")
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_python_and_c_rings_put_the_same_bytes_on_the_wire(variant: str) -> None:
     """Both implementations, every kind of request (TSO v4 behind a VLAN tag, v6, ECN, UDP
@@ -651,12 +651,12 @@ def test_real_kernel_tcp_stream_through_tso(cls) -> None:
 
 
 # --- the C software offloads of the USB rings (native/gso.c) against udrv.offload -------------------------
-C_ONLY = pytest.mark.skipif(not native.available(), reason=f"C fast path not built: {native.why_unavailable()}")
+C_ONLY = pytest.mark.skipif(not fastpath.available(), reason=f"C fast path not built: {fastpath.why_unavailable()}")
 
 
 def c_gso(h: VnetHdr, f: bytes) -> tuple[int, list[bytes]]:
     """(plan result, wire frames) from native/gso.c."""
-    ffi, lib = native.ffi, native.lib
+    ffi, lib = fastpath.ffi, fastpath.lib
     g = ffi.new("struct udrv_gso *")
     rc = lib.udrv_gso_plan(h.pack(), f, len(f), g)
     if rc != lib.UDRV_GSO_OK:
@@ -680,7 +680,7 @@ def test_c_segmentation_is_byte_for_byte_the_software_one(ipv6: bool, size: int,
     data = payload_bytes(size, salt=size)
     h, f = gso_tcp(data, mss=mss, ipv6=ipv6, flags=ACK | PSH | FIN, seq=0xFFFFF000, ident=0xFFFE, vlan=vlan)
     rc, wire = c_gso(h, f)
-    assert rc == native.lib.UDRV_GSO_OK
+    assert rc == fastpath.lib.UDRV_GSO_OK
     assert wire == offload.resolve(h, f)
     if size:
         check_segmentation(wire, data, mss, 0xFFFFF000, 0xFFFE, ACK | PSH | FIN, ipv6=ipv6)
@@ -692,7 +692,7 @@ def test_c_checksum_fill_is_the_software_one(ipv6: bool) -> None:
     for n in (0, 1, 2, 3, 7, 8, 17, 31, 32, 33, 1400, 1472):
         h, f = csum_udp(payload_bytes(n, salt=n), ipv6=ipv6)
         rc, wire = c_gso(h, f)
-        assert rc == native.lib.UDRV_GSO_OK and wire == offload.resolve(h, f), n
+        assert rc == fastpath.lib.UDRV_GSO_OK and wire == offload.resolve(h, f), n
     h, f = csum_tcp(payload_bytes(999))
     assert c_gso(h, f)[1] == offload.resolve(h, f)
     plain = f[:200]
@@ -701,7 +701,7 @@ def test_c_checksum_fill_is_the_software_one(ipv6: bool) -> None:
 
 @C_ONLY
 def test_c_plan_refuses_what_it_cannot_carry_out() -> None:
-    lib = native.lib
+    lib = fastpath.lib
     h, f = gso_tcp(payload_bytes(5000))
     bad = [VnetHdr(F_NEEDS_CSUM, GSO_NONE, 0, 0, len(f), 6),                # checksum start past the end
            VnetHdr(F_NEEDS_CSUM, GSO_NONE, 0, 0, 34, len(f)),                # field past the end

@@ -7,13 +7,13 @@ import logging
 
 import pytest
 
-from udrv import cli, native, registry, service
+from udrv import cli, fastpath, registry, service
 from udrv.drivers.cdc_ecm import CdcEcm
 from udrv.drivers.e1000 import E1000, E1000Native
 from udrv.drivers.pegasus import Pegasus
 from udrv.errors import UdrvError
 
-needs_c = pytest.mark.skipif(not native.available(), reason=native.why_unavailable() or "-")
+needs_c = pytest.mark.skipif(not fastpath.available(), reason=fastpath.why_unavailable() or "-")
 
 
 @pytest.fixture
@@ -32,9 +32,9 @@ def opened():
 @pytest.fixture
 def no_fast_path(monkeypatch):
     """udrv._native as if it were not built, and the once-per-process warning not given yet."""
-    monkeypatch.setattr(native, "lib", None)
-    monkeypatch.setattr(native, "_IMPORT_ERROR", "No module named 'udrv._native'")
-    monkeypatch.setattr(native, "_BUILD_NOTES", ("/nonexistent/build-error.txt",))
+    monkeypatch.setattr(fastpath, "lib", None)
+    monkeypatch.setattr(fastpath, "_IMPORT_ERROR", "No module named 'udrv._native'")
+    monkeypatch.setattr(fastpath, "_BUILD_NOTES", ("/nonexistent/build-error.txt",))
     monkeypatch.setattr(registry, "_warned_no_fast_path", False)
     monkeypatch.delenv("UDRV_DATAPATH", raising=False)
 
@@ -85,7 +85,7 @@ def test_without_the_fast_path_the_python_ring_runs_with_one_warning_that_says_w
         assert opened("model:e1000").implementations == (E1000,)
     warnings = [r.getMessage() for r in caplog.records if "no-fast-path" in r.getMessage()]
     assert len(warnings) == 1
-    assert "e1000" in warnings[0] and native.why_unavailable() in warnings[0]
+    assert "e1000" in warnings[0] and fastpath.why_unavailable() in warnings[0]
 
 
 def test_udrv_datapath_python_asks_for_python_without_a_warning(no_fast_path, monkeypatch, caplog):

@@ -12,7 +12,7 @@ import struct
 
 import pytest
 
-from udrv import native
+from udrv import fastpath
 from udrv.journal import HEADER, SLOT_HEADER
 
 from journal_bytes import unstamped_slot
@@ -26,7 +26,7 @@ from frames import FakeTap, csum_udp, gso_tcp, mixed_items, payload_bytes, plain
 
 E1000Native = E1000.c_variant()     # the same driver on the C ring
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="C fast path not built")
+pytestmark = pytest.mark.skipif(not fastpath.available(), reason="C fast path not built")
 
 
 class Rig:

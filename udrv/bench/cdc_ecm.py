@@ -5,7 +5,7 @@ same configfs f_ecm gadget (dummy_hcd), in one guest boot, so the ratio compares
 
 Inside the guest, for each datapath: the gadget's usb0 sits in a peer namespace (10.78.0.2) and
 runs the iperf3 server; the host side (10.78.0.1) is first the kernel's cdc_ether netdev, then
-udrv0 with the pure-Python UsbNetEngine, then (when `udrv.native` is built) udrv0 with the C
+udrv0 with the pure-Python UsbNetEngine, then (when the C fast path is built) udrv0 with the C
 NativeUsbRing, both run by `udrv run` (the C ring reads the TAP, writes RX frames to it and
 runs its turns in a C loop). TX = host -> gadget, RX = gadget -> host (-R). The C ring runs
 --rounds times (default 3), each round after a kernel run, and the kernel runs once more at the
@@ -341,8 +341,8 @@ def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool
                "--duration", "600"]
         variants = [("python", run, {"UDRV_DATAPATH": "python"})] if python else []
         try:
-            from udrv import native
-            if native.available():
+            from udrv import fastpath
+            if fastpath.available():
                 if no_coalesce:
                     variants.append(("native-nocoalesce", run, {"UDRV_RX_COALESCE": "0"}))
                 if no_offload:
@@ -355,7 +355,7 @@ def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool
                     variants.append((f"{AQM_VARIANT}{setting}", run, {"UDRV_AQM": setting}))
                 variants.append(("native", run, {}))
             else:
-                res["native_unavailable"] = native.why_unavailable()
+                res["native_unavailable"] = fastpath.why_unavailable()
         except ImportError as e:
             res["native_unavailable"] = str(e)
         for name, cmd, env in variants:

@@ -4,7 +4,7 @@ For each frame size (64 B and 1500 B by default) and framing, one "frame" is an 
 frame plus a decode_rx of a received transfer holding a frame of the same size:
 
   python   udrv.framing.Framing.encode_tx + decode_rx, called from Python
-  cffi     udrv.native.NativeFraming (the C code called once per frame from Python)
+  cffi     udrv.fastpath.NativeFraming (the C code called once per frame from Python)
   c-loop   the same C functions in a C loop (what the USB ring pays per frame: no Python at all)
 
     python3 -m udrv.bench.framing [--seconds 1.0] [--sizes 64,1500] [--framing pegasus|adm8513|raw]
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import native
+from .. import fastpath, usbring
 from ..drivers.pegasus import FRAMING_ADM8513, FRAMING_TRAILER
 from ..framing import Framing, Shape
 
@@ -68,8 +68,8 @@ def rate(fn: Callable[[], None], seconds: float) -> float:
     return best
 
 
-def c_loop_rate(nf: "native.NativeFraming", frame: bytes, rx: bytes, seconds: float) -> float:
-    ffi, lib = native.ffi, native.lib
+def c_loop_rate(nf: "fastpath.NativeFraming", frame: bytes, rx: bytes, seconds: float) -> float:
+    ffi, lib = fastpath.ffi, fastpath.lib
     rxbuf = ffi.new("uint8_t[]", rx)
     iters = 10_000
     while True:               # grow until one run takes a measurable slice of the budget
@@ -84,7 +84,7 @@ def c_loop_rate(nf: "native.NativeFraming", frame: bytes, rx: bytes, seconds: fl
 
 def bench(framing_name: str, sizes: list[int], seconds: float) -> list[dict]:
     fr = FRAMINGS[framing_name]
-    nf = native.NativeFraming(fr)
+    nf = fastpath.NativeFraming(fr)
     rows = []
     for size in sizes:
         frame = bytes((i * 7) & 0xFF for i in range(size))
@@ -211,7 +211,7 @@ def usb_guest_inner(seconds: float) -> dict[str, Any]:
         if name == "native_ring":
             # as many transfers in flight as the kernel's usbnet keeps at high speed (~60 each way):
             # dummy_hcd moves only what is queued when its timer ticks
-            dp: Any = native.make_usb_datapath(driver, journal, tap.fd, n_rx=64, n_tx=64, zero_packet=True)
+            dp: Any = usbring.make_usb_datapath(driver, journal, tap.fd, n_rx=64, n_tx=64, zero_packet=True)
 
             def loop() -> None:      # the GIL is released while C waits and works
                 while not stop.is_set():
@@ -297,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smp", type=int, default=1, help="guest vCPUs (default 1)")
     ap.add_argument("--kernel-args", default="", help="extra guest kernel command line (e.g. mitigations=off)")
     a = ap.parse_args(argv)
-    if not native.available():
-        print(f"bench_native: {native.why_unavailable()}", file=sys.stderr)
+    if not fastpath.available():
+        print(f"bench_native: {fastpath.why_unavailable()}", file=sys.stderr)
         return 2
     if a.usb_guest_inner:
         print(REPORT_PREFIX + json.dumps(usb_guest_inner(a.iperf_seconds)), flush=True)

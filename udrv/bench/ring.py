@@ -43,11 +43,11 @@ DST = bytes.fromhex("02c0ffee0001")
 
 def _native() -> tuple[Any, Any]:
     """The runtime's C (the journal, the C ring), once the bench C it is measured with loads too."""
-    from .. import native
-    if not native.available():
-        raise UdrvError(f"the e1000 benches need the C fast path: {native.why_unavailable()}")
+    from .. import fastpath
+    if not fastpath.available():
+        raise UdrvError(f"the e1000 benches need the C fast path: {fastpath.why_unavailable()}")
     _rigs()
-    return native.ffi, native.lib
+    return fastpath.ffi, fastpath.lib
 
 
 def _rigs() -> tuple[Any, Any]:

@@ -46,9 +46,9 @@ def why_unavailable() -> str:
     """Empty when udrv._rigs loads, otherwise why not and what to do about it."""
     if lib is not None:
         return ""
-    from .. import native
-    if not native.available():
-        return f"udrv._rigs needs udrv._native, which does not load: {native.why_unavailable()}"
+    from .. import fastpath
+    if not fastpath.available():
+        return f"udrv._rigs needs udrv._native, which does not load: {fastpath.why_unavailable()}"
     note = _install_note() if "_rigs" in _IMPORT_ERROR else None
     if note:
         return f"udrv._rigs is not built. At install time: {note}"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from udrv import native
+from udrv import fastpath, usbring
 from udrv.drivers.pegasus import FRAMING_ADM8513, FRAMING_TRAILER
 from udrv.errors import UdrvError
 from udrv.framing import ETH_MIN, Framing, Shape
@@ -25,7 +25,7 @@ from udrv.journal import HEADER, JournalFull, TxJournal
 
 from journal_bytes import unstamped
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=native.why_unavailable() or "native available")
+pytestmark = pytest.mark.skipif(not fastpath.available(), reason=fastpath.why_unavailable() or "native available")
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,7 +94,7 @@ def rx_cases(fr: Framing, rng: random.Random) -> list[bytes]:
 @pytest.mark.parametrize("name", sorted(FRAMINGS))
 def test_decode_rx_matches_python(name: str) -> None:
     fr = FRAMINGS[name]
-    nf = native.NativeFraming(fr)
+    nf = fastpath.NativeFraming(fr)
     seen: set[str] = set()
     for buf in rx_cases(fr, random.Random(name)):
         want = fr.decode_rx(buf)
@@ -112,7 +112,7 @@ def test_decode_rx_matches_python(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(FRAMINGS))
 def test_encode_tx_matches_python(name: str) -> None:
     fr = FRAMINGS[name]
-    nf = native.NativeFraming(fr)
+    nf = fastpath.NativeFraming(fr)
     rng = random.Random(name)
     sizes = list(range(0, 140)) + [510, 511, 512, 513, 1022, 1024, 1514, 1536, 2046, 2048, 4096, 65533, 65535]
     sizes += [rng.randrange(0, 3000) for _ in range(300)]
@@ -128,17 +128,17 @@ def test_encode_tx_refuses_what_python_refuses() -> None:
         with pytest.raises(ValueError):
             fr.encode_tx(big)
         with pytest.raises(ValueError):
-            native.NativeFraming(fr).encode_tx(big)
+            fastpath.NativeFraming(fr).encode_tx(big)
     raw = Framing(Shape.RAW, pad_rule=512)
-    assert native.NativeFraming(raw).encode_tx(big + b"\x01") == raw.encode_tx(big + b"\x01")
+    assert fastpath.NativeFraming(raw).encode_tx(big + b"\x01") == raw.encode_tx(big + b"\x01")
 
 
 def test_framing_limits_are_reported() -> None:
     too_many = Framing(Shape.TRAILER4, rx_error_bits=tuple((1 << (i % 8), f"r{i}") for i in range(9)))
     with pytest.raises(ValueError, match="at most 8"):
-        native.NativeFraming(too_many)
+        fastpath.NativeFraming(too_many)
     with pytest.raises(ValueError, match="pad_rule"):
-        native.NativeFraming(Framing(Shape.RAW, pad_rule=-1))
+        fastpath.NativeFraming(Framing(Shape.RAW, pad_rule=-1))
 
 
 # --- journal ------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def test_journal_c_and_python_interleaved(seed: int) -> None:
     nslots, slot_size = 8, 96
     ref = TxJournal(nslots, slot_size)
     shared = TxJournal(nslots, slot_size)
-    c = native.NativeJournal(shared)
+    c = fastpath.NativeJournal(shared)
     try:
         for step in range(4000):
             op = rng.choice(("append", "append", "append", "take", "take", "confirm", "confirm",
@@ -207,7 +207,7 @@ def test_journal_c_and_python_interleaved(seed: int) -> None:
 
 def test_journal_header_bytes_identical_after_same_ops() -> None:
     a, b = TxJournal(16, 64), TxJournal(16, 64)
-    c = native.NativeJournal(b)
+    c = fastpath.NativeJournal(b)
     try:
         for i in range(10):
             a.append(bytes([i]) * (i + 14))
@@ -229,7 +229,7 @@ def test_journal_header_bytes_identical_after_same_ops() -> None:
 def test_journal_corruption_is_reported_the_same_way() -> None:
     for side in ("c", "py"):
         j = TxJournal(8, 64)
-        c = native.NativeJournal(j)
+        c = fastpath.NativeJournal(j)
         try:
             j.append(b"x" * 20)
             j.append(b"y" * 20)
@@ -251,7 +251,7 @@ def test_journal_layout_mismatch_is_refused() -> None:
         wrong = TxJournal.__new__(TxJournal)
         wrong.fd, wrong.nslots, wrong.slot_size = j.fd, 16, 64
         with pytest.raises(UdrvError, match="layout"):
-            native.NativeJournal(wrong)
+            fastpath.NativeJournal(wrong)
     finally:
         j.close()
 
@@ -259,7 +259,7 @@ def test_journal_layout_mismatch_is_refused() -> None:
 def test_python_can_close_its_journal_while_c_maps_it() -> None:
     """The C side maps the memfd itself: no exported buffer keeps Python's mmap open."""
     j = TxJournal(8, 64)
-    c = native.NativeJournal(j)
+    c = fastpath.NativeJournal(j)
     c.append(b"z" * 30)
     j.close()
     assert c.head == 1
@@ -269,7 +269,7 @@ def test_python_can_close_its_journal_while_c_maps_it() -> None:
 # --- ring plumbing ----------------------------------------------------------------------------------
 
 def _ring_cfg(journal: TxJournal, tap_fd: int) -> object:
-    cfg = native.ffi.new("struct udrv_ring_config *")
+    cfg = fastpath.ffi.new("struct udrv_ring_config *")
     cfg.ep_in, cfg.ep_out, cfg.n_rx, cfg.n_tx = 0x81, 0x02, 4, 4
     cfg.tap_fd, cfg.journal_fd = tap_fd, journal.fd
     cfg.journal_nslots, cfg.journal_slot_size = journal.nslots, journal.slot_size
@@ -277,10 +277,10 @@ def _ring_cfg(journal: TxJournal, tap_fd: int) -> object:
 
 
 def _ring_new_error(cfg, ctx: int = 1, handle: int = 1, framing: Framing = FRAMING_TRAILER) -> str:
-    ffi, lib = native.ffi, native.lib
+    ffi, lib = fastpath.ffi, fastpath.lib
     err = ffi.new("char[]", 256)
     r = lib.udrv_ring_new(ffi.cast("void *", ctx), ffi.cast("void *", handle), cfg,
-                          native.NativeFraming(framing).cstruct, err, 256)
+                          fastpath.NativeFraming(framing).cstruct, err, 256)
     assert r == ffi.NULL
     return ffi.string(err).decode()
 
@@ -310,7 +310,7 @@ def test_ring_argument_checks_say_what_to_do() -> None:
 def test_same_libusb_as_python_libusb1() -> None:
     import usb1
     with usb1.USBContext():
-        native.check_same_libusb()      # raises if two different libusb libraries are loaded
+        usbring.check_same_libusb()      # raises if two different libusb libraries are loaded
 
 
 def test_ring_needs_a_libusb_transport() -> None:
@@ -319,9 +319,9 @@ def test_ring_needs_a_libusb_transport() -> None:
     from udrv.models.pegasus import PegasusModel
     t = ModelUsbTransport(PegasusModel())
     wrapped = FaultyTransport(t, ActiveFault(FaultSpec("xmit", "raise")))
-    assert native._unwrap(wrapped) is t
-    with pytest.raises(native.NativeUnavailable, match="UsbNetEngine"):
-        native.libusb_pointers(wrapped)
+    assert usbring._unwrap(wrapped) is t
+    with pytest.raises(fastpath.NativeUnavailable, match="UsbNetEngine"):
+        usbring.libusb_pointers(wrapped)
 
 
 def test_libusb_pointers_from_python_libusb1_objects() -> None:
@@ -334,11 +334,11 @@ def test_libusb_pointers_from_python_libusb1_objects() -> None:
 
     with usb1.USBContext() as ctx:
         t = FakeTransport(ctx)
-        with pytest.raises(native.NativeUnavailable):
-            native.libusb_pointers(t)                    # no device handle
+        with pytest.raises(fastpath.NativeUnavailable):
+            usbring.libusb_pointers(t)                    # no device handle
         import ctypes
         t.handle._USBDeviceHandle__handle = ctypes.c_void_p(0x1234)
-        c, h, _, _ = native.libusb_pointers(t)
+        c, h, _, _ = usbring.libusb_pointers(t)
         assert c and h == 0x1234
 
 
@@ -355,19 +355,19 @@ def test_build_compiles_every_c_file_with_every_cdef() -> None:
     assert srcs == {p.name for p in (ROOT / "native").glob("*.c")}
     assert {"framing.h", "journal.h", "usb_ring.h"} <= set(native_build.headers_for_cdefs())
     for fn in ("udrv_encode_tx", "udrv_journal_append", "udrv_ring_pump", "udrv_ring_free"):
-        assert hasattr(native.lib, fn)
+        assert hasattr(fastpath.lib, fn)
 
 
 def test_why_unavailable_names_the_fix(monkeypatch) -> None:
-    monkeypatch.setattr(native, "lib", None)
-    monkeypatch.setattr(native, "_IMPORT_ERROR", "No module named 'udrv._native'")
-    monkeypatch.setattr(native, "_BUILD_NOTES", ("/nonexistent/build-error.txt",))
-    assert not native.available()
-    assert "pip install" in native.why_unavailable()
-    with pytest.raises(native.NativeUnavailable, match="pip install"):
-        native.NativeFraming(FRAMING_TRAILER)
-    monkeypatch.setattr(native, "_IMPORT_ERROR", "libusb-1.0.so.0: cannot open shared object file")
-    assert "libusb-1.0-0" in native.why_unavailable()
+    monkeypatch.setattr(fastpath, "lib", None)
+    monkeypatch.setattr(fastpath, "_IMPORT_ERROR", "No module named 'udrv._native'")
+    monkeypatch.setattr(fastpath, "_BUILD_NOTES", ("/nonexistent/build-error.txt",))
+    assert not fastpath.available()
+    assert "pip install" in fastpath.why_unavailable()
+    with pytest.raises(fastpath.NativeUnavailable, match="pip install"):
+        fastpath.NativeFraming(FRAMING_TRAILER)
+    monkeypatch.setattr(fastpath, "_IMPORT_ERROR", "libusb-1.0.so.0: cannot open shared object file")
+    assert "libusb-1.0-0" in fastpath.why_unavailable()
 
 
 def test_generated_c_is_not_next_to_the_sources() -> None:
