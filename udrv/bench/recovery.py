@@ -19,18 +19,22 @@ class GuardOverhead:
     def ratio(self) -> float:
         return statistics.median(a / b for a, b in zip(self.on_fps, self.off_fps))
 
+    def setup(self) -> str:
+        """What was measured (the first line of the report)."""
+        return (f"guard overhead, pegasus driver on the pegasus model, {self.frames} frames of {self.size} B "
+                f"TX + RX per round, {len(self.on_fps)} interleaved rounds")
+
     def report(self) -> str:
         on, off = statistics.median(self.on_fps), statistics.median(self.off_fps)
         pairs = [a / b for a, b in zip(self.on_fps, self.off_fps)]
-        return (f"guard overhead, pegasus driver on the pegasus model, {self.frames} frames of {self.size} B "
-                f"TX + RX per round, {len(self.on_fps)} interleaved rounds\n"
+        return (f"{self.setup()}\n"
                 f"  guards on : {on:,.0f} frames/s (median)\n"
                 f"  guards off: {off:,.0f} frames/s (median)\n"
                 f"  ratio on/off = {self.ratio:.3f} (median of per-round ratios; range {min(pairs):.3f}..{max(pairs):.3f};"
                 f" target >= 0.98)\n  (CPU time of this process, so other load on the machine disturbs it less)\n"
                 f"  cross-check: a guarded call costs {self.guard_ns:.0f} ns more than a bare one (min of repeats), "
-                f"{self.calls_per_frame:.2f} guarded calls per frame, {1e9 / statistics.median(self.off_fps):.0f} ns "
-                f"per frame unguarded -> expected ratio {self.expected_ratio:.4f}")
+                f"{self.calls_per_frame:.3f} guarded calls per frame, {1e9 / off:.0f} ns per frame unguarded -> "
+                f"expected ratio {self.expected_ratio:.4f}")
 
     @property
     def expected_ratio(self) -> float:

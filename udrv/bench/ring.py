@@ -621,21 +621,12 @@ def tap_forward(frames: int = 20000, rounds: int = 7, size: int = 64, batch: int
 class E1000GuardOverhead(GuardOverhead):
     impl: str = "E1000Native (C ring)"
 
-    def report(self) -> str:
-        on, off = statistics.median(self.on_fps), statistics.median(self.off_fps)
-        pairs = [a / b for a, b in zip(self.on_fps, self.off_fps)]
+    def setup(self) -> str:
         return (f"guard overhead, e1000 driver ({self.impl}) with the device side stubbed in C (TX looped back "
                 f"into RX; see `udrv bench ring`), RX frames written from C to /dev/null, {self.frames} frames of "
                 f"{self.size} B TX + RX per round, {len(self.on_fps)} interleaved rounds; Nic.enqueue (batches of 32)"
                 f" + Nic.xmit/Nic.poll, no watchdog thread (as the pegasus bench); one NIC, its guard switched on and "
-                f"off (Guard.enabled) every {SEGMENT} frames inside each round\n"
-                f"  guards on : {on:,.0f} frames/s (median)\n"
-                f"  guards off: {off:,.0f} frames/s (median)\n"
-                f"  ratio on/off = {self.ratio:.3f} (median of per-round ratios; range {min(pairs):.3f}..{max(pairs):.3f};"
-                f" target >= 0.98)\n  (CPU time of this process, so other load on the machine disturbs it less)\n"
-                f"  cross-check: a guarded call costs {self.guard_ns:.0f} ns more than a bare one (min of repeats), "
-                f"{self.calls_per_frame:.3f} guarded calls per frame, {1e9 / off:.0f} ns per frame unguarded -> "
-                f"expected ratio {self.expected_ratio:.4f}")
+                f"off (Guard.enabled) every {SEGMENT} frames inside each round")
 
 
 SEGMENT = 1024     # guard bench: frames per on/off segment (segments alternate inside a round)
