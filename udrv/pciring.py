@@ -1,4 +1,4 @@
-"""The PCI ring engine's C implementation: udrv.pcinet.PciRing with the per-frame work in C.
+"""The PCI ring engine's C implementation: udrv.pciengine.PciRing with the per-frame work in C.
 
 native/pci_ring.c does RX harvest (frames go straight to the TAP fd with write(), or in batches
 to the Python sink), TX fill from the journal's memory and TX reclaim. Those functions touch
@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import fastpath, offload
 from .datapath import Capabilities, DatapathCounters, DatapathReport, TapCounts
 from .driver import FrameSink
 from .errors import DriverFault, UdrvError
-from .pcinet import PciNetDriver, PciNetError, PciRing, RingMemory, TxPiece
+from .pciengine import PciNetError, PciRing, RingMemory, TxPiece
+
+if TYPE_CHECKING:
+    from .pcinet import PciNetDriver
 
 _RX_REASONS = ("no_eop", "zero_length", "oversize", "rx_error", "runt", "dd_not_armed", "completion_lost")
 _TX_REASONS = ("runt", "oversize", "excess_collisions", "late_collision", "completion_lost", "dd_not_armed")

@@ -19,7 +19,8 @@ from udrv.drivers.e1000 import E1000, E1000Codec
 from udrv.models.e1000 import E1000Model
 from udrv.models.pci import ModelPciTransport
 from udrv.nic import Nic, NicOptions
-from udrv.pcinet import PciNetError, PciRing, RingRegs
+from udrv.pciengine import PciNetError, PciRing
+from udrv.pcinet import RingRegs
 from udrv.pcitransport import MmioRegion
 
 from frames import FakeTap, plain

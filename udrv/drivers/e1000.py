@@ -3,7 +3,7 @@
 Device knowledge only, polled (no interrupts), legacy descriptors on one RX and one TX queue;
 on TX also TCP/IP context + extended data descriptors for what the host's TAP leaves undone
 (checksum offload, TCP segmentation: `offloads`, see udrv.offload). The framework's PCI ring
-engine (udrv.pcinet; its C implementation udrv.pciring) moves the frames through the ring
+engine (udrv.pcinet, udrv.pciengine; in C udrv.pciring) moves the frames through the ring
 registers and the descriptor codec declared here; the guard makes every entry point a
 transaction. Facts from Intel's 8254x and 82574 software developer's manuals as summarised in
 docs/reference/e1000.md, cross-read against Linux e1000/e1000e, QEMU and DPDK; written here
