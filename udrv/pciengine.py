@@ -21,7 +21,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from . import offload
 from .datapath import Capabilities, DatapathCounters, DatapathDefaults, DatapathReport
@@ -29,15 +29,30 @@ from .driver import FrameSink
 from .errors import DriverFault, UdrvError
 from .pcitransport import DmaBuffer, PciTransport
 
-if TYPE_CHECKING:
-    from .pcinet import PciNetDriver
-
 ALL_ONES = 0xFFFFFFFF
 ETH_HLEN = 14
 
 
 class PciNetError(UdrvError):
     """The ring engine refused what a PCI driver declared or the memory it was given."""
+
+
+class RingDriver(Protocol):
+    """What the ring engine needs of its driver (udrv.pcinet.PciNetDriver gives it)."""
+    name: str
+    pci: PciTransport
+    soft: Any                    # udrv.pcinet.RingSoft: mtu, opened, ...
+    rings: RingMemory | None     # allocated and programmed by the driver's open()
+    ring_epoch: int              # bumped whenever the ring registers are (re)programmed
+    ring_regs: Any               # udrv.pcinet.RingRegs
+    codec: Any                   # udrv.pcinet.RingCodec
+    offloads: frozenset[str]
+
+    def rd(self, reg: int) -> int: ...
+    def wr(self, reg: int, value: int) -> None: ...
+    def check_alive(self) -> None: ...
+    def restart_tx_queue(self) -> None: ...
+    def reprogram_rings(self) -> None: ...
 
 
 # --- DMA memory for the rings -------------------------------------------------------------------
@@ -144,7 +159,7 @@ class PciRing(DatapathDefaults):
 
     caps = Capabilities(handles_vnet=True)   # journal entries may carry a virtio-net header
 
-    def __init__(self, driver: PciNetDriver, journal: Any, sink: FrameSink,
+    def __init__(self, driver: RingDriver, journal: Any, sink: FrameSink,
                  on_progress: Callable[[], None] | None = None):
         self.driver = driver
         self.journal = journal

@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from . import fastpath, offload
 from .datapath import Capabilities, DatapathCounters, DatapathReport, TapCounts
 from .driver import FrameSink
 from .errors import DriverFault, UdrvError
-from .pciengine import PciNetError, PciRing, RingMemory, TxPiece
-
-if TYPE_CHECKING:
-    from .pcinet import PciNetDriver
+from .pciengine import PciNetError, PciRing, RingDriver, RingMemory, TxPiece
 
 _RX_REASONS = ("no_eop", "zero_length", "oversize", "rx_error", "runt", "dd_not_armed", "completion_lost")
 _TX_REASONS = ("runt", "oversize", "excess_collisions", "late_collision", "completion_lost", "dd_not_armed")
@@ -57,7 +54,7 @@ class PciNativeRing(PciRing):
     poll_interval = 0.001        # an empty C-loop turn sleeps this long: the device offers no event fd
     tap_budget = 64              # TAP frames read per turn
 
-    def __init__(self, driver: PciNetDriver, journal: Any, sink: FrameSink,
+    def __init__(self, driver: RingDriver, journal: Any, sink: FrameSink,
                  on_progress: Callable[[], None] | None = None, tap_fd: int | None = None):
         fastpath.require()
         ffi, lib = fastpath.ffi, fastpath.lib
