@@ -155,6 +155,7 @@ class RingSoft:
     tx_count: int = 8
     rx_bufsize: int = 2048
     tx_bufsize: int = 2048
+    opened: bool = False
     rx_ring_iova: int = 0                # 0 = no rings allocated
     tx_ring_iova: int = 0
     rx_buf_iova: int = 0
@@ -283,7 +284,7 @@ class PciNetDriver(NetDriver):
         broken = [f"{what} ring of {n} descriptors is not a multiple of {b.align} in {b.min}..{b.max} "
                   f"(ring length must be a multiple of {b.align * self.codec.desc_size} bytes)"
                   for what, n in (("RX", s.rx_count), ("TX", s.tx_count)) if not b.holds(n)]
-        if getattr(s, "opened", False):
+        if s.opened:
             r = self.rings
             if r is None:
                 broken.append("open but no rings allocated")

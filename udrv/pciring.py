@@ -28,6 +28,7 @@ from . import fastpath, offload
 from .datapath import Capabilities, DatapathCounters, DatapathReport, TapCounts
 from .driver import FrameSink
 from .errors import DriverFault, UdrvError
+from .tap import tap_behind
 from .pciengine import PciNetError, PciRing, RingDriver, RingMemory, TxPiece
 
 _RX_REASONS = ("no_eop", "zero_length", "oversize", "rx_error", "runt", "dd_not_armed", "completion_lost")
@@ -37,14 +38,14 @@ _TX_REASONS = ("runt", "oversize", "excess_collisions", "late_collision", "compl
 def tap_fd_of(sink: Any) -> int | None:
     """The fd behind a sink that is a TAP's bound `write` (what the daemon passes): the C ring
     then writes RX frames to it itself, without calling Python per frame."""
-    owner = getattr(sink, "__self__", None)
-    if getattr(sink, "__name__", "") == "write" and owner is not None and hasattr(owner, "fileno"):
-        try:
-            fd = owner.fileno()
-        except (OSError, ValueError):
-            return None
-        return fd if isinstance(fd, int) and fd >= 0 else None
-    return None
+    tap = tap_behind(sink)
+    if tap is None:
+        return None
+    try:
+        fd = tap.fileno()
+    except (OSError, ValueError):
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
 
 
 class PciNativeRing(PciRing):
@@ -63,7 +64,8 @@ class PciNativeRing(PciRing):
         fd = tap_fd if tap_fd is not None else tap_fd_of(sink)
         r.tap_fd = -1 if fd is None else fd
         # a TAP with virtio-net headers needs one in front of every frame C writes to it
-        r.tap_vnet_hdr = getattr(getattr(sink, "__self__", None), "vnet_hdr_len", 0) if fd is not None else 0
+        tap = tap_behind(sink)
+        r.tap_vnet_hdr = tap.vnet_hdr_len if fd is not None and tap is not None else 0
         if lib.pci_ring_init(r, journal.fd, journal.nslots, journal.slot_size) < 0:
             raise PciNetError("the C ring cannot map the TX journal memory: its layout does not match")
         r.rx_coalesce = int(self.coalesce_rx and fastpath.rx_coalesce_allowed(r.tap_vnet_hdr))
@@ -85,8 +87,7 @@ class PciNativeRing(PciRing):
                                                           "tdh": regs.tdh, "tdt": regs.tdt})
         if fd is not None:
             tr = ffi.new("struct udrv_tapread *")
-            mtu = getattr(getattr(driver, "soft", None), "mtu", 1500)
-            if lib.udrv_tapread_init(tr, fd, r.tap_vnet_hdr, mtu + 18) < 0:
+            if lib.udrv_tapread_init(tr, fd, r.tap_vnet_hdr, driver.soft.mtu + 18) < 0:
                 raise PciNetError(f"the C ring cannot read the TAP fd {fd}: not an open descriptor")
             self._tr = tr
         super().__init__(driver, journal, sink, on_progress)
@@ -311,8 +312,7 @@ class PciNativeRing(PciRing):
 
     # --- the loop in C (native/pci_loop.c) ---------------------------------------------------------
     def _region(self) -> Any:
-        f = getattr(self.pci, "mmio_region", None)
-        return f() if f is not None else None
+        return self.pci.mmio_region()
 
     def _mmio_for(self, region: Any) -> Any:
         key = (region.fd, region.offset, region.size)

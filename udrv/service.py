@@ -69,14 +69,14 @@ def serve(opts: ServiceOptions, scenario: Scenario | None = None) -> int:
         peer = PeerWire(PeerConfig.for_interface(opts.ifname))
         peer.connect(model)
         extra[peer.fd] = peer.pump
-    wire = getattr(transport, "model", None)
-    if not hasattr(wire, "delay_transmit"):
-        wire = None                       # no paced wire (udrv.models.wire) in front of the model
-    elif peer is not None:
-        wire.delay_transmit()
+    wire = None
+    if opts.wire_mbit is not None:        # a paced wire (udrv.models.wire) in front of the model
+        wire = transport.model
+        if peer is not None:
+            wire.delay_transmit()
     reopen = None
-    if model is None and hasattr(transport, "selector"):
-        from .libusb import LibusbTransport
+    from .libusb import LibusbTransport
+    if isinstance(transport, LibusbTransport):
         # after an unplug the device comes back as a new USB device: find it the same way
         reopen = lambda: LibusbTransport(transport.selector, context=transport.ctx)  # noqa: E731
     nic = Nic(impls, transport, tap.write,

@@ -783,6 +783,8 @@ def test_c_ring_writes_rx_frames_to_the_tap_fd():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
     class FakeTap:                      # what the daemon passes: a TAP's bound write()
+        vnet_hdr_len = 0
+
         def fileno(self):
             return a.fileno()
 

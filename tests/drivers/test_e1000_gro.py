@@ -335,6 +335,8 @@ def test_off_without_a_vnet_header():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
     class PlainTap:
+        vnet_hdr_len = 0
+
         def fileno(self):
             return a.fileno()
 

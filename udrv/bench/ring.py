@@ -139,6 +139,8 @@ class FdSink:
     """A frame sink writing to an fd. The C ring recognises its bound `write` (udrv.pciring
     tap_fd_of) and writes from C; the Python ring calls it per frame (os.write)."""
 
+    vnet_hdr_len = 0                  # frames only, as a TAP without offloads
+
     def __init__(self, fd: int):
         self.fd = fd
         self.errors = 0
