@@ -72,8 +72,29 @@ class NetDriver(abc.ABC):
 
     @classmethod
     def c_variant(cls) -> type[NetDriver] | None:
-        """The same driver on its engine's C datapath, or None where the engine has none."""
-        return None
+        """The same driver on its engine's C datapath: a subclass with fast_path = True and what
+        the engine declares differently for it (c_declarations), made once; None where the
+        engine has no C datapath for this driver."""
+        if cls.fast_path or not cls.has_c_datapath():
+            return None
+        made = cls.__dict__.get("_c_variant")
+        if made is None:
+            made = type(f"{cls.__name__}Native", (cls,), {
+                "fast_path": True, "__module__": cls.__module__,
+                "__doc__": f"{cls.__name__} on its engine's C datapath (same device code).",
+                **cls.c_declarations()})
+            cls._c_variant = made
+        return made
+
+    @classmethod
+    def has_c_datapath(cls) -> bool:
+        """The engine has a C datapath for this driver (its engine says)."""
+        return False
+
+    @classmethod
+    def c_declarations(cls) -> dict[str, Any]:
+        """Class attributes the C variant declares differently (rings in flight, offloads)."""
+        return {}
 
     @classmethod
     def implementations(cls) -> tuple[type[NetDriver], ...]:

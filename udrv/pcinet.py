@@ -306,18 +306,9 @@ class PciNetDriver(NetDriver):
         return self.datapath
 
     @classmethod
-    def c_variant(cls) -> type[NetDriver] | None:
-        """The same driver on the C ring: a subclass with fast_path = True (made once), or None
-        when the codec is not one the C rings know."""
-        if cls.fast_path or cls.codec.c_layout not in C_LAYOUTS:
-            return None
-        made = cls.__dict__.get("_c_variant")
-        if made is None:
-            made = type(f"{cls.__name__}Native", (cls,), {
-                "fast_path": True, "__module__": cls.__module__,
-                "__doc__": f"{cls.__name__} with the C ring (same device code; the datapath differs)."})
-            cls._c_variant = made
-        return made
+    def has_c_datapath(cls) -> bool:
+        """The C rings know this driver's descriptor layout."""
+        return cls.codec.c_layout in C_LAYOUTS
 
 C_LAYOUTS = frozenset({"8254x"})     # descriptor codecs native/pci_ring.c implements
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 from . import offload
 from .actions import ActionList
@@ -96,21 +96,36 @@ class UsbNetDriver(NetDriver):
             self.datapath.stop()
 
     @classmethod
-    def c_variant(cls) -> type[NetDriver] | None:
-        if cls.fast_path:
-            return None
-        made = cls.__dict__.get("_c_variant")
-        if made is None:
-            made = native_variant(cls)
-            cls._c_variant = made
-        return made
+    def has_c_datapath(cls) -> bool:
+        return True
+
+    @classmethod
+    def c_declarations(cls) -> dict[str, Any]:
+        # dummy_hcd and real host controllers move what is queued per (micro)frame: keep many in
+        # flight. A driver that opts into RX coalescing (coalesce_rx) gets a TAP with a
+        # virtio-net header (rx_vnet_hdr) so the ring can write GSO super-frames. TX offloads are
+        # the ring's, in software (native/gso.h), whatever the device: the host's stack hands the
+        # TAP 64 KiB TCP frames and leaves the checksums, one TAP read for ~44 frames.
+        return {"default_rings": cls.native_rings, "rx_vnet_hdr": cls.coalesce_rx,
+                "offloads": SOFTWARE_TX_OFFLOADS}
 
     def framing_now(self) -> Framing:
         """The framing in effect (a driver may pick a variant at probe, e.g. ADM8513)."""
         return self.framing
 
     def make_datapath(self, journal: TxJournal, sink: FrameSink, n_rx: int, n_tx: int,
-                      on_progress: Callable[[], None]) -> "UsbNetEngine":
+                      on_progress: Callable[[], None]) -> Any:
+        """The Python engine; on the C variant (fast_path) the C transfer ring (udrv.usbring),
+        which reads the TAP and writes received frames to it from C, so it needs the TAP itself
+        as the sink. Design diversity in the nDriver sense: the runtime runs the C variant first
+        and swaps to the plain driver if it keeps failing."""
+        if self.fast_path:
+            from .usbring import make_usb_datapath
+            tap = tap_behind(sink)
+            if tap is None:
+                raise TypeError("the C transfer ring needs the TAP's write method as its sink")
+            return make_usb_datapath(self, journal, tap.fileno(), n_rx, n_tx, on_progress, read_tap=True,
+                                     tap_vnet_hdr=tap.vnet_hdr_len, rx_coalesce=self.coalesce_rx)
         self.datapath = UsbNetEngine(self, journal, sink, n_rx, n_tx, on_progress)
         return self.datapath
 
@@ -388,32 +403,3 @@ class UsbNetEngine(DatapathDefaults):
 
 SOFTWARE_TX_OFFLOADS = frozenset({offload.CSUM, offload.TSO4, offload.TSO6})
 
-
-def native_variant(cls: type[UsbNetDriver]) -> type[UsbNetDriver]:
-    """The same driver with the C transfer ring (udrv.usbring) as its datapath.
-
-    Design diversity in the nDriver sense: the runtime runs this one first and swaps to the
-    plain driver (the Python engine) if it keeps failing. The ring reads the TAP and writes
-    received frames to it from C, so it needs the TAP itself as the sink.
-    """
-    def make_datapath(self: UsbNetDriver, journal: TxJournal, sink: FrameSink, n_rx: int, n_tx: int,
-                      on_progress: Callable[[], None]) -> object:
-        from .usbring import make_usb_datapath
-        tap = tap_behind(sink)
-        if tap is None:
-            raise TypeError("the C transfer ring needs the TAP's write method as its sink")
-        return make_usb_datapath(self, journal, tap.fileno(), n_rx, n_tx, on_progress, read_tap=True,
-                                 tap_vnet_hdr=tap.vnet_hdr_len, rx_coalesce=self.coalesce_rx)
-
-    # dummy_hcd and real host controllers move what is queued per (micro)frame: keep many in flight.
-    # A driver that opts into RX coalescing (coalesce_rx) gets a TAP with a virtio-net header
-    # (rx_vnet_hdr, read by Nic) so the ring can write GSO super-frames.
-    # TX offloads are the ring's, in software (native/gso.h), whatever the device: the host's
-    # stack hands the TAP 64 KiB TCP frames and leaves the checksums, one TAP read for ~44 frames.
-    # A driver may ask for other depths for the C ring (native_rings).
-    return type(f"{cls.__name__}Native", (cls,), {"make_datapath": make_datapath, "fast_path": True,
-                                                   "__module__": cls.__module__,
-                                                   "default_rings": cls.native_rings,
-                                                   "rx_vnet_hdr": cls.coalesce_rx,
-                                                   "offloads": SOFTWARE_TX_OFFLOADS,
-                                                   "__doc__": f"{cls.__name__} with the C transfer ring."})

@@ -404,9 +404,8 @@ def tso_entry(n_payload: int, mss: int = 1448, seq: int = 7000):
 
 def test_the_c_ring_variant_declares_software_tx_offloads_the_python_engine_none():
     from udrv.drivers.pegasus import Pegasus
-    from udrv.usbnet import native_variant
     for cls in (CdcEcm, Pegasus):
-        assert native_variant(cls).offloads == {"csum", "tso4", "tso6"}
+        assert cls.c_variant().offloads == {"csum", "tso4", "tso6"}
         assert not getattr(cls, "offloads", frozenset())
 
 
@@ -457,9 +456,8 @@ def test_a_fault_in_the_middle_of_a_tso_entry_re_sends_it_whole(trig, kind):
 
 def test_the_c_ring_variant_asks_for_a_vnet_header_only_where_the_driver_opts_in():
     from udrv.drivers.pegasus import Pegasus
-    from udrv.usbnet import native_variant
-    assert native_variant(CdcEcm).rx_vnet_hdr is True and native_variant(Pegasus).rx_vnet_hdr is True
-    assert native_variant(type("NoCoalescing", (Pegasus,), {"coalesce_rx": False})).rx_vnet_hdr is False
+    assert CdcEcm.c_variant().rx_vnet_hdr is True and Pegasus.c_variant().rx_vnet_hdr is True
+    assert type("NoCoalescing", (Pegasus,), {"coalesce_rx": False}).c_variant().rx_vnet_hdr is False
     assert not getattr(CdcEcm, "rx_vnet_hdr", False)     # the Python engine has nothing to coalesce
 
 
