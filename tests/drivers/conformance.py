@@ -13,7 +13,6 @@ import importlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from rigs import PEER_MAC
 from udrv.driver import LinkState, RxMode
 from udrv.drivers import PCI_DRIVERS, USB_DRIVERS
 from udrv.models.cdc_ecm import EcmModel
