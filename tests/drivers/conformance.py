@@ -249,10 +249,13 @@ def _e1000_view(bed: Bed) -> dict[str, Any]:
     m = bed.model
     rctl, rah = m.reg(RCTL), m.reg(RAH0)
     station = m.reg(RAL0).to_bytes(4, "little") + (rah & 0xFFFF).to_bytes(2, "little") if rah & RAH_AV else None
-    return {"station": station, "rx_on": bool(rctl & RCTL_EN), "tx_on": bool(m.reg(TCTL) & TCTL_EN),
+    rx_on = bool(rctl & RCTL_EN)
+    return {"station": station, "rx_on": rx_on, "tx_on": bool(m.reg(TCTL) & TCTL_EN),
             "promisc": bool(rctl & RCTL_UPE), "allmulti": bool(rctl & RCTL_MPE),
             "mta": tuple((i, w) for i in range(128) if (w := m.reg(MTA + 4 * i))),
-            "long_frames": bool(rctl & RCTL_LPE), "rx_buffer": _e1000_rx_buffer(rctl),
+            # frame length and buffer size take effect with the receiver on (open writes them)
+            "long_frames": bool(rctl & RCTL_LPE) if rx_on else None,
+            "rx_buffer": _e1000_rx_buffer(rctl) if rx_on else None,
             "ring_bytes": (m.reg(RDLEN), m.reg(TDLEN)),
             "dma_buffers": len(bed.dma_mappings()) - bed.base_dma}
 

@@ -55,14 +55,6 @@ def plan(drivers: list[tuple[str, type]], adapters: dict[str, Adapter]):
 RUNS, EXCLUDED, MISSING = plan(registry(), ADAPTERS)
 
 
-def _targets(kinds_of=None) -> list:
-    out = []
-    for adapter, impl in RUNS:
-        for kind in kinds_of(adapter) if kinds_of else (None,):
-            out.append(pytest.param(adapter, impl, kind, id=f"{adapter.driver}-{impl.__name__}" + (f"-{kind}" if kind else "")))
-    return out
-
-
 # the configuration calls: (case, entry point, its argument for an adapter and model)
 CONFIG_CASES: dict[str, tuple[str, Any]] = {
     "open": ("open", None),
@@ -276,11 +268,18 @@ def test_a_configuration_fault_twice_fails_keeps_the_old_configuration_and_resta
     undo = adapter.change_link(bed.model) if entry == "link_check" else None
     bed.pump()
     before, link_before, resets = bed.view(), nic.link, adapter.resets(bed)
+    # the device as the guard leaves it when it gives up, before the restart rebuilds it
+    at_escalation: list[dict[str, Any]] = []
+    restart = nic.restart
+    nic.restart = lambda: (at_escalation.append(bed.view()), restart())[1]
     nic.inject(entry, kind, count=2)
     with pytest.raises(UdrvError, match="failed twice and was rolled back"):
         call(bed, entry, arg)
 
-    # at most once: nothing of the failed call on the device or in the driver, through the restart
+    # at most once: nothing of the failed call on the device (rolled back and restored from the
+    # checkpoint by the guard itself) or in the driver, and so through the restart
+    assert at_escalation == [before], "the failed call left a partial effect on the device"
+    assert all(r.soft_state_restored and r.device_restored for r in nic.recoveries)
     assert_device(bed, cfg, f"after two {kind} faults in {entry} and the restart")
     if entry != "link_check":                     # (the restart reads the changed link afresh)
         assert bed.view() == before
