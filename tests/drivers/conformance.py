@@ -38,6 +38,10 @@ USB_C_RING = ("runs its C transfer ring on real libusb and a real TAP fd, which 
               "tests/kernel/test_pegasus_gadget.py")
 
 
+# hangs are caught at these deadlines; a loaded CI box must not turn a slow poll into a recovery
+USB_DEADLINES = {"config_deadline": 0.3, "datapath_deadline": 0.3}
+
+
 @dataclass(frozen=True)
 class HostConfig:
     """What the host has asked of the interface: the device and the driver must hold it."""
@@ -168,7 +172,7 @@ PEGASUS = Adapter(
     view=_pegasus_view, expect=_pegasus_expect, link=_pegasus_link, change_link=_pegasus_change_link,
     resets=lambda bed: bed.model.counters.mac_resets,
     mtus=(1450, 1400), device_kinds=("stall", "timeout", "disconnect"),
-    options={"config_deadline": 0.15, "datapath_deadline": 0.15},
+    options=USB_DEADLINES,
     excluded={"PegasusNative": USB_C_RING})
 
 
@@ -222,7 +226,7 @@ CDC_ECM = Adapter(
     driver="cdc_ecm", model=lambda: EcmModel(mc_filters=ECM_MC_FILTERS), transport=ModelUsbTransport,
     view=_ecm_view, expect=_ecm_expect, link=_ecm_link, change_link=_ecm_change_link,
     resets=_ecm_probes, mtus=(1450, 1400), device_kinds=("stall", "timeout", "disconnect"),
-    options={"config_deadline": 0.15, "datapath_deadline": 0.15},
+    options=USB_DEADLINES,
     excluded={"CdcEcmNative": USB_C_RING},
     # any address but its own is emulated with promiscuous on (BASE_MAC too): going back to its
     # own is what turns the device's filter back to directed
