@@ -136,6 +136,8 @@ class Adapter:
 
 # --- pegasus --------------------------------------------------------------------------------------
 def _pegasus_view(bed: Bed) -> dict[str, Any]:
+    # no frame-size register: the chip takes up to 1518 bytes whatever the MTU, so set_mtu shows
+    # on the wire (assert_traffic) and in the soft state only
     m = bed.model
     ctrl0, ctrl1, ctrl2 = m.reg(0x00), m.reg(0x01), m.reg(0x02)
     return {"station": bytes(m.regs[0x10:0x16]),          # EthID: the address the chip filters on
@@ -182,6 +184,8 @@ ECM_MC_FILTERS = 4
 
 
 def _ecm_view(bed: Bed) -> dict[str, Any]:
+    # no frame-size request: wMaxSegmentSize is fixed by the descriptor, so set_mtu shows on the
+    # wire (assert_traffic) and in the soft state only
     m = bed.model
     pf = m.packet_filter
     return {"data_alt": m.data_alt,                        # alt 1: the bulk pair runs, alt 0: no traffic

@@ -52,10 +52,10 @@ def plan(drivers: list[tuple[str, type]], adapters: dict[str, Adapter]):
     return runs, excluded, missing
 
 
-RUNS, EXCLUDED, MISSING = plan(registry(), ADAPTERS)
+RUNS, EXCLUDED, _ = plan(registry(), ADAPTERS)       # a missing adapter fails test_every_driver_has_an_adapter
 
 
-# the configuration calls: (case, entry point, its argument for an adapter and model)
+# the configuration calls: case -> (entry point, its argument from the adapter and the model, or None)
 CONFIG_CASES: dict[str, tuple[str, Any]] = {
     "open": ("open", None),
     "stop": ("stop", None),
@@ -92,8 +92,9 @@ def _datapath_params(known_bugs: dict[tuple[str, str, str], str] | None = None) 
 # udrv bugs this suite found, each its own strict xfail until fixed
 E1000_RX_LOSS = (
     "udrv bug: a datapath recovery on e1000 drops RX frames the device has already delivered. "
-    "E1000Ring.reset (udrv/drivers/e1000.py) re-arms the RX ring in place with _clean_memory(), which "
-    "zeroes every RX descriptor, including those the device completed (DD set, the frame in host "
+    "E1000Ring.reset (udrv/drivers/e1000.py) re-arms the RX ring through _clean_memory() (in "
+    "_rearm_in_place and _arm_fresh; E1000NativeRing's is e1000_ring_clean in C), which zeroes "
+    "every RX descriptor, including those the device completed (DD set, the frame in host "
     "memory, GPRC counted) that the ring has not harvested yet: the frames are lost uncounted "
     "(rx_dropped stays empty). The USB engines deliver theirs. It shows where a completed descriptor "
     "waits at the fault: in xmit (poll harvests before its first register access)")
