@@ -1,6 +1,7 @@
 """The CDC-ECM class driver against the ECM model (written from the spec, not from the driver):
 class matching, bring-up requests, packet-filter bits, notifications -> link, framing, set_mac
-emulation, checkpoint/restore and fault recovery at every entry point through udrv.nic.Nic."""
+emulation, checkpoint/restore and what recovery does with the ECM function's transfers (every
+entry point and fault kind: tests/drivers/test_recovery_conformance.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +13,6 @@ from udrv.datapath import Capabilities
 from udrv.driver import RxMode
 from udrv.drivers.cdc_ecm import CdcEcm, NotCdcEcm, parse_ecm_function
 from udrv.errors import UdrvError
-from udrv.faults import KINDS
 from udrv.models.usb import ModelUsbTransport
 from udrv.models.cdc_ecm import EcmModel
 from udrv.models.pegasus import PegasusModel
@@ -301,87 +301,6 @@ def test_restore_rebuilds_the_device_after_a_function_reset():
     assert device_config(r.model) != before
     r.driver.restore(cp)
     assert device_config(r.model) == before
-
-
-CONFIG_CALLS = {
-    "set_rx_mode": (RxMode(promisc=True), lambda m: m.packet_filter & PROMISC),
-    "set_mac": (NEW_MAC, lambda m: m.packet_filter & PROMISC),
-    "set_mtu": (1400, lambda m: True),
-    "link_check": (None, lambda m: True),
-}
-
-
-def call(r, entry, arg):
-    return r.nic.configure(entry) if arg is None else r.nic.configure(entry, arg)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("entry", list(CONFIG_CALLS))
-def test_config_transient_fault_is_rolled_back_and_retried(wrig, entry, kind):
-    arg, applied = CONFIG_CALLS[entry]
-    wrig.nic.inject(entry, kind, count=1)
-    call(wrig, entry, arg)
-    assert applied(wrig.model)
-    assert wrig.driver.invariants() == []
-    rec, = wrig.nic.recoveries
-    assert rec.entry == entry and rec.outcome == "recovered" and rec.device_restored
-    assert wrig.model.data_alt == 1                     # the restore re-selected alt 1
-    wrig.send([frame(PEER, 5)])
-    assert wrig.wire_tx[-1] == frame(PEER, 5)
-
-
-@pytest.mark.parametrize("kind", ["raise", "hang", "corrupt", "stall"])
-def test_persistent_fault_leaves_no_partial_effect(wrig, kind):
-    before = device_config(wrig.model)
-    wrig.nic.inject("set_rx_mode", kind, count=2)
-    with pytest.raises(UdrvError, match="failed twice and was rolled back"):
-        wrig.nic.set_rx_mode(RxMode(promisc=True, allmulti=True))
-    assert device_config(wrig.model) == before
-    assert wrig.nic.counters.restarts == 1 and wrig.nic.state == "up"
-    wrig.send([frame(PEER, 1)])
-    assert wrig.wire_tx[-1] == frame(PEER, 1)
-
-
-@pytest.mark.parametrize("kind", ["raise", "hang", "stall", "timeout", "disconnect"])
-@pytest.mark.parametrize("entry", ["xmit", "poll"])
-def test_datapath_fault_loses_no_tx_frame(wrig, entry, kind):
-    wrig.nic.set_rx_mode(RxMode(allmulti=True))
-    writes = wrig.transport.device_writes
-    frames = [frame(PEER, i) for i in range(300)]
-    for k in range(0, 300, 30):
-        if k == 120:
-            wrig.nic.inject(entry, kind)
-        wrig.nic.enqueue(frames[k:k + 30])
-        wrig.pump(3)
-    wrig.pump(50)
-    assert wrig.nic.journal.unconfirmed() == 0
-    assert set(frames) <= set(wrig.wire_tx), "a frame was lost"
-    assert 0 <= len(wrig.wire_tx) - len(frames) <= wrig.nic.journal.reissued
-    rec = wrig.nic.recoveries[-1]
-    assert rec.entry == entry and rec.outcome == "recovered"
-    # a fault of the driver's own, with nothing written to the device since the checkpoint,
-    # needs no restore; one the device reported does
-    if kind in ("raise", "hang"):
-        assert rec.device_untouched and not rec.device_restored
-        assert wrig.transport.device_writes == writes      # not one request the restore would send
-    else:
-        assert rec.device_restored and not rec.device_untouched
-        assert wrig.transport.device_writes > writes
-    assert wrig.model.packet_filter == DIRECTED | BROADCAST | ALL_MULTI    # the filter survived
-    wrig.model.wire_receive(frame(wrig.nic.mac, 7))
-    wrig.pump()
-    assert wrig.host_rx[-1] == frame(wrig.nic.mac, 7)
-
-
-def test_config_replay_after_restart(wrig):
-    wrig.nic.set_rx_mode(RxMode(promisc=True))
-    wrig.nic.set_mtu(1400)
-    wrig.nic.inject("link_check", "raise", count=2)
-    with pytest.raises(UdrvError):
-        wrig.nic.link_check()
-    assert wrig.nic.counters.restarts == 1
-    assert wrig.model.packet_filter & PROMISC and wrig.model.data_alt == 1
-    assert wrig.driver.soft.mtu == 1400
 
 
 def test_unplug_and_replug(wrig):

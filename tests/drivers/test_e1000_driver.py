@@ -584,26 +584,6 @@ def test_tx_hang_detected_and_journal_reissued(impl):
     r.close()
 
 
-NEW_MODE = RxMode(allmulti=True, multicast=(GROUP_A,))
-CONFIG_CALLS = {
-    "set_mac": (NEW_MAC, lambda r: r.model.reg(RAL0) == int.from_bytes(NEW_MAC[:4], "little")),
-    "set_rx_mode": (NEW_MODE, lambda r: r.model.reg(RCTL) & 0x10 and r.model.reg(MTA) == 1 << 16),
-    "set_mtu": (9000, lambda r: r.model.reg(RCTL) & 0x20 and r.driver.soft.rx_bufsize == 16384),
-    "link_check": (None, lambda r: r.driver.soft.link.up),
-}
-FAULT_NAMES = {"raise": "exception", "hang": "timeout", "corrupt": "invariant", "stall": "stall",
-               "timeout": "device_timeout", "disconnect": "disconnect"}
-
-
-def device_config(m) -> tuple:
-    return (m.reg(RAL0), m.reg(RAH0), m.reg(RCTL), m.reg(TCTL), tuple(m.reg(MTA + 4 * i) for i in range(128)),
-            m.reg(RDLEN), m.reg(TDLEN))
-
-
-def call(r, entry, arg):
-    return r.nic.configure(entry) if arg is None else r.nic.configure(entry, arg)
-
-
 def traffic_works(r, n: int = 3) -> None:
     base_tx, base_rx = len(r.wire_tx), len(r.host_rx)
     tx = [frame(PEER, 500 + i) for i in range(n)]
@@ -613,90 +593,6 @@ def traffic_works(r, n: int = 3) -> None:
     why = [rec.line() for rec in r.nic.recoveries]
     assert r.wire_tx[base_tx:] == tx, why
     assert r.host_rx[base_rx:] == rx, why
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("entry", list(CONFIG_CALLS))
-def test_config_transient_fault_rolled_back_and_retried(wrig, entry, kind):
-    arg, applied = CONFIG_CALLS[entry]
-    wrig.nic.inject(entry, kind, count=1)
-    call(wrig, entry, arg)
-    assert applied(wrig)
-    assert wrig.driver.invariants() == []
-    (rec,) = wrig.nic.recoveries
-    assert rec.entry == entry and rec.outcome == "recovered" and rec.fault == FAULT_NAMES[kind]
-    assert rec.device_restored and rec.soft_state_restored
-    traffic_works(wrig)
-    assert wrig.model.dmar_faults == 0
-
-
-@pytest.mark.parametrize("kind", ["raise", "hang", "corrupt", "stall", "disconnect"])
-@pytest.mark.parametrize("entry", ["set_mac", "set_rx_mode", "set_mtu"])
-def test_config_persistent_fault_leaves_no_partial_effect(wrig, entry, kind):
-    arg, _ = CONFIG_CALLS[entry]
-    before = device_config(wrig.model)
-    wrig.nic.inject(entry, kind, count=2)
-    with pytest.raises(UdrvError, match="failed twice and was rolled back"):
-        call(wrig, entry, arg)
-    assert device_config(wrig.model) == before
-    assert wrig.driver.soft.mac == MODEL_MAC and wrig.driver.soft.mtu == 1500
-    assert wrig.nic.state == "up"
-    traffic_works(wrig)
-    assert wrig.model.dmar_faults == 0
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_open_fault(watchdog, kind, impl):
-    r = Rig(watchdog=watchdog, config_deadline=0.3, datapath_deadline=0.4, cls=impl)
-    r.nic.bring_up()
-    base = len(r.transport.dma_mappings())
-    r.nic.inject("open", kind, count=1)
-    r.nic.open()
-    assert r.nic.recoveries[0].outcome == "recovered"
-    assert len(r.transport.dma_mappings()) == base + 4, "the failed attempt's rings were freed"
-    traffic_works(r)
-    r.close()
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_stop_fault(watchdog, kind, impl):
-    r = Rig(watchdog=watchdog, config_deadline=0.3, datapath_deadline=0.4, cls=impl)
-    r.nic.bring_up()
-    base = len(r.transport.dma_mappings())
-    r.nic.open()
-    r.nic.inject("stop", kind, count=1)
-    r.nic.configure("stop")
-    assert r.nic.recoveries[0].outcome == "recovered"
-    assert not r.driver.soft.opened
-    assert len(r.transport.dma_mappings()) == base
-    assert not r.model.reg(RCTL) & 0x2 and not r.model.reg(TCTL) & 0x2
-    assert r.model.reg(RDLEN) == 0 and r.model.reg(TDLEN) == 0
-    r.nic.open()
-    traffic_works(r)
-    assert r.model.dmar_faults == 0
-    r.close()
-
-
-@pytest.mark.parametrize("kind", ["raise", "hang", "stall", "timeout", "disconnect"])
-@pytest.mark.parametrize("entry", ["xmit", "poll"])
-def test_datapath_fault_loses_no_tx_frame(wrig, entry, kind):
-    frames = [frame(PEER, i) for i in range(20)]
-    wrig.nic.enqueue(frames[:10])
-    wrig.nic.inject(entry, kind, count=1)
-    wrig.pump()
-    wrig.receive([frame(wrig.driver.mac, 1)])
-    wrig.send(frames[10:])
-    wrig.pump()
-    assert wrig.nic.journal.unconfirmed() == 0
-    seen = set(wrig.wire_tx)
-    assert all(f in seen for f in frames), "every frame reached the wire"
-    dups = len(wrig.wire_tx) - len(frames)
-    assert dups <= wrig.nic.journal.reissued
-    (rec,) = wrig.nic.recoveries
-    assert rec.entry == entry and rec.device_restored and rec.outcome == "recovered"
-    assert wrig.driver.restores["full"] == 0, "a sane device gets the light restore"
-    traffic_works(wrig)
-    assert wrig.model.dmar_faults == 0
 
 
 def test_no_leaks_after_100_recoveries(wrig):
@@ -721,18 +617,6 @@ def test_no_leaks_after_100_recoveries(wrig):
     assert len(wrig.nic.actions) == actions
     assert wrig.nic.counters.escalations == 0
     assert wrig.model.dmar_faults == 0
-
-
-def test_restart_after_escalation_replays_config(wrig):
-    wrig.nic.set_mac(NEW_MAC)
-    wrig.nic.set_rx_mode(RxMode(multicast=(GROUP_A,)))
-    wrig.nic.inject("set_mtu", "raise", count=2)
-    with pytest.raises(UdrvError):
-        wrig.nic.set_mtu(9000)
-    assert wrig.nic.counters.restarts == 1 and wrig.nic.state == "up"
-    assert wrig.model.reg(RAL0) == int.from_bytes(NEW_MAC[:4], "little")
-    assert wrig.model.reg(MTA) == 1 << 16
-    traffic_works(wrig)
 
 
 # --- the C ring against the Python ring ----------------------------------------------------------------
