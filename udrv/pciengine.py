@@ -223,6 +223,7 @@ class PciRing(DatapathDefaults):
         device's heads are (or from 0 when the registers were re-programmed), re-issue every
         unconfirmed journal frame. Returns the number re-issued."""
         d = self.driver
+        self._salvage_rx()
         self._rx_discard = False
         again = self.journal.rewind()
         if not d.soft.opened or d.rings is None:
@@ -234,6 +235,17 @@ class PciRing(DatapathDefaults):
             self._rearm_in_place()
         self.running = True
         return again
+
+    def _salvage_rx(self) -> None:
+        """Frames the device finished writing before the fault are the host's: deliver them
+        before the ring is re-armed (re-arming clears their descriptors). Only from memory this
+        datapath armed; a device that refuses the tail write leaves it to the re-arm."""
+        if not self.running or self.mem is None or self.mem.freed:
+            return
+        try:
+            self._rx_harvest()
+        except UdrvError:
+            pass
 
     def _bind(self, mem: RingMemory) -> None:
         self.mem = mem

@@ -77,28 +77,14 @@ def _config_params() -> list:
     return out
 
 
-def _datapath_params(known_bugs: dict[tuple[str, str, str], str] | None = None) -> list:
+def _datapath_params() -> list:
     out = []
     for adapter, impl in RUNS:
         for entry in NetDriver.DATAPATH_ENTRIES:
             for kind in ("raise", "hang") + adapter.device_kinds:       # corrupt: config entry points only
-                bug = (known_bugs or {}).get((adapter.driver, entry, kind))
-                marks = [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
-                out.append(pytest.param(adapter, impl, entry, kind, marks=marks,
+                out.append(pytest.param(adapter, impl, entry, kind,
                                         id=f"{adapter.driver}-{impl.__name__}-{entry}-{kind}"))
     return out
-
-
-# udrv bugs this suite found, each its own strict xfail until fixed
-E1000_RX_LOSS = (
-    "udrv bug: a datapath recovery on e1000 drops RX frames the device has already delivered. "
-    "E1000Ring.reset (udrv/drivers/e1000.py) re-arms the RX ring through _clean_memory() (in "
-    "_rearm_in_place and _arm_fresh; E1000NativeRing's is e1000_ring_clean in C), which zeroes "
-    "every RX descriptor, including those the device completed (DD set, the frame in host "
-    "memory, GPRC counted) that the ring has not harvested yet: the frames are lost uncounted "
-    "(rx_dropped stays empty). The USB engines deliver theirs. It shows where a completed descriptor "
-    "waits at the fault: in xmit (poll harvests before its first register access)")
-KNOWN_RX_LOSS = {("e1000", "xmit", kind): E1000_RX_LOSS for kind in ("raise", "hang", "disconnect")}
 
 
 # --- the matrix is whole --------------------------------------------------------------------------------
@@ -368,7 +354,7 @@ def test_frames_sent_across_a_datapath_fault_reach_the_wire_in_order(beds, adapt
     assert_traffic(bed, cfg)
 
 
-@pytest.mark.parametrize("adapter, impl, entry, kind", _datapath_params(KNOWN_RX_LOSS))
+@pytest.mark.parametrize("adapter, impl, entry, kind", _datapath_params())
 def test_frames_received_across_a_datapath_fault_reach_the_host(beds, adapter, impl, entry, kind):
     bed = beds(adapter, impl)
     rx = across_a_datapath_fault(bed, configured(bed, opened=True), entry, kind)
