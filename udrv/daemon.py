@@ -45,8 +45,8 @@ class DaemonTimers:
     # Longest C ring loop between Python turns. The loop comes back early for everything that
     # needs Python (control requests, a changed TAP configuration, interrupt packets, errors, a
     # TX stall on a ring that keeps its own hang clock), so this only bounds how late the other
-    # timers run; each turn parks the ring's TX thread for ~2 ms of Python in a TCG guest, which
-    # at 20 turns a second was 5 % of the time the datapath stood still.
+    # timers run; each turn parks the ring's TX thread for ~2 ms of Python in a TCG guest, so
+    # at 20 turns a second the datapath would stand still 5 % of the time.
     ring_turn: float = 0.25
 
 

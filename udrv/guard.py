@@ -118,9 +118,8 @@ class Watchdog:
         # tick: how soon it looks again after firing (the signal may land in a C
         # callback). Otherwise the thread sleeps until the deadline of the newest entry and is
         # woken only by an entry due sooner (the setter of `current`): entries follow each other
-        # by the dozen per second with deadlines a second out, and waking for each of them (or
-        # every 50 ms, as it did) cost 2 % of a vCPU in the QEMU guest while the C ring served
-        # traffic.
+        # by the dozen per second with deadlines a second out, and waking for each of them (or on
+        # a fixed period) costs a few % of a vCPU in a QEMU guest while the C ring serves traffic.
         self.tick = tick
         self._current: tuple[str, float] | None = None   # (entry, deadline)
         self._fired_for: tuple[str, float] | None = None
