@@ -20,7 +20,7 @@ import pytest
 from conformance import ADAPTERS, BASE_MAC, BASE_MODE, GROUP_A, GROUP_B, STRANGER, Adapter, Bed, HostConfig, \
     missing_adapter, registry
 from rigs import PEER_MAC, frame_to
-from udrv import native
+from udrv import fastpath
 from udrv.driver import NetDriver, RxMode
 from udrv.errors import UdrvError
 
@@ -43,7 +43,7 @@ def plan(drivers: list[tuple[str, type]], adapters: dict[str, Adapter]):
         c = driver.c_variant()
         if c is not None and c not in impls:
             excluded.append((f"{name}-{c.__name__}", "not among DRIVER.implementations() here: the C fast "
-                             f"path is not built ({native.why_unavailable()}) or UDRV_DATAPATH=python"))
+                             f"path is not built ({fastpath.why_unavailable()}) or UDRV_DATAPATH=python"))
         for impl in impls:
             if impl.__name__ in adapter.excluded:
                 excluded.append((f"{name}-{impl.__name__}", adapter.excluded[impl.__name__]))
