@@ -16,15 +16,16 @@ def frame_to(dst: bytes, n: int, payload_len: int = 60, src: bytes = PEER_MAC) -
 
 
 class Rig:
-    """The pegasus driver on the pegasus model, with the wire side captured."""
+    """A USB driver on its model (default: pegasus on the pegasus model), with the wire side
+    captured."""
 
-    def __init__(self, watchdog=None, **opts):
-        self.model = PegasusModel()
+    def __init__(self, watchdog=None, *, model=None, driver: type = Pegasus, **opts):
+        self.model = model if model is not None else PegasusModel()
         self.transport = ModelUsbTransport(self.model)
         self.host_rx: list[bytes] = []        # what the driver delivered to the host (TAP side)
         self.wire_tx: list[bytes] = []        # what the device put on the wire
         self.model.on_transmit = self.wire_tx.append
-        self.nic = Nic(Pegasus, self.transport, self.host_rx.append, NicOptions(**opts), watchdog=watchdog)
+        self.nic = Nic(driver, self.transport, self.host_rx.append, NicOptions(**opts), watchdog=watchdog)
 
     def up(self) -> "Rig":
         self.nic.bring_up()

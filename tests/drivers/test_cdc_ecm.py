@@ -19,6 +19,8 @@ from udrv.models.pegasus import PegasusModel
 from udrv.nic import Nic, NicOptions
 from udrv.usbtransport import EndpointInfo, EpType, InterfaceInfo
 
+from rigs import Rig
+
 PEER = bytes.fromhex("02aabbccdd01")
 NEW_MAC = bytes.fromhex("02c0ffee0001")
 MCAST = (bytes.fromhex("01005e000001"), bytes.fromhex("333300000001"))
@@ -33,30 +35,14 @@ def frame(dst: bytes, n: int, size: int = 60, src: bytes = PEER) -> bytes:
     return dst + src + b"\x88\xb5" + body
 
 
-class EcmRig:
+class EcmRig(Rig):
     def __init__(self, model: EcmModel | None = None, watchdog=None, cls: type = CdcEcm, **opts):
-        self.model = model or EcmModel()
-        self.transport = ModelUsbTransport(self.model)
-        self.host_rx: list[bytes] = []
-        self.wire_tx: list[bytes] = []
-        self.model.on_transmit = self.wire_tx.append
-        self.nic = Nic(cls, self.transport, self.host_rx.append, NicOptions(**opts), watchdog=watchdog)
+        super().__init__(watchdog, model=model or EcmModel(), driver=cls, **opts)
 
     def up(self) -> "EcmRig":
-        self.nic.bring_up()
-        self.nic.open()
+        super().up()
         self.pump()
         return self
-
-    def pump(self, rounds: int = 20) -> None:
-        for _ in range(rounds):
-            self.nic.xmit()
-            self.nic.poll(0.0)
-        self.nic.xmit()
-
-    def send(self, frames: list[bytes]) -> None:
-        self.nic.enqueue(frames)
-        self.pump()
 
     @property
     def driver(self) -> CdcEcm:
