@@ -61,17 +61,17 @@ def negotiate_offloads(tap: OffloadingTap | None, wanted: frozenset[str], rx_vne
     return wanted, hlen
 
 
-def journal_for(max_mtu: int, offloads: frozenset[str], slots: int, gso_slots: int) -> TxJournal:
-    """A journal whose slot holds the largest frame the driver can send: MTU + link headers,
-    64-byte aligned; with TSO a 64 KiB GSO frame (+ link headers) behind its virtio-net header,
-    in fewer slots."""
+def journal_geometry(max_mtu: int, offloads: frozenset[str], slots: int, gso_slots: int) -> tuple[int, int]:
+    """(slots, slot size) of a journal whose slot holds the largest frame the driver can send:
+    MTU + link headers, 64-byte aligned; with TSO a 64 KiB GSO frame (+ link headers) behind its
+    virtio-net header, in fewer slots."""
     slot = max_mtu + LINK_OVERHEAD + SLOT_HEADER
     if offloads:
         slot += offload.VNET_HDR_LEN
     if offloads & {offload.TSO4, offload.TSO6}:
         slot = max(slot, 65536 + 64 + offload.VNET_HDR_LEN + SLOT_HEADER)
         slots = min(slots, gso_slots)
-    return TxJournal(slots, max((slot + 63) & ~63, 2048))
+    return slots, max((slot + 63) & ~63, 2048)
 
 
 def codel_settings(target: float, interval: float, ecn: bool) -> tuple[float, float, bool]:

@@ -33,7 +33,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         recovery=args.recovery, impl=args.impl, swap_after=args.swap_after,
         config_deadline=args.config_deadline, datapath_deadline=args.datapath_deadline,
         wire_mbit=args.wire_mbit, wire_delay_ms=args.wire_delay_ms, aqm_target_ms=args.aqm_target,
-        aqm_interval_ms=args.aqm_interval, aqm_ecn=not args.aqm_no_ecn))
+        aqm_interval_ms=args.aqm_interval, aqm_ecn=not args.aqm_no_ecn,
+        isolation=False if args.in_process else None))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -44,7 +45,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .daemon import request
+    from .control import request
     r = request(args.ifname, {"cmd": "status"})
     if not r.get("ok"):
         print(f"udrv: {r.get('error')}", file=sys.stderr)
@@ -86,7 +87,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_aqm(args: argparse.Namespace) -> int:
-    from .daemon import request
+    from .control import request
     req: dict[str, Any] = {"cmd": "aqm"}
     if args.target is not None:
         req["target_ms"] = args.target
@@ -108,13 +109,20 @@ def cmd_aqm(args: argparse.Namespace) -> int:
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
-    from .daemon import request
+    from .control import request
     if args.entry == "device":
         r = request(args.ifname, {"cmd": "device", "action": args.kind})
         if not r.get("ok"):
             print(f"udrv: {r.get('error')}", file=sys.stderr)
             return 1
         print(f"device event {args.kind} on {args.ifname}")
+        return 0
+    if args.entry == "worker":
+        r = request(args.ifname, {"cmd": "inject", "entry": "worker", "kind": args.kind})
+        if not r.get("ok"):
+            print(f"udrv: {r.get('error')}", file=sys.stderr)
+            return 1
+        print(f"worker fault {args.kind} injected into worker {r.get('pid')} of {args.ifname}")
         return 0
     if args.kind not in KINDS:
         print(f"udrv: unknown fault kind {args.kind!r}: use one of {', '.join(KINDS)}", file=sys.stderr)
@@ -262,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--aqm-interval", type=float, default=100.0, metavar="MS",
                    help="CoDel's interval: about the longest RTT of the flows through the NIC (default 100 ms)")
     r.add_argument("--aqm-no-ecn", action="store_true", help="drop rather than ECN-mark ECN-capable frames")
+    r.add_argument("--in-process", action="store_true",
+                   help="run the driver in this process, without a worker, a warm spare or a supervisor (as "
+                        "UDRV_ISOLATION=0; for comparison and benches: a crash of the driver then ends udrv)")
     r.set_defaults(fn=cmd_run)
 
     q = sub.add_parser("aqm", help="show or change a running daemon's CoDel settings on its TX queue")
@@ -286,9 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inject", help="inject a fault into a running daemon")
     i.add_argument("entry", help="entry point: open, stop, set_mac, set_rx_mode, set_mtu, link_check, xmit, poll; "
-                                  "or 'device' for a physical event on the embedded model")
+                                  "'device' for a physical event on the embedded model; 'worker' for a fault of the worker process")
     i.add_argument("kind", help=f"fault kind: {', '.join(KINDS)}; with 'device': unplug, replug, link-down, "
-                                "link-up, garbage:<kind>")
+                                "link-up, garbage:<kind>; with 'worker': kill, stop, segv, spin (a C busy loop), hang (a C "
+                                "call that never returns), exit")
     i.add_argument("--count", type=int, default=1, help="calls that fault (1 = transient, 2 = the retry fails too)")
     i.add_argument("--ifname", default="udrv0")
     i.set_defaults(fn=cmd_inject)

@@ -20,20 +20,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .driver import LinkState, RxMode
+from .control import RUN_DIR, control_path
 from .errors import UdrvError
 from .hostwatch import HostWatch
 from .placement import Priority, SoftirqAvoider
-from .nic import Nic
+from .nic import DomainState, Nic, Takeover
 from .tap import HostConfig, Tap
 
 log = logging.getLogger("udrv.daemon")
-
-RUN_DIR = os.environ.get("UDRV_RUN_DIR", "/run/udrv")
-
-
-def control_path(ifname: str) -> str:
-    return os.path.join(RUN_DIR, f"{ifname}.sock")
-
 
 @dataclass
 class DaemonTimers:
@@ -48,12 +42,17 @@ class DaemonTimers:
     # timers run; each turn parks the ring's TX thread for ~2 ms of Python in a TCG guest, so
     # at 20 turns a second the datapath would stand still 5 % of the time.
     ring_turn: float = 0.25
+    # under a supervisor: the loop goes round at least this often, idle or not (its heartbeat,
+    # udrv/heartbeat.py); None = no heartbeat
+    beat: float | None = None
 
 
 class Daemon:
     def __init__(self, nic: Nic, tap: Tap, *, timers: DaemonTimers | None = None,
                  extra_fds: dict[int, Callable[[], None]] | None = None,
-                 on_tick: Callable[[], None] | None = None, model: Any = None):
+                 on_tick: Callable[[], None] | None = None, model: Any = None, serve_control: bool = True):
+        """serve_control=False: no control socket (a worker: its supervisor owns the socket and
+        forwards requests, which handle_request answers)."""
         self.nic = nic
         self.model = model
         self.tap = tap
@@ -61,6 +60,7 @@ class Daemon:
         self.extra_fds = extra_fds or {}
         self.on_tick = on_tick
         self.running = False
+        self.serve_control = serve_control
         self._applied: HostConfig | None = None
         self._ctrl: socket.socket | None = None
         self._poller = select.poll()
@@ -77,10 +77,7 @@ class Daemon:
     # --- setup -------------------------------------------------------------------------------
     def start(self) -> None:
         """Bring the device up and make the TAP look like it (MAC, MTU, carrier)."""
-        self._priority.apply()
-        # the loop, back from a C ring turn, waits for the interpreter lock while the housekeeping
-        # thread runs Python: by default up to 5 ms of a datapath standing still, 1 ms at most here
-        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
+        self._prepare()
         self.nic.bring_up()
         self.tap.set_mac(self.nic.mac)
         self.tap.set_mtu(self.nic.driver.soft.mtu)
@@ -90,10 +87,33 @@ class Daemon:
         self._sync_host_config(force_mode=True)
         link = self.nic.link_check()
         self.tap.set_carrier(link.up)
-        self._open_control()
+        if self.serve_control:
+            self._open_control()
         log.info("event=up ifname=%s ifindex=%d driver=%s device=%s mac=%s link=%s",
                  self.tap.name, self.tap.ifindex, self.nic.driver.name,
                  self.nic.transport.info.ident, self.nic.status()["mac"], "up" if link.up else "down")
+
+    def take_over(self, state: DomainState) -> Takeover:
+        """Start on a device another worker drove (Nic.adopt): the TAP keeps its configuration;
+        whatever the host changed on it meanwhile is applied after the restore."""
+        self._prepare()
+        done = self.nic.adopt(state)
+        if not self.nic.driver.soft.opened:
+            self.nic.open()              # the worker before died before its open: the interface is up
+        soft = self.nic.driver.soft
+        mode = soft.mode
+        self._applied = HostConfig(self.nic.mac, soft.mtu, True, mode.promisc, mode.allmulti, tuple(sorted(mode.multicast)))
+        self._sync_host_config()
+        log.info("event=took-over ifname=%s driver=%s implementation=%s how=%s reissued=%d restore=%.2f ms",
+                 self.tap.name, self.nic.driver.name, self.nic.driver_cls.__name__, done.how, done.reissued,
+                 done.restore_ms)
+        return done
+
+    def _prepare(self) -> None:
+        self._priority.apply()
+        # the loop, back from a C ring turn, waits for the interpreter lock while the housekeeping
+        # thread runs Python: by default up to 5 ms of a datapath standing still, 1 ms at most here
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
 
     def _open_control(self) -> None:
         os.makedirs(RUN_DIR, exist_ok=True)
@@ -145,6 +165,7 @@ class Daemon:
         generation = self.nic.transport_generation
         state = self.nic.state
         busy = False
+        beat = self.timers.beat
         while self.running:
             now = time.monotonic()
             if end is not None and now >= end:
@@ -153,6 +174,8 @@ class Daemon:
             # a ring that keeps its own TX hang clock comes back when TX stalls: no timer for it
             clocked = in_c and nic.keeps_tx_clock()
             wait = (next_link if clocked else min(next_link, next_tx)) - now
+            if beat is not None:
+                wait = min(wait, beat)
             if in_c:
                 # the ring sleeps in C on USB, the TAP and the wake fd (control socket, extra
                 # fds) and moves frames without a Python turn; back here for timers and requests
@@ -380,17 +403,10 @@ class Daemon:
         if m is None:
             return {"ok": False, "error": "device events exist only for the embedded model: unplug the real "
                                           "device by hand"}
-        if action == "unplug":
-            m.unplug()
-        elif action == "replug":
-            m.replug()
-        elif action in ("link-down", "link-up"):
-            m.set_link(action == "link-up")
-        elif action.startswith("garbage:"):
-            m.inject_rx_garbage(action.split(":", 1)[1])
-        else:
-            return {"ok": False, "error": f"unknown device event {action!r}: use unplug, replug, link-down, "
-                                          "link-up or garbage:<kind>"}
+        from .models.catalog import device_event
+        error = device_event(m, action)
+        if error is not None:
+            return {"ok": False, "error": error}
         return {"ok": True}
 
     def close(self) -> None:
@@ -408,29 +424,6 @@ class Daemon:
                 pass
         self.nic.close()
         log.info("event=stopped ifname=%s", self.tap.name)
-
-
-def request(ifname: str, req: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-    """Client side of the control socket (used by `udrv status` / `udrv inject`)."""
-    path = control_path(ifname)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError):
-        raise UdrvError(f"no udrv daemon is running for {ifname} (no socket at {path}): "
-                        "start one with `udrv run`") from None
-    except PermissionError:
-        raise UdrvError(f"cannot talk to {path}: run as root or as a member of the socket's group") from None
-    with s:
-        s.sendall(json.dumps(req).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
 
 
 def install_signal_handlers(daemon: Daemon) -> None:

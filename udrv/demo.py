@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from .daemon import request
+from .control import request
 from .bench.probe import GapProbe
 
 DEFAULT_FAULTS = ["xmit:raise", "poll:stall", "set_rx_mode:raise"]

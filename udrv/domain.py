@@ -69,6 +69,13 @@ class DriverDomain:
         self.guard.config("probe")
         self.guard.take_checkpoint()
 
+    def adopt(self, soft: Any, checkpoint: Any) -> None:
+        """Claim the device and bring it back to another worker's last checkpoint (the device
+        may be anywhere between that checkpoint and the call that was running when that worker
+        died); the datapath starts if the restored driver is open."""
+        self.guard.config("bind")
+        self.guard.adopt(soft, checkpoint)
+
     def replay(self, calls: Iterable[LoggedCall]) -> None:
         """The host's configuration, as logged, onto a freshly probed driver."""
         for call in calls:

@@ -225,12 +225,14 @@ class Guard:
         self.deadlines: dict[str, float] = {"bind": 5.0, "probe": 10.0, "link_check": config_deadline / 4}
         self._avg: dict[str, float] = {}        # running average duration per entry point
         self.checkpoint: Any = None
+        self.checkpoint_soft: Any = None
         self.recoveries: list[Recovery] = []
         self._recent_dp_faults: list[float] = []
 
     # --- checkpoints ------------------------------------------------------------------------
     def take_checkpoint(self) -> None:
         self.checkpoint = self.driver.checkpoint()
+        self.checkpoint_soft = copy.deepcopy(self.driver.soft)     # what a successor restores with it
         self._writes_at_checkpoint = self.device_writes()
 
     def device_as_checkpointed(self, exc: BaseException) -> bool:
@@ -312,6 +314,14 @@ class Guard:
         avg = self._avg.get(entry)
         avg = seconds if avg is None else 0.8 * avg + 0.2 * seconds
         self._avg[entry] = max(avg, seconds) if at_least else avg
+
+    def adopt(self, soft: Any, checkpoint: Any) -> None:
+        """A successor's start: the soft state and checkpoint of the worker before it, restored
+        onto the device within the restore's deadline (no retry: the caller probes instead)."""
+        self.driver.soft = copy.deepcopy(soft)
+        self.checkpoint = checkpoint
+        self._restore()
+        self.take_checkpoint()
 
     def _restore(self) -> None:
         with self._deadline("restore", max(self.config_deadline, self.budget("open"))):

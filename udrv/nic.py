@@ -16,12 +16,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from . import offload
 from .actions import ActionList
-from .admission import AdmissionCounts, TxAdmission, codel_settings, journal_for, negotiate_offloads, tap_of
-from .configlog import ConfigLog
+from .admission import (AdmissionCounts, TxAdmission, codel_settings, journal_geometry, negotiate_offloads,
+                        tap_of)
+from .configlog import ConfigLog, LoggedCall
 from .datapath import Datapath, TapCounts
 from .domain import DriverDomain
 from .driver import LinkState, NetDriver, RxMode
@@ -29,7 +30,7 @@ from .errors import DeviceGone, Escalation, UdrvError
 from .faults import FaultInjector, FaultSpec
 from .guard import Guard, Recovery, Watchdog
 from .hangwatch import HangCounts, TxHangWatch
-from .journal import AQM_INTERVAL, AQM_TARGET
+from .journal import AQM_INTERVAL, AQM_TARGET, TxJournal
 from .nicstatus import CountLedger, RecoveryLog
 
 log = logging.getLogger("udrv.nic")
@@ -53,6 +54,31 @@ class NicOptions:
     aqm_target: float = AQM_TARGET
     aqm_interval: float = AQM_INTERVAL
     aqm_ecn: bool = True
+
+
+@runtime_checkable
+class HoldsOrphans(Protocol):
+    """A transport that keeps the DMA buffers of a worker that died mapped (the device may still
+    reach them) until its successor's rings are programmed."""
+    def release_orphans(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class DomainState:
+    """What one worker leaves its successor (pickled by the worker; opaque to the supervisor)."""
+    checkpoint: Any
+    soft: Any
+    config: list[LoggedCall]
+    link: LinkState
+
+
+@dataclass(frozen=True)
+class Takeover:
+    """How a worker took over a device (Nic.adopt)."""
+    how: str                 # restored from the checkpoint | probed and configuration replayed
+    reissued: int            # TX entries the previous worker left unconfirmed, sent again
+    restore_ms: float
+    reissue_ms: float
 
 
 class NicCounters:
@@ -101,7 +127,13 @@ class Nic:
                  options: NicOptions | None = None, *, watchdog: Watchdog | None = None,
                  injector: FaultInjector | None = None,
                  on_recovery: Callable[[Recovery], None] | None = None,
-                 reopen: Callable[[], Any] | None = None, tap: Any = None):
+                 reopen: Callable[[], Any] | None = None, tap: Any = None,
+                 journal: Callable[[int, int], TxJournal] | None = None,
+                 on_state: Callable[[], None] | None = None,
+                 on_progress: Callable[[], None] | None = None):
+        """journal(nslots, slot_size) gives the TX journal (a worker's: the supervisor's memfd);
+        on_state runs after every change of what a successor needs (DomainState); on_progress
+        whenever frames moved."""
         classes = list(driver_cls) if isinstance(driver_cls, (list, tuple)) else [driver_cls]
         self.opts = options or NicOptions()
         self.impls = Implementations(classes, self.opts.swap_after)
@@ -114,8 +146,11 @@ class Nic:
         # what the implementations declare, narrowed by the first driver instance (a chip may
         # support less than its class) before the first datapath exists
         self.offloads: frozenset[str] = frozenset().union(*(c.offloads for c in classes)) & offload.KNOWN
-        self.journal = journal_for(max(c.max_mtu for c in classes), self.offloads,
-                                   self.opts.journal_slots, self.opts.gso_journal_slots)
+        geometry = journal_geometry(max(c.max_mtu for c in classes), self.offloads,
+                                    self.opts.journal_slots, self.opts.gso_journal_slots)
+        self.journal = TxJournal(*geometry) if journal is None else journal(*geometry)
+        self.on_state = on_state or (lambda: None)
+        self.on_progress = on_progress
         self.set_aqm(*codel_settings(self.opts.aqm_target, self.opts.aqm_interval, self.opts.aqm_ecn))
         self.admission = TxAdmission(self.journal, lambda: self.driver.soft.mtu)
         self.config_log = ConfigLog()
@@ -200,6 +235,40 @@ class Nic:
         """Claim, probe (both as transactions) and take the first checkpoint."""
         self.domain.bring_up()
         self.state = "up"
+        self.on_state()
+
+    def state_for_successor(self) -> DomainState:
+        """What a worker taking over needs: the last checkpoint, the soft state it belongs to,
+        the configuration log and the link."""
+        return DomainState(self.guard.checkpoint, self.guard.checkpoint_soft, self.config_log.calls(), self.link)
+
+    def adopt(self, state: DomainState) -> Takeover:
+        """Take over a device another worker drove: restore it from that worker's last checkpoint
+        (a full probe and a replay of the configuration if the restore fails), then re-issue every
+        TX entry it left unconfirmed. The journal is the same memory the other worker used."""
+        t0 = time.monotonic()
+        for call in state.config:
+            self.config_log.record(call.entry, *call.args)
+        self.link = state.link
+        how = "restored from the checkpoint"
+        try:
+            self.domain.adopt(state.soft, state.checkpoint)
+        except Exception as e:               # the checkpoint does not take: from power-on, as a restart
+            log.warning("event=adopt-restore-failed error=%s (probing and replaying the configuration)", e)
+            self.domain.retire()
+            self.domain = self._make_domain()
+            self.domain.bring_up()
+            self.domain.replay(self.config_log.calls())
+            how = "probed and configuration replayed"
+        if isinstance(self.transport, HoldsOrphans):
+            self.transport.release_orphans()      # the rings are this worker's now: the old ones go
+        t1 = time.monotonic()
+        self.journal.sync()
+        reissued = self.journal.rewind()
+        self.state = "up"
+        self.engine.xmit()
+        self.on_state()
+        return Takeover(how, reissued, (t1 - t0) * 1000, (time.monotonic() - t1) * 1000)
 
     @property
     def mac(self) -> bytes:
@@ -218,6 +287,7 @@ class Nic:
                 self.config_log.forget("open")
             else:
                 self.config_log.record(entry, *args)
+            self.on_state()
         return result
 
     def open(self) -> None:
@@ -297,6 +367,8 @@ class Nic:
         now = time.monotonic()
         self.hangs.moved(now)
         self.log.traffic(now)
+        if self.on_progress is not None:
+            self.on_progress()
 
     def _on_recovery(self, rec: Recovery) -> None:
         self.counters.recoveries += 1
@@ -348,6 +420,7 @@ class Nic:
         self.journal.rewind()
         self.engine.xmit()
         self.state = "up"
+        self.on_state()
         return (time.monotonic() - t0) * 1000
 
     # --- fault injection and status ------------------------------------------------------------

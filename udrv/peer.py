@@ -52,6 +52,17 @@ class PeerConfig:
         return self.host_ip.split("/")[0]
 
 
+class PeerNamespace:
+    """The peer side as a scenario sees it (its addresses, commands inside its namespace), when
+    the wire itself runs in another process (the supervised daemon's device process)."""
+
+    def __init__(self, cfg: PeerConfig):
+        self.cfg = cfg
+
+    def netns_exec(self, *cmd: str) -> list[str]:
+        return ["ip", "netns", "exec", self.cfg.netns, *cmd]
+
+
 class PeerWire:
     def __init__(self, cfg: PeerConfig | None = None):
         self.cfg = cfg or PeerConfig()

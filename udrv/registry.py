@@ -24,7 +24,7 @@ from .errors import UdrvError
 
 log = logging.getLogger("udrv")
 
-EMBEDDED = ("pegasus", "e1000", "cdc_ecm")
+from .models.catalog import EMBEDDED
 # models behind an in-process USB transport: the drivers' C variants need libusb's own handles
 PYTHON_ONLY_MODELS = ("pegasus", "cdc_ecm")
 # an operator's choice of one implementation (`--impl`): the runtime then has no spare to swap to
@@ -150,28 +150,18 @@ def _embedded(kind: str, wire_mbit: float | None, wire_delay_ms: float) -> tuple
     """A device model served in process (no hardware): the driver runs on it through the same
     transport interface as on a real device; its wire is the peer namespace's veth, as fast as
     the host unless wire_mbit paces it (USB models: udrv.models.wire)."""
-    def usb(model: Any) -> Any:
+    from .models.catalog import make_model
+    made = make_model(kind, wire_mbit, wire_delay_ms)
+    cls = embedded_driver(kind)
+    if made.bus == "usb":
         from .models.usb import ModelUsbTransport
-        if wire_mbit is None:
-            return ModelUsbTransport(model)
-        from .models.wire import PacedWire
-        return ModelUsbTransport(PacedWire(model, wire_mbit, delay=wire_delay_ms / 1e3))
-    if kind == "pegasus":
-        from .drivers.pegasus import Pegasus
-        from .models.pegasus import PegasusModel
-        model: Any = PegasusModel()
-        return Pegasus, usb(model), model
-    if kind == "e1000":
-        if wire_mbit is not None:
-            raise UdrvError("--wire-mbit paces the USB models (model:pegasus, model:cdc_ecm), not model:e1000")
-        from .drivers.e1000 import E1000
-        from .models.e1000 import E1000Model
-        from .models.pci import ModelPciTransport
-        model = E1000Model("82540em")
-        return E1000, ModelPciTransport(model), model
-    if kind == "cdc_ecm":
-        from .drivers.cdc_ecm import CdcEcm
-        from .models.cdc_ecm import EcmModel
-        model = EcmModel()
-        return CdcEcm, usb(model), model
-    raise UdrvError(f"no embedded model called {kind!r}: use one of " + ", ".join(f"model:{k}" for k in EMBEDDED))
+        return cls, ModelUsbTransport(made.device), made.model
+    from .models.pci import ModelPciTransport
+    return cls, ModelPciTransport(made.device), made.model
+
+
+def embedded_driver(kind: str) -> type[NetDriver]:
+    """The driver of an embedded model."""
+    if kind not in EMBEDDED:
+        raise UdrvError(f"no embedded model called {kind!r}: use one of " + ", ".join(f"model:{k}" for k in EMBEDDED))
+    return importlib.import_module(f"udrv.drivers.{kind}").DRIVER

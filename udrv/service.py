@@ -37,6 +37,14 @@ class ServiceOptions:
     aqm_target_ms: float = 5.0          # CoDel on the TX queue; 0 = off
     aqm_interval_ms: float = 100.0
     aqm_ecn: bool = True
+    # the driver in a worker process beside a warm spare, under a supervisor (udrv/supervisor.py);
+    # False: one process, as before (for comparison and benches); None: on unless UDRV_ISOLATION=0
+    isolation: bool | None = None
+
+    def isolated(self) -> bool:
+        if self.isolation is not None:
+            return self.isolation
+        return os.environ.get("UDRV_ISOLATION", "1") != "0"
 
 
 class Scenario(Protocol):
@@ -60,6 +68,11 @@ def serve(opts: ServiceOptions, scenario: Scenario | None = None) -> int:
     if os.geteuid() != 0:
         raise NeedsRoot("udrv run needs root (it creates a TAP interface and, for the embedded device, a network "
                         "namespace): run it with sudo")
+    if opts.isolated():
+        if opts.device is None or opts.device.startswith("model:"):
+            return supervise(opts, scenario)
+        log.warning("event=in-process device=%s workers drive embedded models only so far: this device runs in "
+                    "the daemon's own process (a crash of the driver ends it)", opts.device)
     impls, transport, model = open_device(opts.device, wire_mbit=opts.wire_mbit,
                                           wire_delay_ms=opts.wire_delay_ms, impl=opts.impl)
     tap = Tap(opts.ifname)
@@ -106,6 +119,45 @@ def serve(opts: ServiceOptions, scenario: Scenario | None = None) -> int:
         tap.close()
         if peer is not None:
             peer.close()
+    return 0 if scenario is None else scenario.exit_code
+
+
+def supervise(opts: ServiceOptions, scenario: Scenario | None = None) -> int:
+    """The supervised daemon on an embedded model: supervisor here, the model in a device process,
+    the driver in a worker with a warm spare."""
+    import signal
+
+    from .models.catalog import EMBEDDED
+    from .peer import PeerConfig, PeerNamespace, ip
+    from .registry import PYTHON_ONLY_MODELS
+    from .supervisor import Supervisor
+
+    kind = (opts.device or "model:pegasus").removeprefix("model:")
+    if kind not in EMBEDDED:
+        raise UdrvError(f"no embedded model called {kind!r}: use one of " + ", ".join(f"model:{k}" for k in EMBEDDED))
+    if opts.impl == "c" and kind in PYTHON_ONLY_MODELS:
+        raise UdrvError(f"model:{kind} runs the Python engine alone (the C USB ring moves its transfers through "
+                        "libusb, which an embedded model is not behind): use --impl python, or a usb: device")
+    device = {"kind": "model", "model": kind, "spec": f"model:{kind}", "wire_mbit": opts.wire_mbit,
+              "wire_delay_ms": opts.wire_delay_ms}
+    options = {"guards": opts.guards, "recovery": opts.recovery, "config_deadline": opts.config_deadline,
+               "datapath_deadline": opts.datapath_deadline, "swap_after": opts.swap_after or 1 << 30,
+               "aqm_target": opts.aqm_target_ms / 1e3, "aqm_interval": opts.aqm_interval_ms / 1e3,
+               "aqm_ecn": opts.aqm_ecn}
+    sup = Supervisor(device, options, opts.ifname, impl=opts.impl)
+    signal.signal(signal.SIGINT, sup.stop)
+    signal.signal(signal.SIGTERM, sup.stop)
+    try:
+        sup.start()
+        cfg = PeerConfig.for_interface(opts.ifname)
+        ip("addr", "add", cfg.host_ip, "dev", sup.tap.name, check=False)
+        log.info("event=embedded-device model=%s host=%s peer=%s netns=%s (try: ip netns exec %s iperf3 -s)",
+                 kind, cfg.host_addr, cfg.peer_addr, cfg.netns, cfg.netns)
+        if scenario is not None:
+            scenario.start(sup, PeerNamespace(cfg))
+        sup.run(opts.duration)
+    finally:
+        sup.close()
     return 0 if scenario is None else scenario.exit_code
 
 

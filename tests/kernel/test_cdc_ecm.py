@@ -54,7 +54,7 @@ def udrv(*args: str, check: bool = True) -> str:
 def udrv_status() -> dict:
     """What `udrv status --json` prints, asked over the same control socket without starting a
     second interpreter (each costs seconds of the guest's CPU under TCG)."""
-    from udrv.daemon import request
+    from udrv.control import request
     r = request(IFNAME, {"cmd": "status"})
     if not r.get("ok"):
         raise RuntimeError(f"udrv status: {r.get('error')}")
@@ -194,7 +194,7 @@ def ecn_flood(report: dict, peer_ip: str) -> None:
     any entry judged with another behind it, an interval after the last such, is over target.
     CoDel marks those frames CE instead of dropping them; the peer's IP stack counts the CE
     packets that arrive."""
-    from udrv.daemon import request
+    from udrv.control import request
     s0, ce0 = udrv_status()["tx_journal"], peer_in_ce_packets()
     report["aqm_set"] = request(IFNAME, {"cmd": "aqm", "target_ms": 0.001, "interval_ms": 0.001})
     srv = subprocess.Popen(["ip", "netns", "exec", PEER_NS, "iperf3", "-s", "-1", "-B", peer_ip],
@@ -250,7 +250,7 @@ def interface0_driver(dev: Path) -> str | None:
 
 def inject_faults(report: dict, flood_dst: str) -> None:
     """udrv inject mid-traffic: datapath and configuration faults, each recovered in process."""
-    from udrv.daemon import request
+    from udrv.control import request
 
     def inject(i: int, entry: str, kind: str) -> None:
         if i == 0:

@@ -62,7 +62,7 @@ def collect(p: subprocess.Popen, timeout: float = 90) -> str:
 
 def udrv_status() -> dict:
     """`udrv status --json`, asked over the control socket without a second interpreter."""
-    from udrv.daemon import request
+    from udrv.control import request
     r = request(IFNAME, {"cmd": "status"}, timeout=10.0)
     if not r.get("ok"):
         raise RuntimeError(f"udrv status: {r.get('error')}")
@@ -75,7 +75,7 @@ def driver_of(bdf: str) -> str | None:
 
 
 def inject_faults(report: dict, peer_ip: str) -> None:
-    from udrv.daemon import request
+    from udrv.control import request
 
     def inject(i: int, entry: str, kind: str) -> None:
         if i == 0:

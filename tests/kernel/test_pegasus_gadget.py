@@ -59,7 +59,7 @@ def _udrv(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
 
 def _status() -> dict:
     """The daemon's status over its socket (cheap: no Python start like the CLI)."""
-    from udrv.daemon import request
+    from udrv.control import request
     r = request(IFNAME, {"cmd": "status"})
     if not r.get("ok"):
         raise RuntimeError(f"udrv status failed: {r.get('error')}")

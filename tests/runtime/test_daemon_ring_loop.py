@@ -12,7 +12,8 @@ import pytest
 from udrv import daemon as daemon_mod
 from udrv.datapath import Capabilities
 from udrv.driver import LinkState
-from udrv.daemon import Daemon, DaemonTimers, request
+from udrv.control import request
+from udrv.daemon import Daemon, DaemonTimers
 
 
 class FakeJournal:

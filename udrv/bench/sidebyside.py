@@ -383,7 +383,7 @@ class GuestDaemon:
         self.startup_s = 0.0
 
     def wait_up(self) -> "GuestDaemon":
-        from ..daemon import control_path
+        from ..control import control_path
         t0 = time.monotonic()
 
         def up() -> bool:

@@ -1,0 +1,106 @@
+"""The heartbeat page: what each worker tells the supervisor without a message.
+
+One memfd page, created by the supervisor and mapped by every worker it starts (the fd arrives
+over SCM_RIGHTS). Each worker owns one 64-byte slot of plain little-endian words:
+
+    pid u32 @0 | _ u32 @4 | beat_ns u64 @8 | deadline_ns u64 @16 | progress_ns u64 @24
+
+  beat_ns      CLOCK_MONOTONIC when the worker's loop last went round. The loop wakes at least
+               every `BEAT_PERIOD` while it runs, so a beat older than the supervisor's
+               threshold means a worker that is stopped, spinning, deadlocked or stuck in a call.
+  deadline_ns  while a configuration entry point (or a restore) runs: its deadline, else 0. The
+               in-process watchdog interrupts a late one first; the supervisor waits that
+               deadline out (plus a grace) before it calls the worker frozen, as nDriver's timeout
+               is the entry point's own plus a guard.
+  progress_ns  when the datapath last moved a frame: the start of the silence a failover ends.
+
+Stores of aligned words are single instructions, so the supervisor reads each word whole; no
+lock is needed because every word has one writer.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+
+SLOT = 64
+SLOTS = 8
+SIZE = SLOT * SLOTS
+# how often a running worker's loop goes round at least, idle or not (seconds)
+BEAT_PERIOD = 0.003
+_PID = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_OFF_BEAT, _OFF_DEADLINE, _OFF_PROGRESS = 8, 16, 24
+
+
+class HeartbeatPage:
+    def __init__(self, fd: int | None = None):
+        created = fd is None
+        self.fd = os.memfd_create("udrv-heartbeat", os.MFD_CLOEXEC) if fd is None else fd
+        if created:
+            os.ftruncate(self.fd, SIZE)
+        self.mem = mmap.mmap(self.fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._q = memoryview(self.mem).cast("Q")
+
+    def slot(self, i: int) -> "Heartbeat":
+        if not 0 <= i < SLOTS:
+            raise ValueError(f"heartbeat slot {i} is outside 0..{SLOTS - 1}")
+        return Heartbeat(self, i)
+
+    def clear(self, i: int) -> None:
+        self.mem[i * SLOT:(i + 1) * SLOT] = bytes(SLOT)
+
+    def close(self) -> None:
+        self._q.release()
+        self.mem.close()
+        os.close(self.fd)
+
+
+class Heartbeat:
+    """One worker's slot: the worker writes, the supervisor reads."""
+
+    __slots__ = ("_q", "_base", "page", "index")
+
+    def __init__(self, page: HeartbeatPage, index: int):
+        self.page, self.index = page, index
+        self._q = page._q
+        self._base = index * SLOT // 8
+
+    # --- the worker's side ----------------------------------------------------------------
+    def claim(self, pid: int) -> None:
+        self.page.clear(self.index)
+        _PID.pack_into(self.page.mem, self.index * SLOT, pid)
+        self.beat()
+
+    def beat(self) -> None:
+        self._q[self._base + 1] = time.monotonic_ns()
+
+    def busy_until(self, deadline: float | None) -> None:
+        """A configuration call runs until `deadline` (time.monotonic seconds); None: done."""
+        self._q[self._base + 2] = 0 if deadline is None else int(deadline * 1e9)
+
+    def progress(self) -> None:
+        self._q[self._base + 3] = time.monotonic_ns()
+
+    # --- the supervisor's side ----------------------------------------------------------------
+    @property
+    def pid(self) -> int:
+        return _PID.unpack_from(self.page.mem, self.index * SLOT)[0]
+
+    @property
+    def beat_ns(self) -> int:
+        return self._q[self._base + 1]
+
+    @property
+    def deadline_ns(self) -> int:
+        return self._q[self._base + 2]
+
+    @property
+    def progress_ns(self) -> int:
+        return self._q[self._base + 3]
+
+    def stale_for(self, now_ns: int | None = None) -> float:
+        """Seconds since the last beat."""
+        now_ns = time.monotonic_ns() if now_ns is None else now_ns
+        return max(0, now_ns - self.beat_ns) / 1e9

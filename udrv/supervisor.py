@@ -1,0 +1,734 @@
+"""The supervisor: a small trusted process that keeps the interface while drivers come and go.
+
+`udrv run` (unless --in-process) is this process. It holds what must outlive a driver: the
+TAP (so `udrv0` keeps its name and ifindex), the TX journal memfd, the heartbeat page, the
+last checkpoint (opaque bytes it never decodes), the control socket, counters and policy. The
+driver runs in a worker process (udrv/worker.py) beside a warm spare; an embedded model runs
+in a device process (udrv/devicehost.py). It imports no driver and no model.
+
+Detection (Policy holds the thresholds):
+  * a worker that dies: its pidfd becomes readable, at once;
+  * a worker that freezes (stopped, spinning, deadlocked, stuck in a call): its heartbeat is
+    older than `heartbeat_timeout` and no configuration call of it is inside its deadline;
+  * a datapath standing still while frames wait: the worker's own TX hang watch, in process.
+Recovery: the frozen worker is killed and its exit seen (its device file closes, its claims
+and transfers go), then the spare is promoted: it restores the device from the last
+checkpoint, re-issues what the journal holds unconfirmed and replays the configuration. A new
+spare starts once the promoted one is up. After `swap_after` failures of one implementation
+within `swap_window` the next workers run the next implementation; after `swap_back_after`
+quiet seconds the preferred one comes back at the next spare. Failures in a row of workers
+that never stayed up `stable_after` back off (doubling from `backoff_initial` to
+`backoff_max`); after `give_up_after` of them the supervisor stops trying, keeps the interface
+with its carrier off and says why in the log and in `udrv status`.
+The one fault it does not survive is its own crash.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .channel import Channel, ChannelClosed, pair
+from .errors import UdrvError
+from .heartbeat import SLOTS, HeartbeatPage
+from .journal import TxJournal
+from .tap import Tap
+
+log = logging.getLogger("udrv.supervisor")
+
+
+@dataclass(frozen=True)
+class Policy:
+    heartbeat_timeout: float = 0.012   # a beat older than this, outside a configuration call: frozen
+    config_grace: float = 0.1          # past a configuration call's own deadline before it is frozen
+    takeover_timeout: float = 5.0      # a worker taking over (or probing) that has not come up by then
+    start_timeout: float = 30.0        # a worker that has not said hello by then (imports, a slow disk)
+    swap_after: int = 3                # failures of one implementation within swap_window ...
+    swap_window: float = 60.0          # ... and the next workers run the next implementation
+    swap_back_after: float = 300.0     # quiet seconds on a fallback before the preferred one returns
+    stable_after: float = 0.5          # a worker up this long was not a crash loop
+    backoff_initial: float = 0.05      # before a worker start after a crash-loop failure; doubles
+    backoff_max: float = 5.0
+    give_up_after: int = 8             # crash-loop failures in a row: stop trying
+
+
+@dataclass
+class Failover:
+    """One process-level recovery, as the user sees it."""
+    pid: int
+    cause: str                   # "killed by SIGKILL", "exited with status 70", "froze"
+    detected_by: str             # pidfd | heartbeat
+    implementation: str
+    at: float = field(default_factory=time.time)
+    detection_ms: float = 0.0    # last heartbeat of the dead worker -> the supervisor knew
+    failover_ms: float | None = None   # detection -> the successor up (device restored, journal re-issued)
+    successor: int = 0
+    successor_implementation: str = ""
+    spare_ready: bool = True     # False: no spare was ready, a cold worker start
+    how: str = ""                # restored from the checkpoint | probed and configuration replayed
+    reissued: int = 0
+    takeover_ms: float = 0.0     # of the failover: the successor restoring the device, re-issuing
+    silent_ms: float | None = None     # last frame before the fault -> first frame after it
+    idle_before_ms: float = 0.0  # of the silence: no frame moved between the last one and the fault
+    _t_detect: float = 0.0
+    _progress_before: int = 0
+
+    def line(self) -> str:
+        silent = "n/a (no traffic)" if self.silent_ms is None else f"{self.silent_ms:.2f} ms"
+        fo = "n/a" if self.failover_ms is None else f"{self.failover_ms:.2f} ms"
+        spare = "spare promoted" if self.spare_ready else "no spare ready: cold start"
+        return (f"failover: worker={self.pid} ({self.implementation}) {self.cause} detected_by={self.detected_by} "
+                f"detection={self.detection_ms:.2f} ms; {spare}: worker={self.successor} "
+                f"({self.successor_implementation}) {self.how} in {self.takeover_ms:.2f} ms; "
+                f"reissued={self.reissued} failover={fo} silent={silent}"
+                + (f" (idle {self.idle_before_ms:.0f} ms before the fault)" if self.idle_before_ms >= 1 else ""))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+@dataclass
+class Child:
+    popen: subprocess.Popen
+    channel: Channel
+    pidfd: int
+    slot: int
+    role: str                    # spare | primary
+    implementation: str = ""     # asked for (a name); "" = the first
+    state: str = "starting"      # starting | hello | arming | idle | taking-over | running
+    armed: bool = False          # holds its device connection, the TAP, the journal, a built driver
+    started: float = field(default_factory=time.monotonic)
+    up_at: float = 0.0
+    implementations: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+
+COUNTERS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_errors", "tx_errors", "tap_frames_in",
+            "recoveries", "escalations", "restarts", "swaps")
+
+
+class Supervisor:
+    def __init__(self, device: dict[str, Any], options: dict[str, Any], ifname: str = "udrv0",
+                 policy: Policy | None = None, impl: str | None = None):
+        self.device = dict(device)
+        self.options = options
+        self.policy = policy or Policy()
+        self.impl = impl
+        self.tap = Tap(ifname)
+        self.page = HeartbeatPage()
+        self.journal: TxJournal | None = None
+        self.devhost: Channel | None = None
+        self.devhost_proc: subprocess.Popen | None = None
+        self.peer: dict[str, Any] | None = None
+        self.primary: Child | None = None
+        self.spare: Child | None = None
+        self.children: list[Child] = []
+        self.state_blob: str | None = None
+        self.failovers: list[Failover] = []
+        self.pending_failover: Failover | None = None
+        self.failures: dict[str, list[float]] = {}
+        self.implementations: list[str] = []
+        self.current_impl = ""        # what new workers run
+        self.quick_failures = 0
+        self.next_start = 0.0
+        self.gave_up = ""
+        self.running = False
+        self._tap_attached = False
+        self._carrier = False
+        self._ctrl: socket.socket | None = None
+        self._pending: dict[int, tuple[socket.socket, dict[str, Any], float]] = {}
+        self._req_id = 0
+        self._last_status: dict[str, Any] = {}
+        self._carried: dict[str, int] = {}
+        self._next_status_poll = 0.0
+        self._last_failure = 0.0
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # --- start -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.device["kind"] == "model":
+            self._start_devhost()
+        self._open_control()
+        self._spawn("primary", self.impl or "")
+        log.info("event=supervisor pid=%d ifname=%s ifindex=%d device=%s", os.getpid(), self.tap.name,
+                 self.tap.ifindex, self.device.get("spec"))
+
+    def _start_devhost(self) -> None:
+        mine, theirs = pair()
+        args = [sys.executable, "-m", "udrv.devicehost", "--channel", str(theirs.fileno()),
+                "--model", self.device["model"], "--ifname", self.tap.name]
+        if self.device.get("wire_mbit") is not None:
+            args += ["--wire-mbit", str(self.device["wire_mbit"]), "--wire-delay-ms",
+                     str(self.device.get("wire_delay_ms", 0.0))]
+        self.devhost_proc = subprocess.Popen(args, pass_fds=[theirs.fileno()])
+        theirs.close()
+        self.devhost = Channel(mine)
+        try:
+            msg, _ = self.devhost.recv(timeout=30)
+        except (TimeoutError, ChannelClosed):
+            raise UdrvError("the embedded model's device process did not start: see its error above") from None
+        self.device["bus"] = msg["bus"]
+        self.peer = msg["peer"]
+
+    def _open_control(self) -> None:
+        from .control import RUN_DIR, control_path
+        os.makedirs(RUN_DIR, exist_ok=True)
+        path = control_path(self.tap.name)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        s.bind(path)
+        os.chmod(path, 0o660)
+        s.listen(8)
+        self._ctrl = s
+
+    def _free_slot(self) -> int:
+        used = {c.slot for c in self.children}
+        return next(i for i in range(SLOTS) if i not in used)
+
+    def _spawn(self, role: str, implementation: str) -> Child:
+        mine, theirs = pair()
+        env = dict(os.environ)
+        popen = subprocess.Popen([sys.executable, "-m", "udrv.worker", "--channel", str(theirs.fileno())],
+                                 pass_fds=[theirs.fileno()], env=env)
+        theirs.close()
+        slot = self._free_slot()
+        self.page.clear(slot)
+        child = Child(popen, Channel(mine), os.pidfd_open(popen.pid), slot, role, implementation)
+        self.children.append(child)
+        child.channel.send({"t": "init", "slot": slot, "device": self.device, "options": self.options,
+                            "impl": self.impl}, [self.page.fd])
+        if role == "primary":
+            self.primary = child
+        else:
+            self.spare = child
+        return child
+
+    # --- the loop --------------------------------------------------------------------------------
+    def run(self, duration: float | None = None) -> None:
+        self.running = True
+        end = None if duration is None else time.monotonic() + duration
+        p = self.policy
+        while self.running:
+            now = time.monotonic()
+            if end is not None and now >= end:
+                break
+            fds = [self._wake_r]
+            if self._ctrl is not None:
+                fds.append(self._ctrl.fileno())
+            if self.devhost is not None:
+                fds.append(self.devhost.fileno())
+            for c in self.children:
+                fds += [c.channel.fileno(), c.pidfd]
+            watching = self.primary is not None and self.primary.state == "running"
+            timeout = p.heartbeat_timeout / 3 if watching else 0.05
+            r, _, _ = select.select(fds, [], [], timeout)
+            readable = set(r)
+            if self._wake_r in readable:
+                try:
+                    os.read(self._wake_r, 64)
+                except BlockingIOError:
+                    pass
+            for c in list(self.children):
+                if c.pidfd in readable:
+                    self._exited(c)
+                elif c.channel.fileno() in readable:
+                    self._serve_child(c)
+            if self._ctrl is not None and self._ctrl.fileno() in readable:
+                self._accept()
+            if self.devhost is not None and self.devhost.fileno() in readable:
+                self._serve_devhost()
+            self._watch(time.monotonic())
+
+    def _watch(self, now: float) -> None:
+        p = self.policy
+        c = self.primary
+        if c is not None:
+            hb = self.page.slot(c.slot)
+            if c.state == "running":
+                stale = hb.stale_for()
+                deadline = hb.deadline_ns / 1e9
+                if stale > p.heartbeat_timeout and (not deadline or now > deadline + p.config_grace):
+                    self._frozen(c, stale)
+            elif c.state == "taking-over" and now - c.started > p.takeover_timeout:
+                self._frozen(c, now - c.started)
+            elif c.state == "starting" and now - c.started > p.start_timeout:
+                self._frozen(c, now - c.started)
+        elif not self.gave_up and now >= self.next_start:
+            self._start_successor(self.pending_failover)
+        if self.spare is None and self.primary is not None and self.primary.state == "running" \
+                and not self.gave_up and now >= self.next_start:
+            self._spawn("spare", self.current_impl)
+        elif self.spare is not None and self.spare.state == "hello":
+            self._arm(self.spare)
+        f = self.pending_failover
+        if f is not None and self.primary is not None and self.primary.state == "running":
+            progress = self.page.slot(self.primary.slot).progress_ns
+            if f._progress_before and progress > f._progress_before and f.failover_ms is not None:
+                f.silent_ms = (progress - f._progress_before) / 1e6
+                self._log_failover(f)
+            elif now - f._t_detect > 2.0:
+                self._log_failover(f)
+        self._expire_requests(now)
+        if now >= self._next_status_poll and self.primary is not None and self.primary.state == "running":
+            self._next_status_poll = now + 1.0
+            self._forward(None, {"cmd": "status"})      # the counters a failover carries over
+
+    def _log_failover(self, f: Failover) -> None:
+        log.warning("%s", f.line())
+        self.pending_failover = None
+
+    # --- children ------------------------------------------------------------------------------
+    def _serve_child(self, c: Child) -> None:
+        try:
+            messages = c.channel.poll()
+        except ChannelClosed:
+            return                           # its pidfd says the rest
+        for msg, fds in messages:
+            t = msg.get("t")
+            if t == "tap":
+                self._tap_request(c, msg)
+            elif t == "journal":
+                self._journal_request(c, msg)
+            elif t == "state" and c is self.primary and isinstance(msg.get("blob"), str):
+                self.state_blob = msg["blob"]
+            elif t == "hello":
+                c.implementations = [str(n) for n in msg.get("implementations", [])]
+                if not self.implementations:
+                    self.implementations = c.implementations
+                    self.current_impl = self.current_impl or self.implementations[0]
+                if not c.implementation:
+                    c.implementation = self.current_impl
+                c.state = "hello"
+                if c is self.primary:
+                    self._send_start(c)
+                else:
+                    self._arm(c)
+            elif t == "armed":
+                c.armed = True
+                if c.state == "arming":
+                    c.state = "idle"
+            elif t == "up":
+                self._up(c, msg)
+            elif t == "reply":
+                self._answer(msg)
+            for fd in fds:
+                os.close(fd)
+
+    def _arm(self, c: Child) -> None:
+        """A spare gets its own device connection and builds its driver while it waits (once the
+        TAP and the journal exist: the first worker's request sets them up)."""
+        if c.state != "hello" or not self._tap_attached or self.journal is None:
+            return
+        fds = self._device_fds()
+        try:
+            c.channel.send({"t": "arm", "implementation": c.implementation,
+                            "tap": {"name": self.tap.name, "ifindex": self.tap.ifindex}}, fds)
+        except ChannelClosed:
+            pass
+        finally:
+            for fd in fds:
+                os.close(fd)
+        c.state = "arming"
+
+    def _send_start(self, c: Child) -> None:
+        adopt = self.state_blob is not None
+        msg = {"t": "start", "mode": "adopt" if adopt else "fresh", "state": self.state_blob,
+               "implementation": c.implementation, "tap": {"name": self.tap.name, "ifindex": self.tap.ifindex}}
+        fds = [] if c.armed else self._device_fds()
+        try:
+            c.channel.send(msg, fds)
+        except ChannelClosed:
+            pass
+        finally:
+            for fd in fds:
+                os.close(fd)
+        c.state = "taking-over"
+        c.started = time.monotonic()
+
+    def _device_fds(self) -> list[int]:
+        """A new open of the device for one worker."""
+        assert self.devhost is not None
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.devhost.send({"t": "connect"}, [mine.fileno()])
+        mine.close()
+        fd = theirs.detach()
+        return [fd]
+
+    def _up(self, c: Child, msg: dict[str, Any]) -> None:
+        c.state = "running"
+        c.up_at = time.monotonic()
+        c.implementation = str(msg.get("implementation", c.implementation))
+        self.page.slot(c.slot).beat()
+        f = self.pending_failover
+        if f is not None and f.successor == c.pid:
+            f.failover_ms = (c.up_at - f._t_detect) * 1000
+            f.successor_implementation = c.implementation
+            f.how = str(msg.get("how", ""))
+            f.reissued = int(msg.get("reissued", 0))
+            f.takeover_ms = float(msg.get("takeover_ms", 0.0))
+        log.info("event=worker-up pid=%d implementation=%s how=%s", c.pid, c.implementation, msg.get("how"))
+
+    def _tap_request(self, c: Child, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        reply: dict[str, Any] = {"t": "reply", "id": msg.get("id"), "ok": True}
+        fds: list[int] = []
+        try:
+            if op == "attach":
+                if not self._tap_attached:
+                    # the first worker's wish decides: the queue cannot change while a worker holds it
+                    self.tap.set_offloads(msg.get("offloads", []), vnet_hdr=bool(msg.get("vnet_hdr")))
+                    self._tap_attached = True
+                reply.update(vnet_hdr_len=self.tap.vnet_hdr_len, offloads=sorted(self.tap.offloads))
+                fds = [self.tap.fd]
+            elif op == "mac":
+                self.tap.set_mac(bytes.fromhex(str(msg["mac"])))
+            elif op == "mtu":
+                self.tap.set_mtu(int(msg["mtu"]))
+            elif op == "up":
+                self.tap.set_up(bool(msg["up"]))
+            elif op == "carrier":
+                if c is self.primary:
+                    self._set_carrier(bool(msg["on"]))
+                return
+            else:
+                reply.update(ok=False, error=f"unknown TAP request {op!r}")
+        except (OSError, UdrvError, KeyError, ValueError) as e:
+            reply.update(ok=False, error=str(e))
+        try:
+            c.channel.send(reply, fds)
+        except ChannelClosed:
+            pass
+
+    def _set_carrier(self, on: bool) -> None:
+        self._carrier = on
+        self.tap.set_carrier(on)
+
+    def _journal_request(self, c: Child, msg: dict[str, Any]) -> None:
+        n, size = int(msg.get("nslots", 0)), int(msg.get("slot_size", 0))
+        reply: dict[str, Any] = {"t": "reply", "id": msg.get("id"), "ok": True}
+        try:
+            if self.journal is None:
+                self.journal = TxJournal(n, size)
+            elif (self.journal.nslots, self.journal.slot_size) != (n, size):
+                raise UdrvError(f"the journal has {self.journal.nslots} slots of {self.journal.slot_size} bytes, "
+                                f"not {n} of {size}")
+            c.channel.send(reply, [self.journal.fd])
+        except (UdrvError, ValueError) as e:
+            c.channel.send({**reply, "ok": False, "error": str(e)})
+
+    # --- failures -------------------------------------------------------------------------------
+    def _exited(self, c: Child) -> None:
+        rc = c.popen.wait()
+        cause = (f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}")
+        self._lost(c, cause, "pidfd")
+
+    def _frozen(self, c: Child, stale: float) -> None:
+        """Kill it and see it gone before anyone else claims the device."""
+        os.kill(c.pid, signal.SIGKILL)
+        c.popen.wait()
+        self._lost(c, f"froze (no heartbeat for {stale * 1e3:.1f} ms)", "heartbeat")
+
+    def _lost(self, c: Child, cause: str, detected_by: str) -> None:
+        now = time.monotonic()
+        hb = self.page.slot(c.slot)
+        last_beat = hb.beat_ns / 1e9
+        progress = hb.progress_ns
+        self._forget(c)
+        if c is self.spare:
+            self.spare = None
+            log.warning("event=spare-lost pid=%d %s", c.pid, cause)
+            return
+        was_primary = c is self.primary
+        self.primary = None
+        if not was_primary or not self.running:
+            return
+        impl = c.implementation or self.current_impl
+        f = Failover(c.pid, cause, detected_by, impl, detection_ms=max(0.0, now - last_beat) * 1000,
+                     idle_before_ms=max(0.0, last_beat - progress / 1e9) * 1000 if progress else 0.0,
+                     _t_detect=now, _progress_before=progress)
+        self._carry_counters()
+        self._count_failure(impl, c, now)
+        if self.gave_up:
+            self.failovers.append(f)
+            self._log_failover(f)
+            return
+        self.failovers.append(f)
+        del self.failovers[:-100]
+        self.pending_failover = f
+        if now >= self.next_start:
+            self._start_successor(f)
+
+    def _start_successor(self, f: Failover | None) -> None:
+        s = self.spare
+        if s is not None and s.state == "idle" and s.implementation == self.current_impl:
+            self.spare = None
+            s.role = "primary"
+            self.primary = s
+            self._send_start(s)
+        else:
+            if s is not None:             # not ready, or the wrong implementation: a cold start
+                self._retire(s)
+            s = self._spawn("primary", self.current_impl)
+            if f is not None:
+                f.spare_ready = False
+        if f is not None:
+            f.successor = s.pid
+
+    def _retire(self, c: Child) -> None:
+        try:
+            os.kill(c.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        c.popen.wait()
+        self._forget(c)
+        if c is self.spare:
+            self.spare = None
+
+    def _forget(self, c: Child) -> None:
+        if c in self.children:
+            self.children.remove(c)
+        c.channel.close()
+        os.close(c.pidfd)
+        self.page.clear(c.slot)
+
+    def _count_failure(self, impl: str, c: Child, now: float) -> None:
+        p = self.policy
+        self._last_failure = now
+        times = [t for t in self.failures.get(impl, []) if now - t < p.swap_window] + [now]
+        self.failures[impl] = times
+        if len(times) >= p.swap_after and len(self.implementations) > 1:
+            i = self.implementations.index(impl) if impl in self.implementations else 0
+            nxt = self.implementations[(i + 1) % len(self.implementations)]
+            if nxt != impl:
+                self.current_impl = nxt
+                self.failures[impl] = []
+                log.warning("event=swap from=%s to=%s after=%d failures within %g s", impl, nxt, len(times),
+                            p.swap_window)
+        quick = not c.up_at or now - c.up_at < p.stable_after
+        self.quick_failures = self.quick_failures + 1 if quick else 0
+        if self.quick_failures >= p.give_up_after:
+            self.gave_up = (f"{self.quick_failures} workers in a row failed within {p.stable_after:g} s of starting "
+                            f"(last: {impl}); the interface stays, carrier off: fix the cause (see the log above) "
+                            f"and restart udrv")
+            self._set_carrier(False)
+            log.error("event=gave-up %s", self.gave_up)
+        elif self.quick_failures >= 2:
+            delay = min(p.backoff_max, p.backoff_initial * 2 ** (self.quick_failures - 2))
+            self.next_start = now + delay
+            log.warning("event=backoff next_worker_in=%.0f ms after %d quick failures", delay * 1e3,
+                        self.quick_failures)
+
+    def _carry_counters(self) -> None:
+        st = self._last_status
+        for k in COUNTERS:
+            if isinstance(st.get(k), int):
+                self._carried[k] = self._carried.get(k, 0) + st[k]
+        self._last_status = {}
+
+    # --- control requests --------------------------------------------------------------------------
+    def _accept(self) -> None:
+        assert self._ctrl is not None
+        while True:
+            try:
+                conn, _ = self._ctrl.accept()
+            except BlockingIOError:
+                return
+            conn.settimeout(1.0)
+            try:
+                data = b""
+                while not data.endswith(b"\n") and len(data) < 65536:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                req = json.loads(data)
+                if not isinstance(req, dict):
+                    raise ValueError("not an object")
+            except (OSError, ValueError) as e:
+                self._reply(conn, {"ok": False, "error": f"bad request: {e}"})
+                continue
+            self._request(conn, req)
+
+    def _request(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        cmd = req.get("cmd")
+        if cmd == "inject" and req.get("entry") == "worker":
+            self._reply(conn, self._inject_worker(str(req.get("kind"))))
+        elif cmd == "device":
+            self._device_event(conn, str(req.get("action", "")))
+        elif self.primary is None or self.primary.state != "running":
+            if cmd == "status":
+                self._reply(conn, {"ok": True, "status": self._status({})})
+            else:
+                self._reply(conn, {"ok": False, "error": "no worker is running the driver right now "
+                                   + (f"({self.gave_up})" if self.gave_up else "(a failover is in progress): try again")})
+        else:
+            self._forward(conn, req)
+
+    def _forward(self, conn: socket.socket | None, req: dict[str, Any]) -> None:
+        assert self.primary is not None
+        self._req_id += 1
+        rid = self._req_id
+        try:
+            self.primary.channel.send({"t": "req", "id": rid, "body": req})
+        except ChannelClosed:
+            if conn is not None:
+                self._reply(conn, {"ok": False, "error": "the worker is gone: try again"})
+            return
+        if conn is not None:
+            self._pending[rid] = (conn, req, time.monotonic() + 2.0)
+        else:
+            self._pending[rid] = (None, req, time.monotonic() + 2.0)        # type: ignore[assignment]
+
+    def _answer(self, msg: dict[str, Any]) -> None:
+        entry = self._pending.pop(msg.get("id"), None)     # type: ignore[arg-type]
+        if entry is None:
+            return
+        conn, req, _dl = entry
+        body = msg.get("body") if isinstance(msg.get("body"), dict) else {"ok": False, "error": "bad reply"}
+        if req.get("cmd") == "status" and body.get("ok"):
+            self._last_status = body["status"]
+            body = {**body, "status": self._status(body["status"])}
+        if conn is not None:
+            self._reply(conn, body)
+
+    def _expire_requests(self, now: float) -> None:
+        for rid, (conn, req, deadline) in list(self._pending.items()):
+            if now > deadline:
+                del self._pending[rid]
+                if conn is None:
+                    continue
+                if req.get("cmd") == "status":
+                    self._reply(conn, {"ok": True, "status": self._status({}, note="the worker did not answer")})
+                else:
+                    self._reply(conn, {"ok": False, "error": "the worker did not answer in 2 s (a failover may "
+                                                             "be under way): try again"})
+
+    def _reply(self, conn: socket.socket, body: dict[str, Any]) -> None:
+        try:
+            conn.sendall(json.dumps(body).encode() + b"\n")
+        except OSError:
+            pass
+        conn.close()
+
+    def _status(self, worker: dict[str, Any], note: str = "") -> dict[str, Any]:
+        st = dict(worker)
+        for k, v in self._carried.items():
+            if isinstance(st.get(k), int):
+                st[k] += v
+        st["ifname"], st["ifindex"] = self.tap.name, self.tap.ifindex
+        if self.gave_up:
+            st["state"] = "failed"
+            st["last_fault"] = self.gave_up
+        st.setdefault("state", "recovering")
+        p, s = self.primary, self.spare
+        st["worker"] = None if p is None else {"pid": p.pid, "implementation": p.implementation, "state": p.state,
+                                               "up_s": round(time.monotonic() - p.up_at, 3) if p.up_at else 0.0}
+        st["spare"] = None if s is None else {"pid": s.pid, "implementation": s.implementation, "state": s.state}
+        st["supervisor"] = {"pid": os.getpid(), "failovers": len(self.failovers), "gave_up": self.gave_up or None,
+                            "implementation_next": self.current_impl, "note": note or None,
+                            "policy": {k: getattr(self.policy, k) for k in self.policy.__dataclass_fields__}}
+        st["failovers"] = len(self.failovers)
+        st["recent_failovers"] = [f.as_dict() for f in self.failovers[-10:]]
+        st["last_failover"] = self.failovers[-1].as_dict() if self.failovers else None
+        st.setdefault("recent_recoveries", [])
+        return st
+
+    def _inject_worker(self, kind: str) -> dict[str, Any]:
+        c = self.primary
+        if c is None or c.state != "running":
+            return {"ok": False, "error": "no worker is running right now: try again in a moment"}
+        if kind == "kill":
+            os.kill(c.pid, signal.SIGKILL)
+        elif kind == "stop":
+            os.kill(c.pid, signal.SIGSTOP)
+        elif kind == "segv-signal":
+            os.kill(c.pid, signal.SIGSEGV)
+        elif kind in ("segv", "spin", "hang", "exit"):
+            c.channel.send({"t": "fault", "kind": kind})
+        else:
+            return {"ok": False, "error": f"unknown worker fault {kind!r}: use kill, stop, segv, spin, hang or exit"}
+        return {"ok": True, "pid": c.pid}
+
+    def _device_event(self, conn: socket.socket, action: str) -> None:
+        if self.devhost is None:
+            self._reply(conn, {"ok": False, "error": "device events exist only for the embedded model: unplug the "
+                                                     "real device by hand"})
+            return
+        try:
+            reply, _ = self.devhost.call({"t": "device", "action": action}, timeout=2.0)
+            self._reply(conn, {"ok": bool(reply.get("ok")), "error": reply.get("error")})
+        except (TimeoutError, ChannelClosed) as e:
+            self._reply(conn, {"ok": False, "error": f"the device process did not answer: {e}"})
+
+    def _serve_devhost(self) -> None:
+        assert self.devhost is not None
+        try:
+            self.devhost.poll()
+        except ChannelClosed:
+            log.error("event=device-process-gone the embedded model's process died: the interface stays, "
+                      "carrier off; restart udrv")
+            self._set_carrier(False)
+            self.devhost.close()
+            self.devhost = None
+
+    # --- stop ----------------------------------------------------------------------------------------
+    def stop(self, *_: Any) -> None:
+        self.running = False
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for c in list(self.children):
+            try:
+                c.channel.send({"t": "stop"})
+            except ChannelClosed:
+                pass
+        deadline = time.monotonic() + 5.0
+        for c in list(self.children):
+            try:
+                c.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                c.popen.kill()
+                c.popen.wait()
+            self._forget(c)
+        if self.devhost is not None:
+            try:
+                self.devhost.send({"t": "stop"})
+            except ChannelClosed:
+                pass
+        if self.devhost_proc is not None:
+            try:
+                self.devhost_proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                self.devhost_proc.kill()
+                self.devhost_proc.wait()
+        if self._ctrl is not None:
+            from .control import control_path
+            self._ctrl.close()
+            try:
+                os.unlink(control_path(self.tap.name))
+            except FileNotFoundError:
+                pass
+        if self.journal is not None:
+            self.journal.close()
+        self.page.close()
+        self.tap.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        log.info("event=stopped ifname=%s", self.tap.name)
