@@ -34,7 +34,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         config_deadline=args.config_deadline, datapath_deadline=args.datapath_deadline,
         wire_mbit=args.wire_mbit, wire_delay_ms=args.wire_delay_ms, aqm_target_ms=args.aqm_target,
         aqm_interval_ms=args.aqm_interval, aqm_ecn=not args.aqm_no_ecn,
-        isolation=False if args.in_process else None))
+        isolation=False if args.in_process else None, swap_back_after=args.swap_back_after,
+        give_up_after=args.give_up_after))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -252,8 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run this implementation of the driver alone: c (its C datapath) or python (default: "
                         "the C one when built, the Python one as the spare it swaps to)")
     r.add_argument("--swap-after", type=int, default=3, metavar="N",
-                   help="escalations of one implementation (C datapath, Python) before swapping to the next "
-                        "(default 3; 0 never swaps: to measure one implementation's full restarts)")
+                   help="escalations (in process) or worker failures within a minute (supervised) of one "
+                        "implementation (C datapath, Python) before swapping to the next (default 3; 0 never "
+                        "swaps: to measure one implementation's full restarts)")
+    r.add_argument("--swap-back-after", type=float, default=300.0, metavar="S",
+                   help="quiet seconds on the fallback implementation before the preferred one returns, as the "
+                        "next spare (default 300)")
+    r.add_argument("--give-up-after", type=int, default=8, metavar="N",
+                   help="workers in a row that fail within 0.25 s of starting before the supervisor stops trying "
+                        "(backing off between them; default 8); the interface stays, carrier off")
     r.add_argument("--config-deadline", type=float, default=1.0, metavar="S",
                    help="a configuration call running longer is a hang (default 1 s; raised automatically "
                         "above 4x the call's running average on slow machines)")

@@ -12,11 +12,14 @@ from typing import Any
 
 from .errors import UdrvError
 
-RUN_DIR = os.environ.get("UDRV_RUN_DIR", "/run/udrv")
+def run_dir() -> str:
+    """Where control sockets live: UDRV_RUN_DIR (read at each call: tests and benches set it
+    for the daemons they start), else /run/udrv."""
+    return os.environ.get("UDRV_RUN_DIR", "/run/udrv")
 
 
 def control_path(ifname: str) -> str:
-    return os.path.join(RUN_DIR, f"{ifname}.sock")
+    return os.path.join(run_dir(), f"{ifname}.sock")
 
 
 def request(ifname: str, req: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .driver import LinkState, RxMode
-from .control import RUN_DIR, control_path
+from .control import control_path, run_dir
 from .errors import UdrvError
 from .hostwatch import HostWatch
 from .placement import Priority, SoftirqAvoider
@@ -116,7 +116,7 @@ class Daemon:
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
 
     def _open_control(self) -> None:
-        os.makedirs(RUN_DIR, exist_ok=True)
+        os.makedirs(run_dir(), exist_ok=True)
         path = control_path(self.tap.name)
         try:
             os.unlink(path)

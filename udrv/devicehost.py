@@ -87,10 +87,12 @@ class DeviceHost:
                 self.running = False
 
     def close(self) -> None:
-        if self.wire is not None:
-            self.wire.close()
-        self.server.close()
-        self.peer.close()
+        try:
+            if self.wire is not None:
+                self.wire.close()
+            self.server.close()
+        finally:
+            self.peer.close()             # the namespace goes whatever else failed
 
 
 def main(argv: list[str] | None = None) -> int:

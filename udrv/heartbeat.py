@@ -8,7 +8,8 @@ over SCM_RIGHTS). Each worker owns one 64-byte slot of plain little-endian words
   beat_ns      CLOCK_MONOTONIC when the worker's loop last went round. The loop wakes at least
                every `BEAT_PERIOD` while it runs, so a beat older than the supervisor's
                threshold means a worker that is stopped, spinning, deadlocked or stuck in a call.
-  deadline_ns  while a configuration entry point (or a restore) runs: its deadline, else 0. The
+  deadline_ns  while a configuration entry point, a restore, a restart or a wait for the device
+               (a model across the process boundary) runs: its deadline, else 0. The
                in-process watchdog interrupts a late one first; the supervisor waits that
                deadline out (plus a grace) before it calls the worker frozen, as nDriver's timeout
                is the entry point's own plus a guard.
@@ -60,12 +61,13 @@ class HeartbeatPage:
 class Heartbeat:
     """One worker's slot: the worker writes, the supervisor reads."""
 
-    __slots__ = ("_q", "_base", "page", "index")
+    __slots__ = ("_q", "_base", "page", "index", "_busy")
 
     def __init__(self, page: HeartbeatPage, index: int):
         self.page, self.index = page, index
         self._q = page._q
         self._base = index * SLOT // 8
+        self._busy: dict[str, float] = {}
 
     # --- the worker's side ----------------------------------------------------------------
     def claim(self, pid: int) -> None:
@@ -76,9 +78,15 @@ class Heartbeat:
     def beat(self) -> None:
         self._q[self._base + 1] = time.monotonic_ns()
 
-    def busy_until(self, deadline: float | None) -> None:
-        """A configuration call runs until `deadline` (time.monotonic seconds); None: done."""
-        self._q[self._base + 2] = 0 if deadline is None else int(deadline * 1e9)
+    def busy_until(self, deadline: float | None, what: str = "entry") -> None:
+        """Something with a deadline of its own runs until `deadline` (time.monotonic seconds;
+        None: done): a configuration call ("entry"), a restart, a wait for the device. They nest;
+        the slot shows the latest deadline of those running."""
+        if deadline is None:
+            self._busy.pop(what, None)
+        else:
+            self._busy[what] = deadline
+        self._q[self._base + 2] = int(max(self._busy.values()) * 1e9) if self._busy else 0
 
     def progress(self) -> None:
         self._q[self._base + 3] = time.monotonic_ns()

@@ -130,10 +130,12 @@ class Nic:
                  reopen: Callable[[], Any] | None = None, tap: Any = None,
                  journal: Callable[[int, int], TxJournal] | None = None,
                  on_state: Callable[[], None] | None = None,
-                 on_progress: Callable[[], None] | None = None):
+                 on_progress: Callable[[], None] | None = None,
+                 on_busy: Callable[[float | None], None] | None = None):
         """journal(nslots, slot_size) gives the TX journal (a worker's: the supervisor's memfd);
         on_state runs after every change of what a successor needs (DomainState); on_progress
-        whenever frames moved."""
+        whenever frames moved; on_busy(deadline) / on_busy(None) around a restart (how long it may
+        take: the worker's heartbeat must not call it a hang)."""
         classes = list(driver_cls) if isinstance(driver_cls, (list, tuple)) else [driver_cls]
         self.opts = options or NicOptions()
         self.impls = Implementations(classes, self.opts.swap_after)
@@ -151,6 +153,7 @@ class Nic:
         self.journal = TxJournal(*geometry) if journal is None else journal(*geometry)
         self.on_state = on_state or (lambda: None)
         self.on_progress = on_progress
+        self.on_busy = on_busy or (lambda deadline: None)
         self.set_aqm(*codel_settings(self.opts.aqm_target, self.opts.aqm_interval, self.opts.aqm_ecn))
         self.admission = TxAdmission(self.journal, lambda: self.driver.soft.mtu)
         self.config_log = ConfigLog()
@@ -247,6 +250,9 @@ class Nic:
         (a full probe and a replay of the configuration if the restore fails), then re-issue every
         TX entry it left unconfirmed. The journal is the same memory the other worker used."""
         t0 = time.monotonic()
+        # this worker mapped the journal long before (a warm spare): its view of the indices is
+        # as old as that; the previous worker moved them since
+        self.journal.sync()
         for call in state.config:
             self.config_log.record(call.entry, *call.args)
         self.link = state.link
@@ -397,6 +403,14 @@ class Nic:
         """Full restart: a fresh domain on the device, probe, replay config, re-issue journal.
         Returns its milliseconds."""
         t0 = time.monotonic()
+        # bind and probe have deadlines of their own (udrv/guard.py); the whole is bounded by them
+        self.on_busy(t0 + 20.0)
+        try:
+            return self._restart(t0)
+        finally:
+            self.on_busy(None)
+
+    def _restart(self, t0: float) -> float:
         self.counters.restarts += 1
         self.domain.retire()
         self.ledger.retire(self.engine)

@@ -40,6 +40,8 @@ class ServiceOptions:
     # the driver in a worker process beside a warm spare, under a supervisor (udrv/supervisor.py);
     # False: one process, as before (for comparison and benches); None: on unless UDRV_ISOLATION=0
     isolation: bool | None = None
+    swap_back_after: float = 300.0      # quiet seconds on a fallback implementation before the preferred returns
+    give_up_after: int = 8              # workers in a row that fail at once before the supervisor stops trying
 
     def isolated(self) -> bool:
         if self.isolation is not None:
@@ -130,7 +132,7 @@ def supervise(opts: ServiceOptions, scenario: Scenario | None = None) -> int:
     from .models.catalog import EMBEDDED
     from .peer import PeerConfig, PeerNamespace, ip
     from .registry import PYTHON_ONLY_MODELS
-    from .supervisor import Supervisor
+    from .supervisor import Policy, Supervisor
 
     kind = (opts.device or "model:pegasus").removeprefix("model:")
     if kind not in EMBEDDED:
@@ -144,7 +146,9 @@ def supervise(opts: ServiceOptions, scenario: Scenario | None = None) -> int:
                "datapath_deadline": opts.datapath_deadline, "swap_after": opts.swap_after or 1 << 30,
                "aqm_target": opts.aqm_target_ms / 1e3, "aqm_interval": opts.aqm_interval_ms / 1e3,
                "aqm_ecn": opts.aqm_ecn}
-    sup = Supervisor(device, options, opts.ifname, impl=opts.impl)
+    policy = Policy(swap_after=opts.swap_after or 1 << 30, swap_back_after=opts.swap_back_after,
+                    give_up_after=max(1, opts.give_up_after))
+    sup = Supervisor(device, options, opts.ifname, policy=policy, impl=opts.impl)
     signal.signal(signal.SIGINT, sup.stop)
     signal.signal(signal.SIGTERM, sup.stop)
     try:

@@ -47,14 +47,15 @@ log = logging.getLogger("udrv.supervisor")
 
 @dataclass(frozen=True)
 class Policy:
-    heartbeat_timeout: float = 0.012   # a beat older than this, outside a configuration call: frozen
+    heartbeat_timeout: float = 0.012   # a beat older than this, outside a configuration call: frozen ...
+    starved_timeout: float = 0.5       # ... unless its loop is runnable but not given a CPU (a loaded host)
     config_grace: float = 0.1          # past a configuration call's own deadline before it is frozen
     takeover_timeout: float = 5.0      # a worker taking over (or probing) that has not come up by then
     start_timeout: float = 30.0        # a worker that has not said hello by then (imports, a slow disk)
     swap_after: int = 3                # failures of one implementation within swap_window ...
     swap_window: float = 60.0          # ... and the next workers run the next implementation
     swap_back_after: float = 300.0     # quiet seconds on a fallback before the preferred one returns
-    stable_after: float = 0.5          # a worker up this long was not a crash loop
+    stable_after: float = 0.25         # a worker up this long was not a crash loop
     backoff_initial: float = 0.05      # before a worker start after a crash-loop failure; doubles
     backoff_max: float = 5.0
     give_up_after: int = 8             # crash-loop failures in a row: stop trying
@@ -84,9 +85,12 @@ class Failover:
     def line(self) -> str:
         silent = "n/a (no traffic)" if self.silent_ms is None else f"{self.silent_ms:.2f} ms"
         fo = "n/a" if self.failover_ms is None else f"{self.failover_ms:.2f} ms"
+        head = (f"failover: worker={self.pid} ({self.implementation}) {self.cause} detected_by={self.detected_by} "
+                f"detection={self.detection_ms:.2f} ms; ")
+        if not self.successor:
+            return head + "not replaced: the supervisor gave up (see event=gave-up)"
         spare = "spare promoted" if self.spare_ready else "no spare ready: cold start"
-        return (f"failover: worker={self.pid} ({self.implementation}) {self.cause} detected_by={self.detected_by} "
-                f"detection={self.detection_ms:.2f} ms; {spare}: worker={self.successor} "
+        return (head + f"{spare}: worker={self.successor} "
                 f"({self.successor_implementation}) {self.how} in {self.takeover_ms:.2f} ms; "
                 f"reissued={self.reissued} failover={fo} silent={silent}"
                 + (f" (idle {self.idle_before_ms:.0f} ms before the fault)" if self.idle_before_ms >= 1 else ""))
@@ -108,10 +112,19 @@ class Child:
     started: float = field(default_factory=time.monotonic)
     up_at: float = 0.0
     implementations: list[str] = field(default_factory=list)
+    stale_oncpu: int | None = None   # the loop thread's CPU time (ns) when its heartbeat was first seen stale
 
     @property
     def pid(self) -> int:
         return self.popen.pid
+
+
+def _renice(pid: int, nice: int) -> None:
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+    except OSError:
+        pass
 
 
 COUNTERS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_errors", "tx_errors", "tap_frames_in",
@@ -182,8 +195,8 @@ class Supervisor:
         self.peer = msg["peer"]
 
     def _open_control(self) -> None:
-        from .control import RUN_DIR, control_path
-        os.makedirs(RUN_DIR, exist_ok=True)
+        from .control import control_path, run_dir
+        os.makedirs(run_dir(), exist_ok=True)
         path = control_path(self.tap.name)
         try:
             os.unlink(path)
@@ -202,8 +215,11 @@ class Supervisor:
     def _spawn(self, role: str, implementation: str) -> Child:
         mine, theirs = pair()
         env = dict(os.environ)
+        # a spare starts at a low priority: its interpreter's start-up must not take the CPU the
+        # running worker needs (at promotion the worker sets its own, udrv/placement.py)
         popen = subprocess.Popen([sys.executable, "-m", "udrv.worker", "--channel", str(theirs.fileno())],
-                                 pass_fds=[theirs.fileno()], env=env)
+                                 pass_fds=[theirs.fileno()], env=env,
+                                 preexec_fn=(lambda: os.nice(10)) if role == "spare" else None)
         theirs.close()
         slot = self._free_slot()
         self.page.clear(slot)
@@ -262,7 +278,10 @@ class Supervisor:
                 stale = hb.stale_for()
                 deadline = hb.deadline_ns / 1e9
                 if stale > p.heartbeat_timeout and (not deadline or now > deadline + p.config_grace):
-                    self._frozen(c, stale)
+                    if self._stuck(c, stale):
+                        self._frozen(c, stale)
+                else:
+                    c.stale_oncpu = None
             elif c.state == "taking-over" and now - c.started > p.takeover_timeout:
                 self._frozen(c, now - c.started)
             elif c.state == "starting" and now - c.started > p.start_timeout:
@@ -274,6 +293,13 @@ class Supervisor:
             self._spawn("spare", self.current_impl)
         elif self.spare is not None and self.spare.state == "hello":
             self._arm(self.spare)
+        pref = self.implementations[0] if self.implementations else ""
+        if pref and self.current_impl != pref and now - self._last_failure > p.swap_back_after:
+            log.warning("event=swap-back to=%s after %g quiet seconds on %s (it takes over at the next failover)",
+                        pref, p.swap_back_after, self.current_impl)
+            self.current_impl = pref
+            if self.spare is not None and self.spare.implementation != pref:
+                self._retire(self.spare)
         f = self.pending_failover
         if f is not None and self.primary is not None and self.primary.state == "running":
             progress = self.page.slot(self.primary.slot).progress_ns
@@ -348,6 +374,7 @@ class Supervisor:
         adopt = self.state_blob is not None
         msg = {"t": "start", "mode": "adopt" if adopt else "fresh", "state": self.state_blob,
                "implementation": c.implementation, "tap": {"name": self.tap.name, "ifindex": self.tap.ifindex}}
+        _renice(c.pid, 0)                 # out of the spare's low priority
         fds = [] if c.armed else self._device_fds()
         try:
             c.channel.send(msg, fds)
@@ -435,6 +462,25 @@ class Supervisor:
         rc = c.popen.wait()
         cause = (f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}")
         self._lost(c, cause, "pidfd")
+
+    def _stuck(self, c: Child, stale: float) -> bool:
+        """A stale heartbeat means a stuck loop, not a busy host: the loop's thread is stopped
+        (T), or asleep past its own wake-up (S, D: blocked in a call), or it ran on a CPU for a
+        heartbeat's timeout since the beat went stale and still did not beat (spinning). Runnable
+        but waiting for a CPU, it gets up to starved_timeout."""
+        try:
+            with open(f"/proc/{c.pid}/task/{c.pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+            with open(f"/proc/{c.pid}/task/{c.pid}/schedstat", "rb") as f:
+                oncpu = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return True                   # gone or unreadable: its pidfd or the kill says the rest
+        if state != b"R" or stale > self.policy.starved_timeout:
+            return True
+        if c.stale_oncpu is None:
+            c.stale_oncpu = oncpu
+            return False
+        return oncpu - c.stale_oncpu > self.policy.heartbeat_timeout * 1e9
 
     def _frozen(self, c: Child, stale: float) -> None:
         """Kill it and see it gone before anyone else claims the device."""

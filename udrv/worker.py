@@ -182,7 +182,10 @@ class Worker:
         return impls
 
     def _transport(self, init: dict[str, Any], fds: list[int]) -> Any:
-        from .models.remote import RemotePciTransport, RemoteUsbTransport
+        from .models.remote import RemotePciTransport, RemoteUsbTransport, _Link
+        hb = self.hb
+        assert hb is not None
+        _Link.waiting = staticmethod(lambda deadline: hb.busy_until(deadline, "device"))
         sock = socket.socket(fileno=fds[0])
         return RemoteUsbTransport(sock) if init["device"]["bus"] == "usb" else RemotePciTransport(sock)
 
@@ -212,7 +215,7 @@ class Worker:
                              datapath_deadline=o["datapath_deadline"], swap_after=o["swap_after"],
                              aqm_target=o["aqm_target"], aqm_interval=o["aqm_interval"], aqm_ecn=o["aqm_ecn"]),
                   watchdog=beating_watchdog(hb), tap=tap, journal=journal, on_state=self._send_state,
-                  on_progress=hb.progress)
+                  on_progress=hb.progress, on_busy=lambda deadline: hb.busy_until(deadline, "restart"))
         self.daemon = Daemon(nic, tap, timers=DaemonTimers(beat=BEAT_PERIOD),
                              extra_fds={self.channel.fileno(): self._serve_channel}, on_tick=self._tick,
                              serve_control=False)

@@ -232,13 +232,13 @@ class _RunningDaemon:
         self.proc, self.recovery, self.impl = proc, recovery, "c"
 
     def inject(self, entry: str, kind: str) -> None:
-        from udrv.daemon import request
+        from udrv.control import request
         r = request("udrv0", {"cmd": "inject", "entry": entry, "kind": kind, "count": 1}, timeout=10.0)
         if not r.get("ok"):
             raise RuntimeError(f"udrv inject {entry} {kind}: {r.get('error')}")
 
     def status(self) -> dict:
-        from udrv.daemon import request
+        from udrv.control import request
         return request("udrv0", {"cmd": "status"}, timeout=10.0)["status"]
 
 
@@ -364,7 +364,7 @@ def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool
             try:
                 p = udrv_up(cmd, log, name, gif, env)
                 res[name], res[f"{name}_cpu"] = iperf_cpu(seconds, p.pid)
-                from udrv.daemon import request
+                from udrv.control import request
                 st = request("udrv0", {"cmd": "status"})
                 res[f"{name}_rx_coalesce"] = st.get("status", {}).get("rx_coalesce")
                 res[f"{name}_tx_journal"] = st.get("status", {}).get("tx_journal")

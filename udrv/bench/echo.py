@@ -74,7 +74,7 @@ def faults_under_flood(ifname: str, dst: str, faults: Sequence[tuple[str, str]],
     the outcome of every recovery, the silence it cost, and whether the host's interface (its
     ifindex) stayed the same. `inject(i, entry, kind)` arms the fault (the caller chooses how:
     the CLI a user types, or the control socket) and may provoke the entry point."""
-    from ..daemon import request
+    from ..control import request
     ifindex_path = Path(f"/sys/class/net/{ifname}/ifindex")
     ifindex = ifindex_path.read_text().strip()
     flood = Flood(dst)

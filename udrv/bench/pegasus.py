@@ -163,7 +163,7 @@ def in_guest(out: Path, seconds: float, udp_pps: int, rounds: int = 1) -> int:
                 if n == 1:
                     report["udrv_ping"] = udp_ping(None, HOST_IP, NETNS, PEER_IP, 6)
                 report["runs"] += [{**r, "round": n} for r in _runs("udrv", peer, host, seconds, udp_pps, udrv.pid)]
-                from udrv.daemon import request
+                from udrv.control import request
                 st = request(IFNAME, {"cmd": "status"}).get("status", {})
                 report["udrv_status"] = {k: st.get(k) for k in ("rx_packets", "tx_packets", "rx_dropped", "tx_dropped",
                                                                  "recoveries", "escalations", "restarts")}

@@ -173,7 +173,7 @@ class RecoveryLatencyScenario:
     def _run(self) -> None:
         import subprocess
         import sys
-        from ..daemon import request
+        from ..control import request
         from .probe import GapProbe
         echo = subprocess.Popen(self.peer.netns_exec(sys.executable, "-m", "udrv.bench.echo"))
         try:

@@ -406,14 +406,14 @@ class GuestDaemon:
         return self.proc.pid
 
     def status(self) -> dict:
-        from ..daemon import request
+        from ..control import request
         r = request(self.ifname, {"cmd": "status"}, timeout=10.0)
         if not r.get("ok"):
             raise UdrvError(f"udrv status: {r.get('error')}")
         return r["status"]
 
     def inject(self, entry: str, kind: str) -> None:
-        from ..daemon import request
+        from ..control import request
         r = request(self.ifname, {"cmd": "inject", "entry": entry, "kind": kind, "count": 1}, timeout=10.0)
         if not r.get("ok"):
             raise UdrvError(f"udrv inject {entry} {kind}: {r.get('error')}")

@@ -106,6 +106,10 @@ class _Link:
     """The worker's end: synchronous requests by tag; everything else that arrives meanwhile
     (completions) is kept for the caller."""
 
+    # told how long this process will wait for the device (its heartbeat must not call the wait a
+    # hang): waiting(deadline) before, waiting(None) after
+    waiting: Callable[[float | None], None] = staticmethod(lambda deadline: None)
+
     def __init__(self, sock: socket.socket, what: str, on_other: Callable[[tuple, bytes], None]):
         self.sock = sock
         self.what = what
@@ -132,6 +136,13 @@ class _Link:
         tag = self._tag
         self.post(_pack(op, tag, a, b, ep=ep, payload=payload))
         deadline = time.monotonic() + timeout
+        self.waiting(deadline)
+        try:
+            return self._await(tag, deadline, timeout)
+        finally:
+            self.waiting(None)
+
+    def _await(self, tag: int, deadline: float, timeout: float) -> tuple[int, int, bytes, list[int]]:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -422,6 +433,10 @@ class UsbModelServer:
             except OSError:
                 return False
         return True
+
+    def close(self) -> None:
+        for fd in list(self.conns):
+            self._drop(fd)
 
     def _sync(self, t: Any, op: int, ep: int, a: int, b: int, payload: bytes) -> tuple[int, bytes]:
         if op == Op.INFO:
