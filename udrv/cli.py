@@ -230,6 +230,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for size in args.size or [64]:
             print(tap_forward(frames=args.frames, rounds=args.rounds, size=size).report())
         return 0
+    if args.what == "failover":
+        from .bench.failover import DEFAULT_COUNTS, KINDS, failover_bench
+        counts = dict(DEFAULT_COUNTS)
+        if args.failovers:
+            try:
+                counts = {k: int(v) for k, v in (item.split("=") for item in args.failovers.split(","))}
+            except ValueError:
+                print("udrv: --failovers takes KIND=N,...: e.g. kill=50,segv=50,stop=20,spin=20", file=sys.stderr)
+                return 2
+            bad = set(counts) - set(KINDS)
+            if bad:
+                print(f"udrv: unknown worker fault {', '.join(sorted(bad))}: use {', '.join(KINDS)}", file=sys.stderr)
+                return 2
+        return failover_bench([args.driver] if args.driver else list(EMBEDDED),
+                              args.ifname if args.ifname != "udrv0" else "udrvf0", counts, tcp_seconds=args.seconds)
     from .bench.recovery import recovery_latency
     return recovery_latency([args.driver] if args.driver else list(EMBEDDED),
                             args.fault or ["xmit:raise", "poll:stall", "set_rx_mode:raise"], args.repeats, args.ifname)
@@ -325,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (ratios measured in one run)")
     b.add_argument("what", nargs="?", default="sidebyside",
-                   choices=["sidebyside", "e1000", "cdc_ecm", "pegasus", "guard", "recovery", "ring", "tap", "aqm"],
+                   choices=["sidebyside", "e1000", "cdc_ecm", "pegasus", "guard", "recovery", "ring", "tap", "aqm",
+                            "failover"],
                    help="sidebyside (the default): udrv vs the kernel's own driver for e1000, cdc_ecm and pegasus, "
                         "one QEMU guest boot per device, one report (root, QEMU; ~15 min); cdc_ecm, pegasus: one "
                         "of those alone; guard: guard overhead on the model datapath (--driver pegasus|e1000); recovery: "
@@ -334,7 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "latency (root, QEMU); ring: the C e1000 ring vs the Python ring, TX and RX, device side "
                         "stubbed; tap: frames read from a TAP and written back to it through udrv's C path vs a bare C "
                         "loop (root); aqm: latency under load through an embedded USB model whose wire is the "
-                        "bottleneck (--wire-mbit), CoDel on / off / other settings (--aqm; root)")
+                        "bottleneck (--wire-mbit), CoDel on / off / other settings (--aqm; root); failover: the worker "
+                        "killed, crashed, stopped and spun under iperf3 on each embedded model, interruption / "
+                        "detection / failover percentiles, TX frames lost at the peer, leaks, supervised / "
+                        "in-process TCP (root; ~8 min)")
+    b.add_argument("--failovers", default=None, metavar="KIND=N,...",
+                   help="failover: worker faults per driver (default kill=50,segv=50,stop=20,spin=20)")
     b.add_argument("--wire-mbit", type=float, default=100.0, metavar="N",
                    help="aqm: the embedded model's wire rate (default 100, a Pegasus II's)")
     b.add_argument("--wire-delay-ms", type=float, default=20.0, metavar="MS",

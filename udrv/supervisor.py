@@ -374,7 +374,9 @@ class Supervisor:
         adopt = self.state_blob is not None
         msg = {"t": "start", "mode": "adopt" if adopt else "fresh", "state": self.state_blob,
                "implementation": c.implementation, "tap": {"name": self.tap.name, "ifindex": self.tap.ifindex}}
-        _renice(c.pid, 0)                 # out of the spare's low priority
+        # out of the spare's low priority, to the daemon's (the worker may not raise its own)
+        from .placement import Priority
+        _renice(c.pid, Priority().nice)
         fds = [] if c.armed else self._device_fds()
         try:
             c.channel.send(msg, fds)

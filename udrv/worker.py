@@ -156,6 +156,11 @@ class Worker:
         from .nic import Nic, NicOptions                 # noqa: F401
         fastpath.available()
         impls = self._implementations(init)
+        self._preload()
+        if os.environ.get("UDRV_WORKER_PRIVILEGES") != "keep":
+            from .sandbox import drop_privileges
+            log.debug("event=privileges-dropped %s", drop_privileges())
+        die_with_parent()                    # after the drop: a change of credentials clears it
         self.channel.send({"t": "hello", "pid": os.getpid(), "implementations": [c.__name__ for c in impls]})
         while True:
             msg, fds = self.channel.recv()
@@ -169,6 +174,27 @@ class Worker:
                 if self.daemon is None:
                     raise SystemExit("udrv worker: started before it was given a device")
                 return self._go(msg)
+
+    @staticmethod
+    def _preload() -> None:
+        """What this worker may import later, imported while it can still read every file (the
+        interpreter's own library may not be readable by the user it becomes)."""
+        import importlib
+        for name in ("udrv.models.remote", "udrv.models.catalog", "udrv.usbnet", "udrv.usbring", "udrv.pcinet",
+                     "udrv.pciengine", "udrv.pciring", "udrv.journal", "udrv.guard", "udrv.hostwatch",
+                     "udrv.placement", "udrv.offload", "traceback", "linecache", "tokenize", "unicodedata"):
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
+        # every codec: a driver decodes a string descriptor (UTF-16LE) long after start-up
+        import encodings
+        import pkgutil
+        for m in pkgutil.iter_modules(encodings.__path__):
+            try:
+                importlib.import_module(f"encodings.{m.name}")
+            except Exception:          # platform codecs (mbcs, oem) do not import here
+                pass
 
     def _implementations(self, init: dict[str, Any]) -> tuple[Any, ...]:
         from .registry import embedded_driver, implementations
@@ -300,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="udrv.worker")
     ap.add_argument("--channel", type=int, required=True)
     a = ap.parse_args(argv)
-    die_with_parent()
+    die_with_parent()                         # again after the privilege drop (udrv/sandbox.py)
     signal.signal(signal.SIGINT, signal.SIG_IGN)          # ^C reaches the supervisor, which stops us
     logging.basicConfig(level=logging.DEBUG if os.environ.get("UDRV_VERBOSE") else logging.INFO,
                         format=f"%(asctime)s udrv-worker[{os.getpid()}] %(levelname)s %(message)s", stream=sys.stderr)

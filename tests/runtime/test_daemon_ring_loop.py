@@ -92,7 +92,7 @@ class FakeTap:
 
 @pytest.fixture
 def loop(tmp_path, monkeypatch):
-    monkeypatch.setattr(daemon_mod, "RUN_DIR", str(tmp_path))
+    monkeypatch.setenv("UDRV_RUN_DIR", str(tmp_path))
     nic, tap = FakeNic(), FakeTap()
     d = Daemon(nic, tap, timers=DaemonTimers(link_check=3600, host_sync=3600, tx_progress=3600))  # type: ignore[arg-type]
     d._open_control()
@@ -152,7 +152,7 @@ def _run_clocked(nic: ClockedNic, tap: FakeTap, seconds: float, ring_turn: float
 
 
 def test_a_ring_with_its_own_tx_clock_is_checked_every_turn_and_no_tx_timer_cuts_its_turns(tmp_path, monkeypatch):
-    monkeypatch.setattr(daemon_mod, "RUN_DIR", str(tmp_path))
+    monkeypatch.setenv("UDRV_RUN_DIR", str(tmp_path))
     nic = ClockedNic()
     # a TX timer of 10 ms would cut every turn to 10 ms; the ring's clock makes it unnecessary
     _run_clocked(nic, FakeTap(), 0.55, ring_turn=0.1)
@@ -179,7 +179,7 @@ class CarrierTap(FakeTap):
 
 
 def test_a_link_found_down_by_the_hang_check_drops_the_carrier_at_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(daemon_mod, "RUN_DIR", str(tmp_path))
+    monkeypatch.setenv("UDRV_RUN_DIR", str(tmp_path))
     nic, tap = LinkLostNic(), CarrierTap()
     _run_clocked(nic, tap, 0.2, ring_turn=0.05)   # only the hang check can have told the TAP
     assert nic.checks >= 1 and tap.carrier == [False], tap.carrier

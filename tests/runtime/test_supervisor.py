@@ -316,3 +316,46 @@ def _children(pid):
             if int(fields[1]) == pid:
                 out[int(d)] = fields[0]
     return out
+
+
+def test_the_worker_and_the_spare_run_unprivileged(daemon):
+    """Both run as an unprivileged user with no capabilities and no_new_privs."""
+    st = status()
+    for pid in (st["worker"]["pid"], st["spare"]["pid"]):
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        assert fields["Uid"].split()[0] != "0", fields["Uid"]
+        assert int(fields["CapEff"], 16) == 0 and int(fields["CapPrm"], 16) == 0
+        assert fields["NoNewPrivs"].strip() == "1"
+    assert echo_ok(10) >= 8           # and the datapath works that way
+
+
+def test_a_confined_process_opens_no_device_node():
+    """What drop_privileges() leaves a worker: no usbfs node, no VFIO, no /dev/net/tun (each
+    exists on the host or is made here for the check), while files stay readable."""
+    code = r"""
+import glob, os, sys
+from udrv.sandbox import drop_privileges
+paths = glob.glob("/dev/bus/usb/*/*") + glob.glob("/dev/vfio/*") + ["/dev/net/tun"]
+print(drop_privileges(), file=sys.stderr)
+opened = []
+for p in paths:
+    try:
+        os.close(os.open(p, os.O_RDWR))
+        opened.append(p)
+    except OSError:
+        pass
+try:
+    os.close(os.open(p, os.O_RDONLY))
+    opened.append(p + " (read-only)")
+except OSError:
+    pass
+with open("/etc/hostname") as f:
+    f.read()
+print("opened:" + ",".join(opened))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert r.returncode == 0, r.stderr
+    assert "uid=65534" in r.stderr and "landlock=on" in r.stderr
+    assert r.stdout.strip() == "opened:", r.stdout
