@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="embedded device + iperf3 + a fault injected mid-run")
     d.add_argument("--seconds", type=float, default=10.0, help="iperf3 duration (default 10)")
     d.add_argument("--fault", action="append", default=None, metavar="ENTRY:KIND",
-                   help=f"fault to inject mid-run (repeatable; default xmit:raise and set_rx_mode:raise); "
+                   help=f"fault to inject mid-run (repeatable; default xmit:raise, poll:stall, set_rx_mode:raise and worker:segv); "
                         f"kinds: {', '.join(KINDS)}")
     d.add_argument("--ifname", default="udrv0")
     d.set_defaults(fn=cmd_demo)

@@ -18,7 +18,7 @@ from typing import Any
 from .control import request
 from .bench.probe import GapProbe
 
-DEFAULT_FAULTS = ["xmit:raise", "poll:stall", "set_rx_mode:raise"]
+DEFAULT_FAULTS = ["xmit:raise", "poll:stall", "set_rx_mode:raise", "worker:segv"]
 
 
 class DemoScenario:
@@ -92,6 +92,11 @@ class DemoScenario:
             self._say(f"  recovered {rec['entry']} from {rec['fault']} ({rec['detail']}): {rec['outcome']}; "
                       f"rolled back {rec['rolled_back'] or '-'}; {device}; "
                       f"re-issued {rec['reissued']} frames; recovery {rec['recovery_ms']:.2f} ms; silent {silent}")
+        for f in st.get("recent_failovers", []):
+            silent = "no traffic" if f["silent_ms"] is None else f"{f['silent_ms']:.2f} ms"
+            self._say(f"  worker {f['pid']} {f['cause']}, detected by {f['detected_by']} in {f['detection_ms']:.2f} ms; "
+                      f"worker {f['successor']} took over ({f['how']}) in {f['failover_ms'] or 0:.2f} ms, "
+                      f"re-issued {f['reissued']} frames; silent {silent}")
         self._say(f"probe: {res.received}/{res.sent} answered, longest gap {res.max_gap_ms:.1f} ms")
         ok = res.received > 0 and st["recoveries"] >= 1
         if out:

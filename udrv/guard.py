@@ -49,13 +49,17 @@ class Recovery:
     recovery_ms: float = 0.0
     restore_ms: float = 0.0          # of which: the device restored from the checkpoint
     datapath_ms: float = 0.0         # ... and the datapath recycled (transfers / rings, re-issue)
-    silent_ms: float | None = None   # fault -> first frame moving again (None: no traffic yet)
+    silent_ms: float | None = None   # last frame before the fault -> first frame after (None: no traffic yet)
+    quiet_before_ms: float = 0.0     # of which: no frame moved before the recovery began (a hang, an idle link)
     restart_ms: float | None = None  # escalated: the full restart that followed (Nic.restart)
     _t0: float = field(default=0.0, repr=False)
+    _last_frame: float | None = field(default=None, repr=False)
 
     def line(self) -> str:
         if self.silent_ms is not None:
             silent = f" silent={self.silent_ms:.2f} ms"
+            if self.quiet_before_ms >= 1:
+                silent += f" (no frame for {self.quiet_before_ms:.0f} ms before the recovery began)"
         elif self.entry in ("xmit", "poll") or self.outcome == "escalated":
             silent = " silent=n/a (no traffic)"
         else:

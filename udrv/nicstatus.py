@@ -2,8 +2,9 @@
 of the interface, which survive a restart as a kernel netdev's survive a reset.
 
 A datapath recovery's line waits for the traffic to move again, so that it can say how long
-the network was silent (measured from the fault to the first frame moving, the user's side of
-the event); if nothing moves within `SILENCE_LOG_AFTER`, the line goes out saying so.
+the network was silent: from the last frame that moved before the fault to the first frame
+after the recovery (the user's side of the event: a hang or a deadline counts in full, not from
+when udrv noticed it); if nothing moves within `SILENCE_LOG_AFTER`, the line goes out saying so.
 Configuration recoveries are logged at once: they do not stop traffic.
 """
 from __future__ import annotations
@@ -27,11 +28,13 @@ class RecoveryLog:
         self.on_recovery = on_recovery or (lambda r: None)
         self._awaiting: list[Recovery] = []
         self.last_error = ""
+        self.last_traffic: float | None = None     # when a frame last moved (time.monotonic)
 
     def add(self, rec: Recovery) -> None:
         self.records.append(rec)
         del self.records[:-KEPT]
         self.last_error = f"{rec.entry}: {rec.fault}: {rec.detail}"
+        rec._last_frame = self.last_traffic
         if rec.entry in ("xmit", "poll") or rec.outcome == "escalated":
             self._awaiting.append(rec)
         else:
@@ -40,11 +43,14 @@ class RecoveryLog:
 
     def traffic(self, now: float | None = None) -> None:
         """Frames moved: the silence of every recovery waiting for it ends now."""
+        now = time.monotonic() if now is None else now
+        self.last_traffic = now
         if not self._awaiting:
             return
-        now = time.monotonic() if now is None else now
         for rec in self._awaiting:
-            rec.silent_ms = (now - rec._t0) * 1000
+            start = rec._t0 if rec._last_frame is None else min(rec._t0, rec._last_frame)
+            rec.silent_ms = (now - start) * 1000
+            rec.quiet_before_ms = (rec._t0 - start) * 1000
             log.warning("%s", rec.line())
         self._awaiting.clear()
 

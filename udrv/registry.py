@@ -24,9 +24,9 @@ from .errors import UdrvError
 
 log = logging.getLogger("udrv")
 
-from .models.catalog import EMBEDDED
+from .models.catalog import BUS, EMBEDDED
 # models behind an in-process USB transport: the drivers' C variants need libusb's own handles
-PYTHON_ONLY_MODELS = ("pegasus", "cdc_ecm")
+PYTHON_ONLY_MODELS = tuple(k for k in EMBEDDED if BUS[k] == "usb")
 # an operator's choice of one implementation (`--impl`): the runtime then has no spare to swap to
 IMPLS = ("c", "python")
 

@@ -129,15 +129,14 @@ def supervise(opts: ServiceOptions, scenario: Scenario | None = None) -> int:
     the driver in a worker with a warm spare."""
     import signal
 
-    from .models.catalog import EMBEDDED
+    from .models.catalog import BUS, EMBEDDED
     from .peer import PeerConfig, PeerNamespace, ip
-    from .registry import PYTHON_ONLY_MODELS
     from .supervisor import Policy, Supervisor
 
     kind = (opts.device or "model:pegasus").removeprefix("model:")
     if kind not in EMBEDDED:
         raise UdrvError(f"no embedded model called {kind!r}: use one of " + ", ".join(f"model:{k}" for k in EMBEDDED))
-    if opts.impl == "c" and kind in PYTHON_ONLY_MODELS:
+    if opts.impl == "c" and BUS[kind] == "usb":
         raise UdrvError(f"model:{kind} runs the Python engine alone (the C USB ring moves its transfers through "
                         "libusb, which an embedded model is not behind): use --impl python, or a usb: device")
     device = {"kind": "model", "model": kind, "spec": f"model:{kind}", "wire_mbit": opts.wire_mbit,

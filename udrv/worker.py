@@ -197,13 +197,14 @@ class Worker:
                 pass
 
     def _implementations(self, init: dict[str, Any]) -> tuple[Any, ...]:
+        from .models.catalog import BUS
         from .registry import embedded_driver, implementations
         dev = init["device"]
         if dev["kind"] != "model":
             raise SystemExit(f"udrv worker: devices of kind {dev['kind']!r} are not served by workers yet")
         cls = embedded_driver(dev["model"])
         impls = implementations(cls, init.get("impl"))
-        if dev["model"] in ("pegasus", "cdc_ecm"):
+        if BUS[dev["model"]] == "usb":
             impls = (cls,)                 # the Python engine: the C USB ring needs libusb's handles
         return impls
 

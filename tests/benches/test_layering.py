@@ -95,3 +95,15 @@ def test_no_import_circle_runs_through_the_cli_the_api_the_benches_or_the_testbe
 def test_a_circle_is_found_when_there_is_one() -> None:
     g = {"udrv.bench.a": {"udrv.cli"}, "udrv.cli": {"udrv.x"}, "udrv.x": {"udrv.bench.a"}}
     assert circles_through(g, ("udrv.bench",)) == [["udrv.bench.a", "udrv.cli", "udrv.x", "udrv.bench.a"]]
+
+
+def test_the_supervisor_imports_no_driver_and_no_model():
+    """The trusted process stays small: no driver or model code is loaded with it."""
+    import subprocess
+    import sys
+    code = ("import sys, udrv.supervisor, udrv.service, udrv.models.catalog, udrv.peer, udrv.placement; "
+            "print(','.join(m for m in sys.modules if m.startswith(('udrv.drivers.', 'udrv.models.', 'udrv.nic', "
+            "'udrv.guard', 'udrv.usbnet', 'udrv.pcinet', 'udrv.registry')) and m != 'udrv.models.catalog'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "", r.stdout

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 from ..errors import UdrvError
 
 EMBEDDED = ("pegasus", "e1000", "cdc_ecm")
+BUS = {"pegasus": "usb", "e1000": "pci", "cdc_ecm": "usb"}
 
 
 class Embedded(NamedTuple):
