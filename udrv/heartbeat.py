@@ -89,7 +89,10 @@ class Heartbeat:
         self._q[self._base + 2] = int(max(self._busy.values()) * 1e9) if self._busy else 0
 
     def progress(self) -> None:
-        self._q[self._base + 3] = time.monotonic_ns()
+        """Frames moved: the loop is alive too (a long turn of real work is no freeze)."""
+        now = time.monotonic_ns()
+        self._q[self._base + 3] = now
+        self._q[self._base + 1] = now
 
     # --- the supervisor's side ----------------------------------------------------------------
     @property

@@ -49,6 +49,7 @@ log = logging.getLogger("udrv.supervisor")
 class Policy:
     heartbeat_timeout: float = 0.012   # a beat older than this, outside a configuration call: frozen ...
     starved_timeout: float = 0.5       # ... unless its loop is runnable but not given a CPU (a loaded host)
+    blocked_timeout: float = 0.1       # a loop asleep this long past its beat is blocked in a call
     config_grace: float = 0.1          # past a configuration call's own deadline before it is frozen
     takeover_timeout: float = 5.0      # a worker taking over (or probing) that has not come up by then
     start_timeout: float = 30.0        # a worker that has not said hello by then (imports, a slow disk)
@@ -113,6 +114,7 @@ class Child:
     up_at: float = 0.0
     implementations: list[str] = field(default_factory=list)
     stale_oncpu: int | None = None   # the loop thread's CPU time (ns) when its heartbeat was first seen stale
+    seen_state: str = ""             # the loop thread's state (/proc) when it was found stuck
 
     @property
     def pid(self) -> int:
@@ -148,7 +150,8 @@ class Supervisor:
         self.spare: Child | None = None
         self.children: list[Child] = []
         self.state_blob: str | None = None
-        self.failovers: list[Failover] = []
+        self.failovers: list[Failover] = []       # the last 100
+        self.failover_count = 0
         self.pending_failover: Failover | None = None
         self.failures: dict[str, list[float]] = {}
         self.implementations: list[str] = []
@@ -164,6 +167,8 @@ class Supervisor:
         self._req_id = 0
         self._last_status: dict[str, Any] = {}
         self._carried: dict[str, int] = {}
+        self._carried_recoveries: list[dict[str, Any]] = []     # dead workers' last in-process recoveries
+        self._recoveries_of: dict[int, list[dict[str, Any]]] = {}   # pid -> its recoveries, as it reported them
         self._next_status_poll = 0.0
         self._last_failure = 0.0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -277,8 +282,11 @@ class Supervisor:
             if c.state == "running":
                 stale = hb.stale_for()
                 deadline = hb.deadline_ns / 1e9
-                if stale > p.heartbeat_timeout and (not deadline or now > deadline + p.config_grace):
-                    if self._stuck(c, stale):
+                if stale > p.heartbeat_timeout:
+                    # inside a call with a deadline of its own the worker may sleep or compute; it
+                    # may not be stopped
+                    within = bool(deadline) and now <= deadline + p.config_grace
+                    if self._stuck(c, stale, only_stopped=within):
                         self._frozen(c, stale)
                 else:
                     c.stale_oncpu = None
@@ -329,6 +337,9 @@ class Supervisor:
                 self._tap_request(c, msg)
             elif t == "journal":
                 self._journal_request(c, msg)
+            elif t == "recovery" and isinstance(msg.get("rec"), dict):
+                self._recoveries_of.setdefault(c.pid, []).append(msg["rec"])
+                del self._recoveries_of[c.pid][:-10]
             elif t == "state" and c is self.primary and isinstance(msg.get("blob"), str):
                 self.state_blob = msg["blob"]
             elif t == "hello":
@@ -465,9 +476,10 @@ class Supervisor:
         cause = (f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}")
         self._lost(c, cause, "pidfd")
 
-    def _stuck(self, c: Child, stale: float) -> bool:
+    def _stuck(self, c: Child, stale: float, only_stopped: bool = False) -> bool:
         """A stale heartbeat means a stuck loop, not a busy host: the loop's thread is stopped
-        (T), or asleep past its own wake-up (S, D: blocked in a call), or it ran on a CPU for a
+        (T), or asleep blocked_timeout past its beat (S, D: blocked in a call; a shorter sleep is
+        also what waiting for the interpreter lock looks like), or it ran on a CPU for a
         heartbeat's timeout since the beat went stale and still did not beat (spinning). Runnable
         but waiting for a CPU, it gets up to starved_timeout."""
         try:
@@ -477,7 +489,14 @@ class Supervisor:
                 oncpu = int(f.read().split()[0])
         except (OSError, ValueError, IndexError):
             return True                   # gone or unreadable: its pidfd or the kill says the rest
-        if state != b"R" or stale > self.policy.starved_timeout:
+        c.seen_state = state.decode(errors="replace")
+        if state in (b"T", b"t"):
+            return True
+        if only_stopped:
+            return False
+        if state != b"R":
+            return stale > self.policy.blocked_timeout
+        if stale > self.policy.starved_timeout:
             return True
         if c.stale_oncpu is None:
             c.stale_oncpu = oncpu
@@ -488,7 +507,8 @@ class Supervisor:
         """Kill it and see it gone before anyone else claims the device."""
         os.kill(c.pid, signal.SIGKILL)
         c.popen.wait()
-        self._lost(c, f"froze (no heartbeat for {stale * 1e3:.1f} ms)", "heartbeat")
+        self._lost(c, f"froze (no heartbeat for {stale * 1e3:.1f} ms, thread state {c.seen_state or '?'})",
+                   "heartbeat")
 
     def _lost(self, c: Child, cause: str, detected_by: str) -> None:
         now = time.monotonic()
@@ -496,6 +516,7 @@ class Supervisor:
         last_beat = hb.beat_ns / 1e9
         progress = hb.progress_ns
         self._forget(c)
+        self._carried_recoveries = (self._carried_recoveries + self._recoveries_of.pop(c.pid, []))[-10:]
         if c is self.spare:
             self.spare = None
             log.warning("event=spare-lost pid=%d %s", c.pid, cause)
@@ -510,12 +531,12 @@ class Supervisor:
                      _t_detect=now, _progress_before=progress)
         self._carry_counters()
         self._count_failure(impl, c, now)
-        if self.gave_up:
-            self.failovers.append(f)
-            self._log_failover(f)
-            return
         self.failovers.append(f)
         del self.failovers[:-100]
+        self.failover_count += 1
+        if self.gave_up:
+            self._log_failover(f)
+            return
         self.pending_failover = f
         if now >= self.next_start:
             self._start_successor(f)
@@ -686,13 +707,13 @@ class Supervisor:
         st["worker"] = None if p is None else {"pid": p.pid, "implementation": p.implementation, "state": p.state,
                                                "up_s": round(time.monotonic() - p.up_at, 3) if p.up_at else 0.0}
         st["spare"] = None if s is None else {"pid": s.pid, "implementation": s.implementation, "state": s.state}
-        st["supervisor"] = {"pid": os.getpid(), "failovers": len(self.failovers), "gave_up": self.gave_up or None,
+        st["supervisor"] = {"pid": os.getpid(), "failovers": self.failover_count, "gave_up": self.gave_up or None,
                             "implementation_next": self.current_impl, "note": note or None,
                             "policy": {k: getattr(self.policy, k) for k in self.policy.__dataclass_fields__}}
-        st["failovers"] = len(self.failovers)
+        st["failovers"] = self.failover_count
         st["recent_failovers"] = [f.as_dict() for f in self.failovers[-10:]]
         st["last_failover"] = self.failovers[-1].as_dict() if self.failovers else None
-        st.setdefault("recent_recoveries", [])
+        st["recent_recoveries"] = (self._carried_recoveries + list(st.get("recent_recoveries", [])))[-10:]
         return st
 
     def _inject_worker(self, kind: str) -> dict[str, Any]:

@@ -242,7 +242,8 @@ class Worker:
                              datapath_deadline=o["datapath_deadline"], swap_after=o["swap_after"],
                              aqm_target=o["aqm_target"], aqm_interval=o["aqm_interval"], aqm_ecn=o["aqm_ecn"]),
                   watchdog=beating_watchdog(hb), tap=tap, journal=journal, on_state=self._send_state,
-                  on_progress=hb.progress, on_busy=lambda deadline: hb.busy_until(deadline, "restart"))
+                  on_progress=hb.progress, on_busy=lambda deadline: hb.busy_until(deadline, "restart"),
+                  on_recovery=self._report_recovery)
         self.daemon = Daemon(nic, tap, timers=DaemonTimers(beat=BEAT_PERIOD),
                              extra_fds={self.channel.fileno(): self._serve_channel}, on_tick=self._tick,
                              serve_control=False)
@@ -277,6 +278,13 @@ class Worker:
         self.hb.beat()
         if self.channel._pending:             # arrived while this worker waited for an answer
             self._serve_channel()
+
+    def _report_recovery(self, rec: Any) -> None:
+        """Each in-process recovery, as it happens: the supervisor keeps it past this worker."""
+        try:
+            self.channel.send({"t": "recovery", "rec": rec.as_dict()})
+        except ChannelClosed:
+            pass
 
     def _send_state(self) -> None:
         if self.daemon is None:
