@@ -131,7 +131,8 @@ def supervise(opts: ServiceOptions, scenario: Scenario | None = None) -> int:
 
     from .models.catalog import BUS, EMBEDDED
     from .peer import PeerConfig, PeerNamespace, ip
-    from .supervisor import Policy, Supervisor
+    from .failover import Policy
+    from .supervisor import Supervisor
 
     kind = (opts.device or "model:pegasus").removeprefix("model:")
     if kind not in EMBEDDED:

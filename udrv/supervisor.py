@@ -14,12 +14,9 @@ Detection (Policy holds the thresholds):
 Recovery: the frozen worker is killed and its exit seen (its device file closes, its claims
 and transfers go), then the spare is promoted: it restores the device from the last
 checkpoint, re-issues what the journal holds unconfirmed and replays the configuration. A new
-spare starts once the promoted one is up. After `swap_after` failures of one implementation
-within `swap_window` the next workers run the next implementation; after `swap_back_after`
-quiet seconds the preferred one comes back at the next spare. Failures in a row of workers
-that never stayed up `stable_after` back off (doubling from `backoff_initial` to
-`backoff_max`); after `give_up_after` of them the supervisor stops trying, keeps the interface
-with its carrier off and says why in the log and in `udrv status`.
+spare starts once the promoted one is up. Which implementation runs, back-off and giving up are
+udrv/failover.py's; given up, the supervisor keeps the interface with its carrier off and says
+why in the log and in `udrv status`.
 The one fault it does not survive is its own crash.
 """
 from __future__ import annotations
@@ -38,66 +35,12 @@ from typing import Any
 
 from .channel import Channel, ChannelClosed, pair
 from .errors import UdrvError
+from .failover import Failover, FailureLedger, Policy
 from .heartbeat import SLOTS, HeartbeatPage
 from .journal import TxJournal
 from .tap import Tap
 
 log = logging.getLogger("udrv.supervisor")
-
-
-@dataclass(frozen=True)
-class Policy:
-    heartbeat_timeout: float = 0.012   # a beat older than this, outside a configuration call: frozen ...
-    starved_timeout: float = 0.5       # ... unless its loop is runnable but not given a CPU (a loaded host)
-    blocked_timeout: float = 0.1       # a loop asleep this long past its beat is blocked in a call
-    config_grace: float = 0.1          # past a configuration call's own deadline before it is frozen
-    takeover_timeout: float = 5.0      # a worker taking over (or probing) that has not come up by then
-    start_timeout: float = 30.0        # a worker that has not said hello by then (imports, a slow disk)
-    swap_after: int = 3                # failures of one implementation within swap_window ...
-    swap_window: float = 60.0          # ... and the next workers run the next implementation
-    swap_back_after: float = 300.0     # quiet seconds on a fallback before the preferred one returns
-    stable_after: float = 0.25         # a worker up this long was not a crash loop
-    backoff_initial: float = 0.05      # before a worker start after a crash-loop failure; doubles
-    backoff_max: float = 5.0
-    give_up_after: int = 8             # crash-loop failures in a row: stop trying
-
-
-@dataclass
-class Failover:
-    """One process-level recovery, as the user sees it."""
-    pid: int
-    cause: str                   # "killed by SIGKILL", "exited with status 70", "froze"
-    detected_by: str             # pidfd | heartbeat
-    implementation: str
-    at: float = field(default_factory=time.time)
-    detection_ms: float = 0.0    # last heartbeat of the dead worker -> the supervisor knew
-    failover_ms: float | None = None   # detection -> the successor up (device restored, journal re-issued)
-    successor: int = 0
-    successor_implementation: str = ""
-    spare_ready: bool = True     # False: no spare was ready, a cold worker start
-    how: str = ""                # restored from the checkpoint | probed and configuration replayed
-    reissued: int = 0
-    takeover_ms: float = 0.0     # of the failover: the successor restoring the device, re-issuing
-    silent_ms: float | None = None     # last frame before the fault -> first frame after it
-    idle_before_ms: float = 0.0  # of the silence: no frame moved between the last one and the fault
-    _t_detect: float = 0.0
-    _progress_before: int = 0
-
-    def line(self) -> str:
-        silent = "n/a (no traffic)" if self.silent_ms is None else f"{self.silent_ms:.2f} ms"
-        fo = "n/a" if self.failover_ms is None else f"{self.failover_ms:.2f} ms"
-        head = (f"failover: worker={self.pid} ({self.implementation}) {self.cause} detected_by={self.detected_by} "
-                f"detection={self.detection_ms:.2f} ms; ")
-        if not self.successor:
-            return head + "not replaced: the supervisor gave up (see event=gave-up)"
-        spare = "spare promoted" if self.spare_ready else "no spare ready: cold start"
-        return (head + f"{spare}: worker={self.successor} "
-                f"({self.successor_implementation}) {self.how} in {self.takeover_ms:.2f} ms; "
-                f"reissued={self.reissued} failover={fo} silent={silent}"
-                + (f" (idle {self.idle_before_ms:.0f} ms before the fault)" if self.idle_before_ms >= 1 else ""))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
 
 @dataclass
@@ -153,12 +96,7 @@ class Supervisor:
         self.failovers: list[Failover] = []       # the last 100
         self.failover_count = 0
         self.pending_failover: Failover | None = None
-        self.failures: dict[str, list[float]] = {}
-        self.implementations: list[str] = []
-        self.current_impl = ""        # what new workers run
-        self.quick_failures = 0
-        self.next_start = 0.0
-        self.gave_up = ""
+        self.failures = FailureLedger(self.policy)
         self.running = False
         self._tap_attached = False
         self._carrier = False
@@ -170,7 +108,6 @@ class Supervisor:
         self._carried_recoveries: list[dict[str, Any]] = []     # dead workers' last in-process recoveries
         self._recoveries_of: dict[int, list[dict[str, Any]]] = {}   # pid -> its recoveries, as it reported them
         self._next_status_poll = 0.0
-        self._last_failure = 0.0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # --- start -----------------------------------------------------------------------------------
@@ -294,20 +231,16 @@ class Supervisor:
                 self._frozen(c, now - c.started)
             elif c.state == "starting" and now - c.started > p.start_timeout:
                 self._frozen(c, now - c.started)
-        elif not self.gave_up and now >= self.next_start:
+        elif not self.failures.gave_up and now >= self.failures.next_start:
             self._start_successor(self.pending_failover)
         if self.spare is None and self.primary is not None and self.primary.state == "running" \
-                and not self.gave_up and now >= self.next_start:
-            self._spawn("spare", self.current_impl)
+                and not self.failures.gave_up and now >= self.failures.next_start:
+            self._spawn("spare", self.failures.current)
         elif self.spare is not None and self.spare.state == "hello":
             self._arm(self.spare)
-        pref = self.implementations[0] if self.implementations else ""
-        if pref and self.current_impl != pref and now - self._last_failure > p.swap_back_after:
-            log.warning("event=swap-back to=%s after %g quiet seconds on %s (it takes over at the next failover)",
-                        pref, p.swap_back_after, self.current_impl)
-            self.current_impl = pref
-            if self.spare is not None and self.spare.implementation != pref:
-                self._retire(self.spare)
+        pref = self.failures.swap_back(now)
+        if pref and self.spare is not None and self.spare.implementation != pref:
+            self._retire(self.spare)
         f = self.pending_failover
         if f is not None and self.primary is not None and self.primary.state == "running":
             progress = self.page.slot(self.primary.slot).progress_ns
@@ -344,11 +277,9 @@ class Supervisor:
                 self.state_blob = msg["blob"]
             elif t == "hello":
                 c.implementations = [str(n) for n in msg.get("implementations", [])]
-                if not self.implementations:
-                    self.implementations = c.implementations
-                    self.current_impl = self.current_impl or self.implementations[0]
+                self.failures.named(c.implementations)
                 if not c.implementation:
-                    c.implementation = self.current_impl
+                    c.implementation = self.failures.current
                 c.state = "hello"
                 if c is self.primary:
                     self._send_start(c)
@@ -525,25 +456,26 @@ class Supervisor:
         self.primary = None
         if not was_primary or not self.running:
             return
-        impl = c.implementation or self.current_impl
+        impl = c.implementation or self.failures.current
         f = Failover(c.pid, cause, detected_by, impl, detection_ms=max(0.0, now - last_beat) * 1000,
                      idle_before_ms=max(0.0, last_beat - progress / 1e9) * 1000 if progress else 0.0,
                      _t_detect=now, _progress_before=progress)
         self._carry_counters()
-        self._count_failure(impl, c, now)
+        if self.failures.failed(impl, c.up_at, now):
+            self._set_carrier(False)
         self.failovers.append(f)
         del self.failovers[:-100]
         self.failover_count += 1
-        if self.gave_up:
+        if self.failures.gave_up:
             self._log_failover(f)
             return
         self.pending_failover = f
-        if now >= self.next_start:
+        if now >= self.failures.next_start:
             self._start_successor(f)
 
     def _start_successor(self, f: Failover | None) -> None:
         s = self.spare
-        if s is not None and s.state == "idle" and s.implementation == self.current_impl:
+        if s is not None and s.state == "idle" and s.implementation == self.failures.current:
             self.spare = None
             s.role = "primary"
             self.primary = s
@@ -551,7 +483,7 @@ class Supervisor:
         else:
             if s is not None:             # not ready, or the wrong implementation: a cold start
                 self._retire(s)
-            s = self._spawn("primary", self.current_impl)
+            s = self._spawn("primary", self.failures.current)
             if f is not None:
                 f.spare_ready = False
         if f is not None:
@@ -573,33 +505,6 @@ class Supervisor:
         c.channel.close()
         os.close(c.pidfd)
         self.page.clear(c.slot)
-
-    def _count_failure(self, impl: str, c: Child, now: float) -> None:
-        p = self.policy
-        self._last_failure = now
-        times = [t for t in self.failures.get(impl, []) if now - t < p.swap_window] + [now]
-        self.failures[impl] = times
-        if len(times) >= p.swap_after and len(self.implementations) > 1:
-            i = self.implementations.index(impl) if impl in self.implementations else 0
-            nxt = self.implementations[(i + 1) % len(self.implementations)]
-            if nxt != impl:
-                self.current_impl = nxt
-                self.failures[impl] = []
-                log.warning("event=swap from=%s to=%s after=%d failures within %g s", impl, nxt, len(times),
-                            p.swap_window)
-        quick = not c.up_at or now - c.up_at < p.stable_after
-        self.quick_failures = self.quick_failures + 1 if quick else 0
-        if self.quick_failures >= p.give_up_after:
-            self.gave_up = (f"{self.quick_failures} workers in a row failed within {p.stable_after:g} s of starting "
-                            f"(last: {impl}); the interface stays, carrier off: fix the cause (see the log above) "
-                            f"and restart udrv")
-            self._set_carrier(False)
-            log.error("event=gave-up %s", self.gave_up)
-        elif self.quick_failures >= 2:
-            delay = min(p.backoff_max, p.backoff_initial * 2 ** (self.quick_failures - 2))
-            self.next_start = now + delay
-            log.warning("event=backoff next_worker_in=%.0f ms after %d quick failures", delay * 1e3,
-                        self.quick_failures)
 
     def _carry_counters(self) -> None:
         st = self._last_status
@@ -642,8 +547,8 @@ class Supervisor:
             if cmd == "status":
                 self._reply(conn, {"ok": True, "status": self._status({})})
             else:
-                self._reply(conn, {"ok": False, "error": "no worker is running the driver right now "
-                                   + (f"({self.gave_up})" if self.gave_up else "(a failover is in progress): try again")})
+                why = f"({self.failures.gave_up})" if self.failures.gave_up else "(a failover is in progress): try again"
+                self._reply(conn, {"ok": False, "error": f"no worker is running the driver right now {why}"})
         else:
             self._forward(conn, req)
 
@@ -699,16 +604,17 @@ class Supervisor:
             if isinstance(st.get(k), int):
                 st[k] += v
         st["ifname"], st["ifindex"] = self.tap.name, self.tap.ifindex
-        if self.gave_up:
+        if self.failures.gave_up:
             st["state"] = "failed"
-            st["last_fault"] = self.gave_up
+            st["last_fault"] = self.failures.gave_up
         st.setdefault("state", "recovering")
         p, s = self.primary, self.spare
         st["worker"] = None if p is None else {"pid": p.pid, "implementation": p.implementation, "state": p.state,
                                                "up_s": round(time.monotonic() - p.up_at, 3) if p.up_at else 0.0}
         st["spare"] = None if s is None else {"pid": s.pid, "implementation": s.implementation, "state": s.state}
-        st["supervisor"] = {"pid": os.getpid(), "failovers": self.failover_count, "gave_up": self.gave_up or None,
-                            "implementation_next": self.current_impl, "note": note or None,
+        st["supervisor"] = {"pid": os.getpid(), "failovers": self.failover_count,
+                            "gave_up": self.failures.gave_up or None,
+                            "implementation_next": self.failures.current, "note": note or None,
                             "policy": {k: getattr(self.policy, k) for k in self.policy.__dataclass_fields__}}
         st["failovers"] = self.failover_count
         st["recent_failovers"] = [f.as_dict() for f in self.failovers[-10:]]
