@@ -80,6 +80,10 @@ class Channel:
             raise UdrvError("a message on a supervisor channel is not an object")
         return msg, list(fds)
 
+    def has_pending(self) -> bool:
+        """Messages that arrived during a call() and wait for recv()/poll() (the fd does not show them)."""
+        return bool(self._pending)
+
     def poll(self) -> list[tuple[dict[str, Any], list[int]]]:
         """Every message waiting now (non-blocking)."""
         out, self._pending = self._pending, []

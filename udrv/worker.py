@@ -209,12 +209,12 @@ class Worker:
         return impls
 
     def _transport(self, init: dict[str, Any], fds: list[int]) -> Any:
-        from .models.remote import RemotePciTransport, RemoteUsbTransport, _Link
+        from .models.remote import RemotePciTransport, RemoteUsbTransport
         hb = self.hb
         assert hb is not None
-        _Link.waiting = staticmethod(lambda deadline: hb.busy_until(deadline, "device"))
         sock = socket.socket(fileno=fds[0])
-        return RemoteUsbTransport(sock) if init["device"]["bus"] == "usb" else RemotePciTransport(sock)
+        cls = RemoteUsbTransport if init["device"]["bus"] == "usb" else RemotePciTransport
+        return cls(sock, waiting=lambda deadline: hb.busy_until(deadline, "device"))
 
     def _arm(self, init: dict[str, Any], arm: dict[str, Any], fds: list[int], impls: tuple[Any, ...]) -> None:
         """Everything a takeover needs that touches no device: the device's connection, the TAP,
@@ -276,7 +276,7 @@ class Worker:
     def _tick(self) -> None:
         assert self.hb is not None
         self.hb.beat()
-        if self.channel._pending:             # arrived while this worker waited for an answer
+        if self.channel.has_pending():        # arrived while this worker waited for an answer
             self._serve_channel()
 
     def _report_recovery(self, rec: Any) -> None:

@@ -106,12 +106,12 @@ class _Link:
     """The worker's end: synchronous requests by tag; everything else that arrives meanwhile
     (completions) is kept for the caller."""
 
-    # told how long this process will wait for the device (its heartbeat must not call the wait a
-    # hang): waiting(deadline) before, waiting(None) after
-    waiting: Callable[[float | None], None] = staticmethod(lambda deadline: None)
-
-    def __init__(self, sock: socket.socket, what: str, on_other: Callable[[tuple, bytes], None]):
+    def __init__(self, sock: socket.socket, what: str, on_other: Callable[[tuple, bytes], None],
+                 waiting: Callable[[float | None], None] | None = None):
+        """waiting(deadline) before a wait for the device, waiting(None) after: how long this
+        process will wait (a worker's heartbeat must not call the wait a hang)."""
         self.sock = sock
+        self.waiting = waiting or (lambda deadline: None)
         self.what = what
         self.on_other = on_other
         self._tag = 0
@@ -214,10 +214,10 @@ def info_from_json(data: bytes) -> DeviceInfo:
 class RemoteUsbTransport:
     """A UsbTransport (udrv.usbtransport) over a connection to the device process."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, waiting: Callable[[float | None], None] | None = None):
         self._done: deque[Completion] = deque()
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._link = _Link(sock, "USB model", self._other)
+        self._link = _Link(sock, "USB model", self._other, waiting)
         self._in_flight = 0
         self._claimed: set[int] = set()
         self.endpoint_resets = 0
@@ -495,8 +495,8 @@ class RemotePciTransport:
 
     device_writes = None             # counts no writes: every datapath fault restores
 
-    def __init__(self, sock: socket.socket):
-        self._link = _Link(sock, "PCI model", lambda head, payload: None)
+    def __init__(self, sock: socket.socket, waiting: Callable[[float | None], None] | None = None):
+        self._link = _Link(sock, "PCI model", lambda head, payload: None, waiting)
         _s, _a, body, _f = self._link.request(Op.PCI_INFO)
         d = json.loads(body)
         self.bar0_size, self.config_size = d.pop("bar0_size"), d.pop("config_size")
