@@ -22,6 +22,30 @@ def control_path(ifname: str) -> str:
     return os.path.join(run_dir(), f"{ifname}.sock")
 
 
+def listen(ifname: str) -> socket.socket:
+    """The control socket for IFNAME (non-blocking; a stale one from a crashed run is replaced),
+    for the group to use as well as root."""
+    os.makedirs(run_dir(), exist_ok=True)
+    path = control_path(ifname)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    s.bind(path)
+    os.chmod(path, 0o660)
+    s.listen(8)
+    return s
+
+
+def unlisten(ifname: str, s: socket.socket) -> None:
+    s.close()
+    try:
+        os.unlink(control_path(ifname))
+    except FileNotFoundError:
+        pass
+
+
 def request(ifname: str, req: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
     """Client side of the control socket (used by `udrv status` / `udrv inject`)."""
     path = control_path(ifname)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .driver import LinkState, RxMode
-from .control import control_path, run_dir
+from .control import listen, unlisten
 from .errors import UdrvError
 from .hostwatch import HostWatch
 from .placement import Priority, SoftirqAvoider
@@ -116,17 +116,7 @@ class Daemon:
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
 
     def _open_control(self) -> None:
-        os.makedirs(run_dir(), exist_ok=True)
-        path = control_path(self.tap.name)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        s.bind(path)
-        os.chmod(path, 0o660)
-        s.listen(8)
-        self._ctrl = s
+        self._ctrl = listen(self.tap.name)
 
     # --- the loop ---------------------------------------------------------------------------------
     def run(self, duration: float | None = None) -> None:
@@ -416,12 +406,7 @@ class Daemon:
         os.close(self._nudge)
         self._nudge = -1                 # a later stop() must not write to a reused fd number
         if self._ctrl is not None:
-            path = control_path(self.tap.name)
-            self._ctrl.close()
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            unlisten(self.tap.name, self._ctrl)
         self.nic.close()
         log.info("event=stopped ifname=%s", self.tap.name)
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .channel import Channel, ChannelClosed, pair
+from .control import listen, unlisten
 from .errors import UdrvError
 from .failover import Failover, FailureLedger, Policy
 from .heartbeat import SLOTS, HeartbeatPage
@@ -137,18 +138,7 @@ class Supervisor:
         self.peer = msg["peer"]
 
     def _open_control(self) -> None:
-        from .control import control_path, run_dir
-        os.makedirs(run_dir(), exist_ok=True)
-        path = control_path(self.tap.name)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        s.bind(path)
-        os.chmod(path, 0o660)
-        s.listen(8)
-        self._ctrl = s
+        self._ctrl = listen(self.tap.name)
 
     def _free_slot(self) -> int:
         used = {c.slot for c in self.children}
@@ -694,12 +684,7 @@ class Supervisor:
                 self.devhost_proc.kill()
                 self.devhost_proc.wait()
         if self._ctrl is not None:
-            from .control import control_path
-            self._ctrl.close()
-            try:
-                os.unlink(control_path(self.tap.name))
-            except FileNotFoundError:
-                pass
+            unlisten(self.tap.name, self._ctrl)
         if self.journal is not None:
             self.journal.close()
         self.page.close()

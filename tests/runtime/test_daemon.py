@@ -3,12 +3,12 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
+
+import peerwait
 
 from udrv.peer import PeerConfig
 
@@ -34,33 +34,11 @@ def ifindex():
 
 
 def echo_ok(n=20, timeout=2.0) -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(0.2)
-    got = 0
-    end = time.monotonic() + timeout
-    for i in range(n):
-        s.sendto(b"ping%d" % i, (PEER, 7777))
-        try:
-            if s.recv(64).startswith(b"ping"):
-                got += 1
-        except socket.timeout:
-            pass
-        if time.monotonic() > end:
-            break
-    s.close()
-    return got
+    return peerwait.echo_ok(PEER, n, timeout)
 
 
 def wait_for(pred, timeout=10.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if pred():
-                return
-        except Exception:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    peerwait.wait_for(pred, timeout, what, period=0.1)
 
 
 @pytest.fixture

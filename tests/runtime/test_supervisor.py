@@ -4,12 +4,13 @@ Needs root (a real TAP, a peer namespace)."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+
+import peerwait
 
 from udrv.bench.seqsink import SeqSender
 from udrv.control import request
@@ -41,33 +42,11 @@ def carrier():
 
 
 def echo_ok(n=10, timeout=3.0) -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(0.2)
-    got = 0
-    end = time.monotonic() + timeout
-    for i in range(n):
-        s.sendto(b"ping%d" % i, (PEER, 7777))
-        try:
-            if s.recv(64).startswith(b"ping"):
-                got += 1
-        except socket.timeout:
-            pass
-        if time.monotonic() > end:
-            break
-    s.close()
-    return got
+    return peerwait.echo_ok(PEER, n, timeout)
 
 
 def wait_for(pred, timeout=10.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if pred():
-                return
-        except Exception:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    peerwait.wait_for(pred, timeout, what, period=0.05)
 
 
 def spare_ready():
