@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -35,7 +36,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         wire_mbit=args.wire_mbit, wire_delay_ms=args.wire_delay_ms, aqm_target_ms=args.aqm_target,
         aqm_interval_ms=args.aqm_interval, aqm_ecn=not args.aqm_no_ecn,
         isolation=False if args.in_process else None, swap_back_after=args.swap_back_after,
-        give_up_after=args.give_up_after))
+        give_up_after=args.give_up_after,
+        heartbeat_timeout_ms=args.heartbeat_timeout))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -277,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--give-up-after", type=int, default=8, metavar="N",
                    help="workers in a row that fail within 0.25 s of starting before the supervisor stops trying "
                         "(backing off between them; default 8); the interface stays, carrier off")
+    r.add_argument("--heartbeat-timeout", type=float, metavar="MS",
+                   default=float(os.environ.get("UDRV_HEARTBEAT_TIMEOUT_MS", "12")),
+                   help="a worker whose loop neither beats nor sleeps for this long is frozen and replaced "
+                        "(default 12 ms, or UDRV_HEARTBEAT_TIMEOUT_MS; raise it on an emulated or very slow "
+                        "machine, where one turn of the loop takes longer)")
     r.add_argument("--config-deadline", type=float, default=1.0, metavar="S",
                    help="a configuration call running longer is a hang (default 1 s; raised automatically "
                         "above 4x the call's running average on slow machines)")

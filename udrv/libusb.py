@@ -7,6 +7,7 @@ and re-attached when it lets go (recorded on the action list, undone in reverse 
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -111,6 +112,35 @@ class LibusbTransport:
         except usb1.USBErrorNoDevice:
             raise DeviceGone(f"USB device {self.info.ident} vanished while opening it: replug it") from None
         self.actions.record("open USB device", self.handle.close)
+        self._ready()
+
+    @classmethod
+    def wrap(cls, fd: int, selector: UsbSelector, context: Any | None = None) -> "LibusbTransport":
+        """The device behind an open usbfs file (a worker's, opened for it by the supervisor):
+        libusb_wrap_sys_device, so this process needs no right to open device nodes. The fd
+        becomes this transport's; it is closed after the handle."""
+        self = cls.__new__(cls)
+        self.selector = selector
+        self.ctx = context or usb1.USBContext()
+        self.actions = ActionList()
+        self.closed = False
+        self.actions.record("close the usbfs file", lambda: os.close(fd))
+        try:
+            self.handle = self.ctx.wrapSysDevice(fd)
+        except usb1.USBErrorNoDevice:
+            self.actions.release_all()
+            raise DeviceGone(f"USB device {selector} vanished before it could be used: replug it") from None
+        except usb1.USBError as e:
+            self.actions.release_all()
+            raise TransportError(f"libusb cannot use the usbfs file of USB device {selector}: {e}") from None
+        device = self.handle.getDevice()
+        # closed through its device: python-libusb1 (3.4) asserts when a wrapped handle closes first
+        self.actions.record("close the wrapped USB device", device.close)
+        self.info = _device_info(device)
+        self._ready()
+        return self
+
+    def _ready(self) -> None:
         self._eps: dict[int, EndpointInfo] = {}
         for itf in self.info.interfaces:
             for ep in itf.endpoints:

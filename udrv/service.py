@@ -42,6 +42,7 @@ class ServiceOptions:
     isolation: bool | None = None
     swap_back_after: float = 300.0      # quiet seconds on a fallback implementation before the preferred returns
     give_up_after: int = 8              # workers in a row that fail at once before the supervisor stops trying
+    heartbeat_timeout_ms: float = 12.0  # a worker whose loop neither beats nor sleeps this long is frozen
 
     def isolated(self) -> bool:
         if self.isolation is not None:
@@ -71,10 +72,10 @@ def serve(opts: ServiceOptions, scenario: Scenario | None = None) -> int:
         raise NeedsRoot("udrv run needs root (it creates a TAP interface and, for the embedded device, a network "
                         "namespace): run it with sudo")
     if opts.isolated():
-        if opts.device is None or opts.device.startswith("model:"):
+        if opts.device is None or opts.device.startswith(("model:", "usb:")):
             return supervise(opts, scenario)
-        log.warning("event=in-process device=%s workers drive embedded models only so far: this device runs in "
-                    "the daemon's own process (a crash of the driver ends it)", opts.device)
+        log.warning("event=in-process device=%s workers drive embedded models and USB devices so far: this device "
+                    "runs in the daemon's own process (a crash of the driver ends it)", opts.device)
     impls, transport, model = open_device(opts.device, wire_mbit=opts.wire_mbit,
                                           wire_delay_ms=opts.wire_delay_ms, impl=opts.impl)
     tap = Tap(opts.ifname)
@@ -125,8 +126,8 @@ def serve(opts: ServiceOptions, scenario: Scenario | None = None) -> int:
 
 
 def supervise(opts: ServiceOptions, scenario: Scenario | None = None) -> int:
-    """The supervised daemon on an embedded model: supervisor here, the model in a device process,
-    the driver in a worker with a warm spare."""
+    """The supervised daemon: supervisor here, the driver in a worker with a warm spare, an
+    embedded model in a device process of its own."""
     import signal
 
     from .models.catalog import BUS, EMBEDDED
@@ -134,31 +135,47 @@ def supervise(opts: ServiceOptions, scenario: Scenario | None = None) -> int:
     from .failover import Policy
     from .supervisor import Supervisor
 
-    kind = (opts.device or "model:pegasus").removeprefix("model:")
-    if kind not in EMBEDDED:
+    spec = opts.device or "model:pegasus"
+    kind = spec.removeprefix("model:")
+    if spec.startswith("usb:"):
+        from .libusb import UsbSelector
+        if opts.wire_mbit is not None:
+            raise UdrvError("--wire-mbit sets the wire of an embedded model (model:pegasus, model:cdc_ecm); a real "
+                            "device's wire runs at its link speed")
+        try:
+            UsbSelector.parse(spec)
+        except ValueError as e:
+            raise UdrvError(str(e)) from None
+        device: dict[str, Any] = {"kind": "usb", "spec": spec}
+    elif kind not in EMBEDDED:
         raise UdrvError(f"no embedded model called {kind!r}: use one of " + ", ".join(f"model:{k}" for k in EMBEDDED))
-    if opts.impl == "c" and BUS[kind] == "usb":
+    elif opts.impl == "c" and BUS[kind] == "usb":
         raise UdrvError(f"model:{kind} runs the Python engine alone (the C USB ring moves its transfers through "
                         "libusb, which an embedded model is not behind): use --impl python, or a usb: device")
-    device = {"kind": "model", "model": kind, "spec": f"model:{kind}", "wire_mbit": opts.wire_mbit,
-              "wire_delay_ms": opts.wire_delay_ms}
+    else:
+        device = {"kind": "model", "model": kind, "spec": spec, "wire_mbit": opts.wire_mbit,
+                  "wire_delay_ms": opts.wire_delay_ms}
     options = {"guards": opts.guards, "recovery": opts.recovery, "config_deadline": opts.config_deadline,
                "datapath_deadline": opts.datapath_deadline, "swap_after": opts.swap_after or 1 << 30,
                "aqm_target": opts.aqm_target_ms / 1e3, "aqm_interval": opts.aqm_interval_ms / 1e3,
                "aqm_ecn": opts.aqm_ecn}
     policy = Policy(swap_after=opts.swap_after or 1 << 30, swap_back_after=opts.swap_back_after,
-                    give_up_after=max(1, opts.give_up_after))
+                    give_up_after=max(1, opts.give_up_after),
+                    heartbeat_timeout=max(0.001, opts.heartbeat_timeout_ms / 1e3))
     sup = Supervisor(device, options, opts.ifname, policy=policy, impl=opts.impl)
     signal.signal(signal.SIGINT, sup.stop)
     signal.signal(signal.SIGTERM, sup.stop)
     try:
         sup.start()
-        cfg = PeerConfig.for_interface(opts.ifname)
-        ip("addr", "add", cfg.host_ip, "dev", sup.tap.name, check=False)
-        log.info("event=embedded-device model=%s host=%s peer=%s netns=%s (try: ip netns exec %s iperf3 -s)",
-                 kind, cfg.host_addr, cfg.peer_addr, cfg.netns, cfg.netns)
+        peer = None
+        if device["kind"] == "model":
+            cfg = PeerConfig.for_interface(opts.ifname)
+            ip("addr", "add", cfg.host_ip, "dev", sup.tap.name, check=False)
+            log.info("event=embedded-device model=%s host=%s peer=%s netns=%s (try: ip netns exec %s iperf3 -s)",
+                     kind, cfg.host_addr, cfg.peer_addr, cfg.netns, cfg.netns)
+            peer = PeerNamespace(cfg)
         if scenario is not None:
-            scenario.start(sup, PeerNamespace(cfg))
+            scenario.start(sup, peer)
         sup.run(opts.duration)
     finally:
         sup.close()

@@ -89,6 +89,7 @@ class Supervisor:
         self.journal: TxJournal | None = None
         self.devhost: Channel | None = None
         self.devhost_proc: subprocess.Popen | None = None
+        self.node: Any = None                     # a real USB device: udrv.usbnode.UsbNode
         self.peer: dict[str, Any] | None = None
         self.primary: Child | None = None
         self.spare: Child | None = None
@@ -115,6 +116,13 @@ class Supervisor:
     def start(self) -> None:
         if self.device["kind"] == "model":
             self._start_devhost()
+        elif self.device["kind"] == "usb":
+            from .libusb import UsbSelector
+            from .usbnode import UsbNode
+            self.node = UsbNode(UsbSelector.parse(self.device["spec"]))
+            self.device["bus"] = "usb"
+            log.info("event=usb-device %s node=%s kernel_bound=%s", self.node.ident, self.node.path,
+                     sorted(self.node.kernel_bound) or "none")
         self._open_control()
         self._spawn("primary", self.impl or "")
         log.info("event=supervisor pid=%d ifname=%s ifindex=%d device=%s", os.getpid(), self.tap.name,
@@ -157,8 +165,15 @@ class Supervisor:
         self.page.clear(slot)
         child = Child(popen, Channel(mine), os.pidfd_open(popen.pid), slot, role, implementation)
         self.children.append(child)
-        child.channel.send({"t": "init", "slot": slot, "device": self.device, "options": self.options,
-                            "impl": self.impl}, [self.page.fd])
+        # a real USB device: the worker's own usbfs file now (it picks its driver from the
+        # descriptors); it claims nothing before it is started
+        own = [self.node.open_for_worker()] if self.node is not None else []
+        try:
+            child.channel.send({"t": "init", "slot": slot, "device": self.device, "options": self.options,
+                                "impl": self.impl}, [self.page.fd, *own])
+        finally:
+            for fd in own:
+                os.close(fd)
         if role == "primary":
             self.primary = child
         else:
@@ -260,6 +275,8 @@ class Supervisor:
                 self._tap_request(c, msg)
             elif t == "journal":
                 self._journal_request(c, msg)
+            elif t == "device":
+                self._reopen_request(c, msg)
             elif t == "recovery" and isinstance(msg.get("rec"), dict):
                 self._recoveries_of.setdefault(c.pid, []).append(msg["rec"])
                 del self._recoveries_of[c.pid][:-10]
@@ -321,8 +338,9 @@ class Supervisor:
         c.started = time.monotonic()
 
     def _device_fds(self) -> list[int]:
-        """A new open of the device for one worker."""
-        assert self.devhost is not None
+        """A new open of the device for one worker (a USB worker got its own with init)."""
+        if self.devhost is None:
+            return []
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.devhost.send({"t": "connect"}, [mine.fileno()])
         mine.close()
@@ -390,6 +408,25 @@ class Supervisor:
             c.channel.send(reply, [self.journal.fd])
         except (UdrvError, ValueError) as e:
             c.channel.send({**reply, "ok": False, "error": str(e)})
+
+    def _reopen_request(self, c: Child, msg: dict[str, Any]) -> None:
+        """A worker whose device went away asks for a new open (after a replug, a new address)."""
+        reply: dict[str, Any] = {"t": "reply", "id": msg.get("id"), "ok": True}
+        fds: list[int] = []
+        try:
+            if self.node is None:
+                raise UdrvError("this device is not reopened through the supervisor")
+            self.node.find()
+            fds = [self.node.open_for_worker()]
+        except (OSError, UdrvError) as e:
+            reply.update(ok=False, error=str(e), gone=True)
+        try:
+            c.channel.send(reply, fds)
+        except ChannelClosed:
+            pass
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     # --- failures -------------------------------------------------------------------------------
     def _exited(self, c: Child) -> None:
@@ -683,6 +720,8 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 self.devhost_proc.kill()
                 self.devhost_proc.wait()
+        if self.node is not None:
+            self.node.close()
         if self._ctrl is not None:
             unlisten(self.tap.name, self._ctrl)
         if self.journal is not None:

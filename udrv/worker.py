@@ -146,7 +146,7 @@ class Worker:
 
     def run(self) -> int:
         init, fds = self.channel.recv()
-        if init.get("t") != "init" or len(fds) != 1:
+        if init.get("t") != "init" or not fds:
             raise SystemExit("udrv worker: expected an init message with the heartbeat page")
         self.hb = HeartbeatPage(fds[0]).slot(int(init["slot"]))
         self.hb.claim(os.getpid())
@@ -155,7 +155,7 @@ class Worker:
         from .daemon import Daemon, DaemonTimers         # noqa: F401
         from .nic import Nic, NicOptions                 # noqa: F401
         fastpath.available()
-        impls = self._implementations(init)
+        impls = self._implementations(init, fds[1:])
         self._preload()
         if os.environ.get("UDRV_WORKER_PRIVILEGES") != "keep":
             from .sandbox import drop_privileges
@@ -166,8 +166,10 @@ class Worker:
             msg, fds = self.channel.recv()
             t = msg.get("t")
             if t == "stop":
+                if self.transport is not None:
+                    self.transport.close()
                 return 0
-            if t == "arm" or (t == "start" and fds):
+            if t == "arm" or (t == "start" and self.daemon is None):
                 self._arm(init, msg, fds, impls)
                 self.channel.send({"t": "armed"})
             if t == "start":
@@ -196,10 +198,20 @@ class Worker:
             except Exception:          # platform codecs (mbcs, oem) do not import here
                 pass
 
-    def _implementations(self, init: dict[str, Any]) -> tuple[Any, ...]:
+    def _implementations(self, init: dict[str, Any], fds: list[int]) -> tuple[Any, ...]:
         from .models.catalog import BUS
-        from .registry import embedded_driver, implementations
+        from .registry import embedded_driver, implementations, usb_driver_for
         dev = init["device"]
+        if dev["kind"] == "usb":
+            # this worker's own open of the device: the driver follows from its descriptors
+            from .errors import UdrvError
+            from .libusb import LibusbTransport, UsbSelector
+            self.transport = LibusbTransport.wrap(fds[0], UsbSelector.parse(dev["spec"]))
+            cls = usb_driver_for(self.transport.info)
+            if cls is None:
+                raise UdrvError(f"no udrv driver knows USB device {self.transport.info.ident}: `udrv list` "
+                                "shows supported ones")
+            return implementations(cls, init.get("impl"))
         if dev["kind"] != "model":
             raise SystemExit(f"udrv worker: devices of kind {dev['kind']!r} are not served by workers yet")
         cls = embedded_driver(dev["model"])
@@ -209,6 +221,8 @@ class Worker:
         return impls
 
     def _transport(self, init: dict[str, Any], fds: list[int]) -> Any:
+        if init["device"]["kind"] == "usb":
+            return self.transport                 # opened with init
         from .models.remote import RemotePciTransport, RemoteUsbTransport
         hb = self.hb
         assert hb is not None
@@ -243,11 +257,24 @@ class Worker:
                              aqm_target=o["aqm_target"], aqm_interval=o["aqm_interval"], aqm_ecn=o["aqm_ecn"]),
                   watchdog=beating_watchdog(hb), tap=tap, journal=journal, on_state=self._send_state,
                   on_progress=hb.progress, on_busy=lambda deadline: hb.busy_until(deadline, "restart"),
-                  on_recovery=self._report_recovery)
+                  on_recovery=self._report_recovery,
+                  reopen=self._reopen if init["device"]["kind"] == "usb" else None)
         self.daemon = Daemon(nic, tap, timers=DaemonTimers(beat=BEAT_PERIOD),
                              extra_fds={self.channel.fileno(): self._serve_channel}, on_tick=self._tick,
                              serve_control=False)
         signal.signal(signal.SIGTERM, self.daemon.stop)
+
+    def _reopen(self) -> Any:
+        """After an unplug: a new open of the device, from the supervisor (DeviceNotFound while
+        it is still away; Nic tries again)."""
+        from .errors import DeviceNotFound
+        from .libusb import LibusbTransport
+        old = self.transport
+        reply, fds = self.channel.call({"t": "device"}, timeout=5.0)
+        if not reply.get("ok") or not fds:
+            raise DeviceNotFound(str(reply.get("error") or "the supervisor has no new open of the device"))
+        self.transport = LibusbTransport.wrap(fds[0], old.selector, context=old.ctx)
+        return self.transport
 
     def _go(self, start: dict[str, Any]) -> int:
         d, hb = self.daemon, self.hb

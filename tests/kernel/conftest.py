@@ -48,7 +48,9 @@ class Guest:
             timeout: float = DEFAULT_TIMEOUT, env: dict[str, str] | None = None, **kw) -> GuestResult:
         pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         # the guest's writes vanish with it: let it use the bytecode compiled on the host below
-        merged = {"PYTHONPATH": pythonpath, "PYTHONDONTWRITEBYTECODE": "", **(env or {})}
+        # under TCG one turn of a worker's loop can take longer than the host's 12 ms heartbeat
+        merged = {"PYTHONPATH": pythonpath, "PYTHONDONTWRITEBYTECODE": "", "UDRV_HEARTBEAT_TIMEOUT_MS": "300",
+                  **(env or {})}
         kw.setdefault("cwd", REPO)
         return guestlib.run(cmd, devices or GuestDevices(), timeout, merged, image=self.image, **kw)
 

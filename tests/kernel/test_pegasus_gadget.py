@@ -44,7 +44,7 @@ EXPECTED_DROPS = {               # model garbage kind -> udrv drop reason ("empt
     "crc_error": "crc_error", "runt": "runt", "truncated": "truncated", "oversize": "oversize",
     "too_long": "too_long", "dribble": "dribble", "empty": "truncated",
 }
-GUEST_TIMEOUT = 240.0
+GUEST_TIMEOUT = 360.0
 
 
 # =============================================================================================
@@ -87,7 +87,16 @@ class Udrv:
                                       "--duration", str(duration)], stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=ROOT)
         sock = Path("/run/udrv") / f"{IFNAME}.sock"
-        _wait(lambda: sock.exists() or self.proc.poll() is not None, UDRV_START_TIMEOUT, "udrv run starting")
+
+        def up() -> bool:
+            # the supervisor answers on its socket before its worker has the device up
+            if self.proc.poll() is not None:
+                return True
+            try:
+                return sock.exists() and _status()["state"] == "up"
+            except (OSError, RuntimeError, ValueError):
+                return False
+        _wait(up, UDRV_START_TIMEOUT, "udrv run bringing the device up")
         if self.proc.poll() is not None:
             raise AssertionError(f"udrv run exited with {self.proc.returncode}: {self.tail()}")
 
@@ -268,6 +277,66 @@ def _tx_hang(rig) -> dict:
             "tx_packets": [st0["tx_packets"], _status()["tx_packets"]]}
 
 
+def scenario_failover(report: dict, out_dir: Path) -> None:
+    """The worker killed and crashed (a SIGSEGV in C) mid-traffic on real USB: the spare, with its
+    own usbfs open, claims the interface and restores the device; sequence-numbered datagrams sent
+    through udrv0 all along are counted at the peer; udrv0 keeps its ifindex; at the end
+    pegasus.ko gets the interface back although the worker that detached it is long dead."""
+    from udrv.bench.seqsink import SeqSender
+    from udrv.control import request
+    from udrv.testbed.pegasus_gadget import (HOST_IP, NETNS, PEER_IP, PegasusRig, RigConfig, configure_host_side,
+                                             udp_ping, wait_carrier, wait_netdev)
+    from udrv.testbed import interface_driver, modprobe
+    with PegasusRig(RigConfig(gadget_name="pegf")) as rig:
+        dev = rig.host_device
+        modprobe("pegasus")
+        wait_netdev(dev, "pegasus")
+        udrv = Udrv(out_dir / "udrv-failover.log")
+        try:
+            report["driver_during"] = interface_driver(dev)
+            ifindex = Path(f"/sys/class/net/{IFNAME}/ifindex").read_text().strip()
+            configure_host_side(IFNAME)
+            report["carrier"] = wait_carrier(IFNAME)
+            report["ping_before"] = udp_ping(None, HOST_IP, NETNS, PEER_IP, 3)
+            _wait(lambda: (_status().get("spare") or {}).get("state") == "idle", UDRV_START_TIMEOUT, "a warm spare")
+            seq = SeqSender(PEER_IP.split("/")[0], ["ip", "netns", "exec", NETNS], interval=0.01)
+            seq.start()
+            time.sleep(1.0)
+            report["stage"] = "failovers"
+            failovers = []
+            for kind in ("kill", "segv"):
+                st0 = _status()
+                r = request(IFNAME, {"cmd": "inject", "entry": "worker", "kind": kind})
+                assert r.get("ok"), r
+
+                def replaced() -> dict | None:
+                    st = _status()
+                    w, sp = st.get("worker") or {}, st.get("spare") or {}
+                    done = (st["failovers"] > st0["failovers"] and w.get("state") == "running"
+                            and w.get("pid") != st0["worker"]["pid"] and sp.get("state") == "idle")
+                    return st if done else None
+                st = _wait(replaced, RECOVERY_TIMEOUT * 2, f"a failover after a worker {kind} and a new spare")
+                failovers.append({"kind": kind, "old": st0["worker"], "new": st["worker"],
+                                  "spare": st["spare"], "failover": st["last_failover"]})
+                time.sleep(1.0)
+            report["failovers"] = failovers
+            report["seq"] = vars(seq.finish(linger=2.0))
+            report["ping_after"] = udp_ping(None, HOST_IP, NETNS, PEER_IP, 3)
+            report["ifindex_same"] = Path(f"/sys/class/net/{IFNAME}/ifindex").read_text().strip() == ifindex
+            report["driver_after_failovers"] = interface_driver(dev)
+        finally:
+            report["stage"] = "SIGTERM"
+            report["udrv_rc"] = udrv.terminate()
+            report["udrv_log"] = udrv.tail(4000)
+        try:
+            report["kernel_netdev_after"] = wait_netdev(dev, "pegasus")
+        except Exception as e:
+            report["kernel_netdev_after"] = None
+            report["reattach_error"] = str(e)
+        report["driver_after"] = interface_driver(dev)
+        report["stage"] = "done"
+
+
 def scenario_garbage(report: dict, out_dir: Path) -> None:
     """Every malformed RX transfer kind, through real USB, counted by reason in `udrv status`."""
     from udrv.testbed.pegasus_gadget import HOST_IP, NETNS, PEER_IP, PegasusRig, RigConfig, configure_host_side, udp_ping
@@ -374,7 +443,7 @@ def scenario_usb_faults(report: dict, out_dir: Path) -> None:
 
 
 SCENARIOS = {"kernel": scenario_kernel, "kernel_python": scenario_kernel_python, "udrv": scenario_udrv,
-             "garbage": scenario_garbage, "usb_faults": scenario_usb_faults}
+             "failover": scenario_failover, "garbage": scenario_garbage, "usb_faults": scenario_usb_faults}
 
 
 def guest_main(which: str, out: Path) -> int:
@@ -523,6 +592,28 @@ def test_udrv_pegasus_recovers_a_device_that_takes_no_frames_over_real_usb(pegas
     assert p["settled"] and p["replies"] == p["sent"] == 5 and not p["corrupt"], p
     before, after = h["tx_packets"]
     assert after >= before + 5, h                       # the counters survived the restart
+
+
+def test_udrv_pegasus_worker_failover_over_real_usb(pegasus_report):
+    """Kill and SIGSEGV of the worker mid-traffic: each spare, with its own usbfs file, claims the
+    interface and restores the device; no datagram sent through udrv0 is lost at the peer."""
+    sec = _section(pegasus_report, "failover")
+    assert sec["driver_during"] == "usbfs", sec
+    fos = sec["failovers"]
+    assert [f["kind"] for f in fos] == ["kill", "segv"], fos
+    for f in fos:
+        fo = f["failover"]
+        assert fo["detected_by"] == "pidfd" and fo["how"] == "restored from the checkpoint", fo
+        assert f["new"]["pid"] == fo["successor"] != f["old"]["pid"], f
+        assert f["spare"]["pid"] not in (f["old"]["pid"], f["new"]["pid"]), f      # a new spare each time
+    assert fos[0]["failover"]["cause"] == "killed by SIGKILL" and fos[1]["failover"]["cause"] == "killed by SIGSEGV"
+    seq = sec["seq"]
+    assert seq["sent"] > 100 and seq["received"] == seq["sent"], f"TX frames lost across failovers: {seq}"
+    assert sec["ping_after"]["replies"] == 3, sec["ping_after"]
+    assert sec["ifindex_same"] and sec["driver_after_failovers"] == "usbfs", sec
+    # the worker that detached pegasus.ko died long ago: the supervisor gives the interface back
+    assert sec["udrv_rc"] == 0 and sec["driver_after"] == "pegasus" and sec["kernel_netdev_after"], sec
+    assert "AssertionError" not in sec["udrv_log"] and "Traceback" not in sec["udrv_log"], sec["udrv_log"]
 
 
 def test_model_faults_reach_the_host_as_usb_errors(pegasus_report):
