@@ -52,16 +52,6 @@ class DmaMapping:
     vaddr: int
 
 
-@dataclass(frozen=True)
-class DmaExport:
-    """What another process needs to take over a DMA buffer: the memfd (pass it with
-    SCM_RIGHTS), where the buffer starts in it, and the IOVA it is mapped at."""
-    fd: int
-    offset: int
-    size: int
-    iova: int
-
-
 @dataclass(eq=False)
 class DmaBuffer:
     iova: int                         # the address to program into the device
@@ -73,9 +63,6 @@ class DmaBuffer:
     hugepage: bool = False
     mapped_size: int = 0              # bytes mapped in the IOMMU (page multiple >= size)
     memory: Any = field(default=None, repr=False)   # owner of the mapping (udrv.dma.DmaMemory)
-
-    def export(self) -> DmaExport:
-        return DmaExport(self.fd, self.offset, self.mapped_size or self.size, self.iova)
 
 
 @dataclass(frozen=True)

@@ -72,10 +72,7 @@ def serve(opts: ServiceOptions, scenario: Scenario | None = None) -> int:
         raise NeedsRoot("udrv run needs root (it creates a TAP interface and, for the embedded device, a network "
                         "namespace): run it with sudo")
     if opts.isolated():
-        if opts.device is None or opts.device.startswith(("model:", "usb:")):
-            return supervise(opts, scenario)
-        log.warning("event=in-process device=%s workers drive embedded models and USB devices so far: this device "
-                    "runs in the daemon's own process (a crash of the driver ends it)", opts.device)
+        return supervise(opts, scenario)
     impls, transport, model = open_device(opts.device, wire_mbit=opts.wire_mbit,
                                           wire_delay_ms=opts.wire_delay_ms, impl=opts.impl)
     tap = Tap(opts.ifname)
@@ -147,6 +144,19 @@ def supervise(opts: ServiceOptions, scenario: Scenario | None = None) -> int:
         except ValueError as e:
             raise UdrvError(str(e)) from None
         device: dict[str, Any] = {"kind": "usb", "spec": spec}
+    elif spec.startswith("pci:"):
+        from .pcibind import normalize_bdf
+        if opts.wire_mbit is not None:
+            raise UdrvError("--wire-mbit sets the wire of an embedded model (model:pegasus, model:cdc_ecm); a real "
+                            "device's wire runs at its link speed")
+        try:
+            bdf = normalize_bdf(spec.removeprefix("pci:"))
+        except ValueError as e:
+            raise UdrvError(str(e)) from None
+        device = {"kind": "pci", "spec": spec, "bdf": bdf}
+    elif not spec.startswith("model:"):
+        raise UdrvError(f"{spec!r} names no device: use usb:VID:PID, usb:BUS-PORT, pci:BDF or "
+                        "model:" + "|".join(EMBEDDED))
     elif kind not in EMBEDDED:
         raise UdrvError(f"no embedded model called {kind!r}: use one of " + ", ".join(f"model:{k}" for k in EMBEDDED))
     elif opts.impl == "c" and BUS[kind] == "usb":

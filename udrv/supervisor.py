@@ -90,6 +90,7 @@ class Supervisor:
         self.devhost: Channel | None = None
         self.devhost_proc: subprocess.Popen | None = None
         self.node: Any = None                     # a real USB device: udrv.usbnode.UsbNode
+        self.vfio: Any = None                     # a real PCI device: udrv.vfionode.VfioNode
         self.peer: dict[str, Any] | None = None
         self.primary: Child | None = None
         self.spare: Child | None = None
@@ -123,6 +124,12 @@ class Supervisor:
             self.device["bus"] = "usb"
             log.info("event=usb-device %s node=%s kernel_bound=%s", self.node.ident, self.node.path,
                      sorted(self.node.kernel_bound) or "none")
+        elif self.device["kind"] == "pci":
+            from .vfionode import VfioNode
+            self.vfio = VfioNode(self.device["bdf"])
+            self.device["bus"] = "pci"
+            log.info("event=pci-device %s bdf=%s (container and group held here)", self.vfio.info.ident,
+                     self.vfio.info.bdf)
         self._open_control()
         self._spawn("primary", self.impl or "")
         log.info("event=supervisor pid=%d ifname=%s ifindex=%d device=%s", os.getpid(), self.tap.name,
@@ -167,7 +174,8 @@ class Supervisor:
         self.children.append(child)
         # a real USB device: the worker's own usbfs file now (it picks its driver from the
         # descriptors); it claims nothing before it is started
-        own = [self.node.open_for_worker()] if self.node is not None else []
+        own = ([self.node.open_for_worker()] if self.node is not None else
+               [self.vfio.device_fd_for_worker()] if self.vfio is not None else [])
         try:
             child.channel.send({"t": "init", "slot": slot, "device": self.device, "options": self.options,
                                 "impl": self.impl}, [self.page.fd, *own])
@@ -277,6 +285,8 @@ class Supervisor:
                 self._journal_request(c, msg)
             elif t == "device":
                 self._reopen_request(c, msg)
+            elif t == "dma":
+                self._dma_request(c, msg)
             elif t == "recovery" and isinstance(msg.get("rec"), dict):
                 self._recoveries_of.setdefault(c.pid, []).append(msg["rec"])
                 del self._recoveries_of[c.pid][:-10]
@@ -408,6 +418,31 @@ class Supervisor:
             c.channel.send(reply, [self.journal.fd])
         except (UdrvError, ValueError) as e:
             c.channel.send({**reply, "ok": False, "error": str(e)})
+
+    def _dma_request(self, c: Child, msg: dict[str, Any]) -> None:
+        """DMA memory for a worker on a VFIO device: mapped into the IOMMU here, so it outlives it."""
+        reply: dict[str, Any] = {"t": "reply", "id": msg.get("id"), "ok": True}
+        fds: list[int] = []
+        try:
+            if self.vfio is None:
+                raise UdrvError("DMA memory comes from the supervisor only for a vfio-pci device")
+            op = msg.get("op")
+            if op == "alloc":
+                buf = self.vfio.alloc(c.pid, int(msg["size"]), int(msg.get("align", 4096)))
+                reply.update(iova=buf.iova, mapped=buf.mapped_size, huge=buf.hugepage)
+                fds = [buf.fd]
+            elif op == "free":
+                self.vfio.free(c.pid, int(msg["iova"]))
+            elif op == "orphans":
+                reply["released"] = self.vfio.release_orphans({k.pid for k in self.children})
+            else:
+                raise UdrvError(f"unknown DMA request {op!r}")
+        except (OSError, UdrvError, KeyError, ValueError) as e:
+            reply.update(ok=False, error=str(e))
+        try:
+            c.channel.send(reply, fds)
+        except ChannelClosed:
+            pass
 
     def _reopen_request(self, c: Child, msg: dict[str, Any]) -> None:
         """A worker whose device went away asks for a new open (after a replug, a new address)."""
@@ -642,6 +677,8 @@ class Supervisor:
         st["supervisor"] = {"pid": os.getpid(), "failovers": self.failover_count,
                             "gave_up": self.failures.gave_up or None,
                             "implementation_next": self.failures.current, "note": note or None,
+                            "device": (self.vfio.describe() if self.vfio is not None else
+                                       self.node.describe() if self.node is not None else None),
                             "policy": {k: getattr(self.policy, k) for k in self.policy.__dataclass_fields__}}
         st["failovers"] = self.failover_count
         st["recent_failovers"] = [f.as_dict() for f in self.failovers[-10:]]
@@ -722,6 +759,8 @@ class Supervisor:
                 self.devhost_proc.wait()
         if self.node is not None:
             self.node.close()
+        if self.vfio is not None:
+            self.vfio.close()
         if self._ctrl is not None:
             unlisten(self.tap.name, self._ctrl)
         if self.journal is not None:

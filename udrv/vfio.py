@@ -16,13 +16,13 @@ import errno
 import mmap
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Protocol
 
 from .dma import PAGE, DmaMemory, DmaPool, IovaAllocator, round_up
 from .errors import (DeviceBusy, DeviceGone, DeviceNotBound, DmaError, HostSetupError,
                      PermissionDeniedError, UdrvError)
 from .pcibind import Sysfs, describe_nonviable, group_members, pci_info
-from .pcitransport import (DmaBuffer, DmaExport, DmaMapping, MmioRegion, PciInfo, check_config, check_mmio,
+from .pcitransport import (DmaBuffer, DmaMapping, MmioRegion, PciInfo, check_config, check_mmio,
                            update_bus_master)
 
 # --- the ioctl layer ---------------------------------------------------------------------------
@@ -119,8 +119,8 @@ def _ioctl(fd: int, request: int, arg=None) -> int:
 # --- the transport --------------------------------------------------------------------------------
 
 class VfioTransport:
-    """A device bound to vfio-pci. Use `open(bdf)`, or `from_fds(...)` with fds inherited
-    from another process (the warm spare)."""
+    """A device bound to vfio-pci, opened by `open(bdf)`: container, group and device, DMA
+    mapped by this process. A supervised worker holds a `BrokeredVfioTransport` instead."""
 
     device_writes = None             # counts no writes: every datapath fault restores
 
@@ -175,22 +175,6 @@ class VfioTransport:
             t._setup()
             undo.pop_all()
             return t
-
-    @classmethod
-    def from_fds(cls, fds: dict[str, int], bdf: str, *, sysfs: Sysfs | None = None,
-                 adopt: Iterable[DmaExport] = ()) -> "VfioTransport":
-        """Take over a device another process opened: its container (IOMMU already set),
-        group and device fds, received over SCM_RIGHTS. `adopt` lists DMA buffers that process
-        mapped (memfd + IOVA) so rings can be re-attached where it left off. Takes the fds."""
-        try:
-            info = pci_info(bdf, sysfs)
-        except UdrvError:
-            info = PciInfo(bdf=bdf, vendor=0, device=0, driver="vfio-pci")
-        t = cls(info, fds["container"], fds["group"], fds["device"])
-        t._setup()
-        for exp in adopt:
-            t.adopt_dma(exp)
-        return t
 
     def _setup(self) -> None:
         dinfo = _new(DeviceInfo)
@@ -305,21 +289,6 @@ class VfioTransport:
         self._buffers[iova] = buf
         return buf
 
-    def adopt_dma(self, exp: DmaExport) -> DmaBuffer:
-        """Map a buffer another process allocated and mapped in this container (its memfd),
-        so this process sees the same pages at the same IOVA. Takes the fd."""
-        assert self._iovas is not None
-        if exp.offset:
-            raise DmaError("adopting a DMA buffer that does not start at offset 0 of its memfd is not supported: "
-                           "export whole buffers")
-        size = round_up(exp.size, PAGE)
-        self._iovas.reserve(exp.iova, size)
-        mem = self._pool.adopt(DmaMemory.attach(exp.fd, size))
-        buf = DmaBuffer(iova=exp.iova, size=exp.size, view=mem.view(exp.size), vaddr=mem.vaddr, fd=mem.fd,
-                        mapped_size=size, memory=mem)
-        self._buffers[exp.iova] = buf
-        return buf
-
     def dma_free(self, buf: DmaBuffer) -> None:
         if self._buffers.get(buf.iova) is not buf:
             raise DmaError(f"DMA buffer at IOVA {buf.iova:#x} is not mapped by this transport (freed twice?): "
@@ -394,6 +363,66 @@ class VfioTransport:
         for fd in (self._device, self._group, self._container):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+class DmaBroker(Protocol):
+    """Who maps DMA memory for a worker: the supervisor, which holds the container."""
+    def alloc(self, size: int, align: int) -> tuple[int, int, int, bool]: ...   # iova, memfd, mapped size, hugepage
+    def free(self, iova: int) -> None: ...
+    def release_orphans(self) -> int: ...
+
+
+class BrokeredVfioTransport(VfioTransport):
+    """The device as a supervised worker holds it: a dup of the supervisor's device fd (BAR0,
+    config space, reset), and DMA memory that the supervisor allocates and maps into the
+    IOMMU (the container and group are its own). The mappings outlive this process, so a
+    device still DMAing into a dead worker's rings hits mapped pages (no DMAR fault) until the
+    successor has programmed rings of its own and calls `release_orphans`."""
+
+    def __init__(self, info: PciInfo, device: int, broker: DmaBroker):
+        super().__init__(info, -1, -1, device)
+        self._broker = broker
+
+    @classmethod
+    def for_worker(cls, device: int, bdf: str, broker: DmaBroker) -> "BrokeredVfioTransport":
+        """Takes the fd."""
+        try:
+            info = pci_info(bdf)
+        except UdrvError:
+            info = PciInfo(bdf=bdf, vendor=0, device=0, driver="vfio-pci")
+        t = cls(info, device, broker)
+        try:
+            t._setup()
+        except BaseException:
+            os.close(device)
+            raise
+        return t
+
+    def _iommu_info(self) -> None:
+        pass                          # IOVAs are the supervisor's to hand out
+
+    def dma_alloc(self, size: int, align: int = PAGE) -> DmaBuffer:
+        self._alive()
+        iova, fd, mapped, huge = self._broker.alloc(size, align)
+        mem = DmaMemory.attach(fd, mapped, huge)
+        buf = DmaBuffer(iova=iova, size=size, view=mem.view(size), vaddr=mem.vaddr, fd=mem.fd, hugepage=huge,
+                        mapped_size=mapped, memory=mem)
+        self._buffers[iova] = buf
+        return buf
+
+    def dma_free(self, buf: DmaBuffer) -> None:
+        if self._buffers.get(buf.iova) is not buf:
+            raise DmaError(f"DMA buffer at IOVA {buf.iova:#x} is not mapped by this transport (freed twice?): "
+                           "free each buffer once")
+        del self._buffers[buf.iova]
+        try:
+            self._broker.free(buf.iova)
+        finally:
+            buf.view.release()
+            buf.memory.close()
+
+    def release_orphans(self) -> int:
+        return self._broker.release_orphans()
 
 
 def _open_node(path: Path, bdf: str, container: bool) -> int:

@@ -135,6 +135,41 @@ def decode_state(blob: str) -> Any:
     return pickle.loads(base64.b64decode(blob))
 
 
+class SupervisorDma:
+    """DMA memory of a VFIO device, allocated and mapped into the IOMMU by the supervisor
+    (udrv.vfio.DmaBroker)."""
+
+    def __init__(self, channel: Channel):
+        self.channel = channel
+
+    def _ask(self, op: str, **args: Any) -> tuple[dict[str, Any], list[int]]:
+        from .errors import DmaError
+        try:
+            reply, fds = self.channel.call({"t": "dma", "op": op, **args}, timeout=5.0)
+        except (TimeoutError, ChannelClosed) as e:
+            raise DmaError(f"the supervisor did not answer a DMA request ({op}): {e}") from None
+        if not reply.get("ok"):
+            for fd in fds:
+                os.close(fd)
+            raise DmaError(f"the supervisor refused DMA memory ({op}): {reply.get('error')}")
+        return reply, fds
+
+    def alloc(self, size: int, align: int) -> tuple[int, int, int, bool]:
+        reply, fds = self._ask("alloc", size=size, align=align)
+        if len(fds) != 1:
+            from .errors import DmaError
+            for fd in fds:
+                os.close(fd)
+            raise DmaError("the supervisor sent no memory for a DMA buffer")
+        return int(reply["iova"]), fds[0], int(reply["mapped"]), bool(reply["huge"])
+
+    def free(self, iova: int) -> None:
+        self._ask("free", iova=iova)
+
+    def release_orphans(self) -> int:
+        return int(self._ask("orphans")[0]["released"])
+
+
 class Worker:
     def __init__(self, channel: Channel):
         self.channel = channel
@@ -212,8 +247,18 @@ class Worker:
                 raise UdrvError(f"no udrv driver knows USB device {self.transport.info.ident}: `udrv list` "
                                 "shows supported ones")
             return implementations(cls, init.get("impl"))
+        if dev["kind"] == "pci":
+            from .errors import UdrvError
+            from .registry import pci_driver_for
+            from .vfio import BrokeredVfioTransport
+            self.transport = BrokeredVfioTransport.for_worker(fds[0], dev["bdf"], SupervisorDma(self.channel))
+            info = self.transport.info
+            cls = pci_driver_for(info.vendor, info.device)
+            if cls is None:
+                raise UdrvError(f"no udrv driver knows PCI device {info.ident} at {info.bdf}")
+            return implementations(cls, init.get("impl"))
         if dev["kind"] != "model":
-            raise SystemExit(f"udrv worker: devices of kind {dev['kind']!r} are not served by workers yet")
+            raise SystemExit(f"udrv worker: devices of kind {dev['kind']!r} are not served by workers")
         cls = embedded_driver(dev["model"])
         impls = implementations(cls, init.get("impl"))
         if BUS[dev["model"]] == "usb":
@@ -221,7 +266,7 @@ class Worker:
         return impls
 
     def _transport(self, init: dict[str, Any], fds: list[int]) -> Any:
-        if init["device"]["kind"] == "usb":
+        if init["device"]["kind"] in ("usb", "pci"):
             return self.transport                 # opened with init
         from .models.remote import RemotePciTransport, RemoteUsbTransport
         hb = self.hb
