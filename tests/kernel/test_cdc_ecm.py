@@ -319,6 +319,22 @@ def link_down_with_frames_waiting(report: dict, gif: str) -> None:
     report["echo_after_link_down"] = echo(PEER_IP, [100, 1472] * 5)
 
 
+def worker_failovers_counted(report: dict) -> None:
+    """The worker killed, then crashed in C, while sequence-numbered datagrams go through udrv0:
+    the spare (its own usbfs file) claims the function and restores it; the gadget's netdev, in
+    the peer namespace, counts what arrived."""
+    from udrv.bench.seqsink import SeqSender
+    from udrv.testbed.failovers import worker_failovers
+    seq = SeqSender(PEER_IP, ["ip", "netns", "exec", PEER_NS], interval=0.01)
+    seq.start()
+    time.sleep(1.0)
+    try:
+        report["failovers"] = worker_failovers(IFNAME, ("kill", "segv"))
+    finally:
+        report["seq"] = vars(seq.finish(linger=2.0))
+    report["echo_after_failovers"] = echo(PEER_IP, [100, 1472] * 5)
+
+
 def guest_fecm(out: Path) -> None:
     from udrv.testbed.configfs import ecm_gadget, modprobe, wait_host_device
     report: dict = {"stage": "setup"}
@@ -386,6 +402,9 @@ def guest_fecm(out: Path) -> None:
 
         report["stage"] = "link down"
         link_down_with_frames_waiting(report, gif)
+
+        report["stage"] = "failover"
+        worker_failovers_counted(report)
 
         report["stage"] = "stop"
         report["udrv_exit"] = stop_udrv(p)
@@ -644,6 +663,17 @@ if pytest is not None:
         assert not d["link_up"] and d["carrier"] == "0", why
         assert d["after"] == {"tx_hangs": 1, "restarts": 0}, why    # and they went out, no more
         assert fecm["echo_after_link_down"] == 10, why
+
+    def test_fecm_worker_failover_over_real_libusb(fecm):
+        """Kill and SIGSEGV of the worker mid-traffic on the kernel's f_ecm: no datagram lost at
+        the peer; cdc_ether gets the device back at the end from the supervisor."""
+        _ok(fecm)
+        from udrv.testbed.failovers import check_failovers
+        check_failovers(fecm["failovers"], ("kill", "segv"))
+        seq = fecm["seq"]
+        assert seq["sent"] > 100 and seq["received"] == seq["sent"], f"TX frames lost across failovers: {seq}"
+        assert fecm["echo_after_failovers"] == 10, fecm
+        assert fecm["kernel_driver_after"] == "cdc_ether", fecm
 
     def test_fecm_sigterm_removes_udrv0_and_gives_the_device_back(fecm):
         _ok(fecm)

@@ -262,19 +262,23 @@ def test_repeated_failures_swap_to_the_other_implementation_and_back():
         assert echo_ok(10) >= 8
 
 
-def test_thirty_failovers_leak_nothing(daemon):
-    """The supervisor's fds and children are the same after 30 failovers; no zombies."""
+def test_a_hundred_failovers_leak_nothing(daemon):
+    """After 100 failovers the supervisor and the device process hold the fds they held before
+    (memfds, device connections, pidfds), the supervisor has as many children, none a zombie."""
     wait_for(spare_ready, 20, "a warm spare")
     sup = daemon.pid
-    fds0, kids0 = _fds(sup), _children(sup)
-    for _ in range(30):
+    devhost = next(k for k in _children(sup) if b"udrv.devicehost" in open(f"/proc/{k}/cmdline", "rb").read())
+    fds0, kids0, dev0 = _fds(sup), _children(sup), _fds(devhost)
+    for _ in range(100):
         n = status()["failovers"]
         inject_worker("kill")
         failover_after(n)
         wait_for(spare_ready, 20, "a warm spare")
         time.sleep(0.3)              # a worker killed at once after it came up would count as a crash loop
     assert echo_ok(10) >= 8
+    assert status()["failovers"] >= 100
     assert _fds(sup) == fds0
+    assert _fds(devhost) == dev0
     kids = _children(sup)
     assert len(kids) == len(kids0) and not [k for k, state in kids.items() if state == "Z"]
 
@@ -341,3 +345,22 @@ print("opened:" + ",".join(opened))
     assert r.returncode == 0, r.stderr
     assert "uid=65534" in r.stderr and "landlock=on" in r.stderr
     assert r.stdout.strip() == "opened:", r.stdout
+
+
+@pytest.mark.parametrize("device, says", [
+    ("usb:1234:5678", "no USB device 1234:5678 is plugged in"),
+    ("usb:zz", "names no USB device: use usb:VID:PID"),
+    ("pci:zz", "is not a PCI address"),
+    ("pci:0000:00:1f.6", "no PCI device 0000:00:1f.6"),
+])
+def test_a_real_device_that_cannot_be_had_is_one_sentence_and_leaves_no_interface(device, says):
+    """The supervisor opens real devices itself (a usbfs node per worker, the VFIO container):
+    one that is missing or misnamed stops `udrv run` before any worker starts, with what to do."""
+    name = f"udrvx{os.getpid() % 10000}"
+    cp = subprocess.run([sys.executable, "-m", "udrv.cli", "run", device, "--ifname", name, "--duration", "1"],
+                        capture_output=True, text=True, timeout=60, env={**os.environ, "UDRV_RUN_DIR": RUN_DIR})
+    assert cp.returncode == 1, cp
+    last = cp.stderr.strip().splitlines()[-1]
+    assert last.startswith("udrv: ") and says in last, cp.stderr
+    assert "Traceback" not in cp.stderr and "udrv.worker" not in cp.stderr, cp.stderr
+    assert not os.path.exists(f"/sys/class/net/{name}")

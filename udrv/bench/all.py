@@ -118,7 +118,8 @@ CDC_VARIANTS = {"native": "C ring (udrv run)", "native-nocoalesce": "C ring, RX 
                 "native-nooffload": "C ring, software TX offloads off",
                 "native-1thread": "C ring, TX on the daemon's thread",
                 "native-noplacement": "C ring, no CPU placement",
-                "python": "Python engine"}
+                "python": "Python engine", "native-inproc": "C ring, in one process (no supervisor)"}
+INPROC = "native-inproc"        # the C ring under `udrv run --in-process`: what the driver domain costs
 
 
 AQM_VARIANT = "native-aqm="     # + a UDRV_AQM setting: the C ring with CoDel set otherwise

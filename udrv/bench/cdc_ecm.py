@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from .all import AQM_VARIANT
+from .all import AQM_VARIANT, INPROC
 
 VID, PID = 0x0525, 0xA4A1
 NS, HOST_IP, PEER_IP = "benchpeer", "10.78.0.1", "10.78.0.2"
@@ -354,6 +354,8 @@ def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool
                 for setting in aqm:
                     variants.append((f"{AQM_VARIANT}{setting}", run, {"UDRV_AQM": setting}))
                 variants.append(("native", run, {}))
+                # the same C ring without the supervisor, worker and spare: what isolation costs
+                variants.append((INPROC, run, {"UDRV_ISOLATION": "0"}))
             else:
                 res["native_unavailable"] = fastpath.why_unavailable()
         except ImportError as e:
@@ -384,6 +386,12 @@ def guest_bench(seconds: int, out: Path, no_coalesce: bool = False, python: bool
                 p = udrv_up(run, log, f"native, round {i + 2}", gif)
                 try:
                     res.setdefault("native_more", []).append(iperf_cpu(seconds, p.pid)[0])
+                finally:
+                    udrv_down(p)
+                log = out.parent / f"bench-{INPROC}-round{i + 2}.log"
+                p = udrv_up(run, log, f"{INPROC}, round {i + 2}", gif, {"UDRV_ISOLATION": "0"})
+                try:
+                    res.setdefault(f"{INPROC}_more", []).append(iperf_cpu(seconds, p.pid)[0])
                 finally:
                     udrv_down(p)
                 for setting in aqm:     # the A/B in every round too: CoDel set otherwise, or off
@@ -417,7 +425,7 @@ def report(res: dict) -> str:
              f"(median of {len(cdc_runs(res, 'kernel'))} runs)"]
     from udrv.bench.all import cdc_variants
     for name in ("python", "native-nocoalesce", "native-nooffload", "native-1thread", "native-noplacement",
-                 *[n for n in cdc_variants(res) if n.startswith(AQM_VARIANT)], "native"):
+                 *[n for n in cdc_variants(res) if n.startswith(AQM_VARIANT)], "native", INPROC):
         r = res.get(name)
         if r is None:
             continue
@@ -434,6 +442,11 @@ def report(res: dict) -> str:
             lines.append(f"      rx coalescing {'on' if gro['on'] else 'off'}: {gro['segments']} segments in "
                          f"{gro['super_frames']} super-frames, {gro['bad_checksum']} bad checksums, "
                          f"{gro.get('acks_merged', 0)} ACKs merged")
+    if res.get("native") and res.get(INPROC) and "error" not in res["native"] and "error" not in res[INPROC]:
+        iso = {way: statistics.median(x[way] for x in cdc_runs(res, "native")) for way in ("tx", "rx")}
+        one = {way: statistics.median(x[way] for x in cdc_runs(res, INPROC)) for way in ("tx", "rx")}
+        lines.append(f"  the driver domain's cost, supervised ÷ in one process: TX {iso['tx'] / one['tx']:.3f}  "
+                     f"RX {iso['rx'] / one['rx']:.3f} (target >= 0.95)")
     if "native_unavailable" in res:
         lines.append(f"  native ring not measured: {res['native_unavailable']}")
     from udrv.bench.all import tx_cpu_budget_lines, tx_rtt_lines, usbfs_floor_lines
