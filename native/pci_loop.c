@@ -133,6 +133,8 @@ int pci_ring_run(struct pci_ring *r, struct udrv_tapread *tr, struct pci_mmio *m
     for (;;) {
         int moved = 0;
         res->turns++;
+        if (res->beat)                  /* the worker is alive and going round: its heartbeat */
+            *res->beat = now * 1000;
         int n = pci_rx_harvest(r, 0, NULL, 0, &used);
         if (n > 0) {
             pci_mmio_write32(m, m->regs.rdt, r->rx_tail);

@@ -58,6 +58,7 @@ void pci_mmio_write32(struct pci_mmio *m, uint32_t reg, uint32_t value);
 
 struct pci_loop_result {
     uint64_t turns, sleeps, rx, reclaimed, tap_in, filled, idle_checks;
+    int64_t *beat;              /* NULL, or a supervisor's heartbeat word: each turn stores CLOCK_MONOTONIC ns */
 };
 
 /* Turns until timeout_us passed (or something above needs Python). A turn that moved nothing

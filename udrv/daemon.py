@@ -164,8 +164,8 @@ class Daemon:
             # a ring that keeps its own TX hang clock comes back when TX stalls: no timer for it
             clocked = in_c and nic.keeps_tx_clock()
             wait = (next_link if clocked else min(next_link, next_tx)) - now
-            if beat is not None:
-                wait = min(wait, beat)
+            if beat is not None and not (in_c and nic.engine.caps.beats):
+                wait = min(wait, beat)          # back here to beat (a loop in C that beats runs on)
             if in_c:
                 # the ring sleeps in C on USB, the TAP and the wake fd (control socket, extra
                 # fds) and moves frames without a Python turn; back here for timers and requests

@@ -66,6 +66,7 @@ class Capabilities:
     keeps_tx_clock: bool = False   # tx_clock(): its own TX hang clock; run() comes back on a stall
     handles_vnet: bool = False     # journal entries may keep a virtio-net header: it offloads them
     keeps_in_flight: bool = False  # resume(): after a driver-side fault its transfers may stay
+    beats: bool = False            # run() stores the worker's heartbeat in C each turn (udrv/heartbeat.py)
 
 
 @dataclass

@@ -35,6 +35,14 @@ class Policy:
     backoff_max: float = 5.0
     give_up_after: int = 8             # crash-loop failures in a row: stop trying
 
+    def with_heartbeat(self, timeout: float) -> "Policy":
+        """The thresholds for a machine whose loop needs `timeout` to go round (an emulated one):
+        starved and blocked scale with it, so a slow machine is not taken for a frozen worker."""
+        from dataclasses import replace
+        t = max(0.001, timeout)
+        return replace(self, heartbeat_timeout=t, starved_timeout=max(Policy.starved_timeout, 7 * t),
+                       blocked_timeout=max(Policy.blocked_timeout, t))
+
 
 @dataclass
 class Failover:

@@ -35,6 +35,14 @@ _U64 = struct.Struct("<Q")
 _OFF_BEAT, _OFF_DEADLINE, _OFF_PROGRESS = 8, 16, 24
 
 
+_this_process: "Heartbeat | None" = None
+
+
+def this_process() -> "Heartbeat | None":
+    """The slot this worker claimed, or None (not a supervised worker)."""
+    return _this_process
+
+
 class HeartbeatPage:
     def __init__(self, fd: int | None = None):
         created = fd is None
@@ -71,9 +79,18 @@ class Heartbeat:
 
     # --- the worker's side ----------------------------------------------------------------
     def claim(self, pid: int) -> None:
+        global _this_process
         self.page.clear(self.index)
         _PID.pack_into(self.page.mem, self.index * SLOT, pid)
         self.beat()
+        _this_process = self
+
+    @property
+    def beat_address(self) -> int:
+        """Where beat_ns lives in this process's memory: a loop in C stores it there itself."""
+        import ctypes
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.page.mem))
+        return base + self.index * SLOT + _OFF_BEAT
 
     def beat(self) -> None:
         self._q[self._base + 1] = time.monotonic_ns()

@@ -24,7 +24,7 @@ import weakref
 from dataclasses import replace
 from typing import Any, Callable
 
-from . import fastpath, offload
+from . import fastpath, heartbeat, offload
 from .datapath import Capabilities, DatapathCounters, DatapathReport, TapCounts
 from .driver import FrameSink
 from .errors import DriverFault, UdrvError
@@ -92,8 +92,13 @@ class PciNativeRing(PciRing):
             self._tr = tr
         super().__init__(driver, journal, sink, on_progress)
         reads = self._tr is not None
-        self.caps = Capabilities(reads_tap=reads, pulls_tap=reads, handles_vnet=True,
-                                 runs_turns=reads and self._region() is not None and self.knobs.c_loop)
+        runs_turns = reads and self._region() is not None and self.knobs.c_loop
+        hb = heartbeat.this_process()
+        if runs_turns and hb is not None:
+            # a supervised worker: the loop in C beats, so a turn may last as long as in process
+            self._loop.beat = ffi.cast("int64_t *", hb.beat_address)
+        self.caps = Capabilities(reads_tap=reads, pulls_tap=reads, handles_vnet=True, runs_turns=runs_turns,
+                                 beats=runs_turns and hb is not None)
 
     # ring indices live in the C struct
     rx_next = property(lambda self: self._r.rx_next, lambda self, v: setattr(self._r, "rx_next", v))

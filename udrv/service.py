@@ -170,8 +170,7 @@ def supervise(opts: ServiceOptions, scenario: Scenario | None = None) -> int:
                "aqm_target": opts.aqm_target_ms / 1e3, "aqm_interval": opts.aqm_interval_ms / 1e3,
                "aqm_ecn": opts.aqm_ecn}
     policy = Policy(swap_after=opts.swap_after or 1 << 30, swap_back_after=opts.swap_back_after,
-                    give_up_after=max(1, opts.give_up_after),
-                    heartbeat_timeout=max(0.001, opts.heartbeat_timeout_ms / 1e3))
+                    give_up_after=max(1, opts.give_up_after)).with_heartbeat(opts.heartbeat_timeout_ms / 1e3)
     sup = Supervisor(device, options, opts.ifname, policy=policy, impl=opts.impl)
     signal.signal(signal.SIGINT, sup.stop)
     signal.signal(signal.SIGTERM, sup.stop)

@@ -255,9 +255,10 @@ class Supervisor:
         if pref and self.spare is not None and self.spare.implementation != pref:
             self._retire(self.spare)
         f = self.pending_failover
-        if f is not None and self.primary is not None and self.primary.state == "running":
-            progress = self.page.slot(self.primary.slot).progress_ns
-            if f._progress_before and progress > f._progress_before and f.failover_ms is not None:
+        if f is not None:
+            running = self.primary is not None and self.primary.state == "running"
+            progress = self.page.slot(self.primary.slot).progress_ns if running else 0
+            if running and f._progress_before and progress > f._progress_before and f.failover_ms is not None:
                 f.silent_ms = (progress - f._progress_before) / 1e6
                 self._log_failover(f)
             elif now - f._t_detect > 2.0:
@@ -518,6 +519,8 @@ class Supervisor:
         self.primary = None
         if not was_primary or not self.running:
             return
+        # at once: the full failover line follows when the successor is up (or 2 s have passed)
+        log.warning("event=worker-lost pid=%d %s detected_by=%s", c.pid, cause, detected_by)
         impl = c.implementation or self.failures.current
         f = Failover(c.pid, cause, detected_by, impl, detection_ms=max(0.0, now - last_beat) * 1000,
                      idle_before_ms=max(0.0, last_beat - progress / 1e9) * 1000 if progress else 0.0,
