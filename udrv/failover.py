@@ -37,11 +37,13 @@ class Policy:
 
     def with_heartbeat(self, timeout: float) -> "Policy":
         """The thresholds for a machine whose loop needs `timeout` to go round (an emulated one):
-        starved and blocked scale with it, so a slow machine is not taken for a frozen worker."""
+        starved and blocked scale with it, so a slow machine is not taken for a frozen worker
+        (there a loop waits for the interpreter lock for hundreds of milliseconds, asleep as a
+        thread blocked in a call is)."""
         from dataclasses import replace
         t = max(0.001, timeout)
         return replace(self, heartbeat_timeout=t, starved_timeout=max(Policy.starved_timeout, 7 * t),
-                       blocked_timeout=max(Policy.blocked_timeout, t))
+                       blocked_timeout=max(Policy.blocked_timeout, 3 * t))
 
 
 @dataclass

@@ -227,7 +227,7 @@ def peer_in_ce_packets() -> int:
 
 def start_udrv(device: str, log: Path) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-m", "udrv.cli", "run", device, "--ifname", IFNAME,
-                          "--duration", "150"], stdout=log.open("w"), stderr=subprocess.STDOUT)
+                          "--duration", "400"], stdout=log.open("w"), stderr=subprocess.STDOUT)
     wait(lambda: p.poll() is None and os.path.exists(f"/run/udrv/{IFNAME}.sock")
          and udrv_status()["state"] == "up", 60, "udrv run to bring the device up")
     return p
@@ -504,7 +504,7 @@ except ImportError:          # inside the guest the scenarios do not need pytest
 if pytest is not None:
     pytestmark = pytest.mark.kernel
 
-    def _run_scenario(guest, name: str, devices, tmp: Path, timeout: float = 280.0) -> dict:
+    def _run_scenario(guest, name: str, devices, tmp: Path, timeout: float = 420.0) -> dict:
         """Boot the guest (the `guest` fixture of tests/kernel/conftest.py) and run one scenario."""
         out = tmp / "report.json"
         res = guest.run([guest.python, str(Path(__file__).resolve()), name, str(out)], devices,

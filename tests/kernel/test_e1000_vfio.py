@@ -33,7 +33,7 @@ IFNAME = "udrv0"
 # Each interpreter the scenario starts (udrv bind/list/run/inject/unbind) would otherwise compile
 # udrv from source again under TCG: let them write .pyc files (into the guest's tmpfs overlay).
 GUEST_ENV = {"PYTHONDONTWRITEBYTECODE": ""}
-DURATION = 150            # udrv run --duration: a forgotten daemon still ends
+DURATION = 300            # udrv run --duration: a forgotten daemon still ends
 FAULTS = (("xmit", "raise"), ("poll", "stall"), ("set_rx_mode", "raise"), ("link_check", "hang"))
 
 

@@ -44,7 +44,7 @@ EXPECTED_DROPS = {               # model garbage kind -> udrv drop reason ("empt
     "crc_error": "crc_error", "runt": "runt", "truncated": "truncated", "oversize": "oversize",
     "too_long": "too_long", "dribble": "dribble", "empty": "truncated",
 }
-GUEST_TIMEOUT = 360.0
+GUEST_TIMEOUT = 480.0
 
 
 # =============================================================================================
@@ -291,7 +291,7 @@ def scenario_failover(report: dict, out_dir: Path) -> None:
         dev = rig.host_device
         modprobe("pegasus")
         wait_netdev(dev, "pegasus")
-        udrv = Udrv(out_dir / "udrv-failover.log")
+        udrv = Udrv(out_dir / "udrv-failover.log", duration=300.0)
         try:
             report["driver_during"] = interface_driver(dev)
             ifindex = Path(f"/sys/class/net/{IFNAME}/ifindex").read_text().strip()
