@@ -44,6 +44,10 @@ from .tap import Tap
 log = logging.getLogger("udrv.supervisor")
 
 
+# a worker's request served: the reply's fields, fds to send with it, fds to close once sent
+Answer = tuple[dict[str, Any], list[int], list[int]]
+
+
 @dataclass
 class Child:
     popen: subprocess.Popen
@@ -372,97 +376,92 @@ class Supervisor:
             f.takeover_ms = float(msg.get("takeover_ms", 0.0))
         log.info("event=worker-up pid=%d implementation=%s how=%s", c.pid, c.implementation, msg.get("how"))
 
-    def _tap_request(self, c: Child, msg: dict[str, Any]) -> None:
-        op = msg.get("op")
+    def _answer_child(self, c: Child, msg: dict[str, Any], serve: Any) -> None:
+        """Run one request of a worker (`serve()` -> Answer) and reply to it: ok with what it
+        returned, or the error in one sentence. A reply the worker is no longer there to read is
+        dropped (its pidfd says the rest)."""
         reply: dict[str, Any] = {"t": "reply", "id": msg.get("id"), "ok": True}
         fds: list[int] = []
+        close: list[int] = []
         try:
-            if op == "attach":
-                if not self._tap_attached:
-                    # the first worker's wish decides: the queue cannot change while a worker holds it
-                    self.tap.set_offloads(msg.get("offloads", []), vnet_hdr=bool(msg.get("vnet_hdr")))
-                    self._tap_attached = True
-                reply.update(vnet_hdr_len=self.tap.vnet_hdr_len, offloads=sorted(self.tap.offloads))
-                fds = [self.tap.fd]
-            elif op == "mac":
-                self.tap.set_mac(bytes.fromhex(str(msg["mac"])))
-            elif op == "mtu":
-                self.tap.set_mtu(int(msg["mtu"]))
-            elif op == "up":
-                self.tap.set_up(bool(msg["up"]))
-            elif op == "carrier":
-                if c is self.primary:
-                    self._set_carrier(bool(msg["on"]))
-                return
-            else:
-                reply.update(ok=False, error=f"unknown TAP request {op!r}")
+            fields, fds, close = serve()
+            reply.update(fields)
         except (OSError, UdrvError, KeyError, ValueError) as e:
             reply.update(ok=False, error=str(e))
         try:
             c.channel.send(reply, fds)
         except ChannelClosed:
             pass
+        finally:
+            for fd in close:
+                os.close(fd)
+
+    def _tap_request(self, c: Child, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op == "carrier":                   # no answer: the worker does not wait for one
+            if c is self.primary:
+                self._set_carrier(bool(msg["on"]))
+            return
+
+        def serve() -> Answer:
+            if op == "attach":
+                if not self._tap_attached:
+                    # the first worker's wish decides: the queue cannot change while a worker holds it
+                    self.tap.set_offloads(msg.get("offloads", []), vnet_hdr=bool(msg.get("vnet_hdr")))
+                    self._tap_attached = True
+                return {"vnet_hdr_len": self.tap.vnet_hdr_len, "offloads": sorted(self.tap.offloads)}, [self.tap.fd], []
+            if op == "mac":
+                self.tap.set_mac(bytes.fromhex(str(msg["mac"])))
+            elif op == "mtu":
+                self.tap.set_mtu(int(msg["mtu"]))
+            elif op == "up":
+                self.tap.set_up(bool(msg["up"]))
+            else:
+                raise UdrvError(f"unknown TAP request {op!r}")
+            return {}, [], []
+        self._answer_child(c, msg, serve)
 
     def _set_carrier(self, on: bool) -> None:
         self._carrier = on
         self.tap.set_carrier(on)
 
     def _journal_request(self, c: Child, msg: dict[str, Any]) -> None:
-        n, size = int(msg.get("nslots", 0)), int(msg.get("slot_size", 0))
-        reply: dict[str, Any] = {"t": "reply", "id": msg.get("id"), "ok": True}
-        try:
+        def serve() -> Answer:
+            n, size = int(msg.get("nslots", 0)), int(msg.get("slot_size", 0))
             if self.journal is None:
                 self.journal = TxJournal(n, size)
             elif (self.journal.nslots, self.journal.slot_size) != (n, size):
                 raise UdrvError(f"the journal has {self.journal.nslots} slots of {self.journal.slot_size} bytes, "
                                 f"not {n} of {size}")
-            c.channel.send(reply, [self.journal.fd])
-        except (UdrvError, ValueError) as e:
-            c.channel.send({**reply, "ok": False, "error": str(e)})
+            return {}, [self.journal.fd], []
+        self._answer_child(c, msg, serve)
 
     def _dma_request(self, c: Child, msg: dict[str, Any]) -> None:
         """DMA memory for a worker on a VFIO device: mapped into the IOMMU here, so it outlives it."""
-        reply: dict[str, Any] = {"t": "reply", "id": msg.get("id"), "ok": True}
-        fds: list[int] = []
-        try:
+        def serve() -> Answer:
             if self.vfio is None:
                 raise UdrvError("DMA memory comes from the supervisor only for a vfio-pci device")
             op = msg.get("op")
             if op == "alloc":
                 buf = self.vfio.alloc(c.pid, int(msg["size"]), int(msg.get("align", 4096)))
-                reply.update(iova=buf.iova, mapped=buf.mapped_size, huge=buf.hugepage)
-                fds = [buf.fd]
-            elif op == "free":
+                return {"iova": buf.iova, "mapped": buf.mapped_size, "huge": buf.hugepage}, [buf.fd], []
+            if op == "free":
                 self.vfio.free(c.pid, int(msg["iova"]))
-            elif op == "orphans":
-                reply["released"] = self.vfio.release_orphans({k.pid for k in self.children})
-            else:
-                raise UdrvError(f"unknown DMA request {op!r}")
-        except (OSError, UdrvError, KeyError, ValueError) as e:
-            reply.update(ok=False, error=str(e))
-        try:
-            c.channel.send(reply, fds)
-        except ChannelClosed:
-            pass
+                return {}, [], []
+            if op == "orphans":
+                return {"released": self.vfio.release_orphans({k.pid for k in self.children})}, [], []
+            raise UdrvError(f"unknown DMA request {op!r}")
+        self._answer_child(c, msg, serve)
 
     def _reopen_request(self, c: Child, msg: dict[str, Any]) -> None:
         """A worker whose device went away asks for a new open (after a replug, a new address)."""
-        reply: dict[str, Any] = {"t": "reply", "id": msg.get("id"), "ok": True}
-        fds: list[int] = []
-        try:
+        def serve() -> Answer:
             if self.node is None:
                 raise UdrvError("this device is not reopened through the supervisor")
             self.node.find()
-            fds = [self.node.open_for_worker()]
-        except (OSError, UdrvError) as e:
-            reply.update(ok=False, error=str(e), gone=True)
-        try:
-            c.channel.send(reply, fds)
-        except ChannelClosed:
-            pass
-        finally:
-            for fd in fds:
-                os.close(fd)
+            fd = self.node.open_for_worker()
+            return {}, [fd], [fd]
+        self._answer_child(c, msg, serve)
 
     # --- failures -------------------------------------------------------------------------------
     def _exited(self, c: Child) -> None:

@@ -290,9 +290,7 @@ class VfioTransport:
         return buf
 
     def dma_free(self, buf: DmaBuffer) -> None:
-        if self._buffers.get(buf.iova) is not buf:
-            raise DmaError(f"DMA buffer at IOVA {buf.iova:#x} is not mapped by this transport (freed twice?): "
-                           "free each buffer once")
+        self._check_mapped(buf)
         assert self._iovas is not None
         um = _new(DmaUnmap, iova=buf.iova, size=buf.mapped_size)
         try:
@@ -307,6 +305,11 @@ class VfioTransport:
         self._iovas.free(buf.iova)
         buf.view.release()
         self._pool.free(buf.memory)
+
+    def _check_mapped(self, buf: DmaBuffer) -> None:
+        if self._buffers.get(buf.iova) is not buf:
+            raise DmaError(f"DMA buffer at IOVA {buf.iova:#x} is not mapped by this transport (freed twice?): "
+                           "free each buffer once")
 
     def dma_mappings(self) -> list[DmaMapping]:
         return [DmaMapping(b.iova, b.mapped_size, b.vaddr) for b in sorted(self._buffers.values(), key=lambda b: b.iova)]
@@ -411,9 +414,7 @@ class BrokeredVfioTransport(VfioTransport):
         return buf
 
     def dma_free(self, buf: DmaBuffer) -> None:
-        if self._buffers.get(buf.iova) is not buf:
-            raise DmaError(f"DMA buffer at IOVA {buf.iova:#x} is not mapped by this transport (freed twice?): "
-                           "free each buffer once")
+        self._check_mapped(buf)
         del self._buffers[buf.iova]
         try:
             self._broker.free(buf.iova)
