@@ -614,9 +614,10 @@ if pytest is not None:
         assert fecm["tcp_tx_intact"], fecm
         t = fecm["tcp_tx"]
         # 2 MiB in 1448-byte segments is >= 1449 wire frames; far fewer TAP reads carried them
-        # (TCP sizes its TSO frames to ~1 ms of its rate: ~3.5 segments each on a slow host)
+        # (TCP sizes its TSO frames to ~1 ms of its rate: 2-3.5 segments each on this slow host,
+        # fewer when the guest's CPU is shared with a supervisor and a spare)
         assert t["tx_segments"] >= 1000 and t["offload_frames"] > 0, t
-        assert t["tx_packets"] >= 1449 and t["tap_frames_in"] < t["tx_packets"] // 2, t
+        assert t["tx_packets"] >= 1449 and t["tap_frames_in"] < t["tx_packets"] * 3 // 4, t
         # nothing dropped but by CoDel, for waiting too long in the TX journal (a flow this short
         # may or may not stand a queue for 100 ms; a drop is TCP's to repair: the bytes arrived)
         assert not {k: v for k, v in (t["tx_dropped"] or {}).items() if k != "aqm"}, t
