@@ -34,6 +34,14 @@ class OffloadingTap(Protocol):
     def set_offloads(self, offloads: Any, vnet_hdr: bool = False) -> None: ...
 
 
+class ReadableTap(Protocol):
+    """What admission reads frames from (udrv.tap.Tap)."""
+    fd: int
+    read_errors: int
+
+    def read_batch(self, max_frames: int) -> list[bytes]: ...
+
+
 def tap_of(sink: Callable[[bytes], None]) -> OffloadingTap | None:
     """The TAP behind a sink that is a TAP's bound `write` (what the daemon passes)."""
     owner = getattr(sink, "__self__", None)
@@ -113,6 +121,7 @@ class TxAdmission:
         self.vnet_hdr_len = 0             # set once the TAP's offloads are negotiated
         self.in_hw = False                # the datapath handles virtio-net headers itself
         self.counts = AdmissionCounts()
+        self._scratch = bytearray(65536 + 512)   # the tail of a frame longer than a slot
 
     def admit(self, frames: Sequence[bytes], vnet_hdr_len: int | None = None) -> int:
         """Journal what can go out; returns frames accepted. With a virtio-net header (default:
@@ -134,6 +143,31 @@ class TxAdmission:
                 self.counts.drop("journal_full")
             except ValueError:          # larger than a journal slot
                 self.counts.drop("oversize")
+        return accepted
+
+    def pull(self, tap: ReadableTap, budget: int) -> int:
+        """Up to `budget` frames from the TAP into the journal; returns frames accepted.
+        Without a virtio-net header each frame is read straight into its journal slot (what a
+        worker holds of it when it dies is already the journal's); with one, frames are read
+        into memory and admitted, as they may need software work first."""
+        if self.vnet_hdr_len:
+            return self.admit(tap.read_batch(min(budget, self.journal.space())))
+        accepted = 0
+        limit = self.mtu() + LINK_OVERHEAD
+        counts, read_into, scratch, fd = self.counts, self.journal.read_into, self._scratch, tap.fd
+        for _ in range(min(budget, self.journal.space())):
+            try:
+                n = read_into(fd, limit, scratch)
+            except OSError:
+                tap.read_errors += 1
+                break
+            if n == 0:
+                break
+            counts.frames_in += 1
+            if n < 0:
+                counts.drop("oversize")
+            else:
+                accepted += 1
         return accepted
 
     def _admit_vnet(self, frames: Sequence[bytes], hlen: int) -> int:

@@ -57,6 +57,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
+    if "link" not in st:
+        # supervised, and no worker runs the driver right now (a failover, or given up)
+        print(f"{st['ifname']} (ifindex {st['ifindex']}): state {st['state']}, no worker runs the driver now")
+        if st.get("last_fault"):
+            print(f"  {st['last_fault']}")
+        _print_domain(st)
+        return 0 if st["state"] != "failed" else 1
     link = st["link"]
     print(f"{st['ifname']} (ifindex {st['ifindex']}): {st['driver']} on {st['device']}, state {st['state']}")
     print(f"  link {'up' if link['up'] else 'down'}"
@@ -86,7 +93,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         silent = "n/a" if rec["silent_ms"] is None else f"{rec['silent_ms']:.2f} ms"
         print(f"    {rec['entry']}: {rec['fault']} -> {rec['outcome']}, reissued {rec['reissued']}, "
               f"recovery {rec['recovery_ms']:.2f} ms, silent {silent}")
+    _print_domain(st)
     return 0
+
+
+def _print_domain(st: dict[str, Any]) -> None:
+    """The driver domain of a supervised daemon: worker, spare, the last failover."""
+    sup = st.get("supervisor")
+    if not sup:
+        return                          # --in-process: one process, no domain
+    w, s = st.get("worker"), st.get("spare")
+    print(f"  worker {w['pid']} ({w['implementation']}, {w['state']})" if w else "  worker: none",
+          f"spare {s['pid']} ({s['implementation']}, {s['state']})" if s else "spare: none",
+          f"failovers {st.get('failovers', 0)}", sep=", ")
+    f = st.get("last_failover")
+    if f:
+        fo = "n/a" if f["failover_ms"] is None else f"{f['failover_ms']:.1f} ms"
+        silent = "n/a" if f["silent_ms"] is None else f"{f['silent_ms']:.1f} ms"
+        print(f"  last failover: worker {f['pid']} {f['cause']}, detected by {f['detected_by']} in "
+              f"{f['detection_ms']:.1f} ms, successor {f['successor'] or 'none'} up in {fo}, "
+              f"{f['reissued']} frames re-issued, silent {silent}")
 
 
 def cmd_aqm(args: argparse.Namespace) -> int:

@@ -73,6 +73,7 @@ class Daemon:
         # off the CPUs busy with the kernel's interrupt work for the device (udrv/placement.py)
         self._placement = SoftirqAvoider()
         self._priority = Priority()
+        self._watch: HostWatch[HostConfig] | None = None
 
     # --- setup -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -137,12 +138,21 @@ class Daemon:
         next_link, next_tx = t + self.timers.link_check, t
         # TAP configuration and CPU placement are read on a thread of their own (udrv/hostwatch.py):
         # the datapath does not stand still for them; a changed configuration is applied here
-        watch = HostWatch(lambda: self.tap.host_config(), self._placement.tick, read_period=self.timers.host_sync,
-                          tick_period=self.timers.link_check, on_read=self._host_read).start()
+        watch = self._watch or self.start_housekeeping()
+        watch.resume()
         try:
             self._loop(end, watch, next_link, next_tx)
         finally:
             watch.stop()
+            self._watch = None
+
+    def start_housekeeping(self, paused: bool = False) -> HostWatch[HostConfig]:
+        """The housekeeping thread (paused: it waits for run(); a warm spare has it ready)."""
+        if self._watch is None:
+            self._watch = HostWatch(lambda: self.tap.host_config(), self._placement.tick,
+                                    read_period=self.timers.host_sync, tick_period=self.timers.link_check,
+                                    on_read=self._host_read).start(paused)
+        return self._watch
 
     def _host_read(self, cur: HostConfig) -> None:
         """The housekeeping thread's read: wake the loop if it differs from what was applied."""
@@ -187,7 +197,7 @@ class Daemon:
                         if nic.state != "up" and caps.pulls_tap:
                             nic.engine.pull_tap()
                     elif nic.journal.space() > 0:
-                        nic.enqueue(tap.read_batch(min(self.timers.tap_batch, nic.journal.space())))
+                        nic.pull_tap(tap, self.timers.tap_batch)
                 elif self._ctrl is not None and fd == self._ctrl.fileno():
                     self._serve_control()
                 elif fd in self.extra_fds:

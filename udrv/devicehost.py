@@ -8,8 +8,9 @@ imports no driver.
 
     python -m udrv.devicehost --channel FD --model KIND --ifname IFNAME [--wire-mbit N]
 
-Messages on the channel (udrv/channel.py): "connect" with a socket fd; "device" (unplug,
-replug, link-down, link-up, garbage:KIND); "stop".
+Messages on the channel (udrv/channel.py): "connect" with a socket fd and its worker's pid;
+"drop" (that worker is exiting: its connection goes at once); "device" (unplug, replug,
+link-down, link-up, garbage:KIND); "stop".
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class DeviceHost:
         if self.wire is not None:
             self.wire.delay_transmit()
         self.running = True
+        self.owners: dict[int, socket.socket] = {}      # worker pid -> its connection
 
     def run(self) -> None:
         cfg = self.peer.cfg
@@ -76,13 +78,20 @@ class DeviceHost:
         for msg, fds in messages:
             t = msg.get("t")
             if t == "connect" and len(fds) == 1:
-                self.server.add(socket.socket(fileno=fds[0]))
+                sock = socket.socket(fileno=fds[0])
+                self.server.add(sock)
+                self.owners[int(msg.get("owner", 0))] = sock
                 continue
             for fd in fds:
                 os.close(fd)
             if t == "device":
                 error = device_event(self.model, str(msg.get("action", "")))
                 self.channel.send({"t": "reply", "id": msg.get("id"), "ok": error is None, "error": error})
+            elif t == "drop":
+                # its worker is exiting: its transfers and claims go now, as a closed file's would
+                sock = self.owners.pop(int(msg.get("owner", 0)), None)
+                if sock is not None:
+                    self.server.drop(sock)
             elif t == "stop":
                 self.running = False
 

@@ -17,6 +17,10 @@ over SCM_RIGHTS). Each worker owns one 64-byte slot of plain little-endian words
 
 Stores of aligned words are single instructions, so the supervisor reads each word whole; no
 lock is needed because every word has one writer.
+
+The page's second half holds one life lock per slot (udrv/lifelock.py, 64 bytes at
+LIFE_BASE + 64 * slot): the worker holds it while it lives; the kernel releases it as the
+worker begins to exit.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ import time
 
 SLOT = 64
 SLOTS = 8
-SIZE = SLOT * SLOTS
+LIFE_BASE = 2048
+SIZE = 4096
 # how often a running worker's loop goes round at least, idle or not (seconds)
 BEAT_PERIOD = 0.003
 _PID = struct.Struct("<I")
@@ -60,6 +65,11 @@ class HeartbeatPage:
     def clear(self, i: int) -> None:
         self.mem[i * SLOT:(i + 1) * SLOT] = bytes(SLOT)
 
+    def life_address(self, i: int) -> int:
+        """Where slot i's life lock lives in this process's memory."""
+        import ctypes
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.mem)) + LIFE_BASE + i * 64
+
     def close(self) -> None:
         self._q.release()
         self.mem.close()
@@ -79,10 +89,14 @@ class Heartbeat:
 
     # --- the worker's side ----------------------------------------------------------------
     def claim(self, pid: int) -> None:
+        """The worker's slot from now on, and its life lock for the rest of its life."""
         global _this_process
+        from . import lifelock
         self.page.clear(self.index)
         _PID.pack_into(self.page.mem, self.index * SLOT, pid)
         self.beat()
+        if lifelock.available():
+            lifelock.hold(self.page.life_address(self.index))
         _this_process = self
 
     @property

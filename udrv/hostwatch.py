@@ -38,16 +38,26 @@ class HostWatch(Generic[T]):
     latest: T | None = None
     reads: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
+    _go: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def start(self) -> "HostWatch[T]":
+    def start(self, paused: bool = False) -> "HostWatch[T]":
+        """paused: the thread exists but waits for resume() (a warm spare starts its threads
+        before it is needed: starting one costs the loop up to milliseconds of the interpreter
+        lock, which a takeover cannot spare)."""
         self._stop.clear()
+        if not paused:
+            self._go.set()
         self._thread = threading.Thread(target=self._main, name="udrv-hostwatch", daemon=True)
         self._thread.start()
         return self
 
+    def resume(self) -> None:
+        self._go.set()
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        self._go.set()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():      # kept: a later stop() can still wait for it
@@ -58,6 +68,7 @@ class HostWatch(Generic[T]):
 
     def _main(self) -> None:
         name_this_thread("udrv-hostwatch")
+        self._go.wait()
         now = time.monotonic()
         next_read, next_tick = now + self.read_period, now + self.tick_period
         while not self._stop.wait(max(0.0, min(next_read, next_tick) - time.monotonic())):

@@ -191,6 +191,30 @@ class TxJournal:
         self._set(_OFF_HEAD, self.head)
         return seq
 
+    def read_into(self, fd: int, limit: int, scratch: bytearray) -> int:
+        """Read one frame from `fd` (a TAP without a virtio-net header) straight into the next
+        slot. The frame is in the journal's shared memory the moment the read returns; only
+        the index store follows, so a worker killed after a read leaves the frame for its
+        successor instead of in its own heap. Returns the frame's length; 0: nothing to read
+        (EAGAIN); -n: a frame of n bytes longer than `limit` or the slot (its tail went to
+        `scratch`), read and not journaled. Raises JournalFull before reading (the frame stays
+        in the kernel's queue) and OSError as os.readv does."""
+        if self.head - self.tail >= self.nslots:
+            raise JournalFull("TX journal full")
+        seq = self.head
+        off = self._slot(seq)
+        data = off + SLOT_HEADER
+        try:
+            n = os.readv(fd, (self._mv[data: data + self.max_frame], scratch))
+        except BlockingIOError:
+            return 0
+        if n > limit or n > self.max_frame:
+            return -n
+        _SLOT.pack_into(self.mem, off, n, 0, seq, self.clock())
+        self.head = seq + 1
+        self._set(_OFF_HEAD, self.head)
+        return n
+
     # --- datapath side ----------------------------------------------------------------
     def unsent(self) -> int:
         return self.head - self.sent

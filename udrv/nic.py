@@ -20,8 +20,8 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from . import offload
 from .actions import ActionList
-from .admission import (AdmissionCounts, TxAdmission, codel_settings, journal_geometry, negotiate_offloads,
-                        tap_of)
+from .admission import (AdmissionCounts, ReadableTap, TxAdmission, codel_settings, journal_geometry,
+                        negotiate_offloads, tap_of)
 from .configlog import ConfigLog, LoggedCall
 from .datapath import Datapath, TapCounts
 from .domain import DriverDomain
@@ -313,6 +313,10 @@ class Nic:
         return self.link
 
     # --- datapath ------------------------------------------------------------------------------
+    def pull_tap(self, tap: ReadableTap, budget: int) -> int:
+        """Frames waiting on the TAP into the journal (TxAdmission.pull); returns frames accepted."""
+        return self.admission.pull(tap, budget)
+
     def enqueue(self, frames: Sequence[bytes], vnet_hdr_len: int | None = None) -> int:
         """Frames from the TAP into the journal (TxAdmission's rules); returns frames accepted."""
         return self.admission.admit(frames, vnet_hdr_len)

@@ -7,12 +7,14 @@ driver runs in a worker process (udrv/worker.py) beside a warm spare; an embedde
 in a device process (udrv/devicehost.py). It imports no driver and no model.
 
 Detection (Policy holds the thresholds):
-  * a worker that dies: its pidfd becomes readable, at once;
+  * a worker that dies: its life lock comes back owner-died as it begins to exit
+    (udrv/lifelock.py), or its pidfd becomes readable once it has;
   * a worker that freezes (stopped, spinning, deadlocked, stuck in a call): its heartbeat is
     older than `heartbeat_timeout` and no configuration call of it is inside its deadline;
   * a datapath standing still while frames wait: the worker's own TX hang watch, in process.
-Recovery: the frozen worker is killed and its exit seen (its device file closes, its claims
-and transfers go), then the spare is promoted: it restores the device from the last
+Recovery: the frozen worker is killed and its exit seen (it runs no code of its own again; the
+device process drops its connection; a real USB device waits for the dead worker's file to
+close, which ends its claims and transfers), then the spare is promoted: it restores the device from the last
 checkpoint, re-issues what the journal holds unconfirmed and replays the configuration. A new
 spare starts once the promoted one is up. Which implementation runs, back-off and giving up are
 udrv/failover.py's; given up, the supervisor keeps the interface with its carrier off and says
@@ -30,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +41,7 @@ from .control import listen, unlisten
 from .errors import UdrvError
 from .failover import Failover, FailureLedger, Policy
 from .heartbeat import SLOTS, HeartbeatPage
+from . import lifelock
 from .journal import TxJournal
 from .tap import Tap
 
@@ -63,10 +67,33 @@ class Child:
     implementations: list[str] = field(default_factory=list)
     stale_oncpu: int | None = None   # the loop thread's CPU time (ns) when its heartbeat was first seen stale
     seen_state: str = ""             # the loop thread's state (/proc) when it was found stuck
+    watch: lifelock.DeathWatch | None = None
+    state_given: str | None = None   # the checkpoint blob this spare already has
 
     @property
     def pid(self) -> int:
         return self.popen.pid
+
+
+def _cause(rc: int) -> str:
+    return f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
+
+
+def _exit_cause(pid: int) -> str:
+    """How an exiting process ends, before it is reaped: its exit code is in /proc/PID/stat
+    (field 52) from the start of its exit."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            code = int(f.read().rsplit(b")", 1)[1].split()[49])
+    except (OSError, ValueError, IndexError):
+        return "exiting"
+    sig = code & 0x7F
+    if sig:
+        try:
+            return f"killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"killed by signal {sig}"
+    return f"exited with status {code >> 8}"
 
 
 def _renice(pid: int, nice: int) -> None:
@@ -116,6 +143,10 @@ class Supervisor:
         self._recoveries_of: dict[int, list[dict[str, Any]]] = {}   # pid -> its recoveries, as it reported them
         self._next_status_poll = 0.0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._deaths: deque[int] = deque()       # pids whose life lock came back (DeathWatch threads)
+        self.dying: list[Child] = []              # lost, not yet reaped: their pidfds say when
+        self._watches: dict[int, lifelock.DeathWatch] = {}   # slot -> the watch that last waited there
+        self._start_after_reap: int = 0           # a real USB device: the successor waits for this pid's exit
 
     # --- start -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -160,7 +191,10 @@ class Supervisor:
         self._ctrl = listen(self.tap.name)
 
     def _free_slot(self) -> int:
-        used = {c.slot for c in self.children}
+        """A slot nobody uses, whose life lock nobody waits for any more (one that a watch still
+        waits on must not be re-initialised under it)."""
+        used = {c.slot for c in self.children + self.dying}
+        used |= {i for i, w in self._watches.items() if w.waiting}
         return next(i for i in range(SLOTS) if i not in used)
 
     def _spawn(self, role: str, implementation: str) -> Child:
@@ -174,6 +208,8 @@ class Supervisor:
         theirs.close()
         slot = self._free_slot()
         self.page.clear(slot)
+        if lifelock.available():
+            lifelock.init(self.page.life_address(slot))
         child = Child(popen, Channel(mine), os.pidfd_open(popen.pid), slot, role, implementation)
         self.children.append(child)
         # a real USB device: the worker's own usbfs file now (it picks its driver from the
@@ -208,6 +244,7 @@ class Supervisor:
                 fds.append(self.devhost.fileno())
             for c in self.children:
                 fds += [c.channel.fileno(), c.pidfd]
+            fds += [c.pidfd for c in self.dying]
             watching = self.primary is not None and self.primary.state == "running"
             timeout = p.heartbeat_timeout / 3 if watching else 0.05
             r, _, _ = select.select(fds, [], [], timeout)
@@ -217,11 +254,16 @@ class Supervisor:
                     os.read(self._wake_r, 64)
                 except BlockingIOError:
                     pass
+            while self._deaths:
+                self._died(self._deaths.popleft())
             for c in list(self.children):
                 if c.pidfd in readable:
                     self._exited(c)
                 elif c.channel.fileno() in readable:
                     self._serve_child(c)
+            for c in list(self.dying):
+                if c.pidfd in readable:
+                    self._reaped(c)
             if self._ctrl is not None and self._ctrl.fileno() in readable:
                 self._accept()
             if self.devhost is not None and self.devhost.fileno() in readable:
@@ -248,7 +290,7 @@ class Supervisor:
                 self._frozen(c, now - c.started)
             elif c.state == "starting" and now - c.started > p.start_timeout:
                 self._frozen(c, now - c.started)
-        elif not self.failures.gave_up and now >= self.failures.next_start:
+        elif not self.failures.gave_up and now >= self.failures.next_start and not self._start_after_reap:
             self._start_successor(self.pending_failover)
         if self.spare is None and self.primary is not None and self.primary.state == "running" \
                 and not self.failures.gave_up and now >= self.failures.next_start:
@@ -297,12 +339,14 @@ class Supervisor:
                 del self._recoveries_of[c.pid][:-10]
             elif t == "state" and c is self.primary and isinstance(msg.get("blob"), str):
                 self.state_blob = msg["blob"]
+                self._pass_state()
             elif t == "hello":
                 c.implementations = [str(n) for n in msg.get("implementations", [])]
                 self.failures.named(c.implementations)
                 if not c.implementation:
                     c.implementation = self.failures.current
                 c.state = "hello"
+                self._watch_life(c)
                 if c is self.primary:
                     self._send_start(c)
                 else:
@@ -323,7 +367,7 @@ class Supervisor:
         TAP and the journal exist: the first worker's request sets them up)."""
         if c.state != "hello" or not self._tap_attached or self.journal is None:
             return
-        fds = self._device_fds()
+        fds = self._device_fds(c.pid)
         try:
             c.channel.send({"t": "arm", "implementation": c.implementation,
                             "tap": {"name": self.tap.name, "ifindex": self.tap.ifindex}}, fds)
@@ -333,15 +377,29 @@ class Supervisor:
             for fd in fds:
                 os.close(fd)
         c.state = "arming"
+        self._pass_state()
+
+    def _pass_state(self) -> None:
+        """The spare gets each checkpoint as it is taken, and decodes it while it waits: the
+        start message then carries none."""
+        s = self.spare
+        if s is not None and s.state in ("arming", "idle") and self.state_blob is not None \
+                and s.state_given is not self.state_blob:
+            try:
+                s.channel.send({"t": "state", "blob": self.state_blob})
+                s.state_given = self.state_blob
+            except ChannelClosed:
+                pass
 
     def _send_start(self, c: Child) -> None:
         adopt = self.state_blob is not None
-        msg = {"t": "start", "mode": "adopt" if adopt else "fresh", "state": self.state_blob,
+        given = adopt and c.state_given is self.state_blob
+        msg = {"t": "start", "mode": "adopt" if adopt else "fresh", "state": None if given else self.state_blob,
                "implementation": c.implementation, "tap": {"name": self.tap.name, "ifindex": self.tap.ifindex}}
         # out of the spare's low priority, to the daemon's (the worker may not raise its own)
         from .placement import Priority
         _renice(c.pid, Priority().nice)
-        fds = [] if c.armed else self._device_fds()
+        fds = [] if c.armed else self._device_fds(c.pid)
         try:
             c.channel.send(msg, fds)
         except ChannelClosed:
@@ -352,12 +410,12 @@ class Supervisor:
         c.state = "taking-over"
         c.started = time.monotonic()
 
-    def _device_fds(self) -> list[int]:
+    def _device_fds(self, owner: int) -> list[int]:
         """A new open of the device for one worker (a USB worker got its own with init)."""
         if self.devhost is None:
             return []
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.devhost.send({"t": "connect"}, [mine.fileno()])
+        self.devhost.send({"t": "connect", "owner": owner}, [mine.fileno()])
         mine.close()
         fd = theirs.detach()
         return [fd]
@@ -464,10 +522,47 @@ class Supervisor:
         self._answer_child(c, msg, serve)
 
     # --- failures -------------------------------------------------------------------------------
+    def _watch_life(self, c: Child) -> None:
+        if not lifelock.available() or c.watch is not None:
+            return
+        pid = c.pid
+
+        def died() -> None:                  # on the watch's thread
+            self._deaths.append(pid)
+            try:
+                os.write(self._wake_w, b"d")
+            except BlockingIOError:
+                pass
+
+        c.watch = self._watches[c.slot] = lifelock.DeathWatch(self.page.life_address(c.slot), died)
+
+    def _died(self, pid: int) -> None:
+        """A child's life lock came back: it is exiting (not yet reaped)."""
+        c = next((c for c in self.children if c.pid == pid), None)
+        if c is not None:
+            self._lost(c, _exit_cause(pid), "life-lock", reaped=False)
+
     def _exited(self, c: Child) -> None:
-        rc = c.popen.wait()
-        cause = (f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}")
-        self._lost(c, cause, "pidfd")
+        rc = c.popen.poll()
+        if rc is None:
+            return      # readiness of an fd number closed and reused earlier in this turn
+        self._lost(c, _cause(rc), "pidfd")
+
+    def _reaped(self, c: Child) -> None:
+        """A lost child's exit is complete: its files are closed (a usbfs file's claims and URBs
+        with them)."""
+        rc = c.popen.poll()
+        if rc is None:
+            return      # as in _exited
+        self.dying.remove(c)
+        os.close(c.pidfd)
+        f = self.pending_failover
+        if f is not None and f.pid == c.pid and f.cause == "exiting":
+            f.cause = _cause(rc)
+        if self._start_after_reap == c.pid:
+            self._start_after_reap = 0
+            if self.primary is None and not self.failures.gave_up and time.monotonic() >= self.failures.next_start:
+                self._start_successor(f)
 
     def _stuck(self, c: Child, stale: float, only_stopped: bool = False) -> bool:
         """A stale heartbeat means a stuck loop, not a busy host: the loop's thread is stopped
@@ -497,18 +592,24 @@ class Supervisor:
         return oncpu - c.stale_oncpu > self.policy.heartbeat_timeout * 1e9
 
     def _frozen(self, c: Child, stale: float) -> None:
-        """Kill it and see it gone before anyone else claims the device."""
+        """Kill it and see it gone (its life lock back: it runs no code again) before anyone else
+        takes the device."""
         os.kill(c.pid, signal.SIGKILL)
-        c.popen.wait()
+        reaped = not (c.watch is not None and c.watch.join(1.0))
+        if reaped:
+            c.popen.wait()
         self._lost(c, f"froze (no heartbeat for {stale * 1e3:.1f} ms, thread state {c.seen_state or '?'})",
-                   "heartbeat")
+                   "heartbeat", reaped=reaped)
 
-    def _lost(self, c: Child, cause: str, detected_by: str) -> None:
+    def _lost(self, c: Child, cause: str, detected_by: str, reaped: bool = True) -> None:
+        """`reaped`: its exit is complete; else it is exiting (it runs no code of its own again)
+        and its pidfd is watched until it is gone."""
         now = time.monotonic()
         hb = self.page.slot(c.slot)
         last_beat = hb.beat_ns / 1e9
         progress = hb.progress_ns
-        self._forget(c)
+        self._forget(c, reaped)
+        self._drop_connection(c)
         self._carried_recoveries = (self._carried_recoveries + self._recoveries_of.pop(c.pid, []))[-10:]
         if c is self.spare:
             self.spare = None
@@ -518,24 +619,27 @@ class Supervisor:
         self.primary = None
         if not was_primary or not self.running:
             return
-        # at once: the full failover line follows when the successor is up (or 2 s have passed)
-        log.warning("event=worker-lost pid=%d %s detected_by=%s", c.pid, cause, detected_by)
         impl = c.implementation or self.failures.current
         f = Failover(c.pid, cause, detected_by, impl, detection_ms=max(0.0, now - last_beat) * 1000,
                      idle_before_ms=max(0.0, last_beat - progress / 1e9) * 1000 if progress else 0.0,
                      _t_detect=now, _progress_before=progress)
-        self._carry_counters()
         if self.failures.failed(impl, c.up_at, now):
             self._set_carrier(False)
         self.failovers.append(f)
         del self.failovers[:-100]
         self.failover_count += 1
+        if not self.failures.gave_up:
+            self.pending_failover = f
+            if self.node is not None and not reaped:
+                self._start_after_reap = c.pid       # usbfs: its claims go when its file closes
+            elif now >= self.failures.next_start:
+                self._start_successor(f)
+        # the successor first, then the rest: the full failover line follows when the successor
+        # is up (or 2 s have passed)
+        log.warning("event=worker-lost pid=%d %s detected_by=%s", c.pid, cause, detected_by)
+        self._carry_counters()
         if self.failures.gave_up:
             self._log_failover(f)
-            return
-        self.pending_failover = f
-        if now >= self.failures.next_start:
-            self._start_successor(f)
 
     def _start_successor(self, f: Failover | None) -> None:
         s = self.spare
@@ -558,16 +662,28 @@ class Supervisor:
             os.kill(c.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        c.popen.wait()
-        self._forget(c)
+        self._forget(c, reaped=False)
+        self._drop_connection(c)
         if c is self.spare:
             self.spare = None
 
-    def _forget(self, c: Child) -> None:
+    def _drop_connection(self, c: Child) -> None:
+        """The device process drops a lost worker's connection now, not when the worker's exit
+        closes it: its transfers would take frames meant for the successor."""
+        if self.devhost is not None:
+            try:
+                self.devhost.send({"t": "drop", "owner": c.pid})
+            except ChannelClosed:
+                pass
+
+    def _forget(self, c: Child, reaped: bool = True) -> None:
         if c in self.children:
             self.children.remove(c)
         c.channel.close()
-        os.close(c.pidfd)
+        if reaped:
+            os.close(c.pidfd)
+        elif c not in self.dying:
+            self.dying.append(c)
         self.page.clear(c.slot)
 
     def _carry_counters(self) -> None:
@@ -748,6 +864,10 @@ class Supervisor:
                 c.popen.kill()
                 c.popen.wait()
             self._forget(c)
+        for c in list(self.dying):
+            c.popen.wait()
+            self.dying.remove(c)
+            os.close(c.pidfd)
         if self.devhost is not None:
             try:
                 self.devhost.send({"t": "stop"})

@@ -12,8 +12,9 @@ same daemon loop as `udrv run --in-process`, with three differences:
     for the next one;
   * the loop beats the heartbeat at least every BEAT_PERIOD, and publishes the deadline of each
     configuration call it runs.
-Messages (udrv/channel.py): from the supervisor "init", "start", "req" (a control request),
-"fault", "stop"; to it "hello", "state" (the checkpoint, opaque to it), "up", "tap", "journal",
+Messages (udrv/channel.py): from the supervisor "init", "arm" (a spare: build everything that
+touches no device), "state" (each checkpoint, passed on to a spare as it is taken and decoded
+while it waits), "start", "req" (a control request), "fault", "stop"; to it "hello", "state" (the checkpoint, opaque to it), "up", "tap", "journal",
 "reply".
 """
 from __future__ import annotations
@@ -178,6 +179,7 @@ class Worker:
         self.transport: Any = None
         self.tap: SupervisedTap | None = None
         self._last_state = ""
+        self._given: Any = None                  # the latest checkpoint the supervisor passed on
 
     def run(self) -> int:
         init, fds = self.channel.recv()
@@ -204,6 +206,9 @@ class Worker:
                 if self.transport is not None:
                     self.transport.close()
                 return 0
+            if t == "state":
+                self._given = decode_state(msg["blob"])      # decoded now, not at promotion
+                continue
             if t == "arm" or (t == "start" and self.daemon is None):
                 self._arm(init, msg, fds, impls)
                 self.channel.send({"t": "armed"})
@@ -307,6 +312,7 @@ class Worker:
         self.daemon = Daemon(nic, tap, timers=DaemonTimers(beat=BEAT_PERIOD),
                              extra_fds={self.channel.fileno(): self._serve_channel}, on_tick=self._tick,
                              serve_control=False)
+        self.daemon.start_housekeeping(paused=True)
         signal.signal(signal.SIGTERM, self.daemon.stop)
 
     def _reopen(self) -> Any:
@@ -321,6 +327,13 @@ class Worker:
         self.transport = LibusbTransport.wrap(fds[0], old.selector, context=old.ctx)
         return self.transport
 
+    def _state_of(self, start: dict[str, Any]) -> Any:
+        if start.get("state") is not None:
+            return decode_state(start["state"])
+        if self._given is None:
+            raise SystemExit("udrv worker: told to take over without a checkpoint")
+        return self._given
+
     def _go(self, start: dict[str, Any]) -> int:
         d, hb = self.daemon, self.hb
         assert hb is not None
@@ -328,7 +341,7 @@ class Worker:
         try:
             t0 = time.monotonic()
             if start["mode"] == "adopt":
-                took = d.take_over(decode_state(start["state"]))
+                took = d.take_over(self._state_of(start))
                 up = {"how": took.how, "reissued": took.reissued, "restore_ms": round(took.restore_ms, 3)}
             else:
                 d.start()

@@ -12,6 +12,7 @@ import pytest
 
 import peerwait
 
+from udrv import lifelock
 from udrv.bench.seqsink import SeqSender
 from udrv.control import request
 from udrv.peer import PeerConfig
@@ -23,6 +24,10 @@ PEER_CFG = PeerConfig.for_interface(IFNAME)
 PEER = PEER_CFG.peer_addr
 RUN_DIR = "/tmp/udrv-test-run"
 NETNS = ["ip", "netns", "exec", PEER_CFG.netns]
+
+
+# a death is seen by the worker's life lock as it begins to exit, else by its pidfd once it has
+DEATH = "life-lock" if lifelock.available() else "pidfd"
 
 
 def status():
@@ -110,9 +115,9 @@ def failover_after(before: int, timeout=10.0):
 
 
 @pytest.mark.parametrize("kind,cause,detected_by", [
-    ("kill", "killed by SIGKILL", "pidfd"),
-    ("segv", "killed by SIGSEGV", "pidfd"),
-    ("exit", "exited with status 70", "pidfd"),
+    ("kill", "killed by SIGKILL", DEATH),
+    ("segv", "killed by SIGSEGV", DEATH),
+    ("exit", "exited with status 70", DEATH),
     ("stop", "froze", "heartbeat"),
     ("spin", "froze", "heartbeat"),
     ("hang", "froze", "heartbeat"),
@@ -158,7 +163,7 @@ def test_each_embedded_model_survives_a_worker_kill_under_traffic(model):
     time.sleep(0.3)
     count = seq.finish()
     assert count.lost == 0, count
-    assert f["detected_by"] == "pidfd" and f["silent_ms"] is not None
+    assert f["detected_by"] == DEATH and f["silent_ms"] is not None
     assert ifindex() == idx and echo_ok(10) >= 8
     assert status()["driver"] == name
 
@@ -187,6 +192,11 @@ def test_status_names_worker_and_spare_and_in_process_has_neither(daemon):
     r = subprocess.run([sys.executable, "-m", "udrv.cli", "status", "--ifname", IFNAME, "--json"],
                        capture_output=True, text=True, timeout=30)
     assert json.loads(r.stdout)["worker"]["pid"] == st["worker"]["pid"]
+    r = subprocess.run([sys.executable, "-m", "udrv.cli", "status", "--ifname", IFNAME],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0
+    assert f"worker {st['worker']['pid']} ({st['worker']['implementation']}, running)" in r.stdout, r.stdout
+    assert f"spare {st['spare']['pid']}" in r.stdout
 
 
 def test_in_process_flag_keeps_one_process():
@@ -229,6 +239,10 @@ def test_a_crash_loop_backs_off_then_gives_up_with_the_interface_kept():
         assert st["supervisor"]["gave_up"] and "restart udrv" in st["supervisor"]["gave_up"]
         assert st["state"] == "failed" and st["worker"] is None and st["spare"] is None
         assert ifindex() == idx and not carrier()
+        r = subprocess.run([sys.executable, "-m", "udrv.cli", "status", "--ifname", IFNAME],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and "no worker runs the driver" in r.stdout and "restart udrv" in r.stdout, r
+        assert "worker: none, spare: none" in r.stdout, r.stdout
         t0 = _cpu_seconds(p.pid)
         time.sleep(1.0)
         assert _cpu_seconds(p.pid) - t0 < 0.2, "the supervisor spins after giving up"

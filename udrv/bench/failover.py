@@ -41,6 +41,7 @@ class DriverRun:
     cold: int = 0                       # failovers without a ready spare
     sent: int = 0
     lost: int = 0
+    lost_offsets: list[float] = field(default_factory=list)   # each lost datagram: ms after the nearest fault (< 0: before)
     duplicates: int = 0
     probe_lost: int = 0
     probe_sent: int = 0
@@ -204,6 +205,7 @@ def run_driver(driver: str, ifname: str, counts: dict[str, int], spacing: float)
         for kind, t in marks:
             res.gaps.setdefault(kind, []).append(probe.max_gap_ms(t - 0.002, t + 0.25))
         res.sent, res.lost, res.duplicates = count.sent, count.lost, count.duplicates
+        res.lost_offsets = [min((at - t for _k, t in marks), key=abs) * 1000 for at in count.missing_at] if marks else []
         res.probe_sent, res.probe_lost = pr.sent, pr.lost
         iperf.send_signal(signal.SIGINT)
         out, _ = iperf.communicate(timeout=30)
@@ -258,6 +260,8 @@ def report(runs: list[DriverRun], counts: dict[str, int]) -> str:
                       f"cold starts (no spare ready): {r.cold}; failovers nothing was injected for: {r.unprompted}",
                   f"- TX datagrams counted at the peer: {r.sent} sent, {r.lost} lost, {r.duplicates} duplicated; "
                   f"probe {r.probe_lost}/{r.probe_sent} unanswered (RX may drop during a failover)",
+                  f"- the lost datagrams were sent this long after the nearest fault (ms): "
+                  f"{', '.join(f'{x:.0f}' for x in sorted(r.lost_offsets)[:30]) or 'none'}",
                   f"- TCP flow {'survived' if r.tcp_ok else 'did NOT survive'} ({r.tcp_mbit:.1f} Mbit/s over the run, "
                   f"{r.tcp_stalls} one-second intervals with nothing through); "
                   f"ifindex {'unchanged' if r.ifindex_same else 'CHANGED'}",

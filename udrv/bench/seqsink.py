@@ -1,7 +1,8 @@
 """Sequence-numbered TX frames counted at the peer: what a failover lost or sent twice.
 
     python -m udrv.bench.seqsink [--port 7779]     (in the peer namespace) prints, on SIGTERM,
-        {"received": distinct sequence numbers, "duplicates": n, "highest": max seq}
+        {"received": distinct sequence numbers, "duplicates": n, "highest": max seq,
+         "missing": the first 1000 sequence numbers below the highest it never saw}
 
 `SeqSender` sends one UDP datagram every `interval` from the host through the NIC; a frame
 the host handed to the TAP and the peer never saw is a TX loss (invariant 2), one it saw twice
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PORT = 7779
 
@@ -29,6 +30,7 @@ class SeqCount:
     sent: int
     received: int
     duplicates: int
+    missing_at: list[float] = field(default_factory=list)   # when each lost datagram was sent (monotonic; the first 1000)
 
     @property
     def lost(self) -> int:
@@ -40,6 +42,7 @@ class SeqSender(threading.Thread):
         super().__init__(daemon=True, name="seq-sender")
         self.dst, self.port, self.interval = dst, port, interval
         self.sent = 0
+        self.times: list[float] = []      # send time of each sequence number
         self.halt = threading.Event()
         self.sink = subprocess.Popen([*netns_exec, sys.executable, "-m", "udrv.bench.seqsink", "--port", str(port)],
                                      stdout=subprocess.PIPE, text=True)
@@ -51,7 +54,9 @@ class SeqSender(threading.Thread):
         nxt = time.monotonic()
         while not self.halt.is_set():
             try:
+                t = time.monotonic()
                 s.sendto(struct.pack("!Q", self.sent), (self.dst, self.port))
+                self.times.append(t)
                 self.sent += 1
             except OSError:
                 pass              # a send the host refused never reached the TAP: not counted as sent
@@ -70,7 +75,8 @@ class SeqSender(threading.Thread):
         self.sink.send_signal(signal.SIGTERM)
         out, _ = self.sink.communicate(timeout=10)
         d = json.loads(out.strip().splitlines()[-1])
-        return SeqCount(self.sent, d["received"], d["duplicates"])
+        missing = [m for m in d.get("missing", []) if m < self.sent]
+        return SeqCount(self.sent, d["received"], d["duplicates"], [self.times[m] for m in missing])
 
 
 def main() -> None:
@@ -96,7 +102,9 @@ def main() -> None:
         if seq in seen:
             dups += 1
         seen.add(seq)
-    print(json.dumps({"received": len(seen), "duplicates": dups, "highest": max(seen, default=-1)}), flush=True)
+    top = max(seen, default=-1)
+    missing = [i for i in range(top + 1) if i not in seen][:1000]
+    print(json.dumps({"received": len(seen), "duplicates": dups, "highest": top, "missing": missing}), flush=True)
 
 
 if __name__ == "__main__":

@@ -380,6 +380,11 @@ class UsbModelServer:
             out += [f for f, _ev in t.poll_fds()]
         return out
 
+    def drop(self, sock: socket.socket) -> None:
+        """Its worker is exiting: cancel its transfers, release its claims, now."""
+        if self.conns.get(sock.fileno(), (None,))[0] is sock:
+            self._drop(sock.fileno())
+
     def _drop(self, fd: int) -> None:
         sock, t = self.conns.pop(fd)
         self.fanout.hooks.pop(fd, None)
@@ -605,20 +610,34 @@ class PciModelServer:
     def serve(self, readable: set[int]) -> None:
         for fd in list(self.conns):
             if fd in readable and not self._serve_one(fd, self.conns[fd]):
-                self.conns.pop(fd).close()
-                for iova, owner in self._owner.items():
-                    if owner == fd:
-                        self._owner[iova] = -1
+                self._drop(fd)
+
+    def drop(self, sock: socket.socket) -> None:
+        """Its worker is exiting: what it wrote before it died reaches the device (posted
+        writes), then the connection goes and its buffers are orphans."""
+        fd = sock.fileno()
+        if self.conns.get(fd) is sock:
+            while self._serve_one(fd, sock, once=True):
+                pass
+            self._drop(fd)
+
+    def _drop(self, fd: int) -> None:
+        self.conns.pop(fd).close()
+        for iova, owner in self._owner.items():
+            if owner == fd:
+                self._owner[iova] = -1
 
     def orphans(self) -> int:
         return sum(1 for o in self._owner.values() if o == -1)
 
-    def _serve_one(self, fd: int, sock: socket.socket) -> bool:
-        for _ in range(64):
+    def _serve_one(self, fd: int, sock: socket.socket, once: bool = False) -> bool:
+        """Serve up to 64 messages (`once`: one); False when the connection is closed, or, with
+        `once`, when nothing is left to read."""
+        for _ in range(1 if once else 64):
             try:
                 data = sock.recv(MAX_MESSAGE, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                return True
+                return not once
             except OSError:
                 return False
             if not data:

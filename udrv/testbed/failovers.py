@@ -60,6 +60,6 @@ def check_failovers(failovers: list[dict], kinds: Sequence[str]) -> None:
     assert [f["kind"] for f in failovers] == list(kinds), failovers
     for f in failovers:
         fo = f["failover"]
-        assert fo["detected_by"] == "pidfd" and fo["how"] == "restored from the checkpoint", fo
+        assert fo["detected_by"] in ("life-lock", "pidfd") and fo["how"] == "restored from the checkpoint", fo
         assert fo["spare_ready"] and f["new"]["pid"] == fo["successor"] != f["old"]["pid"], f
         assert f["spare"]["pid"] not in (f["old"]["pid"], f["new"]["pid"]), f
