@@ -22,6 +22,7 @@ log = logging.getLogger("udrv.supervisor")
 @dataclass(frozen=True)
 class Policy:
     heartbeat_timeout: float = 0.012   # a beat older than this, outside a configuration call: frozen ...
+    stopped_check: float = 0.006       # a beat this old: is the loop stopped (SIGSTOP, a tracer)? then frozen at once
     starved_timeout: float = 0.5       # ... unless its loop is runnable but not given a CPU (a loaded host)
     blocked_timeout: float = 0.1       # a loop asleep this long past its beat is blocked in a call
     config_grace: float = 0.1          # past a configuration call's own deadline before it is frozen
@@ -42,7 +43,8 @@ class Policy:
         thread blocked in a call is)."""
         from dataclasses import replace
         t = max(0.001, timeout)
-        return replace(self, heartbeat_timeout=t, starved_timeout=max(Policy.starved_timeout, 7 * t),
+        return replace(self, heartbeat_timeout=t, stopped_check=max(Policy.stopped_check, t / 2),
+                       starved_timeout=max(Policy.starved_timeout, 7 * t),
                        blocked_timeout=max(Policy.blocked_timeout, 3 * t))
 
 

@@ -75,6 +75,18 @@ class Child:
         return self.popen.pid
 
 
+def _loop_thread(pid: int) -> tuple[bytes, int] | None:
+    """The state letter (/proc: R, S, D, T...) of a worker's loop thread (its main thread) and
+    the CPU time it has had (ns); None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/task/{pid}/schedstat", "rb") as f:
+            return state, int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _cause(rc: int) -> str:
     return f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
 
@@ -246,7 +258,7 @@ class Supervisor:
                 fds += [c.channel.fileno(), c.pidfd]
             fds += [c.pidfd for c in self.dying]
             watching = self.primary is not None and self.primary.state == "running"
-            timeout = p.heartbeat_timeout / 3 if watching else 0.05
+            timeout = min(p.heartbeat_timeout / 3, p.stopped_check / 2) if watching else 0.05
             r, _, _ = select.select(fds, [], [], timeout)
             readable = set(r)
             if self._wake_r in readable:
@@ -286,6 +298,11 @@ class Supervisor:
                         self._frozen(c, stale)
                 else:
                     c.stale_oncpu = None
+                    # a stopped loop is frozen whatever it was doing: no need to wait the timeout
+                    # out (a tracer's stop, t, gets the timeout: a sampling profiler stops it briefly)
+                    if stale > p.stopped_check and (st := _loop_thread(c.pid)) is not None and st[0] == b"T":
+                        c.seen_state = "T"
+                        self._frozen(c, stale)
             elif c.state == "taking-over" and now - c.started > p.takeover_timeout:
                 self._frozen(c, now - c.started)
             elif c.state == "starting" and now - c.started > p.start_timeout:
@@ -570,13 +587,10 @@ class Supervisor:
         also what waiting for the interpreter lock looks like), or it ran on a CPU for a
         heartbeat's timeout since the beat went stale and still did not beat (spinning). Runnable
         but waiting for a CPU, it gets up to starved_timeout."""
-        try:
-            with open(f"/proc/{c.pid}/task/{c.pid}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-            with open(f"/proc/{c.pid}/task/{c.pid}/schedstat", "rb") as f:
-                oncpu = int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
+        st = _loop_thread(c.pid)
+        if st is None:
             return True                   # gone or unreadable: its pidfd or the kill says the rest
+        state, oncpu = st
         c.seen_state = state.decode(errors="replace")
         if state in (b"T", b"t"):
             return True
