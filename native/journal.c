@@ -11,7 +11,7 @@
 #error "the journal layout is little-endian; this build assumes a little-endian CPU"
 #endif
 
-enum { OFF_MAGIC = 0, OFF_NSLOTS = 4, OFF_SLOT_SIZE = 8, OFF_HEAD = 16, OFF_SENT = 24,
+enum { OFF_MAGIC = 0, OFF_NSLOTS = 4, OFF_SLOT_SIZE = 8, OFF_READING = 12, OFF_HEAD = 16, OFF_SENT = 24,
        OFF_TAIL = 32, OFF_REISSUED = 40, OFF_DUPS = 48,
        /* the AQM: settings (target 0 = off), counters, and CoDel's state, kept in the shared
         * header so a second process (or the other datapath) carries on where one stopped */
@@ -123,6 +123,17 @@ uint8_t *udrv_journal_reserve(struct udrv_journal *j, uint32_t *cap)
         return NULL;
     *cap = j->max_frame;
     return slot(j, head) + UDRV_JOURNAL_SLOT_HEADER;
+}
+
+uint8_t *udrv_journal_reserve_read(struct udrv_journal *j, uint32_t *cap, uint32_t mark)
+{
+    uint8_t *p = udrv_journal_reserve(j, cap);
+    if (!p || mark + 6 > *cap)
+        return p;
+    memset(p + mark, 0, 6);
+    /* release: the zeroed mark is in memory before the word that says a read is under way */
+    __atomic_store_n((uint32_t *)(j->mem + OFF_READING), (uint32_t)(get64(j, OFF_HEAD) + 1), __ATOMIC_RELEASE);
+    return p;
 }
 
 static int64_t commit_flags(struct udrv_journal *j, uint32_t len, uint32_t flags)

@@ -63,6 +63,12 @@ int64_t udrv_journal_append(struct udrv_journal *j, const uint8_t *frame, uint32
  * reserve returns the payload area of the slot at head (capacity in *cap), or NULL when full;
  * commit writes the slot header and publishes head. Returns the seq. */
 uint8_t *udrv_journal_reserve(struct udrv_journal *j, uint32_t *cap);
+/* reserve, for a read from the TAP straight into the slot: the 6 bytes at `mark` in the
+ * payload (where the frame's destination MAC will land, after any virtio-net header) are
+ * zeroed and the header's `reading` word (u32 @12) set to the slot's seq + 1, so that a
+ * process that maps the journal after this one died in the middle of the read can tell
+ * whether the read took a frame from the TAP (TxJournal.unfinished_read). */
+uint8_t *udrv_journal_reserve_read(struct udrv_journal *j, uint32_t *cap, uint32_t mark);
 int64_t udrv_journal_commit(struct udrv_journal *j, uint32_t len);
 /* The same for a payload of len bytes whose first vlen bytes are a virtio-net header (slot flag
  * SLOT_VNET; vlen 0 = plain commit). */

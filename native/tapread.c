@@ -80,7 +80,7 @@ int64_t udrv_tapread_to_journal(struct udrv_tapread *t, struct udrv_journal *j, 
     uint32_t moved = 0, h = t->vnet_hdr;
     while (moved < budget && !t->deferred_len) {
         uint32_t cap;
-        uint8_t *s = udrv_journal_reserve(j, &cap);
+        uint8_t *s = udrv_journal_reserve_read(j, &cap, h);
         if (!s) {
             t->st.journal_full++; /* leave frames in the kernel's queue */
             break;

@@ -38,6 +38,8 @@ struct xfer {
 };
 
 struct udrv_ring {
+    int64_t *beat;              /* NULL, or a supervisor's heartbeat word (udrv_ring_set_beat) */
+    int beat_ms;
     libusb_context *ctx;
     libusb_device_handle *h;
     struct udrv_ring_config cfg;
@@ -178,6 +180,24 @@ static uint64_t now_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* A run turn's wait, capped so that the loop goes round (and beats) at least every beat_ms;
+ * and the beat itself: CLOCK_MONOTONIC ns into the supervisor's heartbeat word. */
+static int beat_wait(struct udrv_ring *r, int left)
+{
+    if (!r->beat)
+        return left;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    __atomic_store_n(r->beat, (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec, __ATOMIC_RELAXED);
+    return left > r->beat_ms ? r->beat_ms : left;
+}
+
+void udrv_ring_set_beat(struct udrv_ring *r, int64_t *beat, int period_ms)
+{
+    r->beat = beat;
+    r->beat_ms = period_ms > 0 ? period_ms : 1;
 }
 
 static void submit_failed(struct udrv_ring *r, uint32_t dir, uint32_t ep, int rc, uint64_t seq)
@@ -1124,7 +1144,9 @@ static int run_threaded(struct udrv_ring *r, int timeout_ms, int tap_budget, int
             break;
         int woken = 0;
         if (left > 0 && r->completions == 0 && !r->confirm_pending && !level_flags(r))
-            woken = wait_events(r, left, 0, wake_fd, r->main_evfd);
+            woken = wait_events(r, beat_wait(r, left), 0, wake_fd, r->main_evfd);
+        else
+            beat_wait(r, left);
         rc = handle_events_now(r);
         rx_flush(r);
         after_events(r);
@@ -1167,7 +1189,7 @@ int udrv_ring_run(struct udrv_ring *r, int timeout_ms, int tap_budget, int wake_
         if (left < 0)
             break;
         int woken;
-        int rc = pump_once(r, left, tap_budget, wake_fd, &step, &woken);
+        int rc = pump_once(r, beat_wait(r, left), tap_budget, wake_fd, &step, &woken);
         out->flags |= step.flags;
         out->completions += step.completions;
         out->tap_in += step.tap_in;

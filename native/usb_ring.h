@@ -169,6 +169,9 @@ int udrv_ring_run(struct udrv_ring *r, int timeout_ms, int tap_budget, int wake_
 /* 1: udrv_ring_run moves TAP -> journal -> OUT on a thread of its own (parked whenever run
  * is not running), to use a second CPU; 0 (default): one thread does everything. */
 void udrv_ring_set_tx_thread(struct udrv_ring *r, int on);
+/* udrv_ring_run stores CLOCK_MONOTONIC ns into *beat (a supervisor's heartbeat word; NULL =
+ * none) at every turn, and waits at most period_ms per turn so an idle loop still beats. */
+void udrv_ring_set_beat(struct udrv_ring *r, int64_t *beat, int period_ms);
 /* udrv_ring_run returns (UDRV_PUMP_TX_STALL) once OUT transfers have waited ms with none completing:
  * Python's TX hang detector then needs no turns of its own to watch the clock. 0 = off. */
 void udrv_ring_set_tx_stall(struct udrv_ring *r, uint32_t ms);

@@ -151,7 +151,14 @@ class TxAdmission:
         worker holds of it when it dies is already the journal's); with one, frames are read
         into memory and admitted, as they may need software work first."""
         if self.vnet_hdr_len:
-            return self.admit(tap.read_batch(min(budget, self.journal.space())))
+            # one at a time: what a dying worker holds outside the journal is one frame at most
+            accepted = 0
+            for _ in range(min(budget, self.journal.space())):
+                frames = tap.read_batch(1)
+                if not frames:
+                    break
+                accepted += self.admit(frames)
+            return accepted
         accepted = 0
         limit = self.mtu() + LINK_OVERHEAD
         counts, read_into, scratch, fd = self.counts, self.journal.read_into, self._scratch, tap.fd

@@ -8,7 +8,7 @@ wire twice (their completion was lost); the journal counts them as possible dupl
 The journal is a fixed-slot ring in a memfd, so a worker process (and the C fast path) can
 map the very same memory; the layout is plain little-endian integers:
 
-    header (128 bytes): magic u32 | nslots u32 | slot_size u32 | _ u32 |
+    header (128 bytes): magic u32 | nslots u32 | slot_size u32 | reading u32 @12 |
                         head u64 @16 | sent u64 @24 | tail u64 @32 | reissued u64 @40 |
                         duplicates u64 @48 |
                         AQM: target_ns u64 @56 (0 = off) | interval_ns u64 @64 | drops u64 @72 |
@@ -24,6 +24,12 @@ map the very same memory; the layout is plain little-endian integers:
       flags 0:    the payload is the frame (every slot when the TAP has no vnet header, and
                   frames whose header asks for nothing: their header is not kept).
 Sequence numbers grow without wrapping; slot = seq % nslots.
+  reading:  a reader of the TAP that reads straight into the slot at head (read_into, the C
+            tapread) first zeroes the 6 bytes where the frame's destination MAC will land and
+            sets this to head + 1 (low 32 bits); once it publishes, head catches up. A worker
+            killed between the read and the publish leaves reading == head + 1 and, if the read
+            took a frame, a non-zero MAC there: `unfinished_read()` gives that frame to the
+            successor, its length told by its own L3 header, so even that frame is not lost.
 
 The journal is also where frames queue in front of the device: a TAP gives the host's TCP no
 backpressure (tun orphans every frame), so without a limit a bulk flow fills it and every flow
@@ -54,6 +60,7 @@ SLOT_HEADER = 32
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _SLOT = struct.Struct("<IIQQ")
+_OFF_READING = 12
 _OFF_HEAD, _OFF_SENT, _OFF_TAIL, _OFF_REISSUED, _OFF_DUPS = 16, 24, 32, 40, 48
 _OFF_AQM_TARGET, _OFF_AQM_INTERVAL, _OFF_AQM_DROPS, _OFF_AQM_MARKS = 56, 64, 72, 80
 _OFF_FIRST_ABOVE, _OFF_DROP_NEXT, _OFF_COUNT, _OFF_LASTCOUNT = 88, 96, 104, 108
@@ -76,6 +83,24 @@ def vnet_len(flags: int) -> int:
 def _control_law(t: int, interval: int, count: int) -> int:
     """CoDel's next drop time: t + interval / sqrt(count) (as journal.c computes it)."""
     return t + int(interval / math.sqrt(count))
+
+
+def _frame_length(b: memoryview) -> int | None:
+    """An Ethernet frame's length from its own headers (VLAN tags skipped): IPv4's total
+    length, IPv6's payload length, ARP's fixed size; None for anything else."""
+    if len(b) < 14:
+        return None
+    et, l3 = b[12] << 8 | b[13], 14
+    while et in (0x8100, 0x88A8) and len(b) >= l3 + 4:
+        et, l3 = b[l3 + 2] << 8 | b[l3 + 3], l3 + 4
+    if et == 0x0800 and len(b) >= l3 + 4 and b[l3] >> 4 == 4:
+        total = b[l3 + 2] << 8 | b[l3 + 3]
+        return l3 + total if total >= 20 else None
+    if et == 0x86DD and len(b) >= l3 + 6 and b[l3] >> 4 == 6:
+        return l3 + 40 + (b[l3 + 4] << 8 | b[l3 + 5])
+    if et == 0x0806:
+        return l3 + 28
+    return None
 
 
 class JournalFull(UdrvError):
@@ -204,16 +229,40 @@ class TxJournal:
         seq = self.head
         off = self._slot(seq)
         data = off + SLOT_HEADER
+        self.mem[data: data + 6] = bytes(6)
+        self._h32[_OFF_READING >> 2] = (seq + 1) & 0xFFFFFFFF
         try:
             n = os.readv(fd, (self._mv[data: data + self.max_frame], scratch))
         except BlockingIOError:
             return 0
         if n > limit or n > self.max_frame:
+            self.mem[data: data + 6] = bytes(6)      # dropped: nothing here for a successor
             return -n
         _SLOT.pack_into(self.mem, off, n, 0, seq, self.clock())
         self.head = seq + 1
         self._set(_OFF_HEAD, self.head)
         return n
+
+    def unfinished_read(self, vnet_len: int) -> tuple[bool, bytes | None]:
+        """After another process's death: did it die between a read from the TAP into the slot
+        at head and the publish? (True, raw) with the bytes as read (`vnet_len` bytes of
+        virtio-net header, then the frame); (True, None) when it took a frame whose length
+        cannot be told (not IPv4, IPv6 or ARP, or longer than the slot); (False, None) when no
+        frame is there. Clears the mark: one successor takes it."""
+        self.sync()
+        h32 = self._h32
+        reading = h32[_OFF_READING >> 2]
+        if reading == 0 or reading != (self.head + 1) & 0xFFFFFFFF:
+            return False, None
+        h32[_OFF_READING >> 2] = 0
+        data = self._slot(self.head) + SLOT_HEADER
+        raw = self._mv[data: data + self.max_frame]
+        if not any(raw[vnet_len: vnet_len + 6]):
+            return False, None                       # the read found nothing, or never ran
+        n = _frame_length(raw[vnet_len:])
+        if n is None or vnet_len + n > self.max_frame:
+            return True, None
+        return True, bytes(raw[: vnet_len + n])
 
     # --- datapath side ----------------------------------------------------------------
     def unsent(self) -> int:

@@ -269,12 +269,27 @@ class Nic:
         if isinstance(self.transport, HoldsOrphans):
             self.transport.release_orphans()      # the rings are this worker's now: the old ones go
         t1 = time.monotonic()
+        self._rescue_unfinished_read()
         self.journal.sync()
         reissued = self.journal.rewind()
         self.state = "up"
         self.engine.xmit()
         self.on_state()
         return Takeover(how, reissued, (t1 - t0) * 1000, (time.monotonic() - t1) * 1000)
+
+    def _rescue_unfinished_read(self) -> None:
+        """A frame the dead worker had read from the TAP into the journal but not published."""
+        taken, raw = self.journal.unfinished_read(self.admission.vnet_hdr_len)
+        if not taken:
+            return
+        if raw is None:
+            self.admission.counts.drop("read_by_dead_worker")
+            log.warning("event=tx-frame-lost the dead worker had read a frame from the TAP whose length its "
+                        "headers do not tell (not IPv4, IPv6 or ARP): it is dropped and counted")
+        else:
+            n = self.admission.admit([raw])
+            log.info("event=tx-frame-rescued bytes=%d journaled=%d (read by the dead worker, not yet journaled)",
+                     len(raw), n)
 
     @property
     def mac(self) -> bytes:

@@ -15,8 +15,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+from dataclasses import replace
 from typing import Any, Callable
 
+from . import heartbeat
 from .datapath import Capabilities, DatapathCounters, DatapathDefaults, DatapathReport, TapCounts
 from .errors import DatapathError, DeviceGone, TransportError, UdrvError
 from .fastpath import NativeFraming, NativeUnavailable, TapHandoff, ffi, lib, require, rx_coalesce_allowed, tx_thread_allowed
@@ -160,6 +162,12 @@ class NativeUsbRing(DatapathDefaults):
         # software TSO cut and the submissions); UDRV_TX_THREAD=0 keeps one thread (to compare)
         self.tx_thread = tx_thread_allowed()
         lib.udrv_ring_set_tx_thread(self._ring, int(self.tx_thread))
+        hb = heartbeat.this_process()
+        if hb is not None and read_tap:
+            # a supervised worker: the loop in C beats, so a turn may last as long as in process
+            lib.udrv_ring_set_beat(self._ring, ffi.cast("int64_t *", hb.beat_address),
+                                   max(1, int(heartbeat.BEAT_PERIOD * 1000)))
+            self.caps = replace(self.caps, beats=True)
         self._res = ffi.new("struct udrv_pump_result *")
         self._err = ffi.new("struct udrv_ring_error *")
         self._status_buf = ffi.new("uint8_t[]", lib.UDRV_STATUS_MAX)

@@ -108,3 +108,73 @@ def test_a_full_journal_leaves_the_frame_in_the_tap():
     j.take_unsent()
     j.confirm_through(0)
     assert adm.pull(tap, 64) == 1 and j.frame(2) == bytes([2]) * 64     # the third frame waited in the TAP
+
+
+def _udp4(n: int, size: int) -> bytes:
+    """An Ethernet + IPv4 + UDP frame of `size` bytes (its length is in its own headers)."""
+    import struct
+    ip_len = size - 14
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, ip_len, n, 0, 64, 17, 0, b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02")
+    udp = struct.pack("!HHHH", 1000, 7779, ip_len - 20, 0)
+    return b"\x02\x00\x00\x00\x00\x02" + b"\x02\x00\x00\x00\x00\x01" + b"\x08\x00" + ip + udp + bytes([n & 0xFF]) * (ip_len - 28)
+
+
+def _reader_killed_after_its_read(j: TxJournal, tap: "_Tap") -> None:
+    """A worker that dies the instant a read from the TAP into the journal returns, before it
+    can publish the frame (as a SIGKILL pending at the end of the read() syscall kills it)."""
+    import signal
+    pid = os.fork()
+    if pid == 0:
+        real = os.readv
+
+        def read_then_die(fd, bufs):
+            real(fd, bufs)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        os.readv = read_then_die
+        try:
+            j.read_into(tap.fd, 1518, bytearray(65536))
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+@pytest.mark.parametrize("size", [60, 1514])
+def test_a_frame_read_by_a_worker_killed_before_it_published_it_is_rescued(size):
+    from udrv.admission import TxAdmission
+    j = TxJournal(8, 2048)
+    tap = _Tap()
+    tap.host.send(_udp4(1, 100))
+    assert TxAdmission(j, lambda: 1500).pull(tap, 1) == 1            # a published frame before
+    frame = _udp4(2, size)
+    tap.host.send(frame)
+    _reader_killed_after_its_read(j, tap)
+    successor = TxJournal.attach(os.dup(j.fd), 8, 2048)
+    successor.sync()
+    assert successor.head == 1                                       # the dead reader never published it
+    assert successor.unfinished_read(0) == (True, frame)
+    assert successor.unfinished_read(0) == (False, None)             # taken once
+    adm = TxAdmission(successor, lambda: 1500)
+    assert adm.admit([frame]) == 1 and successor.frame(1) == frame
+
+
+def test_a_read_that_found_nothing_or_was_published_leaves_nothing_to_rescue():
+    from udrv.admission import TxAdmission
+    j = TxJournal(8, 2048)
+    tap = _Tap()
+    adm = TxAdmission(j, lambda: 1500)
+    assert adm.pull(tap, 4) == 0                                    # EAGAIN: the mark is set, no frame
+    assert TxJournal.attach(os.dup(j.fd), 8, 2048).unfinished_read(0) == (False, None)
+    tap.host.send(_udp4(3, 80))
+    tap.host.send(b"\x02" * 1600)                                   # oversize: read, dropped
+    assert adm.pull(tap, 2) == 1 and adm.counts.dropped == {"oversize": 1}
+    assert TxJournal.attach(os.dup(j.fd), 8, 2048).unfinished_read(0) == (False, None)
+
+
+def test_a_rescued_frame_whose_length_its_headers_do_not_tell_is_reported_lost():
+    j = TxJournal(8, 2048)
+    tap = _Tap()
+    tap.host.send(b"\x02\x00\x00\x00\x00\x02" + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + bytes(46))
+    _reader_killed_after_its_read(j, tap)
+    assert TxJournal.attach(os.dup(j.fd), 8, 2048).unfinished_read(0) == (True, None)

@@ -290,3 +290,29 @@ def test_deferred_frame_without_a_taker_is_counted_and_dropped() -> None:
         assert st["tap_frames_in"] == 2 and st["tx_dropped"] == {"unhandled_offload": 1}
     finally:
         r.close()
+
+
+def test_a_deferred_frame_a_dead_worker_never_handed_over_is_rescued_by_its_successor() -> None:
+    """The C reader leaves the frame it defers to Python in the slot it read it into, marked:
+    if the worker dies before Python journals it, the next worker finds it there."""
+    from udrv.journal import TxJournal
+    tap = FakeTap(True)
+    r = Rig(tap)
+    try:
+        class Died(Exception):
+            pass
+
+        def die(*_a, **_k):
+            raise Died                                        # the worker's end, as Python takes it
+
+        r.nic.engine.set_tap_fallback(die)
+        _h, f = gso_tcp(payload_bytes(3000))
+        raw = VnetHdr(0, GSO_TCPV4, 66, 1448, 34, 16).pack() + f    # deferred: GSO without NEEDS_CSUM
+        tap.inject([raw])
+        with pytest.raises(Died):
+            r.nic.engine.pull_tap()
+        j = r.nic.journal
+        successor = TxJournal.attach(os.dup(j.fd), j.nslots, j.slot_size)
+        assert successor.unfinished_read(r.nic.vnet_hdr_len) == (True, raw)
+    finally:
+        r.close()
