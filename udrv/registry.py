@@ -101,10 +101,10 @@ def open_device(spec: str | None, *, wire_mbit: float | None = None, wire_delay_
         if kind in PYTHON_ONLY_MODELS:
             if impl == "c":
                 transport.close()
-                raise UdrvError(f"model:{kind} runs the Python engine alone (the C USB ring moves its transfers "
+                raise UdrvError(f"model:{kind} runs the Python engines (the C USB ring moves its transfers "
                                 "through libusb, which an embedded model is not behind): use --impl python, or a "
                                 "usb: device")
-            return Device((cls,), transport, model)
+            return Device(usb_model_implementations(cls, impl), transport, model)
         return _picked(cls, impl, transport, model)
     if wire_mbit is not None:
         raise UdrvError("--wire-mbit sets the wire of an embedded model (model:pegasus, model:cdc_ecm); a real "
@@ -158,6 +158,12 @@ def _embedded(kind: str, wire_mbit: float | None, wire_delay_ms: float) -> tuple
         return cls, ModelUsbTransport(made.device), made.model
     from .models.pci import ModelPciTransport
     return cls, ModelPciTransport(made.device), made.model
+
+
+def usb_model_implementations(cls: type[NetDriver], impl: str | None) -> tuple[type[NetDriver], ...]:
+    """An embedded USB model's implementations: all but the C ring (it moves transfers through
+    libusb, which a model is not behind)."""
+    return tuple(c for c in implementations(cls, impl) if not c.fast_path) or (cls,)
 
 
 def embedded_driver(kind: str) -> type[NetDriver]:

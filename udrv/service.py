@@ -160,7 +160,7 @@ def supervise(opts: ServiceOptions, scenario: Scenario | None = None) -> int:
     elif kind not in EMBEDDED:
         raise UdrvError(f"no embedded model called {kind!r}: use one of " + ", ".join(f"model:{k}" for k in EMBEDDED))
     elif opts.impl == "c" and BUS[kind] == "usb":
-        raise UdrvError(f"model:{kind} runs the Python engine alone (the C USB ring moves its transfers through "
+        raise UdrvError(f"model:{kind} runs the Python engines (the C USB ring moves its transfers through "
                         "libusb, which an embedded model is not behind): use --impl python, or a usb: device")
     else:
         device = {"kind": "model", "model": kind, "spec": spec, "wire_mbit": opts.wire_mbit,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from . import offload
 from .actions import ActionList
@@ -21,6 +21,9 @@ from .framing import Framing
 from .journal import TxJournal
 from .tap import tap_behind
 from .usbtransport import Completion, DeviceInfo, EpType, InterfaceInfo, UsbTransport, XferStatus
+
+if TYPE_CHECKING:
+    from .usbsimple import StopAndWaitEngine
 
 log = logging.getLogger("udrv.usbnet")
 
@@ -53,6 +56,8 @@ class UsbNetDriver(NetDriver):
     # per (micro)frame: keep many), and whether it coalesces RX into GSO super-frames
     native_rings: ClassVar[tuple[int, int]] = (64, 64)
     coalesce_rx: ClassVar[bool] = False
+    # the stop-and-wait variant (udrv/usbsimple.py): the last implementation, one transfer each way
+    stop_and_wait: ClassVar[bool] = False
 
     def __init__(self, usb: UsbTransport, actions: ActionList):
         self.usb = usb
@@ -81,7 +86,7 @@ class UsbNetDriver(NetDriver):
         """Claim the interface(s); the framework records the release."""
         claim_interface(self.usb, self.interface, self.actions)
 
-    datapath: "UsbNetEngine | None" = None
+    datapath: "UsbNetEngine | StopAndWaitEngine | None" = None
 
     def on_status(self, data: bytes) -> None:
         """An interrupt-endpoint packet arrived (link changes, error counts)."""
@@ -97,7 +102,26 @@ class UsbNetDriver(NetDriver):
 
     @classmethod
     def has_c_datapath(cls) -> bool:
-        return True
+        return not cls.stop_and_wait
+
+    @classmethod
+    def implementations(cls) -> tuple[type[NetDriver], ...]:
+        """The C ring, the Python engine, then stop-and-wait (datapath code shared with neither)."""
+        base = super().implementations()
+        if cls.fast_path or cls.stop_and_wait:
+            return base
+        return (*base, cls.stop_and_wait_variant())
+
+    @classmethod
+    def stop_and_wait_variant(cls) -> type["UsbNetDriver"]:
+        """The same driver on the stop-and-wait datapath, made once."""
+        made = cls.__dict__.get("_stop_and_wait_variant")
+        if made is None:
+            made = type(f"{cls.__name__}StopAndWait", (cls,), {
+                "stop_and_wait": True, "__module__": cls.__module__,
+                "__doc__": f"{cls.__name__} on the stop-and-wait datapath (same device code)."})
+            cls._stop_and_wait_variant = made
+        return made
 
     @classmethod
     def c_declarations(cls) -> dict[str, Any]:
@@ -119,6 +143,10 @@ class UsbNetDriver(NetDriver):
         which reads the TAP and writes received frames to it from C, so it needs the TAP itself
         as the sink. Design diversity in the nDriver sense: the runtime runs the C variant first
         and swaps to the plain driver if it keeps failing."""
+        if self.stop_and_wait:
+            from .usbsimple import StopAndWaitEngine
+            self.datapath = StopAndWaitEngine(self, journal, sink, on_progress)
+            return self.datapath
         if self.fast_path:
             from .usbring import make_usb_datapath
             tap = tap_behind(sink)
@@ -194,6 +222,30 @@ def bulk_pair(itf: InterfaceInfo) -> tuple[int, int, int, int] | None:
     return ins[0].address, outs[0].address, ins[0].max_packet or 64, outs[0].max_packet or 64
 
 
+def cancel_all_and_wait(usb: UsbTransport) -> None:
+    """Cancel every transfer and wait (up to ~0.5 s) for the cancellations to come back: no
+    transfer outlives the datapath that submitted it."""
+    try:
+        usb.cancel_all()
+        for _ in range(50):
+            usb.reap(0.0)
+            if usb.in_flight() == 0:
+                break
+            usb.reap(0.01)
+    except DeviceGone:
+        pass
+
+
+def clear_bulk_halts(usb: UsbTransport, driver: UsbNetDriver) -> None:
+    """CLEAR_FEATURE(ENDPOINT_HALT) on both bulk endpoints, as a recycle does (best effort: the
+    device may have gone)."""
+    for ep in (driver.EP_IN, driver.EP_OUT):
+        try:
+            usb.clear_halt(ep)
+        except TransportError:
+            pass
+
+
 def claim_interface(usb: UsbTransport, number: int, actions: ActionList) -> None:
     usb.claim_interface(number)
     actions.record(f"claim interface {number}", lambda: usb.release_interface(number))
@@ -249,15 +301,7 @@ class UsbNetEngine(DatapathDefaults):
             self.driver.actions.released(self._action)
             self._action = None
         self.running = False
-        try:
-            self.usb.cancel_all()
-            for _ in range(50):
-                self.usb.reap(0.0)
-                if self.usb.in_flight() == 0:
-                    break
-                self.usb.reap(0.01)
-        except DeviceGone:
-            pass
+        cancel_all_and_wait(self.usb)
         self.tx_inflight = 0
         self.rx_inflight = 0
         self._tx_lens.clear()
@@ -274,11 +318,7 @@ class UsbNetEngine(DatapathDefaults):
         its bookkeeping half-updated. Returns (TX entries re-issued, what was recycled)."""
         self.stop()
         if clear_halts:
-            for ep in (self.driver.EP_IN, self.driver.EP_OUT):
-                try:
-                    self.usb.clear_halt(ep)
-                except TransportError:
-                    pass
+            clear_bulk_halts(self.usb, self.driver)
         again = self.journal.rewind()
         self.start()
         return again, "in-flight transfers recycled"

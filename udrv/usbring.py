@@ -8,7 +8,7 @@ TAP from C (the Python `sink` is not used), and with `read_tap=True` (the defaul
 such a ring runs (`caps.reads_tap` says so; wake on the TAP fd and call xmit()). With
 `read_tap=False` the runtime keeps feeding the journal from Python (Nic.enqueue) and the ring
 only drains it. It needs python-libusb1's own context and handle (a real device through
-udrv.libusb): an in-process model runs the Python engine.
+udrv.libusb): an embedded model runs the Python engines.
 """
 from __future__ import annotations
 

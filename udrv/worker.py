@@ -222,8 +222,8 @@ class Worker:
         """What this worker may import later, imported while it can still read every file (the
         interpreter's own library may not be readable by the user it becomes)."""
         import importlib
-        for name in ("udrv.models.remote", "udrv.models.catalog", "udrv.usbnet", "udrv.usbring", "udrv.pcinet",
-                     "udrv.pciengine", "udrv.pciring", "udrv.journal", "udrv.guard", "udrv.hostwatch",
+        for name in ("udrv.models.remote", "udrv.models.catalog", "udrv.usbnet", "udrv.usbring", "udrv.usbsimple",
+                     "udrv.pcinet", "udrv.pciengine", "udrv.pciring", "udrv.journal", "udrv.guard", "udrv.hostwatch",
                      "udrv.placement", "udrv.offload", "traceback", "linecache", "tokenize", "unicodedata"):
             try:
                 importlib.import_module(name)
@@ -240,7 +240,7 @@ class Worker:
 
     def _implementations(self, init: dict[str, Any], fds: list[int]) -> tuple[Any, ...]:
         from .models.catalog import BUS
-        from .registry import embedded_driver, implementations, usb_driver_for
+        from .registry import embedded_driver, implementations, usb_driver_for, usb_model_implementations
         dev = init["device"]
         if dev["kind"] == "usb":
             # this worker's own open of the device: the driver follows from its descriptors
@@ -265,10 +265,9 @@ class Worker:
         if dev["kind"] != "model":
             raise SystemExit(f"udrv worker: devices of kind {dev['kind']!r} are not served by workers")
         cls = embedded_driver(dev["model"])
-        impls = implementations(cls, init.get("impl"))
         if BUS[dev["model"]] == "usb":
-            impls = (cls,)                 # the Python engine: the C USB ring needs libusb's handles
-        return impls
+            return usb_model_implementations(cls, init.get("impl"))
+        return implementations(cls, init.get("impl"))
 
     def _transport(self, init: dict[str, Any], fds: list[int]) -> Any:
         if init["device"]["kind"] in ("usb", "pci"):

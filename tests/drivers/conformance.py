@@ -89,8 +89,9 @@ class Bed:
         return mappings() if mappings is not None else []
 
     def pump(self, rounds: int = 5) -> None:
-        """xmit/poll at least `rounds` times, then until the TX journal is drained."""
-        for i in range(200):
+        """xmit/poll at least `rounds` times, then until the TX journal is drained (a bound high
+        enough for stop-and-wait, which moves one frame per round)."""
+        for i in range(2000):
             self.nic.xmit()
             self.nic.poll(0.0)
             if i >= rounds and self.nic.journal.unconfirmed() == 0:

@@ -48,10 +48,10 @@ def test_the_e1000_model_runs_the_c_ring_first_and_the_python_ring_as_its_spare(
 
 
 @pytest.mark.parametrize("spec, driver", [(None, Pegasus), ("model:pegasus", Pegasus), ("model:cdc_ecm", CdcEcm)])
-def test_the_usb_models_run_the_python_engine_alone(opened, spec, driver):
+def test_the_usb_models_run_the_python_engine_then_stop_and_wait(opened, spec, driver):
     # the C USB ring submits through libusb's own handles, which an in-process model has not
     dev = opened(spec)
-    assert dev.implementations == (driver,) and dev.model is not None
+    assert dev.implementations == (driver, driver.stop_and_wait_variant()) and dev.model is not None
 
 
 def test_impl_python_keeps_the_python_implementation_alone(opened):
@@ -65,7 +65,7 @@ def test_impl_c_keeps_the_c_implementation_alone(opened):
 
 
 def test_impl_c_on_a_usb_model_says_to_use_python():
-    with pytest.raises(UdrvError, match=r"model:cdc_ecm runs the Python engine alone .*use --impl python"):
+    with pytest.raises(UdrvError, match=r"model:cdc_ecm runs the Python engines .*use --impl python"):
         registry.open_device("model:cdc_ecm", impl="c")
 
 

@@ -26,8 +26,10 @@ RUN_DIR = "/tmp/udrv-test-run"
 NETNS = ["ip", "netns", "exec", PEER_CFG.netns]
 
 
-# a death is seen by the worker's life lock as it begins to exit, else by its pidfd once it has
-DEATH = "life-lock" if lifelock.available() else "pidfd"
+# a death is seen by the worker's life lock as it begins to exit, or by its pidfd once it has
+# (first on a loaded host, when the watch thread waits for the interpreter lock longer than
+# the exit takes): either is a death seen; test_a_hundred_failovers_leak_nothing counts them
+DEATH = ("life-lock", "pidfd") if lifelock.available() else ("pidfd",)
 
 
 def status():
@@ -118,9 +120,9 @@ def failover_after(before: int, timeout=10.0):
     ("kill", "killed by SIGKILL", DEATH),
     ("segv", "killed by SIGSEGV", DEATH),
     ("exit", "exited with status 70", DEATH),
-    ("stop", "froze", "heartbeat"),
-    ("spin", "froze", "heartbeat"),
-    ("hang", "froze", "heartbeat"),
+    ("stop", "froze", ("heartbeat",)),
+    ("spin", "froze", ("heartbeat",)),
+    ("hang", "froze", ("heartbeat",)),
 ])
 def test_every_way_a_worker_ends_is_a_failover_that_keeps_the_interface(daemon, kind, cause, detected_by):
     """With sequence-numbered frames flowing, the worker dies or freezes: the spare takes the
@@ -136,7 +138,7 @@ def test_every_way_a_worker_ends_is_a_failover_that_keeps_the_interface(daemon, 
     time.sleep(0.3)
     count = seq.finish()
     assert f["pid"] == old_worker and f["successor"] == old_spare and f["spare_ready"]
-    assert f["cause"].startswith(cause) and f["detected_by"] == detected_by
+    assert f["cause"].startswith(cause) and f["detected_by"] in detected_by
     assert f["how"] == "restored from the checkpoint"
     assert count.lost == 0, count
     assert ifindex() == idx and status()["ifindex"] == idx
@@ -163,7 +165,7 @@ def test_each_embedded_model_survives_a_worker_kill_under_traffic(model):
     time.sleep(0.3)
     count = seq.finish()
     assert count.lost == 0, count
-    assert f["detected_by"] == DEATH and f["silent_ms"] is not None
+    assert f["detected_by"] in DEATH and f["silent_ms"] is not None
     assert ifindex() == idx and echo_ok(10) >= 8
     assert status()["driver"] == name
 
@@ -276,6 +278,25 @@ def test_repeated_failures_swap_to_the_other_implementation_and_back():
         assert echo_ok(10) >= 8
 
 
+def test_an_embedded_usb_model_swaps_to_stop_and_wait_and_frames_still_flow():
+    """pegasus on its model has two implementations too: the Python engine fails three times,
+    the next worker runs stop-and-wait, and sequence-numbered frames still all reach the peer."""
+    for _p in run_daemon("model:pegasus", "--swap-after", "3"):
+        assert status()["worker"]["implementation"] == "Pegasus"
+        for _ in range(3):
+            n = status()["failovers"]
+            inject_worker("kill")
+            failover_after(n)
+            wait_for(spare_ready, 20, "a warm spare")
+        assert status()["worker"]["implementation"] == "PegasusStopAndWait"
+        seq = SeqSender(PEER, NETNS)
+        seq.start()
+        time.sleep(1.0)
+        count = seq.finish()
+        assert count.sent > 500 and count.lost == 0, count
+        assert echo_ok(10) >= 8
+
+
 def test_a_hundred_failovers_leak_nothing(daemon):
     """After 100 failovers the supervisor and the device process hold the fds they held before
     (memfds, device connections, pidfds), the supervisor has as many children, none a zombie."""
@@ -283,14 +304,17 @@ def test_a_hundred_failovers_leak_nothing(daemon):
     sup = daemon.pid
     devhost = next(k for k in _children(sup) if b"udrv.devicehost" in open(f"/proc/{k}/cmdline", "rb").read())
     fds0, kids0, dev0 = _fds(sup), _children(sup), _fds(devhost)
+    seen_by = []
     for _ in range(100):
         n = status()["failovers"]
         inject_worker("kill")
-        failover_after(n)
+        seen_by.append(failover_after(n)["detected_by"])
         wait_for(spare_ready, 20, "a warm spare")
         time.sleep(0.3)              # a worker killed at once after it came up would count as a crash loop
     assert echo_ok(10) >= 8
     assert status()["failovers"] >= 100
+    if lifelock.available():         # the life lock tells most deaths (the pidfd the odd one it wins)
+        assert seen_by.count("life-lock") >= 80, seen_by
     assert _fds(sup) == fds0
     assert _fds(devhost) == dev0
     kids = _children(sup)

@@ -42,6 +42,7 @@ class DriverRun:
     sent: int = 0
     lost: int = 0
     lost_offsets: list[float] = field(default_factory=list)   # each lost datagram: ms after the nearest fault (< 0: before)
+    aqm_drops: int = 0                  # frames (of any flow) the journal's CoDel dropped on purpose over the run
     duplicates: int = 0
     probe_lost: int = 0
     probe_sent: int = 0
@@ -169,6 +170,7 @@ def run_driver(driver: str, ifname: str, counts: dict[str, int], spacing: float)
         sup = st0["supervisor"]["pid"]
         fds0, kids0 = len(os.listdir(f"/proc/{sup}/fd")), _children(sup)[0]
         idx0, n0 = st0["ifindex"], st0["failovers"]
+        aqm0 = st0["tx_journal"]["aqm_drops"]
         total = sum(counts.values())
         iperf = subprocess.Popen(["iperf3", "-c", d.cfg.peer_addr, "-t", str(int(total * spacing * 2 + 30)), "-J",
                                   "-b", "20M"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -226,6 +228,7 @@ def run_driver(driver: str, ifname: str, counts: dict[str, int], spacing: float)
         kids, res.zombies = _children(sup)
         res.children = (kids0, kids)
         res.ifindex_same = st["ifindex"] == idx0
+        res.aqm_drops = st["tx_journal"]["aqm_drops"] - aqm0
         res.unprompted = st["failovers"] - n0 - len(marks)
     except Exception as e:
         res.error = str(e)
@@ -261,7 +264,8 @@ def report(runs: list[DriverRun], counts: dict[str, int]) -> str:
                   f"- TX datagrams counted at the peer: {r.sent} sent, {r.lost} lost, {r.duplicates} duplicated; "
                   f"probe {r.probe_lost}/{r.probe_sent} unanswered (RX may drop during a failover)",
                   f"- the lost datagrams were sent this long after the nearest fault (ms): "
-                  f"{', '.join(f'{x:.0f}' for x in sorted(r.lost_offsets)[:30]) or 'none'}",
+                  f"{', '.join(f'{x:.0f}' for x in sorted(r.lost_offsets)[:30]) or 'none'}; the journal's CoDel "
+                  f"dropped {r.aqm_drops} frames of all flows on purpose meanwhile (UDRV_AQM=off to compare)",
                   f"- TCP flow {'survived' if r.tcp_ok else 'did NOT survive'} ({r.tcp_mbit:.1f} Mbit/s over the run, "
                   f"{r.tcp_stalls} one-second intervals with nothing through); "
                   f"ifindex {'unchanged' if r.ifindex_same else 'CHANGED'}",
