@@ -62,6 +62,7 @@ GUEST_ENV = {"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "", "UDRV_HEART
 CMD_TIMEOUT = 60.0
 QEMU_ATTACH_TIMEOUT = 30.0       # QEMU opens the TAP within a second of starting
 DAEMON_UP_TIMEOUT = 90.0         # interpreter start + VFIO open + probe under TCG: ~10 s
+SPARE_READY_TIMEOUT = 180.0      # a warm spare's interpreter start-up and imports under TCG
 DAEMON_STOP_TIMEOUT = 30.0
 PEER_READY_TIMEOUT = 60.0        # guest side: the peer's echo must answer within this
 
@@ -81,6 +82,17 @@ def sh(*cmd: str, check: bool = True, timeout: float = CMD_TIMEOUT) -> str:
     if check and cp.returncode != 0:
         raise UdrvError(f"`{' '.join(cmd)}` failed: {(cp.stderr or cp.stdout).strip()}")
     return cp.stdout
+
+
+def steady_state(status: Callable[[], dict], timeout: float = SPARE_READY_TIMEOUT) -> int:
+    """Wait, under a supervisor, until the warm spare is ready: its start-up (an interpreter
+    importing everything, seconds of a vCPU under TCG) must not land in a measurement of the
+    datapath. Returns the pid that runs the driver (the worker; 0 in one process)."""
+    def ready() -> bool:
+        st = status()
+        return "supervisor" not in st or bool(st.get("spare") and st["spare"]["state"] == "idle")
+    wait_for(ready, timeout, "the warm spare to be ready", 0.5)
+    return int((status().get("worker") or {}).get("pid") or 0)
 
 
 def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
@@ -402,7 +414,7 @@ class GuestDaemon:
                                 f"{self.log.read_text()[-1500:]}") from None
             raise e
         self.startup_s = round(time.monotonic() - t0, 1)
-        self.driver_pid = (self.status().get("worker") or {}).get("pid") or self.proc.pid
+        self.driver_pid = steady_state(self.status) or self.proc.pid
         return self
 
     @property
