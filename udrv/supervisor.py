@@ -14,8 +14,9 @@ Detection (Policy holds the thresholds):
   * a datapath standing still while frames wait: the worker's own TX hang watch, in process.
 Recovery: the frozen worker is killed and its exit seen (it runs no code of its own again; the
 device process drops its connection; a real USB device waits for the dead worker's file to
-close, which ends its claims and transfers), then the spare is promoted: it restores the device from the last
-checkpoint, re-issues what the journal holds unconfirmed and replays the configuration. A new
+close, which ends its claims and transfers), then the spare is promoted: it restores the
+device from the last checkpoint, re-issues what the journal holds unconfirmed and replays the
+configuration. A new
 spare starts once the promoted one is up. Which implementation runs, back-off and giving up are
 udrv/failover.py's; given up, the supervisor keeps the interface with its carrier off and says
 why in the log and in `udrv status`.
