@@ -20,7 +20,8 @@ from .errors import DatapathError, DeviceGone, TransportError, UdrvError
 from .framing import Framing
 from .journal import TxJournal
 from .tap import tap_behind
-from .usbtransport import Completion, DeviceInfo, EpType, InterfaceInfo, UsbTransport, XferStatus
+from .usbtransport import (Completion, DeviceInfo, EpType, InterfaceInfo, UsbTransport, XferStatus,
+                           cancel_all_and_wait, clear_endpoint_halts)
 
 if TYPE_CHECKING:
     from .usbsimple import StopAndWaitEngine
@@ -222,30 +223,6 @@ def bulk_pair(itf: InterfaceInfo) -> tuple[int, int, int, int] | None:
     return ins[0].address, outs[0].address, ins[0].max_packet or 64, outs[0].max_packet or 64
 
 
-def cancel_all_and_wait(usb: UsbTransport) -> None:
-    """Cancel every transfer and wait (up to ~0.5 s) for the cancellations to come back: no
-    transfer outlives the datapath that submitted it."""
-    try:
-        usb.cancel_all()
-        for _ in range(50):
-            usb.reap(0.0)
-            if usb.in_flight() == 0:
-                break
-            usb.reap(0.01)
-    except DeviceGone:
-        pass
-
-
-def clear_bulk_halts(usb: UsbTransport, driver: UsbNetDriver) -> None:
-    """CLEAR_FEATURE(ENDPOINT_HALT) on both bulk endpoints, as a recycle does (best effort: the
-    device may have gone)."""
-    for ep in (driver.EP_IN, driver.EP_OUT):
-        try:
-            usb.clear_halt(ep)
-        except TransportError:
-            pass
-
-
 def claim_interface(usb: UsbTransport, number: int, actions: ActionList) -> None:
     usb.claim_interface(number)
     actions.record(f"claim interface {number}", lambda: usb.release_interface(number))
@@ -318,7 +295,7 @@ class UsbNetEngine(DatapathDefaults):
         its bookkeeping half-updated. Returns (TX entries re-issued, what was recycled)."""
         self.stop()
         if clear_halts:
-            clear_bulk_halts(self.usb, self.driver)
+            clear_endpoint_halts(self.usb, (self.driver.EP_IN, self.driver.EP_OUT))
         again = self.journal.rewind()
         self.start()
         return again, "in-flight transfers recycled"

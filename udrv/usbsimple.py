@@ -18,7 +18,7 @@ from . import offload
 from .datapath import DatapathCounters, DatapathDefaults
 from .errors import DatapathError, DeviceGone
 from .journal import TxJournal
-from .usbtransport import Completion, XferStatus
+from .usbtransport import Completion, XferStatus, cancel_all_and_wait, clear_endpoint_halts
 
 # transfer tags: an OUT transfer carries its journal seq (>= 0)
 IN_TAG, STATUS_TAG = -11, -12
@@ -59,7 +59,6 @@ class StopAndWaitEngine(DatapathDefaults):
             self.driver.actions.released(self._action)
             self._action = None
         self.running = False
-        from .usbnet import cancel_all_and_wait
         cancel_all_and_wait(self.usb)
         self._out, self._in, self._status = None, False, False
         self._pieces.clear()
@@ -68,8 +67,7 @@ class StopAndWaitEngine(DatapathDefaults):
     def recycle(self, clear_halts: bool) -> tuple[int, str]:
         self.stop()
         if clear_halts:
-            from .usbnet import clear_bulk_halts
-            clear_bulk_halts(self.usb, self.driver)
+            clear_endpoint_halts(self.usb, (self.driver.EP_IN, self.driver.EP_OUT))
         again = self.journal.rewind()
         self.start()
         return again, "the transfer in flight each way recycled"

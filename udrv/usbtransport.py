@@ -14,6 +14,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
+from .errors import DeviceGone, TransportError
+
 
 class XferStatus(enum.Enum):
     OK = "ok"
@@ -135,6 +137,30 @@ class UsbTransport(Protocol):
     def poll_fds(self) -> Sequence[tuple[int, int]]: ...   # (fd, poll events) to wake the loop
 
     def close(self) -> None: ...
+
+
+def cancel_all_and_wait(usb: UsbTransport) -> None:
+    """Cancel every transfer and wait (up to ~0.5 s) for the cancellations to come back: no
+    transfer outlives the datapath that submitted it (a device that has gone cancels nothing)."""
+    try:
+        usb.cancel_all()
+        for _ in range(50):
+            usb.reap(0.0)
+            if usb.in_flight() == 0:
+                break
+            usb.reap(0.01)
+    except DeviceGone:
+        pass
+
+
+def clear_endpoint_halts(usb: UsbTransport, endpoints: Sequence[int]) -> None:
+    """CLEAR_FEATURE(ENDPOINT_HALT) on each endpoint, as a recycle does (best effort: the device
+    may have gone)."""
+    for ep in endpoints:
+        try:
+            usb.clear_halt(ep)
+        except TransportError:
+            pass
 
 
 def parse_ident(text: str) -> tuple[int, int]:
