@@ -109,6 +109,18 @@ def _exit_cause(pid: int) -> str:
     return f"exited with status {code >> 8}"
 
 
+def _hand(c: Child, msg: dict[str, Any], fds: list[int], close: list[int]) -> None:
+    """Send msg with fds to a child, then close the fds in `close` (ours once sent, or not): a
+    child that is gone cannot take them, and its pidfd says the rest."""
+    try:
+        c.channel.send(msg, fds)
+    except ChannelClosed:
+        pass
+    finally:
+        for fd in close:
+            os.close(fd)
+
+
 def _renice(pid: int, nice: int) -> None:
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
@@ -386,14 +398,8 @@ class Supervisor:
         if c.state != "hello" or not self._tap_attached or self.journal is None:
             return
         fds = self._device_fds(c.pid)
-        try:
-            c.channel.send({"t": "arm", "implementation": c.implementation,
-                            "tap": {"name": self.tap.name, "ifindex": self.tap.ifindex}}, fds)
-        except ChannelClosed:
-            pass
-        finally:
-            for fd in fds:
-                os.close(fd)
+        _hand(c, {"t": "arm", "implementation": c.implementation,
+                  "tap": {"name": self.tap.name, "ifindex": self.tap.ifindex}}, fds, fds)
         c.state = "arming"
         self._pass_state()
 
@@ -418,13 +424,7 @@ class Supervisor:
         from .placement import Priority
         _renice(c.pid, Priority().nice)
         fds = [] if c.armed else self._device_fds(c.pid)
-        try:
-            c.channel.send(msg, fds)
-        except ChannelClosed:
-            pass
-        finally:
-            for fd in fds:
-                os.close(fd)
+        _hand(c, msg, fds, fds)
         c.state = "taking-over"
         c.started = time.monotonic()
 
@@ -464,13 +464,7 @@ class Supervisor:
             reply.update(fields)
         except (OSError, UdrvError, KeyError, ValueError) as e:
             reply.update(ok=False, error=str(e))
-        try:
-            c.channel.send(reply, fds)
-        except ChannelClosed:
-            pass
-        finally:
-            for fd in close:
-                os.close(fd)
+        _hand(c, reply, fds, close)
 
     def _tap_request(self, c: Child, msg: dict[str, Any]) -> None:
         op = msg.get("op")
